@@ -1,0 +1,31 @@
+//! Host-side library of likeness. Never links libtorch, ONNX Runtime or CUDA (those live in
+//! plugins): everything here runs on a machine that has none of them.
+
+pub mod config;
+pub mod dataset;
+pub mod plugins;
+pub mod error;
+pub mod metrics_log;
+pub mod plots;
+pub mod train;
+pub mod visual;
+
+pub use abi_stable;
+pub use error::{EngineError, Result};
+
+/// Writes `bytes` to `path` through a temporary sibling, fsync and rename, so a reader (or a
+/// run killed mid-write) never sees half a file.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = visual::temp_sibling(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        EngineError::io(path, e)
+    })
+}

@@ -1,0 +1,263 @@
+//! Opening a plugin library: every check, in the order that gives the most readable message.
+//!
+//! 1. `dlopen` (the OS's message, with the path);
+//! 2. the plain-C header symbol: missing → "not a likeness plugin"; ABI major must equal the
+//!    host's and the plugin's minor must be ≤ the host's; the kind must match the manifest;
+//! 3. the manifest's `[requires]` against runtimes this process already loaded (one libtorch
+//!    and one ONNX Runtime per process);
+//! 4. abi_stable's layout check of the root module (its report, summarised);
+//! 5. the descriptor's id/kind/ABI against the manifest.
+//!
+//! Libraries are leaked on purpose: never unloaded.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+use abi_stable::library::{lib_header_from_raw_library, LibHeader, RawLibrary, RootModule};
+use likeness_abi::{
+    AbiVersion, LossPluginModRef, MetricPluginModRef, ModelPluginModRef, PluginDescriptor, PluginHeader, PluginHeaderFn,
+    PluginKind, ABI_MAJOR, ABI_MINOR, PLUGIN_HEADER_SYMBOL,
+};
+
+use super::manifest::Manifest;
+
+/// Why a library could not be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot open {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("{path} is not a likeness plugin: it does not export `{symbol}` (build it with likeness-sdk's export_*_plugin! macro)")]
+    NotAPlugin { path: PathBuf, symbol: String },
+    #[error("{path} was built for plugin ABI {plugin}, this host speaks ABI {host}: {hint}")]
+    AbiMismatch { path: PathBuf, plugin: AbiVersion, host: AbiVersion, hint: String },
+    #[error("{manifest} says kind = \"{manifest_kind}\", but its library {path} is a {library_kind} plugin: fix `plugin.kind` in the manifest")]
+    KindMismatch { manifest: PathBuf, path: PathBuf, manifest_kind: &'static str, library_kind: &'static str },
+    #[error("{path}: {message}")]
+    Requires { path: PathBuf, message: String },
+    #[error("{path}: the plugin's ABI layout does not match this host's (it was built against a different likeness-abi); abi_stable's report, summarised:\n{summary}")]
+    Layout { path: PathBuf, summary: String },
+    #[error("{path}: {message}")]
+    Descriptor { path: PathBuf, message: String },
+}
+
+/// An opened and checked library.
+#[derive(Clone)]
+pub struct LoadedLibrary {
+    pub path: PathBuf,
+    pub header: PluginHeader,
+    pub descriptor: PluginDescriptor,
+    pub(super) root: Root,
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Root {
+    Model(ModelPluginModRef),
+    Metric(MetricPluginModRef),
+    Loss(LossPluginModRef),
+}
+
+struct State {
+    opened: HashMap<PathBuf, LoadedLibrary>,
+    /// Runtime versions already in the process, with the plugin that brought each.
+    libtorch: Option<(String, String)>,
+    onnxruntime: Option<(String, String)>,
+}
+
+fn state() -> &'static Mutex<State> {
+    static S: OnceLock<Mutex<State>> = OnceLock::new();
+    S.get_or_init(|| Mutex::new(State { opened: HashMap::new(), libtorch: None, onnxruntime: None }))
+}
+
+/// Host ABI.
+pub const HOST_ABI: AbiVersion = AbiVersion { major: ABI_MAJOR, minor: ABI_MINOR };
+
+/// Opens (once per process) and checks the library a manifest names.
+pub fn open_library(m: &Manifest) -> Result<LoadedLibrary, LoadError> {
+    let path = m.library.clone();
+    let mut st = state().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = st.opened.get(&path) {
+        return Ok(l.clone());
+    }
+    if !path.exists() {
+        return Err(LoadError::Open {
+            path: path.clone(),
+            message: format!(
+                "no such file (named by `plugin.library` in {}; build the plugin or fix the path)",
+                m.path.display()
+            ),
+        });
+    }
+    // The manifest's requires are checked before dlopen: opening a second libtorch is what
+    // must not happen.
+    check_requires(&mut st, m, false)?;
+
+    let raw = RawLibrary::load_at(&path).map_err(|e| LoadError::Open { path: path.clone(), message: first_line(&e.to_string()) })?;
+    let raw: &'static RawLibrary = Box::leak(Box::new(raw));
+
+    let sym = format!("{PLUGIN_HEADER_SYMBOL}\0");
+    // SAFETY: the symbol's type is fixed forever (see `PluginHeaderFn`).
+    let header_fn = unsafe { raw.get::<PluginHeaderFn>(sym.as_bytes()) }
+        .map_err(|_| LoadError::NotAPlugin { path: path.clone(), symbol: PLUGIN_HEADER_SYMBOL.to_string() })?;
+    let header = header_fn();
+    check_abi(&path, header.abi)?;
+    if header.kind != m.kind {
+        return Err(LoadError::KindMismatch {
+            manifest: m.path.clone(),
+            path: path.clone(),
+            manifest_kind: m.kind.as_str(),
+            library_kind: header.kind.as_str(),
+        });
+    }
+
+    // SAFETY: the library stays loaded forever (leaked above).
+    let lib_header = unsafe { lib_header_from_raw_library(raw) }.map_err(|e| LoadError::NotAPlugin {
+        path: path.clone(),
+        symbol: format!("abi_stable root module ({})", first_line(&e.to_string())),
+    })?;
+    let root = match header.kind {
+        PluginKind::Model => Root::Model(init::<ModelPluginModRef>(lib_header, &path)?),
+        PluginKind::Metric => Root::Metric(init::<MetricPluginModRef>(lib_header, &path)?),
+        PluginKind::Loss => Root::Loss(init::<LossPluginModRef>(lib_header, &path)?),
+    };
+    let descriptor = match root {
+        Root::Model(r) => r.descriptor()(),
+        Root::Metric(r) => r.descriptor()(),
+        Root::Loss(r) => r.descriptor()(),
+    };
+    let bad = |message: String| LoadError::Descriptor { path: path.clone(), message };
+    if descriptor.id.as_str() != m.id {
+        return Err(bad(format!(
+            "the library's descriptor says id `{}` but {} says `{}`",
+            descriptor.id,
+            m.path.display(),
+            m.id
+        )));
+    }
+    if descriptor.kind != m.kind || descriptor.abi != header.abi {
+        return Err(bad(format!(
+            "descriptor (kind {}, ABI {}) disagrees with the library header (kind {}, ABI {})",
+            descriptor.kind.as_str(),
+            descriptor.abi,
+            header.kind.as_str(),
+            header.abi
+        )));
+    }
+    check_build_stamps(m, &descriptor).map_err(bad)?;
+    check_requires(&mut st, m, true)?;
+    let lib = LoadedLibrary { path: path.clone(), header, descriptor, root };
+    st.opened.insert(path, lib.clone());
+    Ok(lib)
+}
+
+fn check_abi(path: &std::path::Path, plugin: AbiVersion) -> Result<(), LoadError> {
+    let mismatch = |hint: &str| LoadError::AbiMismatch { path: path.to_path_buf(), plugin, host: HOST_ABI, hint: hint.to_string() };
+    if plugin.major != HOST_ABI.major {
+        return Err(mismatch(if plugin.major > HOST_ABI.major {
+            "the plugin is newer than this host: upgrade likeness"
+        } else {
+            "the plugin is older than this host: rebuild it against the current likeness-sdk"
+        }));
+    }
+    if plugin.minor > HOST_ABI.minor {
+        return Err(mismatch("the plugin needs a newer host (its ABI minor is higher): upgrade likeness"));
+    }
+    Ok(())
+}
+
+fn init<M: RootModule>(h: &'static LibHeader, path: &std::path::Path) -> Result<M, LoadError> {
+    h.init_root_module::<M>().map_err(|e| LoadError::Layout { path: path.to_path_buf(), summary: summarise_layout_report(&e.to_string()) })
+}
+
+/// abi_stable's layout reports run to hundreds of lines; users need the first differences.
+pub fn summarise_layout_report(report: &str) -> String {
+    let lines: Vec<&str> = report.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
+    let keep: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            let t = l.trim_start();
+            t.starts_with("Error") || t.contains("mismatch") || t.contains("expected") || t.contains("found") || t.contains("different")
+        })
+        .take(6)
+        .collect();
+    let keep = if keep.is_empty() { lines.iter().copied().take(6).collect() } else { keep };
+    let mut s: String = keep.iter().map(|l| format!("  {}\n", l.trim())).collect();
+    if lines.len() > keep.len() {
+        s.push_str(&format!("  … ({} more lines; rebuild the plugin against this host's likeness-sdk)", lines.len() - keep.len()));
+    }
+    s
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+fn base_version(v: &str) -> &str {
+    v.split('+').next().unwrap_or(v).trim()
+}
+
+fn check_build_stamps(m: &Manifest, d: &PluginDescriptor) -> Result<(), String> {
+    let pairs = [
+        ("libtorch", m.requires.libtorch.as_deref(), d.build.libtorch.as_ref().map(|s| s.as_str()).into_option()),
+        ("onnxruntime", m.requires.onnxruntime.as_deref(), d.build.onnxruntime.as_ref().map(|s| s.as_str()).into_option()),
+    ];
+    for (name, wanted, built) in pairs {
+        if let (Some(w), Some(b)) = (wanted, built) {
+            if b != "unknown" && base_version(w) != base_version(b) {
+                return Err(format!(
+                    "{} declares requires.{name} = \"{w}\" but the library was built against {name} {b}",
+                    m.path.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One libtorch (and one ONNX Runtime) per process: the first plugin that needs one decides
+/// the version; a plugin that needs another version is refused before its library is opened.
+fn check_requires(st: &mut State, m: &Manifest, commit: bool) -> Result<(), LoadError> {
+    for (name, wanted, slot) in [
+        ("libtorch", &m.requires.libtorch, &mut st.libtorch),
+        ("onnxruntime", &m.requires.onnxruntime, &mut st.onnxruntime),
+    ] {
+        let Some(w) = wanted else { continue };
+        match slot {
+            Some((have, by)) if base_version(have) != base_version(w) => {
+                return Err(LoadError::Requires {
+                    path: m.library.clone(),
+                    message: format!(
+                        "needs {name} {w}, but plugin `{by}` already loaded {name} {have} into this process (one {name} per process: rebuild one of them against the other's version)"
+                    ),
+                })
+            }
+            Some(_) => {}
+            None if commit => *slot = Some((w.clone(), m.id.clone())),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abi_rules() {
+        let p = std::path::Path::new("x.so");
+        assert!(check_abi(p, HOST_ABI).is_ok());
+        let e = check_abi(p, AbiVersion { major: HOST_ABI.major + 1, minor: 0 }).unwrap_err().to_string();
+        assert!(e.contains(&format!("ABI {}.0", HOST_ABI.major + 1)) && e.contains(&format!("ABI {HOST_ABI}")), "{e}");
+        assert!(check_abi(p, AbiVersion { major: HOST_ABI.major, minor: HOST_ABI.minor + 1 }).is_err());
+    }
+
+    #[test]
+    fn layout_summary_is_short() {
+        let report: String = (0..200).map(|i| format!("line {i}\n")).collect::<String>() + "Error: field mismatch\n";
+        let s = summarise_layout_report(&report);
+        assert!(s.lines().count() <= 8, "{s}");
+        assert!(s.contains("field mismatch"));
+    }
+}

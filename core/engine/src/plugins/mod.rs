@@ -1,0 +1,15 @@
+//! Plugin manifests, discovery and loading.
+//!
+//! Discovery reads `plugin.toml` manifests only; a library is opened when a plugin is used
+//! (`Registry::open_*`) and never unloaded, so deleters and instances stay valid for the life
+//! of the process.
+
+mod discovery;
+mod handles;
+mod loader;
+mod manifest;
+
+pub use discovery::{default_search_path, Discovered, Registry, SearchDir, SearchSource};
+pub use handles::{Loss, LossResult, Metric, MetricResult, Model, ModelResult};
+pub use loader::{open_library, LoadedLibrary, LoadError};
+pub use manifest::{Manifest, Requires};

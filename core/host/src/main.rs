@@ -1,0 +1,265 @@
+//! `host`: the command-line face of likeness. Everything heavy lives in plugins; this binary
+//! links no libtorch, ONNX Runtime or CUDA, so it starts, lists plugins and explains errors
+//! on any machine.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use likeness_engine::config::{Layered, Overrides};
+use likeness_engine::plugins::{default_search_path, Registry};
+use likeness_engine::train::{train, TrainOptions};
+
+const AFTER_HELP: &str = "\
+Plugins are found (manifests only, no library is opened) in this order:
+  --plugin-dir DIR, then LIKENESS_PLUGIN_PATH (':'-separated), then the user data dir
+  ($LIKENESS_DATA_HOME/plugins or ~/.local/share/likeness/plugins), then plugins/ next to
+  this executable. Each plugin is a folder with plugin.toml and its shared library.
+
+Logging: RUST_LOG=debug host … (default: info).
+
+Examples:
+  host train --config configs/quickstart-cpu.toml
+  host train --plugin identity-autoencoder --data ~/faces --steps 200 --lr 1e-3
+  host train --config configs/quickstart-cpu.toml --resume
+  host config show --config configs/quickstart-cpu.toml --set train.lr=3e-4
+  host plugins list";
+
+#[derive(Parser)]
+#[command(name = "host", version, about = "Train image generators that keep a person's identity.", long_about = None, after_help = AFTER_HELP)]
+struct Cli {
+    /// Extra directory to search for plugins (repeatable; searched first).
+    #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model plugin on a dataset (checkpoints, samples, metrics and plots go to --output).
+    Train(TrainArgs),
+    /// Inspect the merged configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Find, inspect and check plugins.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the merged config (file < LIKENESS_* env < flags < --set) and where each value came from.
+    Show(ConfigArgs),
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// List discovered plugins (reads manifests only; opens no library).
+    List,
+    /// Open one plugin, run every check, print its descriptor and config schema.
+    Inspect {
+        /// Plugin id, e.g. identity-autoencoder.
+        id: String,
+    },
+    /// Open every discovered plugin and report every problem found (exit 1 if any).
+    Check,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Run config (TOML). See configs/ for commented examples.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Model plugin id (`model.plugin`).
+    #[arg(long, value_name = "ID")]
+    plugin: Option<String>,
+    /// Identity-metric plugin id (`metric.plugin`).
+    #[arg(long, value_name = "ID")]
+    metric: Option<String>,
+    /// Content-loss plugin id (`loss.plugin`).
+    #[arg(long, value_name = "ID")]
+    loss: Option<String>,
+    /// Dataset root (`data.root`).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Output directory (`run.output`).
+    #[arg(long, short = 'o', value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Optimizer steps (`train.steps`; overrides epochs when > 0).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Epochs (`train.epochs`).
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Peak learning rate (`train.lr`).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Micro-batch size (`train.batch_size`).
+    #[arg(long = "batch-size")]
+    batch_size: Option<usize>,
+    /// Seed for data order, split and initialisation (`run.seed`).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// cpu, cuda or cuda:N (`run.device`).
+    #[arg(long)]
+    device: Option<String>,
+    /// Any other key, e.g. --set train.warmup_steps=20 --set model.config.image_size=32.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Continue the run in --output from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Never draw a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl ConfigArgs {
+    fn layered(&self) -> likeness_engine::Result<Layered> {
+        let o = Overrides {
+            plugin: self.plugin.clone(),
+            metric: self.metric.clone(),
+            loss: self.loss.clone(),
+            data: self.data.clone(),
+            output: self.output.clone(),
+            steps: self.steps,
+            epochs: self.epochs,
+            lr: self.lr,
+            batch_size: self.batch_size,
+            seed: self.seed,
+            device: self.device.clone(),
+            set: self.set.clone(),
+        };
+        Layered::new(self.config.as_deref(), &o)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .with_target(false)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
+    let registry = || Registry::discover(default_search_path(&cli.plugin_dirs));
+    match &cli.command {
+        Command::Train(a) => {
+            let cfg = a.cfg.layered()?.extract()?;
+            let reg = registry();
+            let opts = TrainOptions { resume: a.resume, progress: !a.no_progress && std::io::stderr().is_terminal() };
+            let s = train(&cfg, &reg, &opts)?;
+            let fmt = |v: Option<f64>| v.map(|v| format!("{v:.5}")).unwrap_or_else(|| "n/a (no validation pairs)".into());
+            println!("training finished: {} optimizer steps in {:.1} s{}", s.steps, s.seconds, s.resumed_from.map(|r| format!(" (resumed from step {r})")).unwrap_or_default());
+            println!("  validation loss: first {}  last {}  best {}", fmt(s.first_val_loss), fmt(s.last_val_loss), fmt(s.best_val_loss));
+            println!("  final weights:   {}", s.final_weights.display());
+            if let Some(b) = &s.best_weights {
+                println!("  best weights:    {}", b.display());
+            }
+            println!("  checkpoints:     {}", s.checkpoints.display());
+            println!("  sample grids:    {}", s.samples.display());
+            println!("  metrics (JSONL): {}", s.metrics.display());
+            println!("  loss plot:       {}", s.plot.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Show(a)) => {
+            let l = a.layered()?;
+            let rows = l.provenance()?;
+            let width = rows.iter().map(|(k, v, _)| k.len() + v.len() + 3).max().unwrap_or(0);
+            for (k, v, from) in rows {
+                let kv = format!("{k} = {v}");
+                println!("{kv:width$}  # {from}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins(PluginsCommand::List) => {
+            let reg = registry();
+            println!("{:<24} {:<7} {:<9} {:<5} {:<24} {}", "ID", "KIND", "VERSION", "ABI", "FOUND VIA", "SUMMARY");
+            for d in &reg.plugins {
+                let m = &d.manifest;
+                println!("{:<24} {:<7} {:<9} {:<5} {:<24} {}", m.id, m.kind.as_str(), m.version, m.abi.to_string(), d.source.as_str(), m.summary);
+                for s in &d.shadowed {
+                    println!("{:<24} (shadowed: {})", "", s.display());
+                }
+            }
+            if reg.plugins.is_empty() {
+                println!("(no plugins found)");
+            }
+            for (p, e) in &reg.problems {
+                println!("unreadable manifest {}: {e}", p.display());
+            }
+            println!("\nsearched:");
+            for d in &reg.dirs {
+                println!("  {} ({}{})", d.path.display(), d.source.as_str(), if d.path.is_dir() { "" } else { ", missing" });
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins(PluginsCommand::Inspect { id }) => {
+            let reg = registry();
+            let d = reg
+                .plugins
+                .iter()
+                .find(|d| &d.manifest.id == id)
+                .ok_or_else(|| likeness_engine::EngineError::Config(format!("no plugin `{id}` found (see `host plugins list`)")))?;
+            let lib = reg.check(d).map_err(|e| likeness_engine::EngineError::Plugin { plugin: id.clone(), message: e.to_string() })?;
+            let desc = &lib.descriptor;
+            println!("id:             {}", desc.id);
+            println!("kind:           {}", desc.kind.as_str());
+            println!("version:        {}", desc.version);
+            println!("abi:            {}", desc.abi);
+            println!("summary:        {}", desc.summary);
+            println!("manifest:       {}", d.manifest.path.display());
+            println!("library:        {}", lib.path.display());
+            println!("differentiable: {}", desc.capabilities.differentiable);
+            println!("devices:        {}", desc.capabilities.devices.iter().map(|d| format!("{d:?}").to_lowercase()).collect::<Vec<_>>().join(", "));
+            println!("dtypes:         {}", desc.capabilities.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>().join(", "));
+            println!("built with:     {}", desc.build.rustc);
+            let opt = |o: &likeness_engine::abi_stable::std_types::ROption<likeness_engine::abi_stable::std_types::RString>| {
+                o.as_ref().map(|s| s.to_string()).into_option().unwrap_or_else(|| "-".into())
+            };
+            println!("libtorch:       {}", opt(&desc.build.libtorch));
+            println!("onnxruntime:    {}", opt(&desc.build.onnxruntime));
+            println!("cuda:           {}", opt(&desc.build.cuda));
+            let schema: serde_json::Value = serde_json::from_str(&desc.config_schema).unwrap_or(serde_json::Value::Null);
+            println!("config schema:\n{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins(PluginsCommand::Check) => {
+            let reg = registry();
+            let mut problems = 0;
+            for (p, e) in &reg.problems {
+                println!("FAIL  {}: {e}", p.display());
+                problems += 1;
+            }
+            for d in &reg.plugins {
+                match reg.check(d) {
+                    Ok(_) => println!("ok    {} ({} plugin, {})", d.manifest.id, d.manifest.kind.as_str(), d.manifest.library.display()),
+                    Err(e) => {
+                        println!("FAIL  {}: {e}", d.manifest.id);
+                        problems += 1;
+                    }
+                }
+            }
+            println!("{} plugin(s) checked, {problems} problem(s)", reg.plugins.len() + reg.problems.len());
+            Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}

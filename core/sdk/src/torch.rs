@@ -1,0 +1,263 @@
+//! tch adapters (feature `torch`): DLPack-shaped views ↔ `tch::Tensor` without copying, owned
+//! tensors handed to the host, safetensors ↔ tch, and the AdamW the model plugins run.
+//!
+//! tch has no DLPack import; a view is wrapped with `Tensor::from_blob`, which borrows. Such a
+//! tensor must not outlive the call that received the view: use [`view_to_tensor`] (a copy)
+//! for anything kept for backward.
+
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::path::Path;
+
+use likeness_abi::{DataType, Device, DeviceType, ManagedTensor, OptimizerStep, StepReport, TensorView};
+use tch::{Kind, Tensor};
+
+use crate::st::{self, StTensor};
+use crate::{err, Result};
+
+/// The libtorch version this SDK was compiled against (from torch-sys's build).
+pub const LIBTORCH_VERSION: &str = match option_env!("LIKENESS_LIBTORCH_VERSION") {
+    Some(v) => v,
+    None => "unknown",
+};
+
+pub fn to_tch_device(d: Device) -> Result<tch::Device> {
+    match d.device_type {
+        DeviceType::Cpu => Ok(tch::Device::Cpu),
+        DeviceType::Cuda => {
+            if tch::Cuda::is_available() {
+                Ok(tch::Device::Cuda(d.device_id.max(0) as usize))
+            } else {
+                Err(err::unsupported(format!(
+                    "device {d} requested but libtorch sees no CUDA device; use --device cpu"
+                )))
+            }
+        }
+    }
+}
+
+pub fn from_tch_device(d: tch::Device) -> Device {
+    match d {
+        tch::Device::Cuda(i) => Device::cuda(i as i32),
+        _ => Device::CPU,
+    }
+}
+
+pub fn kind_of(dt: DataType) -> Result<Kind> {
+    Ok(match dt {
+        DataType::F32 => Kind::Float,
+        DataType::F16 => Kind::Half,
+        DataType::BF16 => Kind::BFloat16,
+        DataType::U8 => Kind::Uint8,
+        DataType::I64 => Kind::Int64,
+        other => return Err(err::input(format!("dtype {} is not supported", other.name()))),
+    })
+}
+
+pub fn dtype_of(k: Kind) -> Result<DataType> {
+    Ok(match k {
+        Kind::Float => DataType::F32,
+        Kind::Half => DataType::F16,
+        Kind::BFloat16 => DataType::BF16,
+        Kind::Uint8 => DataType::U8,
+        Kind::Int64 => DataType::I64,
+        other => return Err(err::input(format!("tch kind {other:?} has no ABI dtype"))),
+    })
+}
+
+/// Wraps a view's memory as a tensor **without copying**.
+///
+/// # Safety
+/// The returned tensor aliases borrowed memory: drop it (and every graph that saved it)
+/// before the call that received `view` returns.
+pub unsafe fn view_as_tensor(view: &TensorView) -> Result<Tensor> {
+    let kind = kind_of(view.dtype)?;
+    let device = to_tch_device(view.device)?;
+    let shape = view.shape().to_vec();
+    let strides = match view.strides() {
+        Some(s) => s.to_vec(),
+        None => {
+            let mut s = vec![1i64; shape.len()];
+            for i in (0..shape.len().saturating_sub(1)).rev() {
+                s[i] = s[i + 1] * shape[i + 1].max(1);
+            }
+            s
+        }
+    };
+    Ok(Tensor::from_blob(view.data_ptr() as *const u8, &shape, &strides, kind, device))
+}
+
+/// Copies a view into a tensor the plugin owns (safe to keep for backward).
+pub fn view_to_tensor(view: &TensorView) -> Result<Tensor> {
+    // SAFETY: the borrowed alias is dropped at the end of this function, after the copy.
+    let alias = unsafe { view_as_tensor(view)? };
+    Ok(alias.copy())
+}
+
+struct TensorOwner {
+    tensor: Tensor,
+    shape: Vec<i64>,
+    strides: Vec<i64>,
+}
+
+/// Hands a tensor to the host without copying: the returned [`ManagedTensor`] keeps it alive
+/// and its deleter drops it. The tensor is detached from any graph first.
+pub fn tensor_to_managed(t: Tensor) -> Result<ManagedTensor> {
+    let tensor = t.detach();
+    let dtype = dtype_of(tensor.kind())?;
+    let owner = Box::new(TensorOwner { shape: tensor.size(), strides: tensor.stride(), tensor });
+    let view = TensorView {
+        data: owner.tensor.data_ptr(),
+        device: from_tch_device(owner.tensor.device()),
+        ndim: owner.shape.len() as i32,
+        dtype,
+        shape: owner.shape.as_ptr(),
+        strides: owner.strides.as_ptr(),
+        byte_offset: 0,
+        stream: 0,
+    };
+    Ok(ManagedTensor { view, manager_ctx: Box::into_raw(owner) as *mut c_void, deleter: Some(delete_owner) })
+}
+
+unsafe extern "C" fn delete_owner(ctx: *mut c_void) {
+    crate::guard::guarded_void("sdk", "tch tensor deleter", || {
+        // SAFETY: `ctx` is the `Box<TensorOwner>` leaked by `tensor_to_managed`.
+        drop(unsafe { Box::from_raw(ctx as *mut TensorOwner) });
+    });
+}
+
+/// A tensor as safetensors bytes (moved to CPU, made contiguous).
+pub fn tensor_to_st(name: &str, t: &Tensor) -> Result<StTensor> {
+    let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+    let dtype = dtype_of(t.kind())?;
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * dtype.size()];
+    t.copy_data_u8(&mut bytes, numel);
+    Ok(StTensor { name: name.to_string(), dtype, shape: t.size().iter().map(|&d| d as usize).collect(), bytes })
+}
+
+/// safetensors bytes as a tensor on `device`.
+pub fn st_to_tensor(t: &StTensor, device: tch::Device) -> Result<Tensor> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    Ok(Tensor::from_data_size(&t.bytes, &shape, kind_of(t.dtype)?).to_device(device))
+}
+
+/// Saves named tensors (`save` is atomic).
+pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let st = tensors.iter().map(|(n, t)| tensor_to_st(n, t)).collect::<Result<Vec<_>>>()?;
+    st::save(path, &st, metadata)
+}
+
+/// Copies the values stored in `path` into existing tensors, by name. Every tensor must be
+/// present with the same shape: a mismatch names the file, the tensor and both shapes.
+pub fn load_into(path: &Path, targets: &[(String, Tensor)]) -> Result<BTreeMap<String, String>> {
+    let (stored, meta) = st::load(path)?;
+    let by_name: BTreeMap<&str, &StTensor> = stored.iter().map(|t| (t.name.as_str(), t)).collect();
+    let _guard = tch::no_grad_guard();
+    for (name, target) in targets {
+        let src = by_name.get(name.as_str()).ok_or_else(|| {
+            err::input(format!("{}: tensor `{name}` is missing (the file holds {} tensors)", path.display(), stored.len()))
+        })?;
+        let shape: Vec<i64> = src.shape.iter().map(|&d| d as i64).collect();
+        if shape != target.size() {
+            return Err(err::input(format!(
+                "{}: tensor `{name}` has shape {:?}, the model expects {:?}",
+                path.display(),
+                shape,
+                target.size()
+            )));
+        }
+        let value = st_to_tensor(src, target.device())?.to_kind(target.kind());
+        let mut target = target.shallow_clone();
+        target.copy_(&value);
+    }
+    Ok(meta)
+}
+
+/// AdamW with decoupled weight decay, numerically as `torch.optim.AdamW` (foreach=False):
+/// `p ← p·(1 − lr·wd)`, `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+/// `p ← p − (lr / (1−β1ᵗ)) · m / (√v / √(1−β2ᵗ) + ε)`, after clipping the global gradient
+/// norm like `torch.nn.utils.clip_grad_norm_`.
+pub struct AdamW {
+    params: Vec<(String, Tensor)>,
+    exp_avg: Vec<Tensor>,
+    exp_avg_sq: Vec<Tensor>,
+}
+
+impl AdamW {
+    /// `params` must be leaf tensors with `requires_grad`.
+    pub fn new(params: Vec<(String, Tensor)>) -> Self {
+        let exp_avg = params.iter().map(|(_, p)| p.zeros_like().detach()).collect();
+        let exp_avg_sq = params.iter().map(|(_, p)| p.zeros_like().detach()).collect();
+        AdamW { params, exp_avg, exp_avg_sq }
+    }
+
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    pub fn zero_grad(&mut self) {
+        for (_, p) in &mut self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    /// Global L2 norm of the current gradients.
+    pub fn grad_norm(&self) -> f64 {
+        let _guard = tch::no_grad_guard();
+        let mut total = 0f64;
+        for (_, p) in &self.params {
+            let g = p.grad();
+            if g.defined() {
+                total += g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+            }
+        }
+        total.sqrt()
+    }
+
+    pub fn step(&mut self, s: &OptimizerStep) -> Result<StepReport> {
+        if s.step == 0 {
+            return Err(err::input("optimizer step numbers start at 1"));
+        }
+        let _guard = tch::no_grad_guard();
+        let norm = self.grad_norm();
+        if !norm.is_finite() {
+            return Err(err::internal(format!("gradient norm is {norm}: the loss diverged (lower the learning rate)")));
+        }
+        let clip = if s.max_grad_norm > 0.0 { (s.max_grad_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
+        let bc1 = 1.0 - s.beta1.powi(s.step as i32);
+        let bc2 = 1.0 - s.beta2.powi(s.step as i32);
+        let step_size = s.lr / bc1;
+        let bc2_sqrt = bc2.sqrt();
+        for (i, (_, p)) in self.params.iter_mut().enumerate() {
+            let g = p.grad();
+            if !g.defined() {
+                continue;
+            }
+            let g = if clip < 1.0 { &g * clip } else { g };
+            let _ = p.g_mul_scalar_(1.0 - s.lr * s.weight_decay);
+            let m = &mut self.exp_avg[i];
+            let _ = m.g_mul_scalar_(s.beta1);
+            let _ = m.g_add_(&(&g * (1.0 - s.beta1)));
+            let v = &mut self.exp_avg_sq[i];
+            let _ = v.g_mul_scalar_(s.beta2);
+            let _ = v.g_add_(&(g.square() * (1.0 - s.beta2)));
+            let denom = v.sqrt() / bc2_sqrt + s.eps;
+            let _ = p.g_sub_(&(&*m / &denom * step_size));
+        }
+        Ok(StepReport { grad_norm: norm })
+    }
+
+    /// Optimizer state as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            out.push((format!("exp_avg.{name}"), self.exp_avg[i].shallow_clone()));
+            out.push((format!("exp_avg_sq.{name}"), self.exp_avg_sq[i].shallow_clone()));
+        }
+        out
+    }
+}

@@ -1,0 +1,22 @@
+# shellcheck shell=bash
+# Sourced by the other scripts: paths and environment of the likeness project venv.
+#   source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LIKENESS_HOME="${LIKENESS_HOME:-$HOME/.cache/likeness}"
+VENV="$LIKENESS_HOME/venv"
+LIKENESS_DATA="${LIKENESS_DATA:-$LIKENESS_HOME/data}"
+LIKENESS_PYTHON="$VENV/bin/python"
+# tch's build script asks this python where torch's libtorch lives.
+LIBTORCH_USE_PYTORCH=1
+case ":$PATH:" in
+    *":$VENV/bin:"*) ;;
+    *) PATH="$VENV/bin:$PATH" ;;
+esac
+export REPO LIKENESS_HOME VENV LIKENESS_DATA LIKENESS_PYTHON LIBTORCH_USE_PYTORCH PATH
+
+# log MESSAGE...: a timestamped step on stderr.
+log() {
+    printf '[%s] %s\n' "$(date '+%H:%M:%S')" "$*" >&2
+}
