@@ -14,6 +14,13 @@ case ":$PATH:" in
     *":$VENV/bin:"*) ;;
     *) PATH="$VENV/bin:$PATH" ;;
 esac
+# ONNX Runtime is loaded at run time (ort's load-dynamic) from the venv's onnxruntime wheel.
+if [[ -z "${ORT_DYLIB_PATH:-}" ]]; then
+    for f in "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*; do
+        [[ -f "$f" ]] && ORT_DYLIB_PATH="$f"
+    done
+fi
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-}"
 export REPO LIKENESS_HOME VENV LIKENESS_DATA LIKENESS_PYTHON LIBTORCH_USE_PYTORCH PATH
 
 # log MESSAGE...: a timestamped step on stderr.

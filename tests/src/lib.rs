@@ -50,7 +50,8 @@ pub fn data_dir() -> PathBuf {
 
 /// A temporary directory that is removed on drop (kept when `LIKENESS_KEEP_TMP` is set).
 pub struct Dir {
-    tmp: Option<tempfile::TempDir>,
+    // Held for its Drop (removes the directory); None when kept.
+    _tmp: Option<tempfile::TempDir>,
     path: PathBuf,
 }
 
@@ -64,7 +65,7 @@ impl Dir {
         } else {
             Some(tmp)
         };
-        Dir { tmp, path }
+        Dir { _tmp: tmp, path }
     }
 
     pub fn path(&self) -> &Path {
@@ -86,11 +87,6 @@ impl Dir {
         let p = self.path.join(rel);
         std::fs::create_dir_all(&p).unwrap();
         p
-    }
-
-    #[allow(dead_code)]
-    fn _keep(&self) -> bool {
-        self.tmp.is_none()
     }
 }
 
@@ -176,4 +172,87 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
     let mut t = TestCommand::new(py);
     t.arg(path).args(args);
     t.ok()
+}
+
+impl TestCommand {
+    /// Starts the command without waiting, stdout and stderr going to `log` (so a test can
+    /// kill it mid-way and still show what it printed).
+    pub fn spawn_logged(&mut self, log: &Path) -> std::process::Child {
+        let f = std::fs::File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let g = f.try_clone().unwrap();
+        self.cmd.stdout(f).stderr(g);
+        self.cmd.spawn().unwrap_or_else(|e| panic!("cannot start {:?}: {e}", self.cmd))
+    }
+}
+
+/// The demo dataset prepared by scripts/setup.sh (`$LIKENESS_DATA/demo-bundles`).
+pub fn demo_bundles() -> PathBuf {
+    let p = data_dir().join("demo-bundles");
+    assert!(p.is_dir(), "{} is missing: run scripts/setup.sh", p.display());
+    p
+}
+
+/// `host train` arguments for a tiny identity-autoencoder run on the demo data (32×32 images,
+/// 8 base channels, 16-d latent, batch 4): a step takes milliseconds on a CPU.
+pub fn tiny_train_args(output: &Path, steps: u64) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "train".into(),
+        "--plugin".into(),
+        "identity-autoencoder".into(),
+        "--data".into(),
+        demo_bundles().to_string_lossy().into_owned(),
+        "--output".into(),
+        output.to_string_lossy().into_owned(),
+        "--steps".into(),
+        steps.to_string(),
+        "--batch-size".into(),
+        "4".into(),
+        "--no-progress".into(),
+    ];
+    for s in ["model.config.image_size=32", "data.image_size=32", "model.config.base_channels=8", "model.config.latent_dim=16"] {
+        v.push("--set".into());
+        v.push(s.into());
+    }
+    v
+}
+
+/// Every JSON record of a run's `metrics.jsonl`.
+pub fn read_metrics(run: &Path) -> Vec<serde_json::Value> {
+    let p = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad JSON line {l:?}: {e}", p.display())))
+        .collect()
+}
+
+/// The `type = "train"` records of a run, as (step, record).
+pub fn train_records(run: &Path) -> Vec<(u64, serde_json::Value)> {
+    read_metrics(run)
+        .into_iter()
+        .filter(|r| r["type"] == "train")
+        .map(|r| (r["step"].as_u64().unwrap_or_else(|| panic!("train record without a step: {r}")), r))
+        .collect()
+}
+
+/// Size, modification time and contents of a file, to prove it was not rewritten.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileStamp {
+    pub len: u64,
+    pub modified: std::time::SystemTime,
+    /// FNV-1a 64 of the whole contents.
+    pub hash: u64,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> FileStamp {
+        let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let bytes = std::fs::read(path).unwrap();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        FileStamp { len: meta.len(), modified: meta.modified().unwrap(), hash: h }
+    }
 }

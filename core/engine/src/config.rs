@@ -281,7 +281,13 @@ impl Layered {
         f = f.merge(
             Env::prefixed("LIKENESS_")
                 .split("__")
-                .filter(|k| SECTIONS.iter().any(|s| k.as_str().starts_with(&format!("{s}.")) || k.as_str() == *s))
+                // Keys are still upper case here (figment lowercases after filtering). Only
+                // `LIKENESS_<SECTION>__<KEY>`: a bare `LIKENESS_DATA` (the data root of the
+                // scripts) is not the `[data]` table.
+                .filter(|k| {
+                    let k = k.as_str().to_ascii_lowercase();
+                    SECTIONS.iter().any(|s| k.starts_with(&format!("{s}.")))
+                })
                 .lowercase(true),
         );
         let mut flags = Dict::new();

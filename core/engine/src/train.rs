@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use likeness_abi::{ForwardMode, OptimizerStep, TensorView};
+use likeness_abi::{ForwardMode, OptimizerStep};
 use likeness_abi::CpuTensor;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -230,6 +230,11 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
     );
     crate::write_atomic(&cfg_path, cfg_text.as_bytes())?;
 
+    // Plugins first: a misspelt id or a broken library is reported before a long data scan.
+    let mut parts = open_parts(cfg, registry)?;
+    let params = parts.model.parameters()?;
+    info!(model = %parts.model.id, trainable = params.trainable, total = params.total, "model ready");
+
     let ds = dataset::scan(&BundleDatasetConfig {
         root: cfg.data.root.clone(),
         image_size: cfg.data.image_size,
@@ -247,9 +252,6 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
     }
     write_split(&lay.out.join("split.json"), &ds)?;
 
-    let mut parts = open_parts(cfg, registry)?;
-    let params = parts.model.parameters()?;
-    info!(model = %parts.model.id, trainable = params.trainable, total = params.total, "model ready");
 
     let t = &cfg.train;
     let bs = t.batch_size;
@@ -517,11 +519,6 @@ fn write_samples(model: &mut Model, pairs: &[Pair], size: u32, cache: &mut Image
 fn write_split(path: &Path, ds: &Dataset) -> Result<()> {
     let j = json!({"train": ds.train, "val": ds.val, "test": ds.test, "skipped_images": ds.skipped_images, "skipped_characters": ds.skipped_characters});
     crate::write_atomic(path, serde_json::to_string_pretty(&j).unwrap().as_bytes())
-}
-
-#[allow(dead_code)]
-fn _view_is_copy(v: TensorView) -> TensorView {
-    v
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model plugin on a dataset (checkpoints, samples, metrics and plots go to --output).
+    #[command(after_help = AFTER_HELP)]
     Train(TrainArgs),
     /// Inspect the merged configuration.
     #[command(subcommand)]

@@ -59,10 +59,9 @@ impl DescriptorBuilder {
         self
     }
 
-    /// Stamp the libtorch this SDK was compiled against (feature `torch`).
-    #[cfg(feature = "torch")]
-    pub fn uses_libtorch(mut self) -> Self {
-        self.d.build.libtorch = ROption::RSome(crate::torch::LIBTORCH_VERSION.into());
+    /// Stamp the libtorch the plugin was built against (`likeness_sdk_torch::LIBTORCH_VERSION`).
+    pub fn libtorch(mut self, version: &str) -> Self {
+        self.d.build.libtorch = ROption::RSome(version.into());
         self
     }
 

@@ -6,10 +6,12 @@
 //! method inside [`guard::guarded`], so a panic becomes a [`PluginError`] instead of ending the
 //! host process.
 //!
+//! libtorch plugins also link `likeness-sdk-torch` (tch adapters, AdamW).
+//!
 //! A plugin crate depends on this crate only (not on abi_stable, not on `likeness-abi`
 //! directly: both are re-exported).
 //!
-//! ```ignore
+//! ```text
 //! struct Charbonnier;
 //! impl likeness_sdk::LossPlugin for Charbonnier { /* … */ }
 //! likeness_sdk::export_loss_plugin!(Charbonnier);
@@ -28,8 +30,6 @@ pub mod guard;
 pub mod inputs;
 pub mod plugin;
 pub mod st;
-#[cfg(feature = "torch")]
-pub mod torch;
 
 pub use likeness_abi::cpu;
 pub use likeness_abi::CpuTensor;

@@ -9,7 +9,7 @@ use likeness_abi as abi;
 use likeness_abi::{
     Device, ForwardMode, InstanceHandle, LossPluginMod, LossPluginModRef, ManagedTensor, MetricPluginMod,
     MetricPluginModRef, ModelPluginMod, ModelPluginModRef, NamedTensor, NamedView, OptimizerStep, ParameterInfo,
-    PluginDescriptor, PluginError, PluginResult, StepReport, TensorView,
+    PluginDescriptor, PluginResult, StepReport, TensorView,
 };
 
 use crate::guard::{guarded, guarded_void};
@@ -294,11 +294,6 @@ pub fn loss_module<T: LossPlugin>() -> LossPluginModRef {
         input_names: loss_input_names::<T>,
         value_and_grad: loss_value_and_grad::<T>,
     })
-}
-
-#[allow(dead_code)]
-fn _assert_error_is_stable(e: PluginError) -> RResult<(), PluginError> {
-    RResult::RErr(e)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use likeness_sdk::abi::ManagedTensor;
-use likeness_sdk::torch::{load_into, save_tensors, tensor_to_managed, to_tch_device, view_to_tensor, AdamW};
+use likeness_sdk_torch::{load_into, save_tensors, tensor_to_managed, to_tch_device, view_to_tensor, AdamW};
 use likeness_sdk::{
     err, parse_config, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode, Inputs, ModelOutput,
     ModelPlugin, OptimizerStep, ParameterInfo, PluginDescriptor, PluginError, PluginKind, Result, StepReport,
@@ -352,7 +352,7 @@ impl ModelPlugin for IdentityAutoencoder {
             .devices(&[DeviceType::Cpu, DeviceType::Cuda])
             .dtypes(&[DataType::F32])
             .config_schema(Config::schema())
-            .uses_libtorch()
+            .libtorch(likeness_sdk_torch::LIBTORCH_VERSION)
             .build()
     }
 

@@ -419,7 +419,7 @@ fn cuda_matches_cpu_when_available() {
     let out = gpu.forward(Inputs::new(RSlice::from_slice(&[named("reference", &x)])), ForwardMode::Train).unwrap();
     let v = &out.outputs[0].1.view;
     assert_eq!(v.device.device_type, DeviceType::Cuda);
-    let b = to_vec(&likeness_sdk::torch::view_to_tensor(v).unwrap());
+    let b = to_vec(&likeness_sdk_torch::view_to_tensor(v).unwrap());
     let e = max_abs_diff(&a, &b);
     eprintln!("cuda vs cpu forward max abs err {e:.3e}");
     // cuDNN/TF32 may differ from the CPU kernels; 1e-3 on sigmoid outputs.

@@ -2,3 +2,7 @@
 //! tests are named by issue (`issue_2_…`).
 
 mod pixel_loss;
+mod plugin_loading;
+mod third_party;
+mod resume;
+mod config_cli;

@@ -170,19 +170,45 @@ fn init<M: RootModule>(h: &'static LibHeader, path: &std::path::Path) -> Result<
 }
 
 /// abi_stable's layout reports run to hundreds of lines; users need the first differences.
+/// The report prints both full layouts first and its findings last, as `Error:<what>` blocks
+/// (`Error:mismatched package`, `Expected:`, an indented value, `Found:`, a value): those
+/// blocks are shown, each `Label:` joined to its value line.
 pub fn summarise_layout_report(report: &str) -> String {
     let lines: Vec<&str> = report.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
-    let keep: Vec<&str> = lines
-        .iter()
-        .copied()
-        .filter(|l| {
-            let t = l.trim_start();
-            t.starts_with("Error") || t.contains("mismatch") || t.contains("expected") || t.contains("found") || t.contains("different")
-        })
-        .take(6)
-        .collect();
-    let keep = if keep.is_empty() { lines.iter().copied().take(6).collect() } else { keep };
-    let mut s: String = keep.iter().map(|l| format!("  {}\n", l.trim())).collect();
+    let mut errors: Vec<String> = Vec::new();
+    let mut in_error = false;
+    for raw in report.lines() {
+        let t = raw.trim();
+        if t.starts_with("Error") {
+            in_error = true;
+            errors.push(t.to_string());
+        } else if t.is_empty() {
+            in_error = false;
+        } else if in_error {
+            match errors.last_mut() {
+                Some(prev) if prev.ends_with(':') && !prev.starts_with("Error") => {
+                    prev.push(' ');
+                    prev.push_str(t);
+                }
+                _ => errors.push(t.to_string()),
+            }
+        }
+    }
+    let keep: Vec<String> = if !errors.is_empty() {
+        errors.into_iter().take(6).collect()
+    } else {
+        let matching: Vec<String> = lines
+            .iter()
+            .filter(|l| {
+                let t = l.trim_start();
+                t.contains("mismatch") || t.contains("expected") || t.contains("found") || t.contains("different")
+            })
+            .take(6)
+            .map(|l| l.trim().to_string())
+            .collect();
+        if matching.is_empty() { lines.iter().take(6).map(|l| l.trim().to_string()).collect() } else { matching }
+    };
+    let mut s: String = keep.iter().map(|l| format!("  {l}\n")).collect();
     if lines.len() > keep.len() {
         s.push_str(&format!("  … ({} more lines; rebuild the plugin against this host's likeness-sdk)", lines.len() - keep.len()));
     }
@@ -259,5 +285,16 @@ mod tests {
         let s = summarise_layout_report(&report);
         assert!(s.lines().count() <= 8, "{s}");
         assert!(s.contains("field mismatch"));
+    }
+
+    #[test]
+    fn layout_summary_shows_abi_stables_findings_not_the_layout_dumps() {
+        let mut report = String::from("Compared <this>:\n    --- Type Layout ---\n    package:'likeness-abi' version:'0.1.0'\n");
+        report += &"Layout of expected type:\n    field_name:x\n".repeat(50);
+        report += "\n\nError:mismatched package\nExpected:\n    likeness-abi\nFound:\n    other-crate\n\n\n";
+        let s = summarise_layout_report(&report);
+        assert!(s.contains("Error:mismatched package\n  Expected: likeness-abi\n  Found: other-crate\n"), "{s}");
+        assert!(!s.contains("Layout of expected type"), "{s}");
+        assert!(s.lines().count() <= 8, "{s}");
     }
 }

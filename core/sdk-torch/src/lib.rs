@@ -1,4 +1,4 @@
-//! tch adapters (feature `torch`): DLPack-shaped views ↔ `tch::Tensor` without copying, owned
+//! The libtorch half of the SDK: DLPack-shaped views ↔ `tch::Tensor` without copying, owned
 //! tensors handed to the host, safetensors ↔ tch, and the AdamW the model plugins run.
 //!
 //! tch has no DLPack import; a view is wrapped with `Tensor::from_blob`, which borrows. Such a
@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::path::Path;
 
-use likeness_abi::{DataType, Device, DeviceType, ManagedTensor, OptimizerStep, StepReport, TensorView};
+use likeness_sdk::{DataType, Device, DeviceType, OptimizerStep, StepReport, TensorView};
+use likeness_sdk::abi::ManagedTensor;
 use tch::{Kind, Tensor};
 
-use crate::st::{self, StTensor};
-use crate::{err, Result};
+use likeness_sdk::st::{self, StTensor};
+use likeness_sdk::{err, Result};
 
 /// The libtorch version this SDK was compiled against (from torch-sys's build).
 pub const LIBTORCH_VERSION: &str = match option_env!("LIKENESS_LIBTORCH_VERSION") {
@@ -120,7 +121,7 @@ pub fn tensor_to_managed(t: Tensor) -> Result<ManagedTensor> {
 }
 
 unsafe extern "C" fn delete_owner(ctx: *mut c_void) {
-    crate::guard::guarded_void("sdk", "tch tensor deleter", || {
+    likeness_sdk::guard::guarded_void("sdk-torch", "tch tensor deleter", || {
         // SAFETY: `ctx` is the `Box<TensorOwner>` leaked by `tensor_to_managed`.
         drop(unsafe { Box::from_raw(ctx as *mut TensorOwner) });
     });
