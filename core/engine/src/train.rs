@@ -20,7 +20,7 @@ use crate::config::{parse_device, Config, Schedule};
 use crate::dataset::{self, make_batch, BundleDatasetConfig, Dataset, ImageCache, Pair};
 use crate::metrics_log::MetricsLog;
 use crate::plugins::{Loss, Metric, Model, Registry};
-use crate::plots::{plot_lines, Series};
+use crate::plots::{plot_band, plot_lines, BandPoint, Series};
 use crate::visual::{save_grid, GridRow};
 use crate::{EngineError, Result};
 
@@ -48,6 +48,10 @@ pub struct TrainSummary {
     pub samples: PathBuf,
     pub metrics: PathBuf,
     pub plot: PathBuf,
+    /// Mean identity similarity at the first and last validation (when a metric is configured).
+    pub first_identity_similarity: Option<f64>,
+    pub last_identity_similarity: Option<f64>,
+    pub identity_plot: Option<PathBuf>,
     pub seconds: f64,
 }
 
@@ -60,6 +64,10 @@ pub struct CheckpointState {
     pub best_val_loss: Option<f64>,
     pub first_val_loss: Option<f64>,
     pub last_val_loss: Option<f64>,
+    #[serde(default)]
+    pub first_identity_similarity: Option<f64>,
+    #[serde(default)]
+    pub last_identity_similarity: Option<f64>,
 }
 
 /// Learning rate for the optimizer step `step` (1-based), as diffusers' schedulers compute it:
@@ -83,7 +91,10 @@ pub fn learning_rate(schedule: Schedule, base: f64, step: u64, warmup: u64, tota
 struct Parts {
     model: Model,
     loss: Loss,
-    identity: Option<(Metric, Loss, f64)>,
+    /// The identity metric: measured at every validation; a training loss too when
+    /// `identity_loss` is present (metric.weight > 0).
+    metric: Option<Metric>,
+    identity_loss: Option<(Loss, f64)>,
 }
 
 struct Layout {
@@ -189,21 +200,26 @@ fn open_parts(cfg: &Config, registry: &Registry) -> Result<Parts> {
             loss.id
         )));
     }
-    let identity = match &cfg.metric {
-        Some(m) if m.weight > 0.0 => {
-            let metric = registry.open_metric(&m.plugin, &serde_json::Value::Object(m.config.clone()).to_string(), device, seed)?;
-            if !metric.descriptor.capabilities.differentiable {
+    let mut metric = None;
+    let mut identity_loss = None;
+    if let Some(m) = &cfg.metric {
+        let opened = registry.open_metric(&m.plugin, &serde_json::Value::Object(m.config.clone()).to_string(), device, seed)?;
+        if m.weight > 0.0 {
+            if !opened.descriptor.capabilities.differentiable {
                 return Err(EngineError::Config(format!(
                     "metric `{}` has no backward (its descriptor says it is not differentiable), so it cannot be a training loss with metric.weight = {}; set metric.weight = 0 to use it for evaluation only",
-                    metric.id, m.weight
+                    opened.id, m.weight
                 )));
             }
-            let id_loss = registry.open_loss(&m.loss, &serde_json::Value::Object(m.loss_config.clone()).to_string(), device, seed)?;
-            Some((metric, id_loss, m.weight))
+            let l = registry.open_loss(&m.loss, &serde_json::Value::Object(m.loss_config.clone()).to_string(), device, seed)?;
+            if !l.descriptor.capabilities.differentiable {
+                return Err(EngineError::Config(format!("identity loss `{}` is not differentiable", l.id)));
+            }
+            identity_loss = Some((l, m.weight));
         }
-        _ => None,
-    };
-    Ok(Parts { model, loss, identity })
+        metric = Some(opened);
+    }
+    Ok(Parts { model, loss, metric, identity_loss })
 }
 
 /// Trains as configured. See the module docs for the determinism contract.
@@ -266,10 +282,13 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
         best_val_loss: None,
         first_val_loss: None,
         last_val_loss: None,
+        first_identity_similarity: None,
+        last_identity_similarity: None,
     };
     let mut log;
     let mut train_pts: Vec<(f64, f64)> = Vec::new();
     let mut val_pts: Vec<(f64, f64)> = Vec::new();
+    let mut id_pts: Vec<BandPoint> = Vec::new();
     let resumed_from;
     if let Some((dir, st)) = &resume {
         if st.model_plugin != cfg.model.plugin {
@@ -288,7 +307,14 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
             let (Some(step), kind) = (r["step"].as_f64(), r["type"].as_str()) else { continue };
             match kind {
                 Some("train") => train_pts.push((step, r["loss"].as_f64().unwrap_or(f64::NAN))),
-                Some("val") => val_pts.push((step, r["val_loss"].as_f64().unwrap_or(f64::NAN))),
+                Some("val") => {
+                    val_pts.push((step, r["val_loss"].as_f64().unwrap_or(f64::NAN)));
+                    if let (Some(mean), Some(min), Some(max)) =
+                        (r["identity_similarity"].as_f64(), r["identity_similarity_min"].as_f64(), r["identity_similarity_max"].as_f64())
+                    {
+                        id_pts.push(BandPoint { x: step, mean, min, max });
+                    }
+                }
                 _ => {}
             }
         }
@@ -305,12 +331,13 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
 
     if resume.is_none() {
         let v = validate(&mut parts, &ds, bs, size, &mut cache, cfg)?;
-        state.first_val_loss = v;
-        state.last_val_loss = v;
+        state.first_val_loss = v.map(|v| v.loss);
+        state.last_val_loss = state.first_val_loss;
+        state.first_identity_similarity = v.and_then(|v| v.identity).filter(|i| i.valid_pairs > 0).map(|i| i.mean);
+        state.last_identity_similarity = state.first_identity_similarity;
         if let Some(v) = v {
-            info!(val_loss = v, "initial validation");
-            log.log(&json!({"type": "val", "step": 0, "epoch": 0, "val_loss": v}))?;
-            val_pts.push((0.0, v));
+            info!(val_loss = v.loss, identity_similarity = v.identity.map(|i| i.mean), "initial validation");
+            record_validation(&mut log, 0, 0, &v, &mut val_pts, &mut id_pts)?;
         }
         write_samples(&mut parts.model, &samples, size, &mut cache, &lay.samples.join("step-00000000.png"))?;
     }
@@ -367,14 +394,16 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
         let last = step == total_steps;
         if (epoch_done && state.epoch % t.validate_every_epochs.max(1) == 0) || last {
             if let Some(v) = validate(&mut parts, &ds, bs, size, &mut cache, cfg)? {
-                log.log(&json!({"type": "val", "step": step, "epoch": state.epoch, "val_loss": v}))?;
-                val_pts.push((step as f64, v));
-                state.last_val_loss = Some(v);
-                if state.best_val_loss.is_none_or(|b| v < b) {
-                    state.best_val_loss = Some(v);
+                record_validation(&mut log, step, state.epoch, &v, &mut val_pts, &mut id_pts)?;
+                state.last_val_loss = Some(v.loss);
+                if let Some(i) = v.identity.filter(|i| i.valid_pairs > 0) {
+                    state.last_identity_similarity = Some(i.mean);
+                }
+                if state.best_val_loss.is_none_or(|b| v.loss < b) {
+                    state.best_val_loss = Some(v.loss);
                     write_checkpoint(&mut parts.model, &lay.out.join("best"), false, &state)?;
                 }
-                bar.suspend(|| info!(step, epoch = state.epoch, val_loss = v, "validation"));
+                bar.suspend(|| info!(step, epoch = state.epoch, val_loss = v.loss, identity_similarity = v.identity.map(|i| i.mean), "validation"));
             }
             write_samples(&mut parts.model, &samples, size, &mut cache, &lay.samples.join(format!("step-{step:08}.png")))?;
             plot_lines(
@@ -384,6 +413,15 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
                 "loss",
                 &[Series::new("train", train_pts.clone()), Series::new("validation", val_pts.clone())],
             )?;
+            if let Some(m) = &parts.metric {
+                plot_band(
+                    &lay.plots.join("identity.png"),
+                    &format!("identity similarity ({}), generated vs reference", m.id),
+                    "optimizer step",
+                    "cosine similarity (mean, min–max)",
+                    &id_pts,
+                )?;
+            }
         }
         if (t.save_every > 0 && step % t.save_every == 0) || last {
             write_checkpoint(&mut parts.model, &lay.checkpoints.join(format!("step-{step:08}")), true, &state)?;
@@ -408,6 +446,9 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
         samples: lay.samples,
         metrics: lay.metrics,
         plot: lay.plots.join("loss.png"),
+        first_identity_similarity: state.first_identity_similarity,
+        last_identity_similarity: state.last_identity_similarity,
+        identity_plot: parts.metric.as_ref().map(|_| lay.plots.join("identity.png")),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -448,7 +489,7 @@ fn train_micro_batch(
     let mut terms: Vec<(String, f64)> = l.terms.iter().map(|(n, v)| (format!("{}.{n}", parts.loss.id), *v)).collect();
     terms.push((parts.loss.id.clone(), l.value));
 
-    if let Some((metric, id_loss, weight)) = parts.identity.as_mut() {
+    if let (Some(metric), Some((id_loss, weight))) = (parts.metric.as_mut(), parts.identity_loss.as_mut()) {
         // The reference embedding is a constant (no graph); the generated one keeps its graph.
         let r = metric.embed(reference.view(), ForwardMode::Eval)?;
         let g = metric.embed(pixels.view(), ForwardMode::Train)?;
@@ -480,13 +521,68 @@ fn train_micro_batch(
     Ok((total, terms))
 }
 
-/// Mean validation loss over the validation pairs (None when there are none).
-fn validate(parts: &mut Parts, ds: &Dataset, bs: usize, size: u32, cache: &mut ImageCache, cfg: &Config) -> Result<Option<f64>> {
+/// What one validation pass measured.
+#[derive(Debug, Clone, Copy)]
+struct Validation {
+    /// Mean content loss (× loss.weight) over the validation pairs.
+    loss: f64,
+    /// Identity similarity between generated and reference images, when a metric is configured.
+    identity: Option<IdentityStats>,
+}
+
+/// Cosine similarity of metric embeddings (generated vs reference) over the pairs where the
+/// metric found a face in both.
+#[derive(Debug, Clone, Copy)]
+struct IdentityStats {
+    mean: f64,
+    min: f64,
+    max: f64,
+    valid_pairs: usize,
+    total_pairs: usize,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
+    }
+}
+
+/// Similarities of one batch: `None` for pairs where either side has no face.
+fn identity_similarities(metric: &mut Metric, generated: &CpuTensor<f32>, reference: &CpuTensor<f32>) -> Result<Vec<Option<f64>>> {
+    let plugin_err = |id: &str, e: likeness_abi::PluginError| EngineError::Plugin { plugin: id.to_string(), message: e.message.to_string() };
+    let g = metric.embed(generated.view(), ForwardMode::Eval)?;
+    let r = metric.embed(reference.view(), ForwardMode::Eval)?;
+    let ge = CpuTensor::<f32>::from_managed(&g.embeddings, "embeddings").map_err(|e| plugin_err(&metric.id, e))?;
+    let re = CpuTensor::<f32>::from_managed(&r.embeddings, "embeddings").map_err(|e| plugin_err(&metric.id, e))?;
+    let gv = CpuTensor::<u8>::from_managed(&g.valid, "valid").map_err(|e| plugin_err(&metric.id, e))?;
+    let rv = CpuTensor::<u8>::from_managed(&r.valid, "valid").map_err(|e| plugin_err(&metric.id, e))?;
+    let b = generated.shape[0] as usize;
+    if ge.shape.len() != 2 || ge.shape[0] as usize != b || ge.shape != re.shape || gv.numel() != b || rv.numel() != b {
+        return Err(EngineError::Plugin {
+            plugin: metric.id.clone(),
+            message: format!("embed returned embeddings {:?} / valid {:?} for a batch of {b}", ge.shape, gv.shape),
+        });
+    }
+    let d = ge.shape[1] as usize;
+    Ok((0..b)
+        .map(|i| (gv.data[i] != 0 && rv.data[i] != 0).then(|| cosine(&ge.data[i * d..(i + 1) * d], &re.data[i * d..(i + 1) * d])))
+        .collect())
+}
+
+/// Validation loss (and identity similarity when a metric is configured) over the validation
+/// pairs; None when there are none.
+fn validate(parts: &mut Parts, ds: &Dataset, bs: usize, size: u32, cache: &mut ImageCache, cfg: &Config) -> Result<Option<Validation>> {
     if ds.val.is_empty() {
         return Ok(None);
     }
     let mut sum = 0.0;
     let mut n = 0usize;
+    let mut sims: Vec<Option<f64>> = Vec::new();
     for chunk in ds.val.chunks(bs) {
         let b = make_batch(chunk, size, cache)?;
         let out = parts.model.forward(&[("reference", b.reference.view()), ("target", b.target.view())], ForwardMode::Eval)?;
@@ -494,8 +590,49 @@ fn validate(parts: &mut Parts, ds: &Dataset, bs: usize, size: u32, cache: &mut I
         let l = parts.loss.value_and_grad(&[("prediction", pixels.view()), ("target", b.target.view())], false)?;
         sum += cfg.loss.weight * l.value * chunk.len() as f64;
         n += chunk.len();
+        if let Some(metric) = parts.metric.as_mut() {
+            sims.extend(identity_similarities(metric, &pixels, &b.reference)?);
+        }
     }
-    Ok(Some(sum / n as f64))
+    let identity = parts.metric.as_ref().map(|_| {
+        let valid: Vec<f64> = sims.iter().flatten().copied().collect();
+        let k = valid.len();
+        IdentityStats {
+            mean: if k == 0 { 0.0 } else { valid.iter().sum::<f64>() / k as f64 },
+            min: valid.iter().copied().fold(f64::INFINITY, f64::min),
+            max: valid.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            valid_pairs: k,
+            total_pairs: sims.len(),
+        }
+    });
+    Ok(Some(Validation { loss: sum / n as f64, identity }))
+}
+
+/// Logs a validation record and keeps the plotted series in step.
+fn record_validation(
+    log: &mut MetricsLog,
+    step: u64,
+    epoch: u64,
+    v: &Validation,
+    val_pts: &mut Vec<(f64, f64)>,
+    id_pts: &mut Vec<BandPoint>,
+) -> Result<()> {
+    let mut rec = json!({"type": "val", "step": step, "epoch": epoch, "val_loss": v.loss});
+    if let Some(id) = &v.identity {
+        rec["identity_valid_pairs"] = json!(id.valid_pairs);
+        rec["identity_total_pairs"] = json!(id.total_pairs);
+        if id.valid_pairs > 0 {
+            rec["identity_similarity"] = json!(id.mean);
+            rec["identity_similarity_min"] = json!(id.min);
+            rec["identity_similarity_max"] = json!(id.max);
+            id_pts.push(BandPoint { x: step as f64, mean: id.mean, min: id.min, max: id.max });
+        } else {
+            warn!(step, "identity metric found no face in any validation pair (valid_pairs = 0): check the images and the metric's detector settings");
+        }
+    }
+    log.log(&rec)?;
+    val_pts.push((step as f64, v.loss));
+    Ok(())
 }
 
 fn write_samples(model: &mut Model, pairs: &[Pair], size: u32, cache: &mut ImageCache, path: &Path) -> Result<()> {

@@ -171,6 +171,14 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             let fmt = |v: Option<f64>| v.map(|v| format!("{v:.5}")).unwrap_or_else(|| "n/a (no validation pairs)".into());
             println!("training finished: {} optimizer steps in {:.1} s{}", s.steps, s.seconds, s.resumed_from.map(|r| format!(" (resumed from step {r})")).unwrap_or_default());
             println!("  validation loss: first {}  last {}  best {}", fmt(s.first_val_loss), fmt(s.last_val_loss), fmt(s.best_val_loss));
+            if let Some(p) = &s.identity_plot {
+                println!(
+                    "  identity similarity: first {}  last {}  (plot: {})",
+                    fmt(s.first_identity_similarity),
+                    fmt(s.last_identity_similarity),
+                    p.display()
+                );
+            }
             println!("  final weights:   {}", s.final_weights.display());
             if let Some(b) = &s.best_weights {
                 println!("  best weights:    {}", b.display());
