@@ -8,3 +8,4 @@ mod third_party;
 mod resume;
 mod config_cli;
 mod identity_chain;
+mod accumulation;
