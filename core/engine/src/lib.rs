@@ -5,6 +5,7 @@ pub mod config;
 pub mod dataset;
 pub mod plugins;
 pub mod error;
+pub mod eval_faces;
 pub mod metrics_log;
 pub mod plots;
 pub mod train;

@@ -17,6 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::config::{parse_device, Config, Schedule};
+use crate::eval_faces::identity_similarities;
 use crate::dataset::{self, make_batch, BundleDatasetConfig, Dataset, ImageCache, Pair};
 use crate::metrics_log::MetricsLog;
 use crate::plugins::{Loss, Metric, Model, Registry};
@@ -539,39 +540,6 @@ struct IdentityStats {
     max: f64,
     valid_pairs: usize,
     total_pairs: usize,
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na * nb)
-    }
-}
-
-/// Similarities of one batch: `None` for pairs where either side has no face.
-fn identity_similarities(metric: &mut Metric, generated: &CpuTensor<f32>, reference: &CpuTensor<f32>) -> Result<Vec<Option<f64>>> {
-    let plugin_err = |id: &str, e: likeness_abi::PluginError| EngineError::Plugin { plugin: id.to_string(), message: e.message.to_string() };
-    let g = metric.embed(generated.view(), ForwardMode::Eval)?;
-    let r = metric.embed(reference.view(), ForwardMode::Eval)?;
-    let ge = CpuTensor::<f32>::from_managed(&g.embeddings, "embeddings").map_err(|e| plugin_err(&metric.id, e))?;
-    let re = CpuTensor::<f32>::from_managed(&r.embeddings, "embeddings").map_err(|e| plugin_err(&metric.id, e))?;
-    let gv = CpuTensor::<u8>::from_managed(&g.valid, "valid").map_err(|e| plugin_err(&metric.id, e))?;
-    let rv = CpuTensor::<u8>::from_managed(&r.valid, "valid").map_err(|e| plugin_err(&metric.id, e))?;
-    let b = generated.shape[0] as usize;
-    if ge.shape.len() != 2 || ge.shape[0] as usize != b || ge.shape != re.shape || gv.numel() != b || rv.numel() != b {
-        return Err(EngineError::Plugin {
-            plugin: metric.id.clone(),
-            message: format!("embed returned embeddings {:?} / valid {:?} for a batch of {b}", ge.shape, gv.shape),
-        });
-    }
-    let d = ge.shape[1] as usize;
-    Ok((0..b)
-        .map(|i| (gv.data[i] != 0 && rv.data[i] != 0).then(|| cosine(&ge.data[i * d..(i + 1) * d], &re.data[i * d..(i + 1) * d])))
-        .collect())
 }
 
 /// Validation loss (and identity similarity when a metric is configured) over the validation

@@ -24,6 +24,7 @@ Examples:
   host train --plugin identity-autoencoder --data ~/faces --steps 200 --lr 1e-3
   host train --config configs/quickstart-cpu.toml --resume
   host config show --config configs/quickstart-cpu.toml --set train.lr=3e-4
+  host eval-faces --sample-dir output/sample --output-json face_metrics.json
   host plugins list";
 
 #[derive(Parser)]
@@ -47,6 +48,94 @@ enum Command {
     /// Find, inspect and check plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Face consistency of generated images vs their control images (seed 004's evaluator):
+    /// JSON report, per-pair CSV, plot by step.
+    #[command(after_help = EVAL_FACES_HELP)]
+    EvalFaces(EvalFacesArgs),
+}
+
+const EVAL_FACES_HELP: &str = "\
+How pairs are found:
+  --sample-dir DIR (musubi-tuner's output/sample folder; image files directly in DIR):
+    control images are named control_image_<idx>.png (seed 004). Every other image whose
+    name does not contain `control` is a generated sample; its prompt index is musubi-tuner's
+    <prompt> field in <name>_<step:06d>_<prompt:02d>_<YYYYMMDDHHMMSS>[_<seed>].png (or
+    <name>_e<epoch:06d>_…), else the number after its last `_` (seed 004's *_<idx>.png).
+    Indices compare as numbers (_00 = _0). A sample pairs with control_image_<its index>.
+  --control-dir C --generated-dir G: each image in G pairs with the image in C whose stem
+    equals its stem (any extension, the same one preferred), else with the control whose
+    stem is the longest prefix of its stem followed by `_`, `-` or `.`
+    (alice.png <- alice_step500.png, alice-2.jpg).
+  Generated images that match no control image are listed as warnings and skipped.
+Step of a generated image (the by_step key): musubi-tuner's <step:06d> field (\"500\") or
+  e<epoch:06d> (\"e3\"), else a `step` token followed by a number (generated_step_1000_0),
+  else a token step<N> / step-<N>; otherwise \"unknown\" (as seed 004).
+Images: png, jpg, jpeg, webp; decoded, converted to RGB and fitted into N x N (--image-size,
+  aspect kept, top-left, black padding; an N x N image is untouched), f32 in [0, 1].
+  Each distinct image is embedded once; a pair is valid when the metric finds a face in both;
+  its score is the cosine similarity of the two embeddings.
+Output: --output-json has exactly seed 004's fields (total_pairs, valid_pairs, overall_mean,
+  overall_std, overall_min, overall_max, by_step{step:{count,mean,std,min,max}}; std is the
+  population std, numpy's default) with everything else under \"likeness\"; with no valid
+  pair the overall_* fields are null and by_step is {}. The per-pair CSV (--csv) and the
+  plot (--plot) default to <json stem>.pairs.csv and <json stem>.png next to the JSON.
+  The plot's x axis is the step (epoch samples are plotted only when no step is known).
+Similarity bands (seed 004): >= 0.8 very high (likely same person), 0.6-0.8 high (possibly
+  same person), 0.4-0.6 moderate, < 0.4 low. Targets: > 0.85 training target, > 0.75 good,
+  < 0.65 needs improvement.
+
+Examples:
+  host eval-faces --sample-dir output/sample --output-json face_metrics.json
+  host eval-faces --control-dir faces/ --generated-dir out/ --metric arcface \\
+      --model-name buffalo_l --det-size 1024 --device cuda";
+
+#[derive(Args)]
+struct EvalFacesArgs {
+    /// musubi-tuner sample folder with control_image_<idx> and generated samples (see below).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["control_dir", "generated_dir"], required_unless_present_all = ["control_dir", "generated_dir"])]
+    sample_dir: Option<PathBuf>,
+    /// Folder of control (reference) images; use with --generated-dir.
+    #[arg(long, value_name = "DIR", requires = "generated_dir")]
+    control_dir: Option<PathBuf>,
+    /// Folder of generated images, matched to control images by file stem (see below).
+    #[arg(long, value_name = "DIR", requires = "control_dir")]
+    generated_dir: Option<PathBuf>,
+    /// JSON report (seed 004's format).
+    #[arg(long, value_name = "FILE", default_value = "face_consistency_results.json")]
+    output_json: PathBuf,
+    /// Per-pair CSV (control, generated, step, similarity, valid, reason) [default: <json stem>.pairs.csv].
+    #[arg(long, value_name = "FILE")]
+    csv: Option<PathBuf>,
+    /// PNG plot of similarity by step (mean, min–max band) [default: <json stem>.png].
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+    /// Identity-metric plugin id.
+    #[arg(long, value_name = "ID", default_value = "arcface")]
+    metric: String,
+    /// Config passed to the metric plugin (a JSON object).
+    #[arg(long, value_name = "JSON")]
+    metric_config: Option<String>,
+    /// Model pack, e.g. buffalo_l, buffalo_s, antelopev2 (added to the metric config as `model_name`).
+    #[arg(long, value_name = "NAME")]
+    model_name: Option<String>,
+    /// Face detection size, e.g. 640 or 1024 (added to the metric config as `det_size`).
+    #[arg(long, value_name = "N")]
+    det_size: Option<u32>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Images per metric call.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Images are fitted into N x N before embedding (see below).
+    #[arg(long, value_name = "N", default_value_t = 640)]
+    image_size: u32,
+    /// Decoding threads (0 = one per CPU).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Never draw a progress bar.
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Subcommand)]
@@ -187,6 +276,32 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             println!("  sample grids:    {}", s.samples.display());
             println!("  metrics (JSONL): {}", s.metrics.display());
             println!("  loss plot:       {}", s.plot.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EvalFaces(a) => {
+            use likeness_engine::eval_faces::{eval_faces, summary_text, EvalFacesOptions, EvalInputs};
+            let inputs = match (&a.sample_dir, &a.control_dir, &a.generated_dir) {
+                (Some(d), _, _) => EvalInputs::SampleDir(d.clone()),
+                (None, Some(c), Some(g)) => EvalInputs::Dirs { control: c.clone(), generated: g.clone() },
+                _ => return Err(likeness_engine::EngineError::Config("give --sample-dir DIR, or --control-dir DIR and --generated-dir DIR".into())),
+            };
+            let opts = EvalFacesOptions {
+                inputs,
+                output_json: a.output_json.clone(),
+                csv: a.csv.clone(),
+                plot: a.plot.clone(),
+                metric: a.metric.clone(),
+                metric_config: a.metric_config.clone(),
+                model_name: a.model_name.clone(),
+                det_size: a.det_size,
+                device: a.device.clone(),
+                batch_size: a.batch_size,
+                image_size: a.image_size,
+                threads: a.threads,
+                progress: !a.no_progress && std::io::stderr().is_terminal(),
+            };
+            let report = eval_faces(&registry(), &opts)?;
+            print!("{}", summary_text(&report));
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Show(a)) => {

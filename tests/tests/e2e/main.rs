@@ -9,3 +9,4 @@ mod resume;
 mod config_cli;
 mod identity_chain;
 mod accumulation;
+mod eval_faces;
