@@ -7,8 +7,21 @@
 //!   `skimage.transform.SimilarityTransform.estimate` (as `face_align.estimate_norm` calls it),
 //!   and the 112×112 warp of `face_align.norm_crop` (`cv2.warpAffine`, bilinear, zero border),
 //!   plus a plain-float CHW warp and the `grid_sample` matrix for the differentiable path.
-//!
-//! The plugin export (ONNX Runtime sessions, recognizer) lands on top of these modules.
+//! - [`pack`]: model packs (`buffalo_l`, `buffalo_s`, `antelopev2`) and where they are found.
+//! - [`detector`]: the SCRFD graph on ONNX Runtime (CPU; CUDA provider when asked and present).
+//! - [`recognizer`]: the ArcFace graph on ONNX Runtime (`ArcFaceONNX`'s normalisation rule).
+//! - [`plugin`]: the [`plugin::Pipeline`] (`FaceAnalysis.get`) and the exported metric.
 
 pub mod align;
+pub mod detector;
+pub mod pack;
+pub mod plugin;
+pub mod recognizer;
 pub mod scrfd;
+// The differentiable (libtorch) recognizer modules go here: `pub mod onnx_proto;` and
+// `pub mod iresnet;` (plugins/arcface/src/{onnx_proto.rs,iresnet.rs}).
+
+likeness_sdk::export_metric_plugin!(plugin::ArcFaceMetric);
+pub mod onnx_proto;
+pub mod iresnet;
+pub mod diff_align;
