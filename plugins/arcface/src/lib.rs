@@ -18,10 +18,11 @@ pub mod pack;
 pub mod plugin;
 pub mod recognizer;
 pub mod scrfd;
-// The differentiable (libtorch) recognizer modules go here: `pub mod onnx_proto;` and
-// `pub mod iresnet;` (plugins/arcface/src/{onnx_proto.rs,iresnet.rs}).
+
+// The differentiable path: the recognizer rebuilt in libtorch from the ONNX file, and the
+// alignment warp as grid_sample.
+pub mod diff_align;
+pub mod iresnet;
+pub mod onnx_proto;
 
 likeness_sdk::export_metric_plugin!(plugin::ArcFaceMetric);
-pub mod onnx_proto;
-pub mod iresnet;
-pub mod diff_align;
