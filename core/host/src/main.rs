@@ -261,6 +261,7 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             println!("training finished: {} optimizer steps in {:.1} s{}", s.steps, s.seconds, s.resumed_from.map(|r| format!(" (resumed from step {r})")).unwrap_or_default());
             println!("  validation loss: first {}  last {}  best {}", fmt(s.first_val_loss), fmt(s.last_val_loss), fmt(s.best_val_loss));
             if let Some(p) = &s.identity_plot {
+                let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a (no face found in a validation pair)".into());
                 println!(
                     "  identity similarity: first {}  last {}  (plot: {})",
                     fmt(s.first_identity_similarity),
