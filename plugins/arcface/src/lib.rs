@@ -22,6 +22,7 @@ pub mod scrfd;
 // The differentiable path: the recognizer rebuilt in libtorch from the ONNX file, and the
 // alignment warp as grid_sample.
 pub mod diff_align;
+pub mod diff_path;
 pub mod iresnet;
 pub mod onnx_proto;
 

@@ -1,15 +1,23 @@
-//! The `arcface` metric plugin (ONNX Runtime path): pixels → InsightFace pipeline → embedding.
+//! The `arcface` metric plugin: pixels → InsightFace pipeline → embedding.
+//!
+//! `embed(Eval)` runs the ONNX Runtime pipeline (detector → `u8` warp → recognizer), as
+//! insightface does. `embed(Train)` with `differentiable_backend = "tch"` (the default) runs
+//! [`crate::diff_path`]: the same detector without gradient, then `grid_sample` crops of the
+//! float pixels and the recognizer rebuilt in libtorch from the same ONNX file, keeping the graph
+//! for `backward` (d_embeddings → d_pixels).
 
 use std::path::PathBuf;
 
 use likeness_sdk::{
-    err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ForwardMode, MetricOutput,
-    MetricPlugin, PluginDescriptor, PluginKind, Result, TensorView,
+    err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode, MetricOutput,
+    MetricPlugin, PluginDescriptor, PluginError, PluginKind, Result, TensorView,
 };
+use tch::Kind;
 use serde::Deserialize;
 
 use crate::align::{self, WarpKernel};
 use crate::detector::{Detector, Provider};
+use crate::diff_path::{DiffRecognizer, Pending};
 use crate::pack;
 use crate::recognizer::Recognizer;
 use crate::scrfd::{self, Detection, FaceChoice};
@@ -37,6 +45,28 @@ impl Choice {
             Choice::Central => FaceChoice::MostCentral,
         }
     }
+}
+
+/// What `embed(Train)` runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiffBackend {
+    /// The recognizer in libtorch from the same ONNX file, crops by `grid_sample`; `backward` works.
+    #[default]
+    Tch,
+    /// No differentiable path: `embed(Train)` runs the ONNX Runtime pipeline and `backward` is
+    /// an `Unsupported` error.
+    None,
+}
+
+/// The float precision of the libtorch recognizer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiffPrecision {
+    #[default]
+    F32,
+    /// Double precision (slow; for gradient checks by finite differences).
+    F64,
 }
 
 fn default_pack() -> String {
@@ -74,6 +104,12 @@ pub struct Config {
     /// `"cpu"`, `"cuda"`, or absent: the device the host creates the plugin on.
     #[serde(default)]
     pub device: Option<String>,
+    /// `"tch"` (default) or `"none"`: what `embed(Train)` runs (see [`DiffBackend`]).
+    #[serde(default)]
+    pub differentiable_backend: DiffBackend,
+    /// `"f32"` (default) or `"f64"`: precision of the libtorch recognizer.
+    #[serde(default)]
+    pub differentiable_precision: DiffPrecision,
 }
 
 impl Default for Config {
@@ -94,7 +130,9 @@ fn schema() -> likeness_sdk::serde_json::Value {
             "det_size": {"type": "integer", "default": 640},
             "det_thresh": {"type": "number", "default": 0.5},
             "face_choice": {"type": "string", "enum": ["default", "largest", "central"], "default": "default"},
-            "device": {"type": "string", "enum": ["cpu", "cuda"]}
+            "device": {"type": "string", "enum": ["cpu", "cuda"]},
+            "differentiable_backend": {"type": "string", "enum": ["tch", "none"], "default": "tch"},
+            "differentiable_precision": {"type": "string", "enum": ["f32", "f64"], "default": "f32"}
         }
     })
 }
@@ -174,26 +212,101 @@ pub fn to_rgb_u8(planes: &[f32], h: usize, w: usize) -> Vec<u8> {
 /// The `arcface` metric.
 pub struct ArcFaceMetric {
     pub pipeline: Pipeline,
+    config: Config,
+    /// The recognizer file the ORT session runs (the tch path loads it lazily).
+    recognizer_path: PathBuf,
+    /// The device the host created the plugin on (the tch path runs there, or on `config.device`).
+    device: Device,
+    diff: Option<DiffRecognizer>,
+    pending: Option<Pending>,
 }
 
-impl MetricPlugin for ArcFaceMetric {
-    fn descriptor() -> PluginDescriptor {
-        DescriptorBuilder::new(ID, PluginKind::Metric, env!("CARGO_PKG_VERSION"))
-            .summary("InsightFace ArcFace identity embedding (SCRFD detection, 5-point alignment, ArcFace recognizer; insightface 0.7.3 pipeline on ONNX Runtime)")
-            .differentiable(false)
-            .devices(&[DeviceType::Cpu, DeviceType::Cuda])
-            .dtypes(&[DataType::F32])
-            .config_schema(schema())
-            .onnxruntime(likeness_sdk_onnx::ONNXRUNTIME_EXPECTED)
-            .build()
+impl ArcFaceMetric {
+    /// The differentiable recognizer, loaded on first use.
+    pub fn diff_recognizer(&mut self) -> Result<&DiffRecognizer> {
+        if self.diff.is_none() {
+            let kind = match self.config.differentiable_precision {
+                DiffPrecision::F32 => Kind::Float,
+                DiffPrecision::F64 => Kind::Double,
+            };
+            // Resolved here, not in `create`: an ORT-only (Eval) user never needs libtorch's CUDA.
+            let tch_device = match self.config.device.as_deref() {
+                Some("cpu") => tch::Device::Cpu,
+                Some("cuda") => likeness_sdk_torch::to_tch_device(Device::cuda(self.device.device_id.max(0)))?,
+                _ => likeness_sdk_torch::to_tch_device(self.device)?,
+            };
+            let r = &self.pipeline.recognizer;
+            let d = DiffRecognizer::load(&self.recognizer_path, tch_device, kind, r.input_size, r.input_mean, r.input_std)
+                .map_err(|e| err::input(format!("plugin `{ID}` (differentiable path): {e}")))?;
+            self.diff = Some(d);
+        }
+        Ok(self.diff.as_ref().expect("loaded above"))
     }
 
-    fn create(config_json: &str, device: Device, _seed: u64) -> Result<Self> {
-        let config: Config = parse_config(ID, config_json)?;
-        Ok(ArcFaceMetric { pipeline: Pipeline::new(&config, device)? })
+    /// The chosen face's similarity matrix per image (`None`: no face), from the `u8`-rounded
+    /// image, without gradient — the landmarks both paths align with.
+    pub fn face_matrices(&mut self, planes: &[f32], b: usize, h: usize, w: usize) -> Result<Vec<Option<align::Affine>>> {
+        let s = self.pipeline.recognizer.input_size;
+        let mut out = Vec::with_capacity(b);
+        for i in 0..b {
+            let rgb = to_rgb_u8(&planes[i * 3 * h * w..(i + 1) * 3 * h * w], h, w);
+            let dets = self.pipeline.detector.detect(&rgb, w, h, 1, self.pipeline.choice)?;
+            out.push(match dets.first() {
+                None => None,
+                Some(d) => {
+                    let kps = d.kps.as_ref().ok_or_else(|| {
+                        err::input("the detector has no key points (6/10-output layout): alignment needs the 5 points")
+                    })?;
+                    Some(align::estimate_norm(kps, s).map_err(err::internal)?)
+                }
+            });
+        }
+        Ok(out)
     }
 
-    fn embed(&mut self, pixels: &TensorView, _mode: ForwardMode) -> Result<MetricOutput> {
+    /// `embed(Train)` on the tch path: the output, and the pending state for `backward`.
+    fn embed_train(&mut self, pixels: &TensorView) -> Result<MetricOutput> {
+        let leaf = likeness_sdk_torch::view_to_tensor(pixels)?;
+        let shape = leaf.size();
+        if shape.len() != 4 || shape[1] != 3 {
+            return Err(err::input(format!("metric `{ID}`: `pixels` must be [B, 3, H, W] RGB in [0, 1], got {shape:?}")));
+        }
+        let leaf = leaf.to_kind(Kind::Float).detach().set_requires_grad(true);
+        let (b, h, w) = (shape[0] as usize, shape[2] as usize, shape[3] as usize);
+        let cpu = leaf.detach().to_device(tch::Device::Cpu).contiguous().flatten(0, -1);
+        let planes = Vec::<f32>::try_from(&cpu).map_err(|e| err::internal(format!("reading pixels: {e}")))?;
+        let ms = self.face_matrices(&planes, b, h, w)?;
+        let faces: Vec<(usize, align::Affine)> = ms.iter().enumerate().filter_map(|(i, m)| m.map(|m| (i, m))).collect();
+        let rows: Vec<i64> = faces.iter().map(|(i, _)| *i as i64).collect();
+        let emb = if faces.is_empty() {
+            None
+        } else {
+            let d = self.diff_recognizer()?;
+            Some(d.embed_faces(&leaf, &faces).map_err(|e| err::internal(format!("metric `{ID}` (tch path): {e}")))?)
+        };
+        let dim = match &emb {
+            Some(e) => e.size()[1] as usize,
+            None => self.pipeline.recognizer.dim.max(1),
+        };
+        let mut out = vec![0f32; b * dim];
+        let mut valid = vec![0u8; b];
+        if let Some(e) = &emb {
+            let v = Vec::<f32>::try_from(&e.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().flatten(0, -1))
+                .map_err(|e| err::internal(format!("reading embeddings: {e}")))?;
+            for (k, &r) in rows.iter().enumerate() {
+                out[r as usize * dim..(r as usize + 1) * dim].copy_from_slice(&v[k * dim..(k + 1) * dim]);
+                valid[r as usize] = 1;
+            }
+        }
+        self.pending = Some(Pending { pixels: leaf, rows, emb, dim: dim as i64 });
+        Ok(MetricOutput {
+            embeddings: CpuTensor::new(vec![b as i64, dim as i64], out).into_managed(),
+            valid: CpuTensor::new(vec![b as i64], valid).into_managed(),
+        })
+    }
+
+    /// `embed` on the ONNX Runtime path (what `Eval` runs).
+    fn embed_ort(&mut self, pixels: &TensorView) -> Result<MetricOutput> {
         let x = CpuTensor::<f32>::from_view(pixels, "pixels")?;
         if x.shape.len() != 4 || x.shape[1] != 3 {
             return Err(err::input(format!("metric `{ID}`: `pixels` must be [B, 3, H, W] RGB in [0, 1], got {:?}", x.shape)));
@@ -218,5 +331,62 @@ impl MetricPlugin for ArcFaceMetric {
             embeddings: CpuTensor::new(vec![b as i64, dim as i64], emb).into_managed(),
             valid: CpuTensor::new(vec![b as i64], valid).into_managed(),
         })
+    }
+}
+
+impl MetricPlugin for ArcFaceMetric {
+    fn descriptor() -> PluginDescriptor {
+        DescriptorBuilder::new(ID, PluginKind::Metric, env!("CARGO_PKG_VERSION"))
+            .summary("InsightFace ArcFace identity embedding (SCRFD detection, 5-point alignment, ArcFace recognizer; insightface 0.7.3 pipeline on ONNX Runtime; differentiable through the recognizer rebuilt in libtorch)")
+            .differentiable(true)
+            .devices(&[DeviceType::Cpu, DeviceType::Cuda])
+            .dtypes(&[DataType::F32])
+            .config_schema(schema())
+            .onnxruntime(likeness_sdk_onnx::ONNXRUNTIME_EXPECTED)
+            .build()
+    }
+
+    fn create(config_json: &str, device: Device, _seed: u64) -> Result<Self> {
+        let config: Config = parse_config(ID, config_json)?;
+        let pipeline = Pipeline::new(&config, device)?;
+        let files = pack::resolve(
+            &config.model_name,
+            config.model_root.as_deref(),
+            config.detector.as_deref(),
+            config.recognizer.as_deref(),
+        )
+        .map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
+        Ok(ArcFaceMetric { pipeline, config, recognizer_path: files.recognizer, device, diff: None, pending: None })
+    }
+
+    fn embed(&mut self, pixels: &TensorView, mode: ForwardMode) -> Result<MetricOutput> {
+        if mode == ForwardMode::Train && self.config.differentiable_backend == DiffBackend::Tch {
+            self.embed_train(pixels)
+        } else {
+            self.embed_ort(pixels)
+        }
+    }
+
+    fn backward(&mut self, d_embeddings: &TensorView) -> Result<likeness_sdk::abi::ManagedTensor> {
+        if self.config.differentiable_backend == DiffBackend::None {
+            return Err(err::unsupported(format!("metric `{ID}`: differentiable_backend is \"none\" (use \"tch\" for gradients)")));
+        }
+        let Some(p) = self.pending.as_ref() else {
+            return Err(PluginError::new(
+                ErrorCode::NoPendingForward,
+                format!("metric `{ID}`: backward without a pending embed(Train) (or called twice)"),
+            ));
+        };
+        let d = likeness_sdk_torch::view_to_tensor(d_embeddings)?;
+        let expect = vec![p.batch(), p.dim];
+        if d.size() != expect {
+            return Err(err::input(format!(
+                "metric `{ID}`: `d_embeddings` must have the embeddings' shape {expect:?}, got {:?}",
+                d.size()
+            )));
+        }
+        let p = self.pending.take().expect("checked above");
+        let dx = p.backward(&d).map_err(|e| err::internal(format!("metric `{ID}`: {e}")))?;
+        likeness_sdk_torch::tensor_to_managed(dx)
     }
 }

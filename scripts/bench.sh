@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The eval-faces bench: `host eval-faces --metric arcface` against insightface 0.7.3's Python
+# FaceAnalysis on the same generated buffalo_l ONNX files and the same images, in one run.
+#   scripts/bench.sh            (LIKENESS_BENCH_RUNS=N timed runs per side, default 3)
+# Needs the set-up (scripts/setup.sh: venv + data); builds and stages the plugins first.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+[[ -x "$LIKENESS_PYTHON" ]] || { log "error: $LIKENESS_PYTHON is missing: run bash scripts/setup.sh"; exit 1; }
+bash "$REPO/scripts/build.sh"
+cd "$REPO"
+export LIKENESS_DATA LIKENESS_PYTHON
+log "cargo bench -p likeness-plugin-arcface --bench eval_faces"
+cargo bench -p likeness-plugin-arcface --bench eval_faces "$@"
