@@ -181,6 +181,14 @@ impl Pipeline {
     /// Every face (`max_num` 0) or the `max_num` chosen ones, with embeddings for the first
     /// `max_embed`: `FaceAnalysis.get` on an interleaved RGB `u8` image.
     pub fn analyze(&mut self, rgb: &[u8], w: usize, h: usize, max_num: usize, max_embed: usize) -> Result<Vec<Face>> {
+        let (dets, crops) = self.detect_and_crop(rgb, w, h, max_num, max_embed)?;
+        let mut embs = self.recognizer.embed(&crops)?.into_iter();
+        Ok(dets.into_iter().map(|det| Face { det, embedding: embs.next() }).collect())
+    }
+
+    /// Detection and the aligned crops of the first `max_embed` faces, without recognition,
+    /// so that callers can recognise the crops of many images in one batch.
+    pub fn detect_and_crop(&mut self, rgb: &[u8], w: usize, h: usize, max_num: usize, max_embed: usize) -> Result<(Vec<Detection>, Vec<Vec<u8>>)> {
         let dets = self.detector.detect(rgb, w, h, max_num, self.choice)?;
         let s = self.recognizer.input_size;
         let mut crops = Vec::new();
@@ -191,8 +199,7 @@ impl Pipeline {
             let (crop, _) = align::norm_crop_u8(rgb, w, h, 3, kps, s, WarpKernel::default()).map_err(err::internal)?;
             crops.push(crop);
         }
-        let mut embs = self.recognizer.embed(&crops)?.into_iter();
-        Ok(dets.into_iter().map(|det| Face { det, embedding: embs.next() }).collect())
+        Ok((dets, crops))
     }
 }
 
@@ -312,12 +319,17 @@ impl ArcFaceMetric {
             return Err(err::input(format!("metric `{ID}`: `pixels` must be [B, 3, H, W] RGB in [0, 1], got {:?}", x.shape)));
         }
         let (b, h, w) = (x.shape[0] as usize, x.shape[2] as usize, x.shape[3] as usize);
-        let mut rows: Vec<Option<Vec<f32>>> = Vec::with_capacity(b);
+        // Detect and crop per image, then recognise every crop of the batch in one call.
+        let mut crops = Vec::with_capacity(b);
+        let mut has_face = Vec::with_capacity(b);
         for i in 0..b {
             let rgb = to_rgb_u8(&x.data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w);
-            let faces = self.pipeline.analyze(&rgb, w, h, 1, 1)?;
-            rows.push(faces.into_iter().next().and_then(|f| f.embedding));
+            let (_, c) = self.pipeline.detect_and_crop(&rgb, w, h, 1, 1)?;
+            has_face.push(!c.is_empty());
+            crops.extend(c);
         }
+        let mut embs = self.pipeline.recognizer.embed(&crops)?.into_iter();
+        let rows: Vec<Option<Vec<f32>>> = has_face.iter().map(|&f| if f { embs.next() } else { None }).collect();
         let dim = rows.iter().flatten().map(|r| r.len()).next().unwrap_or(self.pipeline.recognizer.dim.max(1));
         let mut emb = vec![0f32; b * dim];
         let mut valid = vec![0u8; b];
