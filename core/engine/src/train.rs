@@ -393,7 +393,7 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
         tracing::debug!(step, loss = loss_sum, lr, grad_norm = report.grad_norm, "step");
 
         let last = step == total_steps;
-        if (epoch_done && state.epoch % t.validate_every_epochs.max(1) == 0) || last {
+        if (epoch_done && state.epoch.is_multiple_of(t.validate_every_epochs.max(1))) || last {
             if let Some(v) = validate(&mut parts, &ds, bs, size, &mut cache, cfg)? {
                 record_validation(&mut log, step, state.epoch, &v, &mut val_pts, &mut id_pts)?;
                 state.last_val_loss = Some(v.loss);
@@ -424,7 +424,7 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
                 )?;
             }
         }
-        if (t.save_every > 0 && step % t.save_every == 0) || last {
+        if (t.save_every > 0 && step.is_multiple_of(t.save_every)) || last {
             write_checkpoint(&mut parts.model, &lay.checkpoints.join(format!("step-{step:08}")), true, &state)?;
             prune_checkpoints(&lay.checkpoints, t.keep_checkpoints);
         }
