@@ -1,24 +1,6 @@
-//! Makes the plugin find libtorch at dlopen time with no environment variables.
-//!
-//! torch-sys (`links = "tch"`) exports the libtorch it linked as `DEP_TCH_LIBTORCH_LIB`; only
-//! direct dependents see it, hence the direct `torch-sys` dependency. We bake that directory
-//! into the library's rpath and force `libtorch.so` to be a `NEEDED` entry: without
-//! `--no-as-needed`, the linker drops `libtorch.so` (and with it `libtorch_cuda.so`) because no
-//! symbol of ours references it directly, and CUDA is then silently unavailable.
-//! `cargo:rustc-link-arg` applies to every linked target of this package (the cdylib and the
-//! test binaries alike).
+// Finds libtorch at dlopen time with no environment variables: see the shared file.
+include!("../../core/sdk-torch/build_support/rpath.rs");
+
 fn main() {
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    println!("cargo:rerun-if-changed=build.rs");
-    match std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        Ok(lib) => {
-            println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-            println!("cargo:rustc-link-arg=-L{lib}");
-            println!("cargo:rustc-link-arg=-ltorch");
-        }
-        Err(_) => println!(
-            "cargo:warning=DEP_TCH_LIBTORCH_LIB is not set: the plugin will need LD_LIBRARY_PATH to find libtorch"
-        ),
-    }
+    link_libtorch_with_rpath()
 }
