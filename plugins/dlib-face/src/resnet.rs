@@ -177,6 +177,39 @@ impl FaceNet {
         Self::from_bytes(&b).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// The same network with its weights on `device` (forward runs where its input is).
+    pub fn to_device(self, device: tch::Device) -> Self {
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|l| match l {
+                Layer::Con {
+                    weight,
+                    bias,
+                    stride,
+                    padding,
+                } => Layer::Con {
+                    weight: weight.to_device(device),
+                    bias: bias.to_device(device),
+                    stride,
+                    padding,
+                },
+                Layer::Affine { gamma, beta } => Layer::Affine {
+                    gamma: gamma.to_device(device),
+                    beta: beta.to_device(device),
+                },
+                Layer::Fc { weight } => Layer::Fc {
+                    weight: weight.to_device(device),
+                },
+                other => other,
+            })
+            .collect();
+        FaceNet {
+            avg_rgb: self.avg_rgb,
+            layers,
+        }
+    }
+
     /// dlib's input layer: `(pixel − avg) / 256` per channel, from 8-bit RGB HWC chips
     /// (N×H×W×3, values 0..255 as float) to N×3×H×W.
     pub fn normalize(&self, chips_hwc: &Tensor) -> Tensor {

@@ -163,3 +163,260 @@ fn resnet_on_dlib_chips_matches_dlib() {
     }
     assert!(worst <= 1e-3, "max L2 {worst}");
 }
+
+fn l2(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Our alignment (chip.rs) vs dlib.get_face_chip on dlib's own landmarks, then the full
+/// path photo → our landmarks (dlib's rects) → our chip → our ResNet vs dlib's descriptor.
+#[test]
+fn chips_and_full_path_match_dlib() {
+    use likeness_plugin_dlib_face::chip::get_face_chip;
+    use likeness_plugin_dlib_face::resnet::FaceNet;
+    let o = oracle();
+    let sp = ShapePredictor::from_file(std::path::Path::new(
+        o.json["models"]["shape_predictor"].as_str().unwrap(),
+    ))
+    .unwrap();
+    let net = FaceNet::from_file(std::path::Path::new(
+        o.json["models"]["recognizer"].as_str().unwrap(),
+    ))
+    .unwrap();
+    let _g = tch::no_grad_guard();
+    let (mut worst_px, mut sum_px, mut n_px, mut n_off) = (0i32, 0f64, 0usize, 0usize);
+    let mut worst_l2 = 0f64;
+    let mut descs = Vec::new();
+    for im in o.json["images"].as_array().unwrap() {
+        let name = im["name"].as_str().unwrap();
+        let (w, h) = (
+            im["width"].as_u64().unwrap() as usize,
+            im["height"].as_u64().unwrap() as usize,
+        );
+        let data = std::fs::read(o.dir.path().join(format!("{name}.rgb"))).unwrap();
+        let img = RgbImage {
+            width: w,
+            height: h,
+            data: &data,
+        };
+        for (i, f) in im["faces"].as_array().unwrap().iter().enumerate() {
+            let theirs_lm: Vec<[i64; 2]> = f["landmarks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| [p[0].as_i64().unwrap(), p[1].as_i64().unwrap()])
+                .collect();
+            let dchip = std::fs::read(o.dir.path().join(format!("{name}_{i}.chip.rgb"))).unwrap();
+            let ours = get_face_chip(&img, &theirs_lm, 150, 0.25);
+            assert_eq!(ours.data.len(), dchip.len());
+            let (mut mx, mut s, mut off) = (0i32, 0f64, 0usize);
+            for (a, b) in ours.data.iter().zip(&dchip) {
+                let d = (*a as i32 - *b as i32).abs();
+                mx = mx.max(d);
+                s += d as f64;
+                off += (d != 0) as usize;
+            }
+            eprintln!(
+                "{name}#{i} chip: max |ours − dlib| = {mx}, mean = {:.5}, {off}/{} values differ",
+                s / dchip.len() as f64,
+                dchip.len()
+            );
+            worst_px = worst_px.max(mx);
+            sum_px += s;
+            n_px += dchip.len();
+            n_off += off;
+
+            // Full path from the detector rectangle.
+            let r: Vec<i64> = f["rect"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            let lm = sp.predict(
+                &img,
+                Rect {
+                    left: r[0],
+                    top: r[1],
+                    right: r[2],
+                    bottom: r[3],
+                },
+            );
+            let chip = get_face_chip(&img, &lm, 150, 0.25);
+            let t = tch::Tensor::from_slice(&chip.data).reshape([1, 150, 150, 3]);
+            let d = net.forward(&net.normalize(&t)).to_kind(tch::Kind::Double);
+            let ours: Vec<f64> = Vec::<f64>::try_from(d.flatten(0, -1)).unwrap();
+            let theirs: Vec<f64> = f["descriptor"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let e = l2(&ours, &theirs);
+            eprintln!("{name}#{i} full path: L2(ours, dlib) = {e:e}");
+            worst_l2 = worst_l2.max(e);
+            descs.push((name.to_string(), ours));
+        }
+    }
+    eprintln!(
+        "chips: max |Δ| = {worst_px}, mean |Δ| = {:.6}, {n_off}/{n_px} values differ; full path max L2 = {worst_l2:e}",
+        sum_px / n_px as f64
+    );
+    for i in 0..descs.len() {
+        for j in i + 1..descs.len() {
+            let d = l2(&descs[i].1, &descs[j].1);
+            let genuine = descs[i].0.starts_with("obama") && descs[j].0.starts_with("obama");
+            eprintln!(
+                "full path {} vs {}: {d:.4} ({})",
+                descs[i].0,
+                descs[j].0,
+                if genuine { "genuine" } else { "impostor" }
+            );
+            assert!(
+                if genuine { d < 0.6 } else { d > 0.6 },
+                "{} vs {}: {d}",
+                descs[i].0,
+                descs[j].0
+            );
+        }
+    }
+    assert!(
+        worst_px <= 1,
+        "chip differs from dlib's by {worst_px} grey levels"
+    );
+    assert!(worst_l2 <= 1e-3, "full path max L2 {worst_l2}");
+}
+
+/// The exported `dlib` metric through its root module, on each photo cropped around dlib's
+/// detector rectangle (the `full-image` strategy: the crop is the face rectangle).
+#[test]
+fn exported_metric_on_face_crops() {
+    use likeness_sdk::abi::MetricPluginModRef;
+    use likeness_sdk::abi_stable::std_types::RStr;
+    use likeness_sdk::{CpuTensor, Device, ErrorCode, ForwardMode};
+    let o = oracle();
+    let m: MetricPluginModRef = likeness_plugin_dlib_face::__likeness_root_module();
+    let desc = m.descriptor()();
+    assert!(!desc.capabilities.differentiable);
+    let md = std::path::Path::new(o.json["models"]["recognizer"].as_str().unwrap())
+        .parent()
+        .unwrap();
+    // A missing file names itself, where it looked and the PyPI package.
+    let bad = serde_json::json!({"model_dir": "/nonexistent-dlib-models"}).to_string();
+    let e = m.create()(RStr::from(bad.as_str()), Device::CPU, 0).unwrap_err();
+    assert!(
+        e.message.contains("shape_predictor_5_face_landmarks.dat")
+            && e.message.contains("/nonexistent-dlib-models")
+            && e.message.contains("face-recognition-models"),
+        "{}",
+        e.message
+    );
+    let cfg = serde_json::json!({"model_dir": md}).to_string();
+    let h = m.create()(RStr::from(cfg.as_str()), Device::CPU, 0).unwrap();
+    // (margin as a fraction of the rect's side, per-photo embeddings and dlib's raw descriptors)
+    for margin in [0.0f64, 0.25] {
+        let mut embs: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+        for im in o.json["images"].as_array().unwrap() {
+            let name = im["name"].as_str().unwrap();
+            let (w, hh) = (
+                im["width"].as_i64().unwrap(),
+                im["height"].as_i64().unwrap(),
+            );
+            let data = std::fs::read(o.dir.path().join(format!("{name}.rgb"))).unwrap();
+            let f = &im["faces"][0];
+            let r: Vec<i64> = f["rect"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            let g = ((r[2] - r[0] + 1) as f64 * margin).round() as i64;
+            let (l, t) = ((r[0] - g).max(0), (r[1] - g).max(0));
+            let (rr, b) = ((r[2] + g).min(w - 1), (r[3] + g).min(hh - 1));
+            let (cw, ch) = ((rr - l + 1) as usize, (b - t + 1) as usize);
+            let mut planes = vec![0f32; 3 * cw * ch];
+            for y in 0..ch {
+                for x in 0..cw {
+                    for c in 0..3 {
+                        let v = data[(((t as usize + y) * w as usize) + l as usize + x) * 3 + c];
+                        planes[c * cw * ch + y * cw + x] = v as f32 / 255.0;
+                    }
+                }
+            }
+            let px = CpuTensor::new(vec![1, 3, ch as i64, cw as i64], planes);
+            let out = m.embed()(h, px.view(), ForwardMode::Eval).unwrap();
+            assert_eq!(
+                CpuTensor::<u8>::from_managed(&out.valid, "v").unwrap().data,
+                vec![1]
+            );
+            let e = CpuTensor::<f32>::from_managed(&out.embeddings, "e").unwrap();
+            assert_eq!(e.shape, vec![1, 128]);
+            let e: Vec<f64> = e.data.iter().map(|v| *v as f64).collect();
+            let n = e.iter().map(|v| v * v).sum::<f64>().sqrt();
+            assert!((n - 1.0).abs() < 1e-5, "norm {n}");
+            let raw: Vec<f64> = f["descriptor"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let rn = raw.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let cos_dlib: f64 = e.iter().zip(&raw).map(|(a, b)| a * b).sum::<f64>() / rn;
+            eprintln!("margin {margin}: {name} crop {cw}x{ch}: cos(ours, dlib's descriptor of the full photo) = {cos_dlib:.5}");
+            embs.push((name.to_string(), e, raw));
+        }
+        let (mut min_gen, mut max_imp) = (f64::MAX, f64::MIN);
+        for i in 0..embs.len() {
+            for j in i + 1..embs.len() {
+                let cos: f64 = embs[i].1.iter().zip(&embs[j].1).map(|(a, b)| a * b).sum();
+                let raw = l2(&embs[i].2, &embs[j].2);
+                let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let cos_raw = embs[i]
+                    .2
+                    .iter()
+                    .zip(&embs[j].2)
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>()
+                    / (norm(&embs[i].2) * norm(&embs[j].2));
+                let genuine = embs[i].0.starts_with("obama") && embs[j].0.starts_with("obama");
+                eprintln!(
+                    "margin {margin}: {} vs {}: cosine {cos:.4} (dlib on the full photo: cosine {cos_raw:.4}, raw L2 {raw:.4}, {})",
+                    embs[i].0,
+                    embs[j].0,
+                    if genuine { "genuine" } else { "impostor" }
+                );
+                if genuine {
+                    min_gen = min_gen.min(cos);
+                } else {
+                    max_imp = max_imp.max(cos);
+                }
+            }
+        }
+        eprintln!(
+            "margin {margin}: min genuine cosine {min_gen:.4} > max impostor cosine {max_imp:.4}"
+        );
+        assert!(
+            min_gen > max_imp,
+            "margin {margin}: genuine {min_gen} vs impostor {max_imp}"
+        );
+    }
+    // A batch of two images of one size works too; backward is unsupported.
+    let px = CpuTensor::new(vec![2, 3, 40, 40], vec![0.5f32; 2 * 3 * 40 * 40]);
+    let out = m.embed()(h, px.view(), ForwardMode::Train).unwrap();
+    assert_eq!(
+        CpuTensor::<f32>::from_managed(&out.embeddings, "e")
+            .unwrap()
+            .shape,
+        vec![2, 128]
+    );
+    let g = CpuTensor::new(vec![2, 128], vec![0f32; 256]);
+    assert_eq!(
+        m.backward()(h, g.view()).unwrap_err().code,
+        ErrorCode::Unsupported
+    );
+    m.destroy()(h);
+}

