@@ -27,6 +27,7 @@ pub use serde_json;
 
 pub mod descriptor;
 pub mod guard;
+pub mod image;
 pub mod inputs;
 pub mod plugin;
 pub mod st;

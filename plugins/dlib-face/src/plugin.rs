@@ -143,17 +143,8 @@ pub fn resolve(
     ))
 }
 
-/// `[0, 1]` float RGB planes → interleaved `u8` (`round(255·x)`, clamped).
-pub fn to_rgb_u8(planes: &[f32], h: usize, w: usize) -> Vec<u8> {
-    let plane = h * w;
-    let mut out = vec![0u8; plane * 3];
-    for p in 0..plane {
-        for c in 0..3 {
-            out[p * 3 + c] = (planes[c * plane + p] * 255.0).round().clamp(0.0, 255.0) as u8;
-        }
-    }
-    out
-}
+/// `[0, 1]` float RGB planes → interleaved `u8` RGB (`round(255·x)`, clamped).
+pub use likeness_sdk::image::chw_to_rgb_u8 as to_rgb_u8;
 
 /// The `dlib` metric.
 pub struct DlibMetric {
