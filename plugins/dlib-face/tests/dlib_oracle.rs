@@ -301,7 +301,7 @@ fn exported_metric_on_face_crops() {
     let o = oracle();
     let m: MetricPluginModRef = likeness_plugin_dlib_face::__likeness_root_module();
     let desc = m.descriptor()();
-    assert!(!desc.capabilities.differentiable);
+    assert!(desc.capabilities.differentiable);
     let md = std::path::Path::new(o.json["models"]["recognizer"].as_str().unwrap())
         .parent()
         .unwrap();
@@ -355,6 +355,13 @@ fn exported_metric_on_face_crops() {
             );
             let e = CpuTensor::<f32>::from_managed(&out.embeddings, "e").unwrap();
             assert_eq!(e.shape, vec![1, 128]);
+            // Train (tch graph, float chip) vs Eval (dlib's u8 chip).
+            let tr = m.embed()(h, px.view(), ForwardMode::Train).unwrap();
+            assert_eq!(CpuTensor::<u8>::from_managed(&tr.valid, "v").unwrap().data, vec![1]);
+            let te = CpuTensor::<f32>::from_managed(&tr.embeddings, "e").unwrap();
+            let cos_te: f64 = te.data.iter().zip(&e.data).map(|(a, b)| *a as f64 * *b as f64).sum();
+            eprintln!("margin {margin}: {name} crop {cw}x{ch}: cos(Train, Eval) = {cos_te:.6}");
+            assert!(cos_te >= 0.999, "Train vs Eval cosine {cos_te}");
             let e: Vec<f64> = e.data.iter().map(|v| *v as f64).collect();
             let n = e.iter().map(|v| v * v).sum::<f64>().sqrt();
             assert!((n - 1.0).abs() < 1e-5, "norm {n}");
@@ -404,7 +411,9 @@ fn exported_metric_on_face_crops() {
             "margin {margin}: genuine {min_gen} vs impostor {max_imp}"
         );
     }
-    // A batch of two images of one size works too; backward is unsupported.
+    // A batch of two images of one size works too (the new Train embed replaces the pending
+    // one of the loop); a wrong-shaped `d_embeddings` keeps it pending; backward consumes it.
+    let g = CpuTensor::new(vec![2, 128], vec![0.1f32; 256]);
     let px = CpuTensor::new(vec![2, 3, 40, 40], vec![0.5f32; 2 * 3 * 40 * 40]);
     let out = m.embed()(h, px.view(), ForwardMode::Train).unwrap();
     assert_eq!(
@@ -413,10 +422,87 @@ fn exported_metric_on_face_crops() {
             .shape,
         vec![2, 128]
     );
-    let g = CpuTensor::new(vec![2, 128], vec![0f32; 256]);
+    let wrong = CpuTensor::new(vec![2, 5], vec![0.1f32; 10]);
+    assert_eq!(m.backward()(h, wrong.view()).unwrap_err().code, ErrorCode::InvalidInput);
+    let dx = m.backward()(h, g.view()).unwrap();
+    assert_eq!(CpuTensor::<f32>::from_managed(&dx, "dx").unwrap().shape, vec![2, 3, 40, 40]);
     assert_eq!(
         m.backward()(h, g.view()).unwrap_err().code,
-        ErrorCode::Unsupported
+        ErrorCode::NoPendingForward
     );
+    m.destroy()(h);
+}
+
+fn weights(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+/// `backward` through the exported module vs a central finite difference of
+/// L = Σ w·emb (f32 embeddings of `embed(Train)`) along a random ±1 direction over every pixel,
+/// on obama's face crop (25 % margin) plus obama2's resized to the same size by cropping.
+/// Step 0.05/255: the pixels are multiples of 1/255, so the `u8` image (and the landmarks) do
+/// not move.
+#[test]
+fn backward_matches_finite_differences_through_the_abi() {
+    use likeness_sdk::abi::MetricPluginModRef;
+    use likeness_sdk::abi_stable::std_types::RStr;
+    use likeness_sdk::{CpuTensor, Device, ErrorCode, ForwardMode};
+    let o = oracle();
+    let m: MetricPluginModRef = likeness_plugin_dlib_face::__likeness_root_module();
+    let md = std::path::Path::new(o.json["models"]["recognizer"].as_str().unwrap())
+        .parent()
+        .unwrap();
+    let cfg = serde_json::json!({"model_dir": md}).to_string();
+    let h = m.create()(RStr::from(cfg.as_str()), Device::CPU, 0).unwrap();
+    let im = &o.json["images"][0];
+    let name = im["name"].as_str().unwrap();
+    let (w, hh) = (im["width"].as_i64().unwrap(), im["height"].as_i64().unwrap());
+    let data = std::fs::read(o.dir.path().join(format!("{name}.rgb"))).unwrap();
+    let r: Vec<i64> = im["faces"][0]["rect"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let g = ((r[2] - r[0] + 1) as f64 * 0.25).round() as i64;
+    let (l, t) = ((r[0] - g).max(0), (r[1] - g).max(0));
+    let (rr, b) = ((r[2] + g).min(w - 1), (r[3] + g).min(hh - 1));
+    let (cw, ch) = ((rr - l + 1) as usize, (b - t + 1) as usize);
+    let mut planes = vec![0f32; 3 * cw * ch];
+    for y in 0..ch {
+        for x in 0..cw {
+            for c in 0..3 {
+                let v = data[(((t as usize + y) * w as usize) + l as usize + x) * 3 + c];
+                planes[c * cw * ch + y * cw + x] = v as f32 / 255.0;
+            }
+        }
+    }
+    let shape = vec![1, 3, ch as i64, cw as i64];
+    let wts = weights(128, 7);
+    let gw = CpuTensor::new(vec![1, 128], wts.clone());
+    assert_eq!(m.backward()(h, gw.view()).unwrap_err().code, ErrorCode::NoPendingForward);
+    let px = CpuTensor::new(shape.clone(), planes.clone());
+    let out = m.embed()(h, px.view(), ForwardMode::Train).unwrap();
+    assert_eq!(CpuTensor::<u8>::from_managed(&out.valid, "v").unwrap().data, vec![1]);
+    let dx = CpuTensor::<f32>::from_managed(&m.backward()(h, gw.view()).unwrap(), "dx").unwrap();
+    assert_eq!(dx.shape, shape);
+    assert!(dx.data.iter().any(|&v| v != 0.0) && dx.data.iter().all(|v| v.is_finite()));
+    assert_eq!(m.backward()(h, gw.view()).unwrap_err().code, ErrorCode::NoPendingForward);
+    let loss = |xs: &[f32]| -> f64 {
+        let t = CpuTensor::new(shape.clone(), xs.to_vec());
+        let o = m.embed()(h, t.view(), ForwardMode::Train).unwrap();
+        let e = CpuTensor::<f32>::from_managed(&o.embeddings, "e").unwrap();
+        e.data.iter().zip(&wts).map(|(a, b)| *a as f64 * *b as f64).sum()
+    };
+    let step = 0.05f32 / 255.0;
+    let dir: Vec<f32> = weights(planes.len(), 11).into_iter().map(|v| if v >= 0.0 { 1.0 } else { -1.0 }).collect();
+    let plus: Vec<f32> = planes.iter().zip(&dir).map(|(a, v)| a + step * v).collect();
+    let minus: Vec<f32> = planes.iter().zip(&dir).map(|(a, v)| a - step * v).collect();
+    let pred: f64 = dx.data.iter().zip(plus.iter().zip(&minus)).map(|(g, (p, q))| *g as f64 * (*p as f64 - *q as f64)).sum();
+    let fd = loss(&plus) - loss(&minus);
+    let rel = (fd - pred).abs() / pred.abs();
+    eprintln!("dlib ABI (f32) backward vs FD along a ±1 direction (step 0.05/255, {name} {cw}x{ch}): ΔL {fd:+.6e}, predicted {pred:+.6e}, rel err {rel:.3e}");
+    assert!(rel <= 1e-2, "directional FD {fd:e} vs backward {pred:e}");
     m.destroy()(h);
 }
