@@ -222,9 +222,18 @@ pub fn pyramid_down2(src: &Rgb) -> Rgb {
     }
 }
 
-/// `extract_image_chip(img, location, chip)` with `interpolate_bilinear` (the rotated/scaled
-/// path; dlib's exact-copy fast path for axis-aligned unscaled chips is not needed here).
-pub fn extract_image_chip(img: &RgbImage, loc: &ChipDetails) -> Rgb {
+/// What both samplers take from dlib's `extract_image_chips` before sampling: the pyramid
+/// depth and the source bounding box (`grow_rect` of the rotated chip rectangle, intersected
+/// with the image, then `lround`).
+struct SourceBox {
+    depth: usize,
+    l: i64,
+    t: i64,
+    r: i64,
+    b: i64,
+}
+
+fn source_box(loc: &ChipDetails, width: usize, height: usize) -> SourceBox {
     let chip_size = (loc.rows * loc.cols) as f64;
     let mut depth = 0usize;
     let mut grow = 2.0;
@@ -243,11 +252,20 @@ pub fn extract_image_chip(img: &RgbImage, loc: &ChipDetails) -> Rgb {
         r = r.max(q[0]);
         b = b.max(q[1]);
     }
-    // grow_rect(rot_rect, grow).intersect(get_rect(img)), then rectangle's lround.
-    let bl = (l - grow).max(0.0).round() as i64;
-    let bt = (t - grow).max(0.0).round() as i64;
-    let br = (r + grow).min(img.width as f64 - 1.0).round() as i64;
-    let bb = (b + grow).min(img.height as f64 - 1.0).round() as i64;
+    SourceBox {
+        depth,
+        l: (l - grow).max(0.0).round() as i64,
+        t: (t - grow).max(0.0).round() as i64,
+        r: (r + grow).min(width as f64 - 1.0).round() as i64,
+        b: (b + grow).min(height as f64 - 1.0).round() as i64,
+    }
+}
+
+/// `extract_image_chip(img, location, chip)` with `interpolate_bilinear` (the rotated/scaled
+/// path; dlib's exact-copy fast path for axis-aligned unscaled chips is not needed here).
+pub fn extract_image_chip(img: &RgbImage, loc: &ChipDetails) -> Rgb {
+    let chip_size = (loc.rows * loc.cols) as f64;
+    let SourceBox { depth, l: bl, t: bt, r: br, b: bb } = source_box(loc, img.width, img.height);
     let (bw, bh) = ((br - bl + 1).max(0) as usize, (bb - bt + 1).max(0) as usize);
     let mut sub = Rgb {
         width: bw,
@@ -344,25 +362,7 @@ pub fn extract_image_chip_tch(img: &tch::Tensor, loc: &ChipDetails) -> Result<tc
     let kind = img.kind();
     let dev = img.device();
     let chip_size = (loc.rows * loc.cols) as f64;
-    let mut grow = 2.0;
-    let mut rect = rect_down(loc.rect);
-    while rect.area() > chip_size {
-        rect = rect_down(rect);
-        grow = grow * 2.0 + 2.0;
-    }
-    let cent = loc.rect.center();
-    let (mut l, mut t, mut r, mut b) = (f64::MAX, f64::MAX, f64::MIN, f64::MIN);
-    for p in loc.rect.corners() {
-        let q = rotate_point(cent, p, loc.angle);
-        l = l.min(q[0]);
-        t = t.min(q[1]);
-        r = r.max(q[0]);
-        b = b.max(q[1]);
-    }
-    let bl = (l - grow).max(0.0).round() as i64;
-    let bt = (t - grow).max(0.0).round() as i64;
-    let br = (r + grow).min(width as f64 - 1.0).round() as i64;
-    let bb = (b + grow).min(height as f64 - 1.0).round() as i64;
+    let SourceBox { l: bl, t: bt, r: br, b: bb, .. } = source_box(loc, width, height);
     let (bw, bh) = ((br - bl + 1).max(0), (bb - bt + 1).max(0));
     let zeros = || Tensor::zeros([3, loc.rows as i64, loc.cols as i64], (kind, dev));
     if bw == 0 || bh == 0 {
