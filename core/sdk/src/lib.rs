@@ -31,6 +31,7 @@ pub mod image;
 pub mod inputs;
 pub mod plugin;
 pub mod st;
+pub mod testing;
 
 pub use likeness_abi::cpu;
 pub use likeness_abi::CpuTensor;

@@ -421,16 +421,7 @@ mod tests {
 
     /// Deterministic normal-ish numbers (sum of uniforms, SplitMix64).
     fn noise(seed: u64, n: usize) -> Vec<f64> {
-        let mut s = seed;
-        let mut u = move || {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f64 / (1u64 << 53) as f64
-        };
-        (0..n).map(|_| (0..4).map(|_| u()).sum::<f64>() - 2.0).collect()
+        likeness_sdk::testing::uniform(seed, 4 * n).chunks(4).map(|c| c.iter().sum::<f64>() - 2.0).collect()
     }
 
     /// References that are noisy copies of the embeddings, with a per-row noise level so that

@@ -391,20 +391,7 @@ likeness_sdk::export_loss_plugin!(PixelLoss);
 mod tests {
     use super::*;
 
-    /// Deterministic uniform numbers in [0, 1) (SplitMix64).
-    fn uniform(seed: u64, n: usize) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                (z >> 11) as f64 / (1u64 << 53) as f64
-            })
-            .collect()
-    }
+    use likeness_sdk::testing::uniform;
 
     /// A prediction near the target (so SSIM is far from 0), kept away from |p − t| ≈ 0 so the
     /// L1 kink does not sit inside a finite-difference step.
