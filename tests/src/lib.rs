@@ -1,8 +1,19 @@
 //! Test harness: temporary directories, the real `host` binary, the reference Python venv.
 //!
-//! Heavy set-up (building plugins, the venv) is done by `scripts/test.sh` before `cargo test`
-//! runs; the harness only finds what it built and fails with a message saying which script
-//! to run when something is missing.
+//! Heavy set-up (building plugins, the venv, the data) is done by `scripts/test.sh` before
+//! `cargo test` runs; the harness only finds what it built. A test that needs it starts with
+//! the `*_or_skip` functions below, e.g.
+//!
+//! ```text
+//! const T: &str = "issue_2_grad_accumulation_matches_the_full_batch";
+//! let (Some(()), Some(_)) = (built_or_skip(T), demo_bundles_or_skip(T)) else { return };
+//! ```
+//!
+//! Under a plain `cargo test` a missing piece prints
+//! `skipped: <test> needs LIKENESS_PYTHON (run scripts/test.sh)` to stderr and the test returns;
+//! with `CI` set the same sentence is a panic (`likeness_sdk::testing`, shared with the plugin
+//! tests). The accessors without `_or_skip` (`data_dir`, `demo_bundles`, `require_python`,
+//! `run_python`, `host_bin`) panic with that advice: call them after the check.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -31,19 +42,61 @@ pub fn staged_plugins() -> PathBuf {
     profile_dir().join("plugins")
 }
 
+/// The staged test fixtures (`scripts/build.sh` fills `target/release/test-plugins`).
+pub fn staged_test_plugins() -> PathBuf {
+    profile_dir().join("test-plugins")
+}
+
+pub use likeness_sdk::testing::{ci, skip};
+
+/// The reference Python (`LIKENESS_PYTHON`, the venv of scripts/setup.sh), or `None` after
+/// `skipped: <test> needs LIKENESS_PYTHON (run scripts/test.sh)` (a panic when `CI` is set).
+#[track_caller]
+pub fn python_or_skip(test: &str) -> Option<PathBuf> {
+    likeness_sdk::testing::python_or_skip(test)
+}
+
+/// The data root of scripts/setup.sh (`LIKENESS_DATA`), or `None` after a `skipped:` line (a
+/// panic when `CI` is set).
+#[track_caller]
+pub fn data_or_skip(test: &str) -> Option<PathBuf> {
+    likeness_sdk::testing::data_or_skip(test)
+}
+
+/// `$LIKENESS_DATA/demo-bundles`, or `None` after a `skipped:` line (a panic when `CI` is set).
+#[track_caller]
+pub fn demo_bundles_or_skip(test: &str) -> Option<PathBuf> {
+    likeness_sdk::testing::data_path_or_skip(test, "demo-bundles")
+}
+
+/// What `scripts/build.sh` leaves in `target/release`: the `host` binary, the staged plugins
+/// and the staged fixtures; or `None` after a `skipped:` line (a panic when `CI` is set).
+#[track_caller]
+pub fn built_or_skip(test: &str) -> Option<()> {
+    let what = "the host and the plugins staged by scripts/build.sh";
+    likeness_sdk::testing::path_or_skip(test, &profile_dir().join("host"), what)?;
+    likeness_sdk::testing::path_or_skip(test, &staged_plugins(), what)?;
+    likeness_sdk::testing::path_or_skip(test, &staged_test_plugins(), what)?;
+    Some(())
+}
+
 /// The reference Python (venv with torch etc.), from `LIKENESS_PYTHON` (set by scripts/test.sh).
 pub fn python() -> Option<PathBuf> {
     std::env::var_os("LIKENESS_PYTHON").map(PathBuf::from).filter(|p| p.exists())
 }
 
-/// Python or a panic that says how to get it.
+/// Python or a panic that says how to get it (a test checks [`python_or_skip`] first).
 pub fn require_python() -> PathBuf {
-    python().expect("LIKENESS_PYTHON is not set: run the tests through scripts/test.sh, which creates the reference venv")
+    python()
+        .expect("LIKENESS_PYTHON is not set: run the tests through scripts/test.sh, which creates the reference venv")
 }
 
-/// Demo / test data root prepared by scripts/setup.sh (`LIKENESS_DATA`).
+/// Demo / test data root prepared by scripts/setup.sh (`LIKENESS_DATA`; a test checks
+/// [`data_or_skip`] or [`demo_bundles_or_skip`] first).
 pub fn data_dir() -> PathBuf {
-    let p = PathBuf::from(std::env::var("LIKENESS_DATA").expect("LIKENESS_DATA is not set: run the tests through scripts/test.sh"));
+    let p = PathBuf::from(
+        std::env::var("LIKENESS_DATA").expect("LIKENESS_DATA is not set: run the tests through scripts/test.sh"),
+    );
     assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
     p
 }
@@ -209,7 +262,12 @@ pub fn tiny_train_args(output: &Path, steps: u64) -> Vec<String> {
         "4".into(),
         "--no-progress".into(),
     ];
-    for s in ["model.config.image_size=32", "data.image_size=32", "model.config.base_channels=8", "model.config.latent_dim=16"] {
+    for s in [
+        "model.config.image_size=32",
+        "data.image_size=32",
+        "model.config.base_channels=8",
+        "model.config.latent_dim=16",
+    ] {
         v.push("--set".into());
         v.push(s.into());
     }

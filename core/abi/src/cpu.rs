@@ -71,11 +71,7 @@ impl<T: Element> CpuTensor<T> {
             return Err(input_error(format!("`{what}` is on {}, expected cpu", view.device)));
         }
         if view.dtype != T::DTYPE {
-            return Err(input_error(format!(
-                "`{what}` has dtype {}, expected {}",
-                view.dtype.name(),
-                T::DTYPE.name()
-            )));
+            return Err(input_error(format!("`{what}` has dtype {}, expected {}", view.dtype.name(), T::DTYPE.name())));
         }
         // SAFETY: the view is valid for the duration of the call that handed it to us.
         unsafe {
@@ -109,17 +105,53 @@ impl<T: Element> CpuTensor<T> {
     pub fn into_managed(self) -> ManagedTensor {
         let boxed = Box::new(self);
         let view = boxed.view();
-        ManagedTensor {
-            view,
-            manager_ctx: Box::into_raw(boxed) as *mut c_void,
-            deleter: Some(delete_cpu_tensor::<T>),
-        }
+        ManagedTensor { view, manager_ctx: Box::into_raw(boxed) as *mut c_void, deleter: Some(delete_cpu_tensor::<T>) }
     }
 
     /// Copies an owned tensor (from another plugin, say).
     pub fn from_managed(t: &ManagedTensor, what: &str) -> Result<Self, PluginError> {
         Self::from_view(&t.view, what)
     }
+}
+
+/// A copy of a borrowed f32 view multiplied by `scale` (the CPU fallback of the 1.1
+/// `*_scaled` calls).
+pub fn scaled_copy(view: &TensorView, scale: f64, what: &str) -> Result<CpuTensor<f32>, PluginError> {
+    let mut t = CpuTensor::<f32>::from_view(view, what)?;
+    if scale != 1.0 {
+        let k = scale as f32;
+        t.data.iter_mut().for_each(|x| *x *= k);
+    }
+    Ok(t)
+}
+
+/// An owned f32 tensor multiplied by `scale`, on the CPU (returned unchanged when `scale` is 1).
+pub fn scale_managed(t: ManagedTensor, scale: f64, what: &str) -> Result<ManagedTensor, PluginError> {
+    if scale == 1.0 {
+        return Ok(t);
+    }
+    Ok(scaled_copy(&t.view, scale, what)?.into_managed())
+}
+
+/// Σ scale·grad per name, on the CPU; names keep their first-seen order. The CPU fallback of
+/// `backward_scaled` (ABI 1.1) for plugins and hosts alike.
+pub fn sum_scaled(grads: &[crate::ScaledView<'_>]) -> Result<Vec<(String, CpuTensor<f32>)>, PluginError> {
+    let mut out: Vec<(String, CpuTensor<f32>)> = Vec::new();
+    for g in grads {
+        let name = g.name.as_str();
+        let t = scaled_copy(&g.view, g.scale, name)?;
+        match out.iter_mut().find(|(n, _)| n == name) {
+            None => out.push((name.to_string(), t)),
+            Some((_, acc)) if acc.shape == t.shape => acc.data.iter_mut().zip(&t.data).for_each(|(a, b)| *a += b),
+            Some((_, acc)) => {
+                return Err(PluginError::new(
+                    crate::ErrorCode::InvalidInput,
+                    format!("gradients of `{name}` have shapes {:?} and {:?}", acc.shape, t.shape),
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 unsafe extern "C" fn delete_cpu_tensor<T: Element>(ctx: *mut c_void) {

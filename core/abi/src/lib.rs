@@ -34,13 +34,16 @@ use abi_stable::{
 
 pub mod cpu;
 mod tensor;
+pub mod v1_0;
+mod v1_1;
 pub use cpu::CpuTensor;
 pub use tensor::*;
+pub use v1_1::*;
 
 /// Incremented when a change breaks existing plugins.
 pub const ABI_MAJOR: u32 = 1;
 /// Incremented when fields are appended to a root module (old plugins keep working).
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 
 /// Name of the `extern "C" fn() -> PluginHeader` every plugin exports next to abi_stable's
 /// root module. Read with a plain `dlsym` before anything else, so that it works across ABI
@@ -248,13 +251,17 @@ pub struct ParameterInfo {
 
 /// Root module of a **model** plugin.
 ///
+/// Fields after `load_state` (the 1.0 prefix, whose `last_prefix_field` never moves) were
+/// appended in ABI 1.1; on a 1.0 plugin their accessors return `None` and the host falls back
+/// to the 1.0 calls or names the missing method.
+///
 /// The training chain is `forward(Train)` → (host: losses/metrics on the outputs) →
 /// `backward(d_outputs, internal_loss_weight)` (accumulates parameter gradients) → … →
 /// `optimizer_step` → `zero_grad`.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = ModelPluginModRef)))]
-#[sabi(missing_field(panic))]
+#[sabi(missing_field(option))]
 pub struct ModelPluginMod {
     pub descriptor: extern "C" fn() -> PluginDescriptor,
     /// `config_json` is a JSON object validated against the descriptor's schema; `device`
@@ -263,11 +270,16 @@ pub struct ModelPluginMod {
     pub destroy: extern "C" fn(InstanceHandle),
     pub parameters: extern "C" fn(InstanceHandle) -> PluginResult<ParameterInfo>,
     /// Inputs are borrowed for the call only (see the crate docs).
-    pub forward: extern "C" fn(InstanceHandle, inputs: RSlice<'_, NamedView<'_>>, mode: ForwardMode) -> PluginResult<ModelOutput>,
+    pub forward: extern "C" fn(
+        InstanceHandle,
+        inputs: RSlice<'_, NamedView<'_>>,
+        mode: ForwardMode,
+    ) -> PluginResult<ModelOutput>,
     /// Vector–Jacobian product of the last `forward(Train)`: `grads` holds dL/d(output) per
     /// named output (missing names count as zero); `internal_loss_weight` multiplies the
     /// model's own loss. Parameter gradients are *accumulated*. Consumes the saved graph.
-    pub backward: extern "C" fn(InstanceHandle, grads: RSlice<'_, NamedView<'_>>, internal_loss_weight: f64) -> PluginResult<()>,
+    pub backward:
+        extern "C" fn(InstanceHandle, grads: RSlice<'_, NamedView<'_>>, internal_loss_weight: f64) -> PluginResult<()>,
     pub optimizer_step: extern "C" fn(InstanceHandle, step: OptimizerStep) -> PluginResult<StepReport>,
     pub zero_grad: extern "C" fn(InstanceHandle) -> PluginResult<()>,
     /// Write weights and optimizer state into the existing directory `dir` (the host makes it
@@ -277,6 +289,50 @@ pub struct ModelPluginMod {
     /// Restore what `save_state` wrote (optimizer state too, when present).
     #[sabi(last_prefix_field)]
     pub load_state: extern "C" fn(InstanceHandle, dir: RStr<'_>) -> PluginResult<()>,
+
+    // ---- ABI 1.1 (absent on 1.0 plugins: the accessors return `None`) --------------------
+    /// What the model reads and produces for this config (called before `create`, so the host
+    /// can check the dataset and the losses before any weight is loaded).
+    pub interface: extern "C" fn(config_json: RStr<'_>) -> PluginResult<ModelInterface>,
+    /// `forward` with named texts and the step context (`forward` is its 1.0 form).
+    pub forward_batch: extern "C" fn(
+        InstanceHandle,
+        images: RSlice<'_, NamedView<'_>>,
+        texts: RSlice<'_, NamedTexts<'_>>,
+        ctx: StepContext<'_>,
+        mode: ForwardMode,
+    ) -> PluginResult<ModelOutput>,
+    /// `backward` with a scale per gradient, applied where the gradients live (on the device):
+    /// the gradient of output `name` is Σ scale·grad over the entries with that name.
+    pub backward_scaled:
+        extern "C" fn(InstanceHandle, grads: RSlice<'_, ScaledView<'_>>, internal_loss_weight: f64) -> PluginResult<()>,
+    /// An optimizer step with per-group learning rate and weight decay (groups named in
+    /// [`ModelInterface::param_groups`]; a group not listed uses `step`'s values).
+    pub optimizer_step_groups: extern "C" fn(
+        InstanceHandle,
+        step: OptimizerStep,
+        groups: RSlice<'_, GroupHyper<'_>>,
+    ) -> PluginResult<StepReport>,
+    /// Generates images: validation samples and `host generate`. Returns f32 NCHW RGB in [0, 1].
+    pub sample: extern "C" fn(InstanceHandle, request: SampleRequest<'_>) -> PluginResult<ManagedTensor>,
+    /// Writes the trained adapter into the existing directory `dir` in `format` (`kohya`,
+    /// `diffusers`, `peft`, `comfyui`, or a plugin's own); `metadata_json` is a JSON object of
+    /// string values to store (kohya's `ss_*`, `modelspec.*`). Returns the files written.
+    pub export_adapter: extern "C" fn(
+        InstanceHandle,
+        dir: RStr<'_>,
+        format: RStr<'_>,
+        metadata_json: RStr<'_>,
+    ) -> PluginResult<RVec<RString>>,
+    /// Computes the cacheable encoding `name` (declared in [`ModelInterface::encodings`]) of a
+    /// batch of its source inputs. No graph is kept. The outputs are passed back to
+    /// `forward_batch` by name in place of the source.
+    pub encode: extern "C" fn(
+        InstanceHandle,
+        name: RStr<'_>,
+        images: RSlice<'_, NamedView<'_>>,
+        texts: RSlice<'_, NamedTexts<'_>>,
+    ) -> PluginResult<RVec<NamedTensor>>,
 }
 
 /// What `metric.embed` returns.
@@ -294,7 +350,7 @@ pub struct Embeddings {
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = MetricPluginModRef)))]
-#[sabi(missing_field(panic))]
+#[sabi(missing_field(option))]
 pub struct MetricPluginMod {
     pub descriptor: extern "C" fn() -> PluginDescriptor,
     pub create: extern "C" fn(config_json: RStr<'_>, device: Device, seed: u64) -> PluginResult<InstanceHandle>,
@@ -305,6 +361,16 @@ pub struct MetricPluginMod {
     /// VJP of the last `embed(Train)`: dL/d(embeddings) `[B, D]` → dL/d(pixels).
     #[sabi(last_prefix_field)]
     pub backward: extern "C" fn(InstanceHandle, d_embeddings: TensorView) -> PluginResult<ManagedTensor>,
+
+    // ---- ABI 1.1 (absent on 1.0 plugins: the accessors return `None`) --------------------
+    /// What the metric measures and how to read its scores.
+    pub interface: extern "C" fn(config_json: RStr<'_>) -> PluginResult<MetricInterface>,
+    /// Embeds a batch of texts into the image embedding space (CLIP's text tower):
+    /// `[B, D]` f32, L2-normalised. No graph.
+    pub embed_texts: extern "C" fn(InstanceHandle, texts: RSlice<'_, RStr<'_>>) -> PluginResult<ManagedTensor>,
+    /// `backward` with `d_embeddings` multiplied by `scale` on the device.
+    pub backward_scaled:
+        extern "C" fn(InstanceHandle, d_embeddings: TensorView, scale: f64) -> PluginResult<ManagedTensor>,
 }
 
 /// What `loss.value_and_grad` returns.
@@ -330,7 +396,7 @@ pub struct LossTerm {
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = LossPluginModRef)))]
-#[sabi(missing_field(panic))]
+#[sabi(missing_field(option))]
 pub struct LossPluginMod {
     pub descriptor: extern "C" fn() -> PluginDescriptor,
     pub create: extern "C" fn(config_json: RStr<'_>, device: Device, seed: u64) -> PluginResult<InstanceHandle>,
@@ -339,7 +405,18 @@ pub struct LossPluginMod {
     /// `["prediction", "target"]`); the first is the one gradients are returned for.
     pub input_names: extern "C" fn(InstanceHandle) -> RVec<RString>,
     #[sabi(last_prefix_field)]
-    pub value_and_grad: extern "C" fn(InstanceHandle, inputs: RSlice<'_, NamedView<'_>>, want_grad: bool) -> PluginResult<LossOutput>,
+    pub value_and_grad:
+        extern "C" fn(InstanceHandle, inputs: RSlice<'_, NamedView<'_>>, want_grad: bool) -> PluginResult<LossOutput>,
+
+    // ---- ABI 1.1 (absent on 1.0 plugins: the accessors return `None`) --------------------
+    /// `value_and_grad` with the returned gradients multiplied by `grad_scale` on the device
+    /// (the value is not scaled).
+    pub value_and_scaled_grad: extern "C" fn(
+        InstanceHandle,
+        inputs: RSlice<'_, NamedView<'_>>,
+        want_grad: bool,
+        grad_scale: f64,
+    ) -> PluginResult<LossOutput>,
 }
 
 macro_rules! root_module {

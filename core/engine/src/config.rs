@@ -1,5 +1,6 @@
-//! Run configuration: a TOML file, overridden by `LIKENESS_<SECTION>__<KEY>` environment
-//! variables, overridden by command-line flags and `--set key=value` (figment).
+//! Run configuration: a TOML file (or seed 000's `config.yaml`, see [`crate::seed000`]),
+//! overridden by `LIKENESS_<SECTION>__<KEY>` environment variables, overridden by command-line
+//! flags and `--set key=value` (figment).
 //!
 //! Unknown keys and wrong types are errors that name the source (file, variable or flag),
 //! the key, and the closest valid key.
@@ -7,15 +8,16 @@
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Serialized, Toml};
-use figment::value::{Dict, Value};
-use figment::{Figment, Metadata, Profile};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use crate::{EngineError, Result};
 
 /// Top-level sections; environment variables for anything else are ignored (so
 /// `LIKENESS_PLUGIN_PATH` and friends never collide with config keys).
-pub const SECTIONS: &[&str] = &["run", "model", "data", "loss", "metric", "train"];
+pub const SECTIONS: &[&str] =
+    &["run", "model", "data", "loss", "metric", "train", "sample", "eval", "cache", "adapter"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +32,119 @@ pub struct Config {
     pub metric: Option<MetricSection>,
     #[serde(default)]
     pub train: TrainConfig,
+    #[serde(default)]
+    pub sample: SampleConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub adapter: AdapterConfig,
+    /// Whether any layer named a `[loss]` section (set by [`Layered::extract`]): a model with
+    /// its own loss gets no content loss unless one was asked for.
+    #[serde(skip)]
+    pub loss_given: bool,
+}
+
+/// How the identity term is weighted by the noise level `t` of each sample (the model's
+/// `timesteps` output, t in [0, 1], 0 = clean): at high noise the decoded x̂0 is a blur whose
+/// face embedding says little.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityWeighting {
+    /// Every sample weighs 1.
+    #[default]
+    None,
+    /// (1 − t)², seed 004's weighting.
+    OneMinusTSquared,
+    /// 1 where t ≤ `metric.t_max`, else 0.
+    TMax,
+}
+
+/// Samples written during training (musubi-tuner's file names, so `host eval-faces
+/// --sample-dir` reads them).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SampleConfig {
+    /// Write samples every N optimizer steps; 0 = at every validation.
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Prompts for models that sample from text; empty = the captions of the sample examples.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    #[serde(default)]
+    pub negative_prompt: String,
+    /// Image size; 0 = each example's bucket.
+    #[serde(default)]
+    pub width: u32,
+    #[serde(default)]
+    pub height: u32,
+    /// Denoising steps; 0 = the model's default.
+    #[serde(default)]
+    pub steps: u32,
+    /// Guidance scale; 0 = the model's default.
+    #[serde(default)]
+    pub guidance: f64,
+    /// Seed of prompt i is `seed + i`, the same at every step so samples are comparable.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "one")]
+    pub adapter_scale: f64,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+/// Seed 004's face-consistency evaluation of the training samples.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate the samples every N optimizer steps (writes `eval/face_consistency_step<N>.json`
+    /// and the curve across steps); 0 = never. Needs a `[metric]`.
+    #[serde(default)]
+    pub every: u64,
+}
+
+/// The on-disk cache of model encodings (VAE latents, text-encoder outputs).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Default: `<run.output>/cache`. Entries are keyed by content, so a folder may be shared.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { enabled: true, dir: None }
+    }
+}
+
+/// Adapter files written at each save and at the end.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    /// Formats to write (`kohya`, `diffusers`, `peft`, `comfyui`); empty = every one of kohya,
+    /// diffusers and peft the model declares.
+    #[serde(default)]
+    pub formats: Vec<String>,
+}
+
+/// Learning rate and weight decay of one optimizer parameter group (`[train.param_groups.NAME]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParamGroupConfig {
+    /// Default: `train.lr`; follows the same schedule.
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// Default: `train.weight_decay`.
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,11 +158,16 @@ pub struct RunConfig {
     /// `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Base name of the trained adapter's files in `output` (`<output_name>.safetensors`, …) and
+    /// the prefix of sample images (musubi-tuner's `--output_name`). Unset by default, as in
+    /// musubi-tuner, whose sample names then have no prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_name: Option<String>,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { output: default_output(), seed: default_seed(), device: default_device() }
+        RunConfig { output: default_output(), seed: default_seed(), device: default_device(), output_name: None }
     }
 }
 
@@ -56,6 +176,9 @@ impl Default for RunConfig {
 #[serde(deny_unknown_fields)]
 pub struct PluginSection {
     pub plugin: String,
+    /// Weight of the model's own loss (a diffusion / flow-matching loss), `w_model`.
+    #[serde(default = "one")]
+    pub loss_weight: f64,
     /// Passed to the plugin as a JSON object; the plugin validates it.
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
@@ -87,6 +210,16 @@ pub struct MetricSection {
     pub loss: String,
     #[serde(default)]
     pub loss_config: serde_json::Map<String, serde_json::Value>,
+    /// Weighting of the identity term by each sample's noise level (needs a model that outputs
+    /// `timesteps`).
+    #[serde(default)]
+    pub identity_weighting: IdentityWeighting,
+    /// The cut-off of `identity_weighting = "t_max"`.
+    #[serde(default = "one")]
+    pub t_max: f64,
+    /// The model output the metric embeds.
+    #[serde(default = "default_pixels")]
+    pub output: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -108,6 +241,41 @@ pub struct DataConfig {
     pub val_fraction: f64,
     #[serde(default = "default_fraction")]
     pub test_fraction: f64,
+    // The fields below serve every layout of `crate::data` (module docs there); their serde
+    // defaults live in `crate::data` too.
+    /// `musubi`: a musubi-tuner `dataset.toml` (its `--dataset_config`); unset = `root` is that
+    /// file, or a folder holding `dataset.toml`.
+    #[serde(default)]
+    pub dataset_config: Option<PathBuf>,
+    /// `pairs`: attribute folders to use (PairEdit's `datasets:`); empty = every one found.
+    #[serde(default)]
+    pub attributes: Vec<String>,
+    /// `pairs`: PairEdit's `source_folder` / `target_folder`.
+    #[serde(default = "crate::data::default_source_folder")]
+    pub source_folder: String,
+    #[serde(default = "crate::data::default_target_folder")]
+    pub target_folder: String,
+    /// Caption files `<stem><caption_extension>` (`pairs`; `musubi` when its toml sets none).
+    #[serde(default = "crate::data::default_caption_extension")]
+    pub caption_extension: String,
+    /// Aspect-ratio buckets as musubi-tuner makes them (`bundles`, `drip`, `pairs`; `musubi`
+    /// reads its own from the toml).
+    #[serde(default)]
+    pub enable_bucket: bool,
+    /// `512` or `[width, height]`: the bucket area / the single bucket; unset = `image_size` square.
+    #[serde(default)]
+    pub resolution: Option<crate::data::Resolution>,
+    #[serde(default)]
+    pub bucket_no_upscale: bool,
+    /// Bucket sides are multiples of this (musubi-tuner: 16).
+    #[serde(default = "crate::data::default_reso_steps")]
+    pub bucket_reso_steps: u32,
+    /// `auto` (musubi: no held-out split; others: the fractions), `fractions` or `none`.
+    #[serde(default = "crate::data::default_split")]
+    pub split: String,
+    /// Decode every image fully while scanning (a corrupt file is reported up front).
+    #[serde(default = "crate::data::default_true")]
+    pub verify_decode: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -161,6 +329,10 @@ pub struct TrainConfig {
     /// Rows in the sample grid.
     #[serde(default = "default_samples")]
     pub sample_count: usize,
+    /// Per-group learning rate / weight decay (`[train.param_groups.text_encoder] lr = 1e-5`);
+    /// the names are the model's (`host plugins inspect` lists them).
+    #[serde(default)]
+    pub param_groups: std::collections::BTreeMap<String, ParamGroupConfig>,
 }
 
 impl Default for TrainConfig {
@@ -180,6 +352,12 @@ fn default_device() -> String {
 }
 fn one() -> f64 {
     1.0
+}
+fn yes() -> bool {
+    true
+}
+fn default_pixels() -> String {
+    "pixels".into()
 }
 fn default_loss() -> LossSection {
     LossSection { plugin: "pixel".into(), weight: 1.0, config: Default::default() }
@@ -256,19 +434,100 @@ pub struct Overrides {
     pub batch_size: Option<usize>,
     pub seed: Option<u64>,
     pub device: Option<String>,
+    /// `model.config.pretrained`: the base weights (DRIP's `--pretrained_model`, musubi-tuner's `--dit`).
+    pub pretrained: Option<PathBuf>,
+    /// `run.output_name` (musubi-tuner's `--output_name`).
+    pub output_name: Option<String>,
+    /// musubi-tuner's `--dataset_config`: `data.dataset_config` with `data.layout = "musubi"`
+    /// (and `data.root`, when no layer sets one).
+    pub dataset_config: Option<PathBuf>,
     /// `key.path=value`; the value is parsed as TOML (so `1e-4`, `true`, `"x"`), else a string.
     pub set: Vec<String>,
+}
+
+impl Overrides {
+    /// The model plugin chosen above the config file, and how it was chosen (for messages):
+    /// `--set model.plugin=…` (the last), else `--plugin`, else `LIKENESS_MODEL__PLUGIN`.
+    fn model_plugin(&self) -> Option<(String, String)> {
+        let set = self.set.iter().rev().find_map(|s| {
+            let (k, v) = s.split_once('=')?;
+            (k.trim() == "model.plugin").then(|| v.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
+        });
+        if let Some(v) = set {
+            return Some((v.clone(), format!("--set model.plugin={v}")));
+        }
+        if let Some(v) = &self.plugin {
+            return Some((v.clone(), format!("--plugin {v}")));
+        }
+        std::env::var("LIKENESS_MODEL__PLUGIN")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| (v.clone(), format!("LIKENESS_MODEL__PLUGIN={v}")))
+    }
+}
+
+/// A config file already read (TOML, or seed 000's YAML translated) with its source, merged
+/// as a figment provider; read first so its keys can be checked against the flags.
+#[derive(Debug, Clone)]
+pub struct FileLayer {
+    pub metadata: Metadata,
+    pub data: Map<Profile, Dict>,
+}
+
+impl Provider for FileLayer {
+    fn metadata(&self) -> Metadata {
+        self.metadata.clone()
+    }
+    fn data(&self) -> std::result::Result<Map<Profile, Dict>, figment::Error> {
+        Ok(self.data.clone())
+    }
+}
+
+impl FileLayer {
+    /// When the model plugin chosen above the file (`--plugin`…) is not the file's
+    /// `model.plugin`, the file's `model.config` was written for another plugin: it is dropped
+    /// (not passed to the chosen plugin) and the warning returned says so and how to fix it.
+    fn drop_foreign_model_config(&mut self, file: &Path, o: &Overrides) -> Option<String> {
+        let (chosen, how) = o.model_plugin()?;
+        let model = match self.data.get_mut(&Profile::Default)?.get_mut("model")? {
+            Value::Dict(_, d) => d,
+            _ => return None,
+        };
+        let written_for = model.get("plugin")?.as_str()?.to_string();
+        let keys: Vec<String> = match model.get("config")? {
+            Value::Dict(_, c) if !c.is_empty() && written_for != chosen => c.keys().cloned().collect(),
+            _ => return None,
+        };
+        model.remove("config");
+        let (what, remove) = if crate::seed000::is_yaml(file) {
+            ("model.config, from seed 000's input_size,", "or set `use_simple_model: false` in the file")
+        } else {
+            ("model.config", "or remove [model.config] from the file")
+        };
+        Some(format!(
+            "{}: {what} ({}) was written for `{written_for}` (the file's model.plugin), but {how} selects `{chosen}`: \
+             it is not passed to `{chosen}`. Give `{chosen}`'s own keys with --set model.config.KEY=VALUE \
+             (`host plugins inspect {chosen}` lists them), {remove}",
+            file.display(),
+            keys.join(", ")
+        ))
+    }
 }
 
 /// The layered configuration before extraction (kept for `host config show`).
 pub struct Layered {
     pub figment: Figment,
+    /// What was noticed while layering (also logged): a `model.config` dropped because
+    /// `--plugin` switched the model, seed 000 YAML keys that have no effect.
+    pub warnings: Vec<String>,
 }
 
 impl Layered {
     /// File (optional) < environment < flags < `--set`.
     pub fn new(file: Option<&Path>, o: &Overrides) -> Result<Layered> {
         let mut f = Figment::new();
+        let mut warnings = Vec::new();
+        let mut seed000 = None;
         if let Some(path) = file {
             if !path.exists() {
                 return Err(EngineError::Config(format!(
@@ -276,7 +535,26 @@ impl Layered {
                     path.display()
                 )));
             }
-            f = f.merge(Toml::file_exact(path));
+            let layer = if crate::seed000::is_yaml(path) {
+                let y = crate::seed000::load(path, o.model_plugin().map(|p| p.0).as_deref())?;
+                for n in &y.notes {
+                    tracing::info!("{n}");
+                }
+                let layer = y.layer.clone();
+                seed000 = Some(y);
+                Some(layer)
+            } else {
+                // A file that does not parse is merged as is: extract() reports it.
+                let toml = Toml::file_exact(path);
+                toml.data().ok().map(|data| FileLayer { metadata: toml.metadata(), data })
+            };
+            match layer {
+                Some(mut layer) => {
+                    warnings.extend(layer.drop_foreign_model_config(path, o));
+                    f = f.merge(layer);
+                }
+                None => f = f.merge(Toml::file_exact(path)),
+            }
         }
         f = f.merge(
             Env::prefixed("LIKENESS_")
@@ -325,6 +603,16 @@ impl Layered {
         if let Some(v) = &o.device {
             put("run.device", Value::from(v.clone()));
         }
+        if let Some(v) = &o.pretrained {
+            put("model.config.pretrained", Value::from(v.to_string_lossy().to_string()));
+        }
+        if let Some(v) = &o.output_name {
+            put("run.output_name", Value::from(v.clone()));
+        }
+        if let Some(v) = &o.dataset_config {
+            put("data.layout", Value::from("musubi"));
+            put("data.dataset_config", Value::from(v.to_string_lossy().to_string()));
+        }
         if !flags.is_empty() {
             f = f.merge(Serialized::defaults(flags).profile(Profile::Default));
         }
@@ -339,12 +627,31 @@ impl Layered {
         if !sets.is_empty() {
             f = f.merge(Serialized::defaults(sets));
         }
-        Ok(Layered { figment: f })
+        // musubi-tuner needs no data root beside --dataset_config; joined, so any data.root wins.
+        if let Some(v) = o.dataset_config.as_ref().filter(|_| !f.contains("data.root")) {
+            let mut d = Dict::new();
+            insert_path(&mut d, "data.root", Value::from(v.to_string_lossy().to_string()));
+            f = f.join(Serialized::defaults(d));
+        }
+        // Seed 000's face_weight is the identity-loss weight once a metric is named anywhere;
+        // joined, so a metric.weight from any layer wins.
+        if let Some(y) = &seed000 {
+            match y.metric_layer() {
+                Some(m) if f.contains("metric.plugin") => f = f.join(m),
+                Some(_) => warnings.extend(y.unused_face_weight()),
+                None => {}
+            }
+        }
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(Layered { figment: f, warnings })
     }
 
     /// Extracts and validates the config.
     pub fn extract(&self) -> Result<Config> {
-        let cfg: Config = self.figment.extract().map_err(|e| explain(e, &self.figment))?;
+        let mut cfg: Config = self.figment.extract().map_err(|e| explain(e, &self.figment))?;
+        cfg.loss_given = self.figment.contains("loss");
         validate(&cfg)?;
         Ok(cfg)
     }
@@ -355,11 +662,7 @@ impl Layered {
         let merged = serde_json::to_value(&cfg).map_err(|e| EngineError::Config(e.to_string()))?;
         let mut out = Vec::new();
         walk(&merged, String::new(), &mut |key, v| {
-            let from = self
-                .figment
-                .find_metadata(&key)
-                .map(describe_source)
-                .unwrap_or_else(|| "default".to_string());
+            let from = self.figment.find_metadata(&key).map(describe_source).unwrap_or_else(|| "default".to_string());
             out.push((key, v.to_string(), from));
         });
         Ok(out)
@@ -405,7 +708,7 @@ fn parse_value(s: &str) -> Value {
     }
 }
 
-fn insert_path(dict: &mut Dict, path: &str, v: Value) {
+pub(crate) fn insert_path(dict: &mut Dict, path: &str, v: Value) {
     let mut parts = path.split('.').peekable();
     let mut cur = dict;
     while let Some(p) = parts.next() {
@@ -425,21 +728,70 @@ fn insert_path(dict: &mut Dict, path: &str, v: Value) {
 /// Valid keys per section, for "did you mean".
 fn valid_keys(section: &str) -> &'static [&'static str] {
     match section {
-        "" => &["run", "model", "data", "loss", "metric", "train"],
-        "run" => &["output", "seed", "device"],
-        "model" => &["plugin", "config"],
+        "" => &["run", "model", "data", "loss", "metric", "train", "sample", "eval", "cache", "adapter"],
+        "run" => &["output", "seed", "device", "output_name"],
+        "model" => &["plugin", "loss_weight", "config"],
         "loss" => &["plugin", "weight", "config"],
-        "metric" => &["plugin", "config", "weight", "loss", "loss_config"],
-        "data" => &["layout", "root", "image_size", "min_images_per_char", "max_chars_per_bundle", "min_image_side", "val_fraction", "test_fraction"],
+        "metric" => &["plugin", "config", "weight", "loss", "loss_config", "identity_weighting", "t_max", "output"],
+        "sample" => &[
+            "every_steps",
+            "prompts",
+            "negative_prompt",
+            "width",
+            "height",
+            "steps",
+            "guidance",
+            "seed",
+            "adapter_scale",
+        ],
+        "eval" => &["every"],
+        "cache" => &["enabled", "dir"],
+        "adapter" => &["formats"],
+        "data" => &[
+            "layout",
+            "root",
+            "image_size",
+            "min_images_per_char",
+            "max_chars_per_bundle",
+            "min_image_side",
+            "val_fraction",
+            "test_fraction",
+            "dataset_config",
+            "attributes",
+            "source_folder",
+            "target_folder",
+            "caption_extension",
+            "enable_bucket",
+            "resolution",
+            "bucket_no_upscale",
+            "bucket_reso_steps",
+            "split",
+            "verify_decode",
+        ],
         "train" => &[
-            "steps", "epochs", "batch_size", "grad_accum", "lr", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
-            "max_grad_norm", "save_every", "keep_checkpoints", "validate_every_epochs", "sample_count",
+            "steps",
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "schedule",
+            "warmup_steps",
+            "weight_decay",
+            "beta1",
+            "beta2",
+            "eps",
+            "max_grad_norm",
+            "save_every",
+            "keep_checkpoints",
+            "validate_every_epochs",
+            "sample_count",
+            "param_groups",
         ],
         _ => &[],
     }
 }
 
-fn closest(key: &str, candidates: &[&str]) -> Option<String> {
+pub(crate) fn closest(key: &str, candidates: &[&str]) -> Option<String> {
     candidates
         .iter()
         .map(|c| (strsim::jaro_winkler(key, c), *c))
@@ -468,7 +820,9 @@ fn explain(e: figment::Error, fig: &Figment) -> EngineError {
                 let section = parts.join(".");
                 let full = if section.is_empty() { field.clone() } else { format!("{section}.{field}") };
                 let hint = closest(field, valid_keys(&section))
-                    .map(|c| format!("; did you mean `{}`?", if section.is_empty() { c } else { format!("{section}.{c}") }))
+                    .map(|c| {
+                        format!("; did you mean `{}`?", if section.is_empty() { c } else { format!("{section}.{c}") })
+                    })
                     .unwrap_or_else(|| format!("; valid keys here: {}", valid_keys(&section).join(", ")));
                 format!("{source}: unknown key `{full}`{hint}")
             }
@@ -505,8 +859,8 @@ fn validate(c: &Config) -> Result<()> {
     if !(c.train.lr > 0.0 && c.train.lr.is_finite()) {
         return bad("train.lr", "must be a positive number");
     }
-    if c.data.layout != "bundles" {
-        return bad("data.layout", "must be \"bundles\" (seed 000's <root>/<bundle>/char_*/img_* layout); other layouts are not implemented yet");
+    if !crate::data::LAYOUTS.contains(&c.data.layout.as_str()) {
+        return bad("data.layout", "must be one of bundles, drip, pairs, musubi (see `host data check --help`)");
     }
     if !(0.0..1.0).contains(&(c.data.val_fraction + c.data.test_fraction)) {
         return bad("data.val_fraction", "plus `data.test_fraction` must be in [0, 1)");
@@ -526,6 +880,47 @@ pub fn parse_device(s: &str) -> Result<likeness_abi::Device> {
             .map(likeness_abi::Device::cuda)
             .ok_or_else(|| EngineError::Config(format!("`run.device` is `{s}`; expected cpu, cuda or cuda:N"))),
     }
+}
+
+/// The `[model]` section alone (for `host generate`): from `file` (a run's config.toml or any
+/// config), with `plugin`, `pretrained` and `--set model.…` on top. No other section is needed.
+pub fn model_section(
+    file: Option<&Path>,
+    plugin: Option<&str>,
+    pretrained: Option<&Path>,
+    set: &[String],
+) -> Result<PluginSection> {
+    let mut f = Figment::new();
+    if let Some(p) = file {
+        if !p.exists() {
+            return Err(EngineError::Config(format!("config file {} does not exist", p.display())));
+        }
+        f = f.merge(Toml::file_exact(p));
+    }
+    let mut flags = Dict::new();
+    if let Some(v) = plugin {
+        insert_path(&mut flags, "model.plugin", Value::from(v.to_string()));
+    }
+    if let Some(v) = pretrained {
+        insert_path(&mut flags, "model.config.pretrained", Value::from(v.to_string_lossy().to_string()));
+    }
+    for s in set {
+        let (k, v) = s.split_once('=').ok_or_else(|| EngineError::Config(format!("--set {s}: expected key=value")))?;
+        let k = k.trim();
+        if !k.starts_with("model.") {
+            return Err(EngineError::Config(format!(
+                "--set {s}: only model.* keys apply here (e.g. --set model.config.KEY=VALUE)"
+            )));
+        }
+        insert_path(&mut flags, k, parse_value(v.trim()));
+    }
+    f = f.merge(Serialized::defaults(flags));
+    if !f.contains("model.plugin") {
+        return Err(EngineError::Config(
+            "no model plugin: pass --plugin ID or --config FILE with a [model] section".into(),
+        ));
+    }
+    f.extract_inner::<PluginSection>("model").map_err(|e| explain(e, &f))
 }
 
 impl Config {
@@ -566,7 +961,11 @@ mod tests {
     fn layers_override_in_order() {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), &format!("{BASE}[train]\nlr = 0.1\nepochs = 3\n"));
-        let o = Overrides { lr: Some(0.5), set: vec!["train.epochs=7".into(), "model.config.image_size=32".into()], ..Default::default() };
+        let o = Overrides {
+            lr: Some(0.5),
+            set: vec!["train.epochs=7".into(), "model.config.image_size=32".into()],
+            ..Default::default()
+        };
         let l = Layered::new(Some(&p), &o).unwrap();
         let c = l.extract().unwrap();
         assert_eq!(c.train.lr, 0.5);
@@ -577,5 +976,88 @@ mod tests {
         assert_eq!(lr.2, "command line");
         let plugin = prov.iter().find(|(k, _, _)| k == "model.plugin").unwrap();
         assert!(plugin.2.ends_with("c.toml"), "{plugin:?}");
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    }
+
+    #[test]
+    fn plugin_switch_drops_the_model_config_written_for_another_plugin() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), &format!("{BASE}[model.config]\nimage_size = 32\ndepth = 2\n"));
+        // The same plugin: kept, no warning.
+        let o = Overrides { plugin: Some("identity-autoencoder".into()), ..Default::default() };
+        let l = Layered::new(Some(&p), &o).unwrap();
+        assert_eq!(l.extract().unwrap().model.config.len(), 2);
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        // Another plugin: dropped, with a warning naming the file, the plugin it was for and the fix;
+        // a model.config given on the command line still reaches the chosen plugin.
+        for o in [
+            Overrides {
+                plugin: Some("flux-lora".into()),
+                pretrained: Some("/w/flux1-dev.safetensors".into()),
+                ..Default::default()
+            },
+            Overrides {
+                set: vec!["model.plugin=flux-lora".into(), "model.config.pretrained='/w/flux1-dev.safetensors'".into()],
+                ..Default::default()
+            },
+        ] {
+            let l = Layered::new(Some(&p), &o).unwrap();
+            let c = l.extract().unwrap();
+            assert_eq!(c.model.plugin, "flux-lora");
+            assert_eq!(
+                serde_json::Value::Object(c.model.config),
+                serde_json::json!({"pretrained": "/w/flux1-dev.safetensors"})
+            );
+            let w = l.warnings.join("\n");
+            assert!(
+                w.contains("c.toml: model.config (depth, image_size) was written for `identity-autoencoder`"),
+                "{w}"
+            );
+            assert!(
+                w.contains("selects `flux-lora`")
+                    && w.contains("--set model.config.KEY=VALUE")
+                    && w.contains("remove [model.config]"),
+                "{w}"
+            );
+        }
+        // No model.config in the file: nothing to say.
+        let p = write(d.path(), BASE);
+        let o = Overrides { plugin: Some("flux-lora".into()), ..Default::default() };
+        assert!(Layered::new(Some(&p), &o).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn musubi_and_drip_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), BASE);
+        let o =
+            Overrides { pretrained: Some("sd15".into()), output_name: Some("face_lora".into()), ..Default::default() };
+        let l = Layered::new(Some(&p), &o).unwrap();
+        let c = l.extract().unwrap();
+        assert_eq!(c.model.config["pretrained"], serde_json::json!("sd15"));
+        assert_eq!(c.run.output_name.as_deref(), Some("face_lora"));
+        assert_eq!(Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap().run.output_name, None);
+        // --dataset_config: musubi-tuner's dataset.toml; it is the data root unless one is given.
+        let o = Overrides { dataset_config: Some("ds/dataset.toml".into()), ..Default::default() };
+        let c = Layered::new(None, &Overrides { plugin: Some("m".into()), ..o.clone() }).unwrap().extract().unwrap();
+        assert_eq!(
+            (c.data.layout.as_str(), c.data.dataset_config.as_deref()),
+            ("musubi", Some(Path::new("ds/dataset.toml")))
+        );
+        assert_eq!(c.data.root, PathBuf::from("ds/dataset.toml"));
+        let c = Layered::new(Some(&p), &o).unwrap().extract().unwrap();
+        assert_eq!((c.data.layout.as_str(), c.data.root.as_path()), ("musubi", Path::new("d")));
+        let p = write(d.path(), &format!("{BASE}[run]\noutput_nam = 'x'\n"));
+        let e = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap_err().to_string();
+        assert!(e.contains("did you mean `run.output_name`"), "{e}");
+    }
+
+    #[test]
+    fn reference_config_parses_with_every_section() {
+        // configs/reference.toml documents every key: it must stay a valid config.
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/reference.toml");
+        let c = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap();
+        assert!(c.loss_given && c.cache.enabled && c.eval.every == 0 && c.sample.seed == 42);
+        assert_eq!(c.model.loss_weight, 1.0);
     }
 }

@@ -29,8 +29,10 @@ use crate::plots::{plot_band, BandPoint};
 use crate::plugins::{Metric, Registry};
 use crate::{write_atomic, EngineError, Result};
 
-/// Image file extensions considered (seed 004's list).
-pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+/// Image file extensions considered: the engine's one list (it holds seed 004's png, jpg,
+/// jpeg, webp); a listed file this build cannot decode is reported per pair.
+pub use crate::data::image_io::IMAGE_EXTENSIONS;
+use crate::data::image_io::{self, Fit};
 
 // ---------------------------------------------------------------------------------------------
 // Similarity (shared with the training driver's validation)
@@ -50,7 +52,10 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// Embeds a batch `[B, 3, H, W]` (no gradient); one row per sample, `None` where the metric
 /// found no face.
 pub fn embed_rows(metric: &mut Metric, pixels: &CpuTensor<f32>) -> Result<Vec<Option<Vec<f32>>>> {
-    let plugin_err = |id: &str, e: likeness_abi::PluginError| EngineError::Plugin { plugin: id.to_string(), message: e.message.to_string() };
+    let plugin_err = |id: &str, e: likeness_abi::PluginError| EngineError::Plugin {
+        plugin: id.to_string(),
+        message: e.message.to_string(),
+    };
     let out = metric.embed(pixels.view(), ForwardMode::Eval)?;
     let emb = CpuTensor::<f32>::from_managed(&out.embeddings, "embeddings").map_err(|e| plugin_err(&metric.id, e))?;
     let valid = CpuTensor::<u8>::from_managed(&out.valid, "valid").map_err(|e| plugin_err(&metric.id, e))?;
@@ -66,7 +71,11 @@ pub fn embed_rows(metric: &mut Metric, pixels: &CpuTensor<f32>) -> Result<Vec<Op
 }
 
 /// Similarities of one batch: `None` for pairs where either side has no face.
-pub fn identity_similarities(metric: &mut Metric, generated: &CpuTensor<f32>, reference: &CpuTensor<f32>) -> Result<Vec<Option<f64>>> {
+pub fn identity_similarities(
+    metric: &mut Metric,
+    generated: &CpuTensor<f32>,
+    reference: &CpuTensor<f32>,
+) -> Result<Vec<Option<f64>>> {
     let g = embed_rows(metric, generated)?;
     let r = embed_rows(metric, reference)?;
     if g.len() != r.len() {
@@ -188,18 +197,21 @@ pub fn prompt_index(stem: &str) -> Option<u64> {
     stem.rsplit('_').next().filter(|s| all_digits(s)).and_then(|s| s.parse().ok())
 }
 
-/// One control/generated pair.
+/// One control/generated pair (not the training dataset's (reference, target) pair).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Pair {
+pub struct FacePair {
     pub control: PathBuf,
     pub generated: PathBuf,
     pub step: StepKey,
 }
 
+/// The former name of [`FacePair`].
+pub type Pair = FacePair;
+
 /// What the file-name rules found.
 #[derive(Debug, Clone, Default)]
 pub struct Matching {
-    pub pairs: Vec<Pair>,
+    pub pairs: Vec<FacePair>,
     /// Generated images with no control image, and why.
     pub unmatched: Vec<(PathBuf, String)>,
     /// Control images no generated image matched.
@@ -207,7 +219,7 @@ pub struct Matching {
 }
 
 fn is_image(p: &Path) -> bool {
-    p.is_file() && p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    p.is_file() && image_io::is_image_path(p)
 }
 
 fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -236,7 +248,9 @@ pub fn find_sample_pairs(dir: &Path) -> Result<Matching> {
     let mut generated = Vec::new();
     for f in files {
         let s = stem(&f);
-        if let Some(idx) = s.strip_prefix("control_image_").filter(|i| all_digits(i)).and_then(|i| i.parse::<u64>().ok()) {
+        if let Some(idx) =
+            s.strip_prefix("control_image_").filter(|i| all_digits(i)).and_then(|i| i.parse::<u64>().ok())
+        {
             controls.entry(idx).or_insert(f);
         } else if s.to_ascii_lowercase().contains("control") {
             continue;
@@ -253,7 +267,7 @@ pub fn find_sample_pairs(dir: &Path) -> Result<Matching> {
             Some(idx) => match controls.get(&idx) {
                 Some(c) => {
                     used.insert(idx);
-                    m.pairs.push(Pair { control: c.clone(), generated: g, step: parse_step(&s) });
+                    m.pairs.push(FacePair { control: c.clone(), generated: g, step: parse_step(&s) });
                 }
                 None => m.unmatched.push((g, format!("no control image `control_image_{idx}.*` for prompt index {idx}"))),
             },
@@ -289,7 +303,10 @@ pub fn find_dir_pairs(control_dir: &Path, generated_dir: &Path) -> Result<Matchi
             by_stem
                 .iter()
                 .filter(|(cs, _)| {
-                    !cs.is_empty() && s.len() > cs.len() && s.starts_with(cs.as_str()) && matches!(s.as_bytes()[cs.len()], b'_' | b'-' | b'.')
+                    !cs.is_empty()
+                        && s.len() > cs.len()
+                        && s.starts_with(cs.as_str())
+                        && matches!(s.as_bytes()[cs.len()], b'_' | b'-' | b'.')
                 })
                 .max_by(|a, b| a.0.len().cmp(&b.0.len()).then_with(|| b.0.cmp(a.0)))
                 .map(|(_, cs)| cs[0])
@@ -297,9 +314,15 @@ pub fn find_dir_pairs(control_dir: &Path, generated_dir: &Path) -> Result<Matchi
         match found {
             Some(c) => {
                 used.insert(c.clone());
-                m.pairs.push(Pair { control: c.clone(), generated: g, step: parse_step(&s) });
+                m.pairs.push(FacePair { control: c.clone(), generated: g, step: parse_step(&s) });
             }
-            None => m.unmatched.push((g, format!("no control image in {} with the same stem or a stem that prefixes `{s}`", control_dir.display()))),
+            None => m.unmatched.push((
+                g,
+                format!(
+                    "no control image in {} with the same stem or a stem that prefixes `{s}`",
+                    control_dir.display()
+                ),
+            )),
         }
     }
     m.unused_controls = controls.into_iter().filter(|c| !used.contains(c)).collect();
@@ -370,31 +393,8 @@ pub fn target_verdict(mean: f64) -> &'static str {
 /// detector uses. An image already `size`×`size` is passed through untouched. Returns CHW f32
 /// in [0, 1].
 pub fn load_image(path: &Path, size: u32) -> std::result::Result<Vec<f32>, String> {
-    let img = image::open(path).map_err(|e| format!("cannot decode image: {e}"))?.to_rgb8();
-    let (w, h) = img.dimensions();
-    if w == 0 || h == 0 {
-        return Err("empty image".into());
-    }
-    let img = if (w, h) == (size, size) {
-        img
-    } else {
-        let scale = (size as f64 / w as f64).min(size as f64 / h as f64);
-        let nw = ((w as f64 * scale).round() as u32).clamp(1, size);
-        let nh = ((h as f64 * scale).round() as u32).clamp(1, size);
-        let r = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
-        let mut canvas = image::RgbImage::new(size, size);
-        image::imageops::replace(&mut canvas, &r, 0, 0);
-        canvas
-    };
-    let s = size as usize;
-    let p = s * s;
-    let mut out = vec![0f32; 3 * p];
-    for (i, px) in img.pixels().enumerate() {
-        for c in 0..3 {
-            out[c * p + i] = px.0[c] as f32 / 255.0;
-        }
-    }
-    Ok(out)
+    let img = image_io::decode_rgb(path).map_err(|e| e.to_string())?;
+    Ok(image_io::fit_image(&img, Fit::Letterbox(size)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ pub struct EvalFacesOptions {
 /// One pair's outcome.
 #[derive(Debug, Clone)]
 pub struct PairResult {
-    pub pair: Pair,
+    pub pair: FacePair,
     pub similarity: Option<f64>,
     /// Why the pair is invalid (empty when valid).
     pub reason: String,
@@ -488,7 +488,8 @@ struct ReportJson<'a> {
 pub fn metric_config_json(opts: &EvalFacesOptions) -> Result<Value> {
     let mut v: Value = match &opts.metric_config {
         None => json!({}),
-        Some(s) => serde_json::from_str(s).map_err(|e| EngineError::Config(format!("--metric-config is not valid JSON ({e}): {s}")))?,
+        Some(s) => serde_json::from_str(s)
+            .map_err(|e| EngineError::Config(format!("--metric-config is not valid JSON ({e}): {s}")))?,
     };
     let Some(o) = v.as_object_mut() else {
         return Err(EngineError::Config(format!("--metric-config must be a JSON object like {{\"key\": 1}}, got {v}")));
@@ -524,6 +525,29 @@ enum ImageState {
 
 /// Runs the evaluation and writes the JSON, the per-pair CSV and the plot.
 pub fn eval_faces(reg: &Registry, opts: &EvalFacesOptions) -> Result<EvalFacesReport> {
+    evaluate(MetricSource::Open(reg), opts, None)
+}
+
+/// Where the evaluation's metric comes from.
+pub enum MetricSource<'m> {
+    /// Opened from the registry with `opts.metric` and the options' config.
+    Open(&'m Registry),
+    /// An instance the caller already has (the trainer's), with the config it was created with.
+    Given(&'m mut Metric, Value),
+}
+
+/// [`eval_faces`] with an already-open metric and, optionally, only the generated images of one
+/// step (`by_step` key, e.g. `"500"`): what the trainer's `[eval]` writes during training.
+pub fn eval_faces_with(
+    metric: &mut Metric,
+    metric_config: Value,
+    opts: &EvalFacesOptions,
+    only_step: Option<&str>,
+) -> Result<EvalFacesReport> {
+    evaluate(MetricSource::Given(metric, metric_config), opts, only_step)
+}
+
+fn evaluate(source: MetricSource<'_>, opts: &EvalFacesOptions, only_step: Option<&str>) -> Result<EvalFacesReport> {
     let started = std::time::Instant::now();
     if opts.batch_size == 0 {
         return Err(EngineError::Config("--batch-size must be at least 1".into()));
@@ -531,10 +555,13 @@ pub fn eval_faces(reg: &Registry, opts: &EvalFacesOptions) -> Result<EvalFacesRe
     if opts.image_size == 0 {
         return Err(EngineError::Config("--image-size must be at least 1".into()));
     }
-    let matching = match &opts.inputs {
+    let mut matching = match &opts.inputs {
         EvalInputs::SampleDir(d) => find_sample_pairs(d)?,
         EvalInputs::Dirs { control, generated } => find_dir_pairs(control, generated)?,
     };
+    if let Some(step) = only_step {
+        matching.pairs.retain(|p| p.step.key() == step);
+    }
     for (g, why) in &matching.unmatched {
         tracing::debug!("unmatched generated image {}: {why}", g.display());
     }
@@ -556,9 +583,18 @@ pub fn eval_faces(reg: &Registry, opts: &EvalFacesOptions) -> Result<EvalFacesRe
         )));
     }
 
-    let config = metric_config_json(opts)?;
-    let device = parse_device(&opts.device).map_err(|_| EngineError::Config(format!("--device is `{}`; expected cpu, cuda or cuda:N", opts.device)))?;
-    let mut metric = reg.open_metric(&opts.metric, &config.to_string(), device, 0)?;
+    let mut opened;
+    let (metric, config): (&mut Metric, Value) = match source {
+        MetricSource::Open(reg) => {
+            let config = metric_config_json(opts)?;
+            let device = parse_device(&opts.device).map_err(|_| {
+                EngineError::Config(format!("--device is `{}`; expected cpu, cuda or cuda:N", opts.device))
+            })?;
+            opened = reg.open_metric(&opts.metric, &config.to_string(), device, 0)?;
+            (&mut opened, config)
+        }
+        MetricSource::Given(m, config) => (m, config),
+    };
 
     // Every distinct image once.
     let mut index: HashMap<PathBuf, usize> = HashMap::new();
@@ -571,7 +607,7 @@ pub fn eval_faces(reg: &Registry, opts: &EvalFacesOptions) -> Result<EvalFacesRe
             }
         }
     }
-    let states = embed_all(&mut metric, &paths, opts)?;
+    let states = embed_all(metric, &paths, opts)?;
 
     let mut results = Vec::with_capacity(matching.pairs.len());
     for p in &matching.pairs {
@@ -644,12 +680,20 @@ pub fn eval_faces(reg: &Registry, opts: &EvalFacesOptions) -> Result<EvalFacesRe
         .filter_map(|(k, s)| k.x().map(|x| BandPoint { x, mean: s.mean, min: s.min, max: s.max }))
         .collect();
     let x_label = if has_steps || pts.is_empty() { "training step" } else { "epoch" };
-    plot_band(&plot_path, &format!("face similarity ({}), generated vs control", opts.metric), x_label, "cosine similarity (mean, min–max)", &pts)?;
+    plot_band(
+        &plot_path,
+        &format!("face similarity ({}), generated vs control", opts.metric),
+        x_label,
+        "cosine similarity (mean, min–max)",
+        &pts,
+    )?;
 
     // JSON.
     let (mode, inputs) = match &opts.inputs {
         EvalInputs::SampleDir(d) => ("sample_dir", json!({"sample_dir": d})),
-        EvalInputs::Dirs { control, generated } => ("control_generated_dirs", json!({"control_dir": control, "generated_dir": generated})),
+        EvalInputs::Dirs { control, generated } => {
+            ("control_generated_dirs", json!({"control_dir": control, "generated_dir": generated}))
+        }
     };
     let seconds = started.elapsed().as_secs_f64();
     let mut likeness = json!({
@@ -682,7 +726,8 @@ pub fn eval_faces(reg: &Registry, opts: &EvalFacesOptions) -> Result<EvalFacesRe
         by_step: ByStep(&by_step),
         likeness,
     };
-    let text = serde_json::to_string_pretty(&report).map_err(|e| EngineError::Other(format!("cannot serialise the report: {e}")))?;
+    let text = serde_json::to_string_pretty(&report)
+        .map_err(|e| EngineError::Other(format!("cannot serialise the report: {e}")))?;
     write_atomic(&json_path, format!("{text}\n").as_bytes())?;
 
     Ok(EvalFacesReport {
@@ -705,7 +750,12 @@ pub fn eval_faces(reg: &Registry, opts: &EvalFacesOptions) -> Result<EvalFacesRe
 /// Decodes `paths` on worker threads (bounded queue) while this thread embeds full batches.
 fn embed_all(metric: &mut Metric, paths: &[PathBuf], opts: &EvalFacesOptions) -> Result<Vec<ImageState>> {
     let n = paths.len();
-    let threads = if opts.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { opts.threads }.clamp(1, n.max(1));
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        opts.threads
+    }
+    .clamp(1, n.max(1));
     let bs = opts.batch_size;
     let size = opts.image_size;
     let bar = ProgressBar::with_draw_target(
@@ -713,8 +763,10 @@ fn embed_all(metric: &mut Metric, paths: &[PathBuf], opts: &EvalFacesOptions) ->
         if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images | {per_sec} | ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images | {per_sec} | ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut states: Vec<ImageState> = (0..n).map(|_| ImageState::Pending).collect();
     let next = AtomicUsize::new(0);
@@ -790,14 +842,19 @@ pub const NO_VALID_PAIRS_CAUSES: [&str; 4] = [
 /// The printed summary: totals, seed 004's bands and targets, per-step table, warnings.
 pub fn summary_text(r: &EvalFacesReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "face consistency ({}): {} pairs, {} valid, {} images in {:.1} s", r.metric, r.total_pairs, r.valid_pairs, r.images, r.seconds);
+    let _ = writeln!(
+        s,
+        "face consistency ({}): {} pairs, {} valid, {} images in {:.1} s",
+        r.metric, r.total_pairs, r.valid_pairs, r.images, r.seconds
+    );
     if let Some(o) = r.overall {
         let _ = writeln!(s, "  overall: mean {:.4} ± {:.4}  range [{:.4}, {:.4}]", o.mean, o.std, o.min, o.max);
         let _ = writeln!(s, "  similarity: {}", band(o.mean));
         let _ = writeln!(s, "  target: {}", target_verdict(o.mean));
         if !r.by_step.is_empty() {
             let _ = writeln!(s, "  by step:");
-            let _ = writeln!(s, "    {:>10} {:>5} {:>8} {:>8} {:>8} {:>8}  band", "step", "n", "mean", "std", "min", "max");
+            let _ =
+                writeln!(s, "    {:>10} {:>5} {:>8} {:>8} {:>8} {:>8}  band", "step", "n", "mean", "std", "min", "max");
             for (k, st) in &r.by_step {
                 let _ = writeln!(
                     s,
@@ -836,12 +893,17 @@ pub fn summary_text(r: &EvalFacesReport) -> String {
         }
     }
     if !r.unmatched.is_empty() {
-        let _ = writeln!(s, "warning: {} generated image(s) matched no control image and were skipped:", r.unmatched.len());
+        let _ =
+            writeln!(s, "warning: {} generated image(s) matched no control image and were skipped:", r.unmatched.len());
         for (p, why) in r.unmatched.iter().take(20) {
             let _ = writeln!(s, "  {}: {why}", p.display());
         }
         if r.unmatched.len() > 20 {
-            let _ = writeln!(s, "  … and {} more (all listed in the JSON under likeness.unmatched_generated)", r.unmatched.len() - 20);
+            let _ = writeln!(
+                s,
+                "  … and {} more (all listed in the JSON under likeness.unmatched_generated)",
+                r.unmatched.len() - 20
+            );
         }
     }
     if !r.unused_controls.is_empty() {
@@ -902,8 +964,11 @@ mod tests {
             std::fs::write(g.join(f), b"x").unwrap();
         }
         let m = find_dir_pairs(&c, &g).unwrap();
-        let got: Vec<(String, String)> =
-            m.pairs.iter().map(|p| (stem(&p.generated), p.control.file_name().unwrap().to_string_lossy().into_owned())).collect();
+        let got: Vec<(String, String)> = m
+            .pairs
+            .iter()
+            .map(|p| (stem(&p.generated), p.control.file_name().unwrap().to_string_lossy().into_owned()))
+            .collect();
         assert_eq!(
             got,
             vec![

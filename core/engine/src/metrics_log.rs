@@ -44,10 +44,7 @@ fn create_parent(path: &Path) -> Result<()> {
 
 /// A sibling temp path for atomic rewrites (same directory, so rename is atomic).
 fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "metrics".into());
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "metrics".into());
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -56,12 +53,8 @@ impl MetricsLog {
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         create_parent(path)?;
-        let file = File::create(path)
-            .map_err(|e| EngineError::io(path, format!("cannot create metrics log: {e}")))?;
-        Ok(MetricsLog {
-            path: path.to_path_buf(),
-            writer: BufWriter::new(file),
-        })
+        let file = File::create(path).map_err(|e| EngineError::io(path, format!("cannot create metrics log: {e}")))?;
+        Ok(MetricsLog { path: path.to_path_buf(), writer: BufWriter::new(file) })
     }
 
     /// Reopens the log of a run resumed from `last_step`: keeps only records whose `"step"` is
@@ -73,12 +66,10 @@ impl MetricsLog {
         if !path.exists() {
             return Self::create(path);
         }
-        let file = File::open(path)
-            .map_err(|e| EngineError::io(path, format!("cannot open metrics log: {e}")))?;
+        let file = File::open(path).map_err(|e| EngineError::io(path, format!("cannot open metrics log: {e}")))?;
         let mut kept = Vec::new();
         for (i, line) in BufReader::new(file).lines().enumerate() {
-            let line = line
-                .map_err(|e| EngineError::io(path, format!("line {}: cannot read: {e}", i + 1)))?;
+            let line = line.map_err(|e| EngineError::io(path, format!("line {}: cannot read: {e}", i + 1)))?;
             if line.trim().is_empty() {
                 continue;
             }
@@ -105,18 +96,13 @@ impl MetricsLog {
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(EngineError::io(
-                path,
-                format!("cannot rewrite metrics log for resume: {e}"),
-            ));
+            return Err(EngineError::io(path, format!("cannot rewrite metrics log for resume: {e}")));
         }
-        let file = OpenOptions::new().append(true).open(path).map_err(|e| {
-            EngineError::io(path, format!("cannot open metrics log for append: {e}"))
-        })?;
-        Ok(MetricsLog {
-            path: path.to_path_buf(),
-            writer: BufWriter::new(file),
-        })
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| EngineError::io(path, format!("cannot open metrics log for append: {e}")))?;
+        Ok(MetricsLog { path: path.to_path_buf(), writer: BufWriter::new(file) })
     }
 
     /// Appends one record as a single line and flushes it.
@@ -138,18 +124,15 @@ impl MetricsLog {
     /// Reads every record of a JSONL file; a malformed line is an error naming its line number.
     pub fn read(path: impl AsRef<Path>) -> Result<Vec<serde_json::Value>> {
         let path = path.as_ref();
-        let file = File::open(path)
-            .map_err(|e| EngineError::io(path, format!("cannot open metrics log: {e}")))?;
+        let file = File::open(path).map_err(|e| EngineError::io(path, format!("cannot open metrics log: {e}")))?;
         let mut out = Vec::new();
         for (i, line) in BufReader::new(file).lines().enumerate() {
-            let line = line
-                .map_err(|e| EngineError::io(path, format!("line {}: cannot read: {e}", i + 1)))?;
+            let line = line.map_err(|e| EngineError::io(path, format!("line {}: cannot read: {e}", i + 1)))?;
             if line.trim().is_empty() {
                 continue;
             }
-            let v = serde_json::from_str(&line).map_err(|e| {
-                EngineError::io(path, format!("line {}: malformed JSON: {e}", i + 1))
-            })?;
+            let v = serde_json::from_str(&line)
+                .map_err(|e| EngineError::io(path, format!("line {}: malformed JSON: {e}", i + 1)))?;
             out.push(v);
         }
         Ok(out)
@@ -167,8 +150,7 @@ mod tests {
         let p = dir.path().join("sub/metrics.jsonl");
         let mut log = MetricsLog::create(&p).unwrap();
         log.log(&json!({"step": 1, "loss": 0.5})).unwrap();
-        log.log(&json!({"step": 2, "loss": 0.25, "note": "a\nb"}))
-            .unwrap();
+        log.log(&json!({"step": 2, "loss": 0.25, "note": "a\nb"})).unwrap();
         // Flushed: readable while still open.
         let recs = MetricsLog::read(&p).unwrap();
         assert_eq!(recs.len(), 2);
@@ -198,10 +180,7 @@ mod tests {
         let mut log = MetricsLog::resume(&p, 3).unwrap();
         log.log(&json!({"step": 4, "loss": 40.0})).unwrap();
         let recs = MetricsLog::read(&p).unwrap();
-        let steps: Vec<_> = recs
-            .iter()
-            .filter_map(|r| r.get("step").and_then(|s| s.as_u64()))
-            .collect();
+        let steps: Vec<_> = recs.iter().filter_map(|r| r.get("step").and_then(|s| s.as_u64())).collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
         assert_eq!(recs[0]["event"], "start");
         assert_eq!(recs.last().unwrap()["loss"], 40.0);
@@ -220,9 +199,7 @@ mod tests {
         std::fs::write(&p, "{\"step\":1}\n\n{\"step\":2}\n{oops\n").unwrap();
         let err = MetricsLog::read(&p).unwrap_err().to_string();
         assert!(err.contains("line 4") && err.contains("m.jsonl"), "{err}");
-        let err = MetricsLog::read(dir.path().join("none.jsonl"))
-            .unwrap_err()
-            .to_string();
+        let err = MetricsLog::read(dir.path().join("none.jsonl")).unwrap_err().to_string();
         assert!(err.contains("none.jsonl"), "{err}");
     }
 }

@@ -47,23 +47,21 @@ fn font_px(cell: u32) -> u32 {
 /// Top-left pixel of the cell at (`row`, `col`) in a grid of `size`×`size` images.
 pub fn cell_origin(size: u32, row: u32, col: u32) -> (u32, u32) {
     let cell = size * display_scale(size);
-    (
-        GUTTER + col * (cell + GUTTER),
-        header_height(size) + row * (cell + GUTTER),
-    )
+    (GUTTER + col * (cell + GUTTER), header_height(size) + row * (cell + GUTTER))
 }
 
-/// Converts CHW [0, 1] data to an RGB image (values clamped, NaN → 0).
+/// Converts CHW [0, 1] data of a `size`×`size` image to an RGB image (values clamped, NaN → 0).
 ///
 /// Panics if `data.len() != 3 * size * size` ([`save_grid`] checks this and returns an error).
 pub fn chw_to_rgb_image(data: &[f32], size: u32) -> RgbImage {
-    let plane = (size as usize) * (size as usize);
-    assert_eq!(
-        data.len(),
-        3 * plane,
-        "chw_to_rgb_image: expected 3*{size}*{size} values, got {}",
-        data.len()
-    );
+    chw_to_rgb(data, size, size)
+}
+
+/// Converts CHW [0, 1] data of a `width`×`height` image to an RGB image (values clamped,
+/// NaN → 0). Panics if `data.len() != 3 * width * height`.
+pub fn chw_to_rgb(data: &[f32], width: u32, height: u32) -> RgbImage {
+    let plane = (width as usize) * (height as usize);
+    assert_eq!(data.len(), 3 * plane, "chw_to_rgb: expected 3*{width}*{height} values, got {}", data.len());
     let to_u8 = |v: f32| {
         if v.is_nan() {
             0
@@ -71,26 +69,16 @@ pub fn chw_to_rgb_image(data: &[f32], size: u32) -> RgbImage {
             (v.clamp(0.0, 1.0) * 255.0).round() as u8
         }
     };
-    RgbImage::from_fn(size, size, |x, y| {
-        let i = (y * size + x) as usize;
-        Rgb([
-            to_u8(data[i]),
-            to_u8(data[plane + i]),
-            to_u8(data[2 * plane + i]),
-        ])
+    RgbImage::from_fn(width, height, |x, y| {
+        let i = (y * width + x) as usize;
+        Rgb([to_u8(data[i]), to_u8(data[plane + i]), to_u8(data[2 * plane + i])])
     })
 }
 
 /// A temp path next to `path` that keeps its extension (so encoders inferring the format work).
 pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let ext = path
-        .extension()
-        .map(|e| format!(".{}", e.to_string_lossy()))
-        .unwrap_or_default();
+    let stem = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
     path.with_file_name(format!(".{stem}.tmp-{}{ext}", std::process::id()))
 }
 
@@ -113,22 +101,23 @@ pub(crate) fn save_png_atomic(path: &Path, img: &RgbImage) -> Result<()> {
     })
 }
 
+/// Writes CHW [0, 1] data of a `width`×`height` image as a PNG, atomically.
+pub fn save_chw_png(path: &Path, data: &[f32], width: u32, height: u32) -> Result<()> {
+    if data.len() != 3 * width as usize * height as usize {
+        return Err(EngineError::io(path, format!("expected 3×{height}×{width} values, got {}", data.len())));
+    }
+    save_png_atomic(path, &chw_to_rgb(data, width, height))
+}
+
 /// Draws `texts` (centre-anchored at the given pixel) in black onto `img`.
-pub(crate) fn draw_texts(
-    img: &mut RgbImage,
-    texts: &[(&str, (i32, i32))],
-    px: u32,
-) -> std::result::Result<(), String> {
+pub(crate) fn draw_texts(img: &mut RgbImage, texts: &[(&str, (i32, i32))], px: u32) -> std::result::Result<(), String> {
     crate::plots::ensure_fonts();
     let (w, h) = img.dimensions();
     let buf: &mut [u8] = img;
     let root = BitMapBackend::with_buffer(buf, (w, h)).into_drawing_area();
-    let style = TextStyle::from(("sans-serif", px).into_font())
-        .color(&BLACK)
-        .pos(Pos::new(HPos::Center, VPos::Center));
+    let style = TextStyle::from(("sans-serif", px).into_font()).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center));
     for (text, pos) in texts {
-        root.draw_text(text, &style, *pos)
-            .map_err(|e| e.to_string())?;
+        root.draw_text(text, &style, *pos).map_err(|e| e.to_string())?;
     }
     root.present().map_err(|e| e.to_string())?;
     Ok(())
@@ -136,10 +125,7 @@ pub(crate) fn draw_texts(
 
 /// Saves the reference | target | generated grid of `rows` (images of side `size`) as a PNG.
 pub fn save_grid(path: &Path, size: u32, rows: &[GridRow<'_>]) -> Result<()> {
-    let bad = |message: String| EngineError::Io {
-        path: path.to_path_buf(),
-        message,
-    };
+    let bad = |message: String| EngineError::Io { path: path.to_path_buf(), message };
     if size == 0 {
         return Err(bad("cannot draw grid: image size 0".into()));
     }
@@ -148,11 +134,7 @@ pub fn save_grid(path: &Path, size: u32, rows: &[GridRow<'_>]) -> Result<()> {
     }
     let want = 3 * (size as usize) * (size as usize);
     for (i, r) in rows.iter().enumerate() {
-        for (name, d) in [
-            ("reference", r.reference),
-            ("target", r.target),
-            ("generated", r.generated),
-        ] {
+        for (name, d) in [("reference", r.reference), ("target", r.target), ("generated", r.generated)] {
             if d.len() != want {
                 return Err(bad(format!(
                     "cannot draw grid: row {i} {name} has {} values, expected 3*{size}*{size} = {want}",
@@ -168,14 +150,10 @@ pub fn save_grid(path: &Path, size: u32, rows: &[GridRow<'_>]) -> Result<()> {
     let height = header + rows.len() as u32 * (cell + GUTTER);
     let mut canvas = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
     for (r, row) in rows.iter().enumerate() {
-        for (c, data) in [row.reference, row.target, row.generated]
-            .into_iter()
-            .enumerate()
-        {
+        for (c, data) in [row.reference, row.target, row.generated].into_iter().enumerate() {
             let mut img = chw_to_rgb_image(data, size);
             if scale > 1 {
-                img =
-                    image::imageops::resize(&img, cell, cell, image::imageops::FilterType::Nearest);
+                img = image::imageops::resize(&img, cell, cell, image::imageops::FilterType::Nearest);
             }
             let (x, y) = cell_origin(size, r as u32, c as u32);
             image::imageops::replace(&mut canvas, &img, x as i64, y as i64);
@@ -189,8 +167,7 @@ pub fn save_grid(path: &Path, size: u32, rows: &[GridRow<'_>]) -> Result<()> {
             (*t, ((x + cell / 2) as i32, (header / 2) as i32))
         })
         .collect();
-    draw_texts(&mut canvas, &texts, font_px(cell))
-        .map_err(|e| bad(format!("cannot draw grid titles: {e}")))?;
+    draw_texts(&mut canvas, &texts, font_px(cell)).map_err(|e| bad(format!("cannot draw grid titles: {e}")))?;
     save_png_atomic(path, &canvas)
 }
 
@@ -228,16 +205,8 @@ mod tests {
         let blue = solid(size, [0.0, 0.0, 1.0]);
         let over = solid(size, [3.0, -2.0, 0.5]);
         let rows = [
-            GridRow {
-                reference: &red,
-                target: &green,
-                generated: &blue,
-            },
-            GridRow {
-                reference: &blue,
-                target: &red,
-                generated: &over,
-            },
+            GridRow { reference: &red, target: &green, generated: &blue },
+            GridRow { reference: &blue, target: &red, generated: &over },
         ];
         save_grid(&p, size, &rows).unwrap();
         let img = image::open(&p).unwrap().to_rgb8();
@@ -280,17 +249,8 @@ mod tests {
         let p = dir.path().join("g.png");
         let ok = solid(8, [0.5; 3]);
         let short = vec![0.0; 10];
-        let err = save_grid(
-            &p,
-            8,
-            &[GridRow {
-                reference: &ok,
-                target: &short,
-                generated: &ok,
-            }],
-        )
-        .unwrap_err()
-        .to_string();
+        let err =
+            save_grid(&p, 8, &[GridRow { reference: &ok, target: &short, generated: &ok }]).unwrap_err().to_string();
         assert!(err.contains("g.png") && err.contains("target"), "{err}");
         assert!(save_grid(&p, 8, &[]).is_err());
         assert!(!p.exists());

@@ -25,6 +25,8 @@ Examples:
   host train --config configs/quickstart-cpu.toml --resume
   host config show --config configs/quickstart-cpu.toml --set train.lr=3e-4
   host eval-faces --sample-dir output/sample --output-json face_metrics.json
+  host generate --config runs/x/config.toml --weights runs/x/final --prompt \"a photo\" --output gen/
+  host data check ~/datasets/dataset.toml
   host plugins list";
 
 #[derive(Parser)]
@@ -52,6 +54,75 @@ enum Command {
     /// JSON report, per-pair CSV, plot by step.
     #[command(after_help = EVAL_FACES_HELP)]
     EvalFaces(EvalFacesArgs),
+    /// Datasets: check what a layout finds and every problem by path.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Generate images with a (trained) model plugin: PNGs with the settings in their metadata.
+    #[command(after_help = GENERATE_HELP)]
+    Generate(GenerateArgs),
+}
+
+const GENERATE_HELP: &str = "\
+The model comes from --plugin and its model.config from --config (any run's config.toml, or
+a config file's [model] section) plus --set model.config.KEY=VALUE and --pretrained. --weights
+loads what training wrote (a run's final/, best/ or checkpoints/step-N/). Image i uses seed
+--seed + i and is written as <seed>_<i>.png, with prompt, seed, steps, guidance, adapter scale,
+model and weights in its PNG text chunks. The model must implement ABI 1.1's `sample`.
+
+Examples:
+  host generate --config runs/x/config.toml --weights runs/x/final --prompt \"a photo of sks person\" --output gen/
+  host generate --plugin testing-flow --prompt a --prompt b --seed 7 --steps 20 --cfg 4 --width 64 --height 64 --output gen/";
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Model plugin id (default: the config file's model.plugin).
+    #[arg(long)]
+    plugin: Option<String>,
+    /// A config file whose [model] section (plugin, config) is used.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Base weights (`model.config.pretrained`; DRIP's --pretrained_model, musubi-tuner's --dit).
+    #[arg(long, value_name = "PATH", visible_aliases = ["pretrained_model", "dit"])]
+    pretrained: Option<PathBuf>,
+    /// Trained state to load (a run's final/, best/ or checkpoints/step-N/).
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// A prompt (repeatable: one image per prompt).
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Identity reference image (one for all prompts, or one per prompt).
+    #[arg(long, value_name = "IMAGE")]
+    reference: Vec<PathBuf>,
+    /// Control image (one for all prompts, or one per prompt).
+    #[arg(long, value_name = "IMAGE")]
+    control: Vec<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    width: u32,
+    #[arg(long, default_value_t = 512)]
+    height: u32,
+    /// Denoising steps (0 = the model's default).
+    #[arg(long, default_value_t = 0)]
+    steps: u32,
+    /// Guidance scale (0 = the model's default).
+    #[arg(long = "cfg", visible_alias = "guidance", default_value_t = 0.0)]
+    cfg: f64,
+    /// Seed of the first image.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Multiplier of the trained adapter (0 = the base model).
+    #[arg(long = "lora-scale", visible_alias = "adapter-scale", default_value_t = 1.0)]
+    lora_scale: f64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Any model.config key, e.g. --set model.config.latent_scale=0.5.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Output folder.
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
 }
 
 const EVAL_FACES_HELP: &str = "\
@@ -92,16 +163,16 @@ Examples:
 #[derive(Args)]
 struct EvalFacesArgs {
     /// musubi-tuner sample folder with control_image_<idx> and generated samples (see below).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["control_dir", "generated_dir"], required_unless_present_all = ["control_dir", "generated_dir"])]
+    #[arg(long, visible_alias = "sample_dir", value_name = "DIR", conflicts_with_all = ["control_dir", "generated_dir"], required_unless_present_all = ["control_dir", "generated_dir"])]
     sample_dir: Option<PathBuf>,
     /// Folder of control (reference) images; use with --generated-dir.
-    #[arg(long, value_name = "DIR", requires = "generated_dir")]
+    #[arg(long, visible_alias = "control_dir", value_name = "DIR", requires = "generated_dir")]
     control_dir: Option<PathBuf>,
     /// Folder of generated images, matched to control images by file stem (see below).
-    #[arg(long, value_name = "DIR", requires = "control_dir")]
+    #[arg(long, visible_alias = "generated_dir", value_name = "DIR", requires = "control_dir")]
     generated_dir: Option<PathBuf>,
     /// JSON report (seed 004's format).
-    #[arg(long, value_name = "FILE", default_value = "face_consistency_results.json")]
+    #[arg(long, visible_alias = "output_json", value_name = "FILE", default_value = "face_consistency_results.json")]
     output_json: PathBuf,
     /// Per-pair CSV (control, generated, step, similarity, valid, reason) [default: <json stem>.pairs.csv].
     #[arg(long, value_name = "FILE")]
@@ -113,22 +184,22 @@ struct EvalFacesArgs {
     #[arg(long, value_name = "ID", default_value = "arcface")]
     metric: String,
     /// Config passed to the metric plugin (a JSON object).
-    #[arg(long, value_name = "JSON")]
+    #[arg(long, visible_alias = "metric_config", value_name = "JSON")]
     metric_config: Option<String>,
     /// Model pack, e.g. buffalo_l, buffalo_s, antelopev2 (added to the metric config as `model_name`).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, visible_alias = "model_name", value_name = "NAME")]
     model_name: Option<String>,
     /// Face detection size, e.g. 640 or 1024 (added to the metric config as `det_size`).
-    #[arg(long, value_name = "N")]
+    #[arg(long, visible_alias = "det_size", value_name = "N")]
     det_size: Option<u32>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Images per metric call.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, visible_alias = "batch_size", default_value_t = 16)]
     batch_size: usize,
     /// Images are fitted into N x N before embedding (see below).
-    #[arg(long, value_name = "N", default_value_t = 640)]
+    #[arg(long, visible_alias = "image_size", value_name = "N", default_value_t = 640)]
     image_size: u32,
     /// Decoding threads (0 = one per CPU).
     #[arg(long, default_value_t = 0)]
@@ -159,7 +230,7 @@ enum PluginsCommand {
 
 #[derive(Args, Clone)]
 struct ConfigArgs {
-    /// Run config (TOML). See configs/ for commented examples.
+    /// Run config: TOML, or seed 000's train/config.yaml (.yaml/.yml). See configs/ for commented examples.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
     /// Model plugin id (`model.plugin`).
@@ -172,22 +243,31 @@ struct ConfigArgs {
     #[arg(long, value_name = "ID")]
     loss: Option<String>,
     /// Dataset root (`data.root`).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", visible_alias = "data_root")]
     data: Option<PathBuf>,
     /// Output directory (`run.output`).
-    #[arg(long, short = 'o', value_name = "DIR")]
+    #[arg(long, short = 'o', value_name = "DIR", visible_alias = "output_dir")]
     output: Option<PathBuf>,
+    /// Base name of the trained adapter's files and the samples' prefix (`run.output_name`; musubi-tuner's --output_name).
+    #[arg(long = "output-name", value_name = "NAME", visible_alias = "output_name")]
+    output_name: Option<String>,
+    /// musubi-tuner's dataset.toml (`data.dataset_config`, with `data.layout = "musubi"`; also the data root unless --data or the config sets one).
+    #[arg(long = "dataset-config", value_name = "FILE", visible_alias = "dataset_config")]
+    dataset_config: Option<PathBuf>,
+    /// Base weights: a diffusers folder or a single file (`model.config.pretrained`; DRIP's --pretrained_model, musubi-tuner's --dit).
+    #[arg(long, value_name = "PATH", visible_aliases = ["pretrained_model", "dit"])]
+    pretrained: Option<PathBuf>,
     /// Optimizer steps (`train.steps`; overrides epochs when > 0).
-    #[arg(long)]
+    #[arg(long, visible_alias = "max_train_steps")]
     steps: Option<u64>,
     /// Epochs (`train.epochs`).
-    #[arg(long)]
+    #[arg(long, visible_alias = "max_train_epochs")]
     epochs: Option<u64>,
     /// Peak learning rate (`train.lr`).
-    #[arg(long)]
+    #[arg(long, visible_alias = "learning_rate")]
     lr: Option<f64>,
     /// Micro-batch size (`train.batch_size`).
-    #[arg(long = "batch-size")]
+    #[arg(long = "batch-size", visible_alias = "batch_size")]
     batch_size: Option<usize>,
     /// Seed for data order, split and initialisation (`run.seed`).
     #[arg(long)]
@@ -195,6 +275,12 @@ struct ConfigArgs {
     /// cpu, cuda or cuda:N (`run.device`).
     #[arg(long)]
     device: Option<String>,
+    /// Write samples every N optimizer steps (`sample.every_steps`; musubi-tuner's flag).
+    #[arg(long = "sample-every-n-steps", visible_alias = "sample_every_n_steps", value_name = "N")]
+    sample_every_n_steps: Option<u64>,
+    /// Checkpoint and adapter copy every N optimizer steps (`train.save_every`; musubi-tuner's flag).
+    #[arg(long = "save-every-n-steps", visible_alias = "save_every_n_steps", value_name = "N")]
+    save_every_n_steps: Option<u64>,
     /// Any other key, e.g. --set train.warmup_steps=20 --set model.config.image_size=32.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -226,7 +312,18 @@ impl ConfigArgs {
             batch_size: self.batch_size,
             seed: self.seed,
             device: self.device.clone(),
-            set: self.set.clone(),
+            pretrained: self.pretrained.clone(),
+            output_name: self.output_name.clone(),
+            dataset_config: self.dataset_config.clone(),
+            // musubi-tuner's spellings of two keys, below any explicit --set.
+            set: [
+                self.sample_every_n_steps.map(|n| format!("sample.every_steps={n}")),
+                self.save_every_n_steps.map(|n| format!("train.save_every={n}")),
+            ]
+            .into_iter()
+            .flatten()
+            .chain(self.set.iter().cloned())
+            .collect(),
         };
         Layered::new(self.config.as_deref(), &o)
     }
@@ -257,11 +354,24 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             let reg = registry();
             let opts = TrainOptions { resume: a.resume, progress: !a.no_progress && std::io::stderr().is_terminal() };
             let s = train(&cfg, &reg, &opts)?;
-            let fmt = |v: Option<f64>| v.map(|v| format!("{v:.5}")).unwrap_or_else(|| "n/a (no validation pairs)".into());
-            println!("training finished: {} optimizer steps in {:.1} s{}", s.steps, s.seconds, s.resumed_from.map(|r| format!(" (resumed from step {r})")).unwrap_or_default());
-            println!("  validation loss: first {}  last {}  best {}", fmt(s.first_val_loss), fmt(s.last_val_loss), fmt(s.best_val_loss));
+            let fmt =
+                |v: Option<f64>| v.map(|v| format!("{v:.5}")).unwrap_or_else(|| "n/a (no validation pairs)".into());
+            println!(
+                "training finished: {} optimizer steps in {:.1} s{}",
+                s.steps,
+                s.seconds,
+                s.resumed_from.map(|r| format!(" (resumed from step {r})")).unwrap_or_default()
+            );
+            println!(
+                "  validation loss: first {}  last {}  best {}",
+                fmt(s.first_val_loss),
+                fmt(s.last_val_loss),
+                fmt(s.best_val_loss)
+            );
             if let Some(p) = &s.identity_plot {
-                let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a (no face found in a validation pair)".into());
+                let fmt = |v: Option<f64>| {
+                    v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a (no face found in a validation pair)".into())
+                };
                 println!(
                     "  identity similarity: first {}  last {}  (plot: {})",
                     fmt(s.first_identity_similarity),
@@ -275,6 +385,12 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             }
             println!("  checkpoints:     {}", s.checkpoints.display());
             println!("  sample grids:    {}", s.samples.display());
+            for a in &s.adapters {
+                println!("  adapter:         {}", a.display());
+            }
+            if let Some(f) = &s.face_consistency {
+                println!("  face consistency: {}", f.display());
+            }
             println!("  metrics (JSONL): {}", s.metrics.display());
             println!("  loss plot:       {}", s.plot.display());
             Ok(ExitCode::SUCCESS)
@@ -284,7 +400,11 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             let inputs = match (&a.sample_dir, &a.control_dir, &a.generated_dir) {
                 (Some(d), _, _) => EvalInputs::SampleDir(d.clone()),
                 (None, Some(c), Some(g)) => EvalInputs::Dirs { control: c.clone(), generated: g.clone() },
-                _ => return Err(likeness_engine::EngineError::Config("give --sample-dir DIR, or --control-dir DIR and --generated-dir DIR".into())),
+                _ => {
+                    return Err(likeness_engine::EngineError::Config(
+                        "give --sample-dir DIR, or --control-dir DIR and --generated-dir DIR".into(),
+                    ))
+                }
             };
             let opts = EvalFacesOptions {
                 inputs,
@@ -305,6 +425,8 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             print!("{}", summary_text(&report));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Data(DataCommand::Check(a)) => cmd_data_check(a),
+        Command::Generate(a) => cmd_generate(a, &registry()),
         Command::Config(ConfigCommand::Show(a)) => {
             let l = a.layered()?;
             let rows = l.provenance()?;
@@ -317,10 +439,18 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
         }
         Command::Plugins(PluginsCommand::List) => {
             let reg = registry();
-            println!("{:<24} {:<7} {:<9} {:<5} {:<24} {}", "ID", "KIND", "VERSION", "ABI", "FOUND VIA", "SUMMARY");
+            println!("{:<24} {:<7} {:<9} {:<5} {:<24} SUMMARY", "ID", "KIND", "VERSION", "ABI", "FOUND VIA");
             for d in &reg.plugins {
                 let m = &d.manifest;
-                println!("{:<24} {:<7} {:<9} {:<5} {:<24} {}", m.id, m.kind.as_str(), m.version, m.abi.to_string(), d.source.as_str(), m.summary);
+                println!(
+                    "{:<24} {:<7} {:<9} {:<5} {:<24} {}",
+                    m.id,
+                    m.kind.as_str(),
+                    m.version,
+                    m.abi.to_string(),
+                    d.source.as_str(),
+                    m.summary
+                );
                 for s in &d.shadowed {
                     println!("{:<24} (shadowed: {})", "", s.display());
                 }
@@ -333,18 +463,23 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             }
             println!("\nsearched:");
             for d in &reg.dirs {
-                println!("  {} ({}{})", d.path.display(), d.source.as_str(), if d.path.is_dir() { "" } else { ", missing" });
+                println!(
+                    "  {} ({}{})",
+                    d.path.display(),
+                    d.source.as_str(),
+                    if d.path.is_dir() { "" } else { ", missing" }
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins(PluginsCommand::Inspect { id }) => {
             let reg = registry();
-            let d = reg
-                .plugins
-                .iter()
-                .find(|d| &d.manifest.id == id)
-                .ok_or_else(|| likeness_engine::EngineError::Config(format!("no plugin `{id}` found (see `host plugins list`)")))?;
-            let lib = reg.check(d).map_err(|e| likeness_engine::EngineError::Plugin { plugin: id.clone(), message: e.to_string() })?;
+            let d = reg.plugins.iter().find(|d| &d.manifest.id == id).ok_or_else(|| {
+                likeness_engine::EngineError::Config(format!("no plugin `{id}` found (see `host plugins list`)"))
+            })?;
+            let lib = reg
+                .check(d)
+                .map_err(|e| likeness_engine::EngineError::Plugin { plugin: id.clone(), message: e.to_string() })?;
             let desc = &lib.descriptor;
             println!("id:             {}", desc.id);
             println!("kind:           {}", desc.kind.as_str());
@@ -354,16 +489,68 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             println!("manifest:       {}", d.manifest.path.display());
             println!("library:        {}", lib.path.display());
             println!("differentiable: {}", desc.capabilities.differentiable);
-            println!("devices:        {}", desc.capabilities.devices.iter().map(|d| format!("{d:?}").to_lowercase()).collect::<Vec<_>>().join(", "));
-            println!("dtypes:         {}", desc.capabilities.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>().join(", "));
+            println!(
+                "devices:        {}",
+                desc.capabilities
+                    .devices
+                    .iter()
+                    .map(|d| format!("{d:?}").to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "dtypes:         {}",
+                desc.capabilities.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ")
+            );
             println!("built with:     {}", desc.build.rustc);
-            let opt = |o: &likeness_engine::abi_stable::std_types::ROption<likeness_engine::abi_stable::std_types::RString>| {
-                o.as_ref().map(|s| s.to_string()).into_option().unwrap_or_else(|| "-".into())
-            };
+            let opt = |o: &likeness_engine::abi_stable::std_types::ROption<
+                likeness_engine::abi_stable::std_types::RString,
+            >| { o.as_ref().map(|s| s.to_string()).into_option().unwrap_or_else(|| "-".into()) };
             println!("libtorch:       {}", opt(&desc.build.libtorch));
             println!("onnxruntime:    {}", opt(&desc.build.onnxruntime));
             println!("cuda:           {}", opt(&desc.build.cuda));
-            let schema: serde_json::Value = serde_json::from_str(&desc.config_schema).unwrap_or(serde_json::Value::Null);
+            if desc.kind == likeness_engine::abi::PluginKind::Model {
+                // What the model reads and produces with its default config (ABI 1.1; a 1.0
+                // plugin has the 1.0 contract).
+                let i = reg.open_model_library(id)?.interface("{}")?;
+                let decls = |v: &[likeness_engine::abi::IoDecl]| {
+                    if v.is_empty() {
+                        return "-".to_string();
+                    }
+                    v.iter()
+                        .map(|d| format!("{}{}", d.name, if d.required { "" } else { " (optional)" }))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let names = |v: &[likeness_engine::abi_stable::std_types::RString]| {
+                    if v.is_empty() {
+                        "-".to_string()
+                    } else {
+                        v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+                    }
+                };
+                println!("images in:      {}", decls(&i.images));
+                println!("texts in:       {}", decls(&i.texts));
+                println!("outputs:        {}", decls(&i.outputs));
+                println!("own loss:       {}", i.internal_loss);
+                println!(
+                    "encodings:      {}",
+                    if i.encodings.is_empty() {
+                        "-".to_string()
+                    } else {
+                        i.encodings
+                            .iter()
+                            .map(|e| format!("{} (of {})", e.name, e.source))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                );
+                println!("param groups:   {}", names(&i.param_groups));
+                println!("adapters:       {}", names(&i.adapter_formats));
+                println!("can sample:     {}", i.can_sample);
+            }
+            let schema: serde_json::Value =
+                serde_json::from_str(&desc.config_schema).unwrap_or(serde_json::Value::Null);
             println!("config schema:\n{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
@@ -376,7 +563,12 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             }
             for d in &reg.plugins {
                 match reg.check(d) {
-                    Ok(_) => println!("ok    {} ({} plugin, {})", d.manifest.id, d.manifest.kind.as_str(), d.manifest.library.display()),
+                    Ok(_) => println!(
+                        "ok    {} ({} plugin, {})",
+                        d.manifest.id,
+                        d.manifest.kind.as_str(),
+                        d.manifest.library.display()
+                    ),
                     Err(e) => {
                         println!("FAIL  {}: {e}", d.manifest.id);
                         problems += 1;
@@ -387,4 +579,106 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// What a dataset holds (examples, images per role, captions, controls, buckets) and every
+    /// problem by path; exit status 1 when no example is usable.
+    #[command(after_help = DATA_CHECK_HELP)]
+    Check(DataCheckArgs),
+}
+
+const DATA_CHECK_HELP: &str = "\
+Layouts (data.layout; guessed when --layout is omitted: a .toml file or a folder with
+dataset.toml -> musubi, person_*/ folders -> drip, <attr>/source/ -> pairs, else bundles):
+  bundles  <root>/<bundle>/char_*/img_*             seed 000: first image = reference
+  drip     <root>/person_*/{ref_face.jpg, orig.jpg, prompt.txt}          seed 002 (DRIP)
+  pairs    <datasets_folder>/<attr>/{source,target}/<name>  by file name, seed 003 (PairEdit)
+  musubi   musubi-tuner's dataset.toml ([general] + [[datasets]]), read as is
+Roles: images target, reference, control, control_1, ...; texts caption (pairs: attribute).
+Buckets are musubi-tuner's (BucketSelector); --set enable_bucket=true --set resolution=512
+turns them on for bundles, drip and pairs (musubi reads its own from the toml).
+
+Examples:
+  host data check ~/faces
+  host data check path/to/dataset.toml --json
+  host data check datasets --layout pairs --set 'attributes=[\"age\", \"smile\"]'";
+
+#[derive(Args)]
+struct DataCheckArgs {
+    /// A dataset folder, or a musubi-tuner dataset.toml.
+    path: PathBuf,
+    /// Dataset layout [default: guessed from PATH].
+    #[arg(long, value_parser = ["bundles", "drip", "pairs", "musubi"])]
+    layout: Option<String>,
+    /// Print the report as JSON (every example, bucket and problem).
+    #[arg(long)]
+    json: bool,
+    /// Any other [data] key, e.g. --set enable_bucket=true --set resolution=[960,544].
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Seed of the train/val/test split (run.seed).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+/// `host data check`.
+fn cmd_data_check(a: &DataCheckArgs) -> likeness_engine::Result<ExitCode> {
+    use likeness_engine::data;
+    use std::io::Write;
+    // A closed pipe (`| head`) ends the output quietly.
+    let mut out = std::io::stdout().lock();
+    let ds = data::config_with(&a.path, a.layout.as_deref(), &a.set).and_then(|cfg| data::inspect(&cfg, a.seed));
+    let ds = match (ds, a.json) {
+        (Ok(ds), _) => ds,
+        (Err(e), true) => {
+            let _ = writeln!(out, "{}", serde_json::json!({"usable": false, "error": e.to_string()}));
+            return Ok(ExitCode::FAILURE);
+        }
+        (Err(e), false) => return Err(e),
+    };
+    if a.json {
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&ds.report_json()).unwrap_or_default());
+    } else {
+        let _ = writeln!(out, "{}", ds.describe_all());
+        if ds.is_empty() {
+            let _ = writeln!(out, "no usable example; {}", data::expected_layout(&ds.layout));
+        }
+    }
+    Ok(if ds.is_empty() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn cmd_generate(a: &GenerateArgs, reg: &Registry) -> likeness_engine::Result<ExitCode> {
+    use likeness_engine::generate::{generate, GenerateOptions};
+    let model = likeness_engine::config::model_section(
+        a.config.as_deref(),
+        a.plugin.as_deref(),
+        a.pretrained.as_deref(),
+        &a.set,
+    )?;
+    let files = generate(
+        reg,
+        &GenerateOptions {
+            plugin: model.plugin,
+            model_config: model.config,
+            weights: a.weights.clone(),
+            prompts: a.prompt.clone(),
+            negative_prompt: a.negative_prompt.clone(),
+            references: a.reference.clone(),
+            controls: a.control.clone(),
+            width: a.width,
+            height: a.height,
+            steps: a.steps,
+            guidance: a.cfg,
+            seed: a.seed,
+            adapter_scale: a.lora_scale,
+            device: a.device.clone(),
+            output: a.output.clone(),
+        },
+    )?;
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

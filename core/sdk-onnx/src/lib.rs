@@ -24,8 +24,8 @@ use likeness_sdk::abi::ManagedTensor;
 use likeness_sdk::cpu::Element;
 use likeness_sdk::{err, CpuTensor, DataType, Device, DeviceType, Result, TensorView};
 use ort::value::{
-    DynTensor, DynTensorValueType, DynValue, PrimitiveTensorElementType, Tensor, TensorElementType, TensorRef,
-    Value, ValueType, ValueTypeMarker,
+    DynTensor, DynTensorValueType, DynValue, PrimitiveTensorElementType, Tensor, TensorElementType, TensorRef, Value,
+    ValueType, ValueTypeMarker,
 };
 
 /// The `ort` crate this SDK is built on.
@@ -54,32 +54,14 @@ pub fn find_onnxruntime_library() -> Option<PathBuf> {
             return Some(p);
         }
     }
-    venv_candidates().into_iter().find_map(|venv| find_in_venv(&venv))
-}
-
-fn venv_candidates() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Some(home) = std::env::var_os("LIKENESS_HOME").filter(|p| !p.is_empty()) {
-        out.push(PathBuf::from(home).join("venv"));
-    }
-    if let Some(home) = std::env::var_os("HOME").filter(|p| !p.is_empty()) {
-        out.push(PathBuf::from(home).join(".cache/likeness/venv"));
-    }
-    out
+    likeness_sdk::venv::venv_candidates().into_iter().find_map(|venv| find_in_venv(&venv))
 }
 
 /// `<venv>/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*` (the highest
 /// versioned name when several match).
 fn find_in_venv(venv: &Path) -> Option<PathBuf> {
-    let mut pythons: Vec<PathBuf> = std::fs::read_dir(venv.join("lib"))
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-        .map(|e| e.path())
-        .collect();
-    pythons.sort();
-    for py in pythons.iter().rev() {
-        let capi = py.join("site-packages/onnxruntime/capi");
+    for site in likeness_sdk::venv::site_packages(venv)?.iter().rev() {
+        let capi = site.join("onnxruntime/capi");
         let Ok(entries) = std::fs::read_dir(&capi) else { continue };
         let mut libs: Vec<PathBuf> = entries
             .flatten()
@@ -244,7 +226,11 @@ fn check_cpu(view: &TensorView, what: &str) -> Result<()> {
 
 fn check_dtype<T: Element>(view: &TensorView, what: &str) -> Result<()> {
     if view.dtype != T::DTYPE {
-        return Err(err::input(format!("{what}: the view has dtype {}, expected {}", view.dtype.name(), T::DTYPE.name())));
+        return Err(err::input(format!(
+            "{what}: the view has dtype {}, expected {}",
+            view.dtype.name(),
+            T::DTYPE.name()
+        )));
     }
     Ok(())
 }
@@ -303,7 +289,10 @@ pub unsafe fn view_as_ort_typed<T: Element + PrimitiveTensorElementType + Debug>
         ptr
     };
     if !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
-        return Err(err::input(format!("view_as_ort: the view's data pointer {ptr:p} is not aligned for {}", T::DTYPE.name())));
+        return Err(err::input(format!(
+            "view_as_ort: the view's data pointer {ptr:p} is not aligned for {}",
+            T::DTYPE.name()
+        )));
     }
     // SAFETY: the caller guarantees `numel` elements at `ptr` for the call's duration; the
     // array is compact row-major as checked above.
@@ -327,9 +316,8 @@ pub fn ort_to_managed<Type: ValueTypeMarker + ?Sized>(value: Value<Type>) -> Res
         other => return Err(err::input(format!("ort_to_managed: expected a tensor, got {other:?}"))),
     };
     let dtype = dtype_of(ty)?;
-    let tensor: DynTensor = value
-        .downcast::<DynTensorValueType>()
-        .map_err(|e| err::internal(format!("ort_to_managed: {e}")))?;
+    let tensor: DynTensor =
+        value.downcast::<DynTensorValueType>().map_err(|e| err::internal(format!("ort_to_managed: {e}")))?;
     if !tensor.memory_info().is_cpu_accessible() {
         return Err(err::unsupported(format!(
             "ort_to_managed: the tensor lives on {:?}; only CPU tensors are handled for now",
@@ -380,7 +368,8 @@ mod tests {
     #[test]
     fn build_info_version_is_parsed() {
         assert_eq!(
-            version_from_build_info("ORT Build Info: git-branch=rel-1.32.0, git-commit-id=abc, build type=Release").as_deref(),
+            version_from_build_info("ORT Build Info: git-branch=rel-1.32.0, git-commit-id=abc, build type=Release")
+                .as_deref(),
             Some("1.32.0")
         );
         assert_eq!(version_from_build_info("ORT Build Info: git-branch=main"), None);

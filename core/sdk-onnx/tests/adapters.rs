@@ -1,7 +1,8 @@
 //! Adapter tests against the real ONNX Runtime (`libonnxruntime.so.1.32.0` from the project
-//! venv). They need `ORT_DYLIB_PATH` or the venv that scripts/setup.sh creates, and fail
-//! (never skip) without it. The oracle test also needs `LIKENESS_PYTHON` (the venv's python,
-//! with `onnx` and `onnxruntime`):
+//! venv). They need `ORT_DYLIB_PATH` or the venv that scripts/setup.sh creates; without it
+//! they print `skipped: <test> needs ONNX Runtime …` under a plain `cargo test` and fail when
+//! `CI` is set (`likeness_sdk::testing`). The oracle test also needs `LIKENESS_PYTHON` (the
+//! venv's python, with `onnx` and `onnxruntime`):
 //!
 //! ```text
 //! LIKENESS_PYTHON=~/.cache/likeness/venv/bin/python \
@@ -20,20 +21,28 @@ use likeness_sdk_onnx::*;
 use ort::session::Session;
 
 /// Tolerance against onnxruntime-python on the same model, input and library: both run the
-/// same CPU kernels, so the outputs should agree to f32 rounding (in practice exactly).
+/// same MLAS kernel on the same CPU (threads split a GEMM over rows and columns, never over the
+/// 5-term dot product), so the outputs agree exactly on every CPU (measured 0). The bound
+/// would even admit another order of the 6 terms (x·w and b, N(0, 1) data: Σ|terms| ≈ 4 for a
+/// typical row): √6·u·‖terms‖₂ ≈ 3e-7 (probabilistic; the worst case γ₆·Σ|terms| is 1.4e-6).
 const ORACLE_MAX_ABS_ERR: f64 = 1e-6;
 
-fn ort_ready() {
+/// ONNX Runtime loaded and initialised, or `None` after `skipped: <test> needs ONNX Runtime …`
+/// (a panic when `CI` is set). A library that is found but fails to initialise is a failure.
+fn ort_or_skip(test: &str) -> Option<()> {
     if find_onnxruntime_library().is_none() {
-        panic!(
-            "ONNX Runtime library not found: set ORT_DYLIB_PATH to libonnxruntime.so.{ONNXRUNTIME_EXPECTED} \
-             or run scripts/setup.sh (it installs onnxruntime=={ONNXRUNTIME_EXPECTED} into \
-             $LIKENESS_HOME/venv, default ~/.cache/likeness/venv)"
+        return likeness_sdk::testing::skip(
+            test,
+            &format!(
+                "ONNX Runtime (ORT_DYLIB_PATH naming libonnxruntime.so.{ONNXRUNTIME_EXPECTED}, or the venv of \
+                 scripts/setup.sh with onnxruntime=={ONNXRUNTIME_EXPECTED})"
+            ),
         );
     }
     if let Err(e) = init_from_env_or(None) {
         panic!("initialising ONNX Runtime failed (run scripts/setup.sh?): {e:?}");
     }
+    Some(())
 }
 
 fn round_trip(view: &TensorView) -> CpuTensor<f32> {
@@ -47,14 +56,14 @@ fn round_trip(view: &TensorView) -> CpuTensor<f32> {
 
 #[test]
 fn round_trip_contiguous() {
-    ort_ready();
+    let Some(()) = ort_or_skip("round_trip_contiguous") else { return };
     let t = CpuTensor::new(vec![2, 3, 4], (0..24).map(|x| x as f32 * 0.5 - 3.0).collect());
     assert_eq!(round_trip(&t.view()), t);
 }
 
 #[test]
 fn round_trip_strided_transposed_view() {
-    ort_ready();
+    let Some(()) = ort_or_skip("round_trip_strided_transposed_view") else { return };
     // A 2x3 tensor viewed transposed: 3x2 with strides [1, 3].
     let data: Vec<f32> = (0..6).map(|x| x as f32).collect();
     let shape = [3i64, 2];
@@ -79,7 +88,7 @@ fn round_trip_strided_transposed_view() {
 
 #[test]
 fn view_as_ort_is_zero_copy() {
-    ort_ready();
+    let Some(()) = ort_or_skip("view_as_ort_is_zero_copy") else { return };
     let t = CpuTensor::new(vec![2, 3], vec![1.0f32, -2.0, 3.5, 4.0, 0.0, -6.25]);
     let view = t.view();
     let r = unsafe { view_as_ort(&view) }.expect("view_as_ort");
@@ -91,7 +100,7 @@ fn view_as_ort_is_zero_copy() {
 
 #[test]
 fn i64_and_u8_round_trip() {
-    ort_ready();
+    let Some(()) = ort_or_skip("i64_and_u8_round_trip") else { return };
     let a = CpuTensor::<i64>::new(vec![2, 2], vec![i64::MIN, -1, 0, i64::MAX]);
     let m = ort_to_managed(view_to_ort_typed::<i64>(&a.view()).unwrap()).unwrap();
     assert_eq!(m.view.dtype, DataType::I64);
@@ -104,7 +113,7 @@ fn i64_and_u8_round_trip() {
 
 #[test]
 fn wrong_dtype_and_cuda_views_are_refused() {
-    ort_ready();
+    let Some(()) = ort_or_skip("wrong_dtype_and_cuda_views_are_refused") else { return };
     let t = CpuTensor::<u8>::new(vec![2], vec![1, 2]);
     let e = view_to_ort(&t.view()).unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidInput);
@@ -122,29 +131,35 @@ fn wrong_dtype_and_cuda_views_are_refused() {
 
 #[test]
 fn runtime_version_stamp() {
-    ort_ready();
+    let Some(()) = ort_or_skip("runtime_version_stamp") else { return };
     assert!(loaded_library().is_some());
     assert_eq!(onnxruntime_version().as_deref(), Some(ONNXRUNTIME_EXPECTED), "ort::info() = {}", ort::info());
     assert_eq!(onnxruntime_build_stamp(), ONNXRUNTIME_EXPECTED);
 }
 
 fn f32_list(j: &Json, key: &str) -> Vec<f32> {
-    j[key].as_array().unwrap_or_else(|| panic!("oracle.json: `{key}` missing")).iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    j[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("oracle.json: `{key}` missing"))
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn i64_list(j: &Json, key: &str) -> Vec<i64> {
-    j[key].as_array().unwrap_or_else(|| panic!("oracle.json: `{key}` missing")).iter().map(|v| v.as_i64().unwrap()).collect()
+    j[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("oracle.json: `{key}` missing"))
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect()
 }
 
 #[test]
 fn matches_onnxruntime_python() {
-    ort_ready();
-    let python = std::env::var_os("LIKENESS_PYTHON").filter(|p| !p.is_empty()).unwrap_or_else(|| {
-        panic!(
-            "LIKENESS_PYTHON is unset: point it at the project venv's python (scripts/setup.sh creates \
-             ~/.cache/likeness/venv/bin/python, with onnx and onnxruntime)"
-        )
-    });
+    let Some(()) = ort_or_skip("matches_onnxruntime_python") else { return };
+    // The project venv's python, with onnx and onnxruntime.
+    let Some(python) = likeness_sdk::testing::python_or_skip("matches_onnxruntime_python") else { return };
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/onnx_adapter_oracle.py");
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(&python)
@@ -181,12 +196,8 @@ fn matches_onnxruntime_python() {
     let y_rust = CpuTensor::<f32>::from_managed(&managed, "Y").unwrap();
 
     assert_eq!(y_rust.shape, y_expected.shape);
-    let max_abs_err = y_rust
-        .data
-        .iter()
-        .zip(&y_expected.data)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0f64, f64::max);
+    let max_abs_err =
+        y_rust.data.iter().zip(&y_expected.data).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0f64, f64::max);
     eprintln!(
         "onnx oracle: Y {:?}, max abs err vs onnxruntime-python {} (onnx {}) = {max_abs_err:e} (tolerance {ORACLE_MAX_ABS_ERR:e})",
         y_rust.shape, oracle["onnxruntime"], oracle["onnx"]

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::path::Path;
 
-use likeness_sdk::{DataType, Device, DeviceType, OptimizerStep, StepReport, TensorView};
 use likeness_sdk::abi::ManagedTensor;
+use likeness_sdk::{DataType, Device, DeviceType, OptimizerStep, StepReport, TensorView};
 use tch::{Kind, Tensor};
 
 use likeness_sdk::st::{self, StTensor};
@@ -157,7 +157,11 @@ pub fn load_into(path: &Path, targets: &[(String, Tensor)]) -> Result<BTreeMap<S
     let _guard = tch::no_grad_guard();
     for (name, target) in targets {
         let src = by_name.get(name.as_str()).ok_or_else(|| {
-            err::input(format!("{}: tensor `{name}` is missing (the file holds {} tensors)", path.display(), stored.len()))
+            err::input(format!(
+                "{}: tensor `{name}` is missing (the file holds {} tensors)",
+                path.display(),
+                stored.len()
+            ))
         })?;
         let shape: Vec<i64> = src.shape.iter().map(|&d| d as i64).collect();
         if shape != target.size() {

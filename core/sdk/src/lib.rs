@@ -20,23 +20,28 @@
 pub use abi_stable;
 pub use likeness_abi as abi;
 pub use likeness_abi::{
-    DataType, Device, DeviceType, ErrorCode, ForwardMode, LossTerm, OptimizerStep, ParameterInfo,
-    PluginDescriptor, PluginError, PluginKind, StepReport, TensorView,
+    DataType, Device, DeviceType, ErrorCode, ForwardMode, GroupHyper, InputKind, LossTerm, MetricInterface,
+    ModelInterface, OptimizerStep, ParameterInfo, PluginDescriptor, PluginError, PluginKind, SampleRequest, ScaledView,
+    StepContext, StepReport, TensorView,
 };
 pub use serde_json;
 
 pub mod descriptor;
+pub mod fuzz;
 pub mod guard;
 pub mod image;
 pub mod inputs;
+pub mod interface;
 pub mod plugin;
 pub mod st;
 pub mod testing;
+pub mod venv;
 
+pub use descriptor::DescriptorBuilder;
+pub use inputs::{Inputs, Texts};
+pub use interface::ModelSpec;
 pub use likeness_abi::cpu;
 pub use likeness_abi::CpuTensor;
-pub use descriptor::DescriptorBuilder;
-pub use inputs::Inputs;
 pub use plugin::{LossOutput, LossPlugin, MetricOutput, MetricPlugin, ModelOutput, ModelPlugin};
 
 /// Result type of every plugin method.
@@ -66,8 +71,7 @@ pub mod err {
 /// the plugin, the key and the valid keys (use `#[serde(deny_unknown_fields)]` on `T`).
 pub fn parse_config<T: serde::de::DeserializeOwned>(plugin_id: &str, json: &str) -> Result<T> {
     let json = if json.trim().is_empty() { "{}" } else { json };
-    serde_json::from_str(json)
-        .map_err(|e| err::config(format!("config of plugin `{plugin_id}`: {e}")))
+    serde_json::from_str(json).map_err(|e| err::config(format!("config of plugin `{plugin_id}`: {e}")))
 }
 
 #[doc(hidden)]

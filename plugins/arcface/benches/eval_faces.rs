@@ -1,5 +1,5 @@
-//! Bench: `host eval-faces --metric arcface` against insightface 0.7.3's Python `FaceAnalysis`
-//! + `get` + cosine similarity, on the same ONNX files and the same images, in one run.
+//! Bench: `host eval-faces --metric arcface` against insightface 0.7.3's Python `FaceAnalysis`,
+//! `get` and cosine similarity, on the same ONNX files and the same images, in one run.
 //!
 //!     bash scripts/bench.sh                      # set-up env + build/stage + this bench
 //!     cargo bench -p likeness-plugin-arcface --bench eval_faces   # needs the env below
@@ -46,15 +46,23 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|e| fail(format!("repo root: {e}")))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|e| fail(format!("repo root: {e}")))
 }
 
 fn python() -> PathBuf {
     match std::env::var_os("LIKENESS_PYTHON").filter(|p| !p.is_empty()) {
         Some(p) if Path::new(&p).is_file() => PathBuf::from(p),
-        Some(p) => fail(format!("LIKENESS_PYTHON={} does not exist; run `bash scripts/setup.sh` (or scripts/bench.sh, which sets it)", Path::new(&p).display())),
-        None => fail("LIKENESS_PYTHON is not set: it must name the project venv's python (torch, onnx, insightface==0.7.3); \
-                      run `bash scripts/bench.sh`, or `source scripts/common.sh` first"),
+        Some(p) => fail(format!(
+            "LIKENESS_PYTHON={} does not exist; run `bash scripts/setup.sh` (or scripts/bench.sh, which sets it)",
+            Path::new(&p).display()
+        )),
+        None => fail(
+            "LIKENESS_PYTHON is not set: it must name the project venv's python (torch, onnx, insightface==0.7.3); \
+                      run `bash scripts/bench.sh`, or `source scripts/common.sh` first",
+        ),
     }
 }
 
@@ -63,7 +71,8 @@ fn data_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let home = std::env::var_os("LIKENESS_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| fail("neither LIKENESS_DATA nor HOME is set"))).join(".cache/likeness")
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| fail("neither LIKENESS_DATA nor HOME is set")))
+            .join(".cache/likeness")
     });
     home.join("data")
 }
@@ -113,7 +122,12 @@ fn crop(img: &RgbImage, fx: f64, fy: f64, frac: f64) -> RgbImage {
 /// (control, generated) in the host's order (generated files sorted by path).
 fn make_images(data: &Path, dir: &Path) -> Vec<(PathBuf, PathBuf)> {
     let mut sources: Vec<PathBuf> = std::fs::read_dir(data.join("faces"))
-        .unwrap_or_else(|e| fail(format!("{}: {e} (run `bash scripts/setup.sh` to fetch the demo photos)", data.join("faces").display())))
+        .unwrap_or_else(|e| {
+            fail(format!(
+                "{}: {e} (run `bash scripts/setup.sh` to fetch the demo photos)",
+                data.join("faces").display()
+            ))
+        })
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
@@ -180,7 +194,18 @@ fn host_run(host: &Path, plugin_dir: &Path, img_dir: &Path, model_root: &Path, o
     let cfg = serde_json::json!({"model_root": model_root}).to_string();
     let (_, wall) = run(
         Command::new(host)
-            .args(["eval-faces", "--metric", "arcface", "--metric-config", &cfg, "--det-size", "640", "--device", "cpu", "--no-progress"])
+            .args([
+                "eval-faces",
+                "--metric",
+                "arcface",
+                "--metric-config",
+                &cfg,
+                "--det-size",
+                "640",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ])
             .arg("--plugin-dir")
             .arg(plugin_dir)
             .arg("--control-dir")
@@ -227,7 +252,11 @@ fn py_run(py: &Path, model_root: &Path, pairs_json: &Path) -> PyRun {
             .args(["--det-size", "640"]),
         "tests/python/bench_insightface.py",
     );
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| fail(format!("bench_insightface.py printed no JSON:\n{stdout}")));
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| fail(format!("bench_insightface.py printed no JSON:\n{stdout}")));
     PyRun { wall, v: serde_json::from_str(line).unwrap() }
 }
 
@@ -240,8 +269,10 @@ fn breakdown(model_root: &Path, images: &[PathBuf]) -> Value {
     use likeness_plugin_arcface::scrfd::FaceChoice;
     let pack = model_root.join("buffalo_l");
     let t = Instant::now();
-    let mut det = Detector::load(&pack.join("det_10g.onnx"), Provider::Cpu, 640, 0.5).unwrap_or_else(|e| fail(format!("detector: {}", e.message)));
-    let mut rec = Recognizer::load(&pack.join("w600k_r50.onnx"), Provider::Cpu).unwrap_or_else(|e| fail(format!("recognizer: {}", e.message)));
+    let mut det = Detector::load(&pack.join("det_10g.onnx"), Provider::Cpu, 640, 0.5)
+        .unwrap_or_else(|e| fail(format!("detector: {}", e.message)));
+    let mut rec = Recognizer::load(&pack.join("w600k_r50.onnx"), Provider::Cpu)
+        .unwrap_or_else(|e| fail(format!("recognizer: {}", e.message)));
     let load = t.elapsed().as_secs_f64();
     let (mut t_dec, mut t_det, mut t_align, mut t_rec) = (0.0, 0.0, 0.0, 0.0);
     let mut one = |p: &Path, acc: bool| {
@@ -254,7 +285,9 @@ fn breakdown(model_root: &Path, images: &[PathBuf]) -> Value {
         let t2 = Instant::now();
         let mut crops = Vec::new();
         for d in dets.iter().take(1) {
-            crops.push(norm_crop_u8(&rgb, w, h, 3, d.kps.as_ref().unwrap(), rec.input_size, WarpKernel::default()).unwrap().0);
+            crops.push(
+                norm_crop_u8(&rgb, w, h, 3, d.kps.as_ref().unwrap(), rec.input_size, WarpKernel::default()).unwrap().0,
+            );
         }
         let t3 = Instant::now();
         let _ = rec.embed(&crops).unwrap();
@@ -286,14 +319,21 @@ fn main() {
     let host = rel.join("host");
     let plugin_dir = rel.join("plugins");
     if !host.is_file() || !plugin_dir.join("arcface/plugin.toml").is_file() {
-        fail(format!("{} or {} is missing: run `bash scripts/build.sh` (scripts/bench.sh does)", host.display(), plugin_dir.join("arcface").display()));
+        fail(format!(
+            "{} or {} is missing: run `bash scripts/build.sh` (scripts/bench.sh does)",
+            host.display(),
+            plugin_dir.join("arcface").display()
+        ));
     }
     if std::env::var_os("ORT_DYLIB_PATH").is_none_or(|p| p.is_empty()) {
         if let Some(p) = likeness_sdk_onnx::find_onnxruntime_library() {
             std::env::set_var("ORT_DYLIB_PATH", p);
         }
     }
-    let load_avg = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(String::from)).unwrap_or_else(|| "?".into());
+    let load_avg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "?".into());
     let tmp = tempfile::tempdir().unwrap();
     let model_root = tmp.path().join("models");
     let img_dir = tmp.path().join("images");
@@ -302,11 +342,12 @@ fn main() {
 
     eprintln!("[bench] generating buffalo_l ({depth}) ONNX files with scripts/make_face_models.py …");
     run(
-        Command::new(&py)
-            .arg(repo().join("scripts/make_face_models.py"))
-            .arg("--out")
-            .arg(&model_root)
-            .args(["--pack", "buffalo_l", "--depth", &depth]),
+        Command::new(&py).arg(repo().join("scripts/make_face_models.py")).arg("--out").arg(&model_root).args([
+            "--pack",
+            "buffalo_l",
+            "--depth",
+            &depth,
+        ]),
         "scripts/make_face_models.py",
     );
     let pairs = make_images(&data, &img_dir);
@@ -321,7 +362,12 @@ fn main() {
             }
         }
     }
-    eprintln!("[bench] {} pairs, {} distinct images (640×640 PNG) from {}", pairs.len(), distinct.len(), data.display());
+    eprintln!(
+        "[bench] {} pairs, {} distinct images (640×640 PNG) from {}",
+        pairs.len(),
+        distinct.len(),
+        data.display()
+    );
 
     eprintln!("[bench] warm-up: one run of each side …");
     let _ = host_run(&host, &plugin_dir, &img_dir, &model_root, &out);
@@ -361,7 +407,8 @@ fn main() {
     let p_loop = best(&mut ps.iter().map(|r| r.v["seconds"].as_f64().unwrap()).collect::<Vec<_>>());
     let p_wall = best(&mut ps.iter().map(|r| r.wall).collect::<Vec<_>>());
     let f = |k: &str| best(&mut ps.iter().map(|r| r.v[k].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
-    let (p_import, p_load, p_dec, p_det, p_rec) = (f("import_seconds"), f("load_seconds"), f("decode_seconds"), f("detect_seconds"), f("recognise_seconds"));
+    let (p_import, p_load, p_dec, p_det, p_rec) =
+        (f("import_seconds"), f("load_seconds"), f("decode_seconds"), f("detect_seconds"), f("recognise_seconds"));
     let o = |k: &str| ours_bd[k].as_f64().unwrap_or(f64::NAN);
 
     println!();
@@ -375,36 +422,69 @@ fn main() {
     row("ours   in-process pipeline loop (after load + warm-up)", o("seconds"), distinct.len());
     row("python whole process (import + load + warm-up + loop)", p_wall, py_images);
     row("python FaceAnalysis.get loop (after load + warm-up)", p_loop, py_images);
-    println!("  (medians: host process {:.3} s, python loop {:.3} s; runs: host {:?}, python loop {:?})",
+    println!(
+        "  (medians: host process {:.3} s, python loop {:.3} s; runs: host {:?}, python loop {:?})",
         median(&mut hs.iter().map(|r| r.wall).collect::<Vec<_>>()),
         median(&mut ps.iter().map(|r| r.v["seconds"].as_f64().unwrap()).collect::<Vec<_>>()),
         hs.iter().map(|r| (r.wall * 100.0).round() / 100.0).collect::<Vec<_>>(),
-        ps.iter().map(|r| (r.v["seconds"].as_f64().unwrap() * 100.0).round() / 100.0).collect::<Vec<_>>());
+        ps.iter().map(|r| (r.v["seconds"].as_f64().unwrap() * 100.0).round() / 100.0).collect::<Vec<_>>()
+    );
     println!();
     println!("ratio ours/python, images/s:");
-    println!("  host process (everything) vs python loop (load excluded):   {:.2}x", (images as f64 / h_wall) / (py_images as f64 / p_loop));
-    println!("  steady state: our pipeline loop vs python loop:             {:.2}x", (distinct.len() as f64 / o("seconds")) / (py_images as f64 / p_loop));
-    println!("  end to end: host process vs python process:                 {:.2}x", (images as f64 / h_wall) / (py_images as f64 / p_wall));
+    println!(
+        "  host process (everything) vs python loop (load excluded):   {:.2}x",
+        (images as f64 / h_wall) / (py_images as f64 / p_loop)
+    );
+    println!(
+        "  steady state: our pipeline loop vs python loop:             {:.2}x",
+        (distinct.len() as f64 / o("seconds")) / (py_images as f64 / p_loop)
+    );
+    println!(
+        "  end to end: host process vs python process:                 {:.2}x",
+        (images as f64 / h_wall) / (py_images as f64 / p_wall)
+    );
     println!();
     println!("where the time goes (seconds per run, {} images):", distinct.len());
     println!("  {:<8} {:>8} {:>8} {:>8} {:>8} {:>10}", "", "load", "decode", "detect", "align", "recognise");
-    println!("  {:<8} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>10.3}", "ours", o("load_seconds"), o("decode_seconds"), o("detect_seconds"), o("align_seconds"), o("recognise_seconds"));
-    println!("  {:<8} {:>8.3} {:>8.3} {:>8.3} {:>8} {:>10.3}   (+ import {:.3} s; python's recognise includes align)", "python", p_load, p_dec, p_det, "-", p_rec, p_import);
+    println!(
+        "  {:<8} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>10.3}",
+        "ours",
+        o("load_seconds"),
+        o("decode_seconds"),
+        o("detect_seconds"),
+        o("align_seconds"),
+        o("recognise_seconds")
+    );
+    println!(
+        "  {:<8} {:>8.3} {:>8.3} {:>8.3} {:>8} {:>10.3}   (+ import {:.3} s; python's recognise includes align)",
+        "python", p_load, p_dec, p_det, "-", p_rec, p_import
+    );
     println!();
     println!("ONNX Runtime threads: both sides load the same libonnxruntime {} ({}) and create sessions with default options",
         py_last["onnxruntime"].as_str().unwrap_or("?"),
         std::env::var("ORT_DYLIB_PATH").unwrap_or_default());
     println!("  (intra_op_num_threads = {} on the python side, unset on ours: 0 = ONNX Runtime's default, one thread per physical core; inter-op sequential)",
         py_last["intra_op_threads"]);
-    println!("  the host also decodes images on {} thread(s) (--threads 0 = one per CPU) while ONNX Runtime runs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "  the host also decodes images on {} thread(s) (--threads 0 = one per CPU) while ONNX Runtime runs",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
     println!();
     println!(
         "similarities: {both} pairs valid on both sides, {disagree} valid on one side only; mean |ours − python| = {:.3e}, max = {:.3e}",
         if both > 0 { sum / both as f64 } else { f64::NAN },
         maxd
     );
-    println!("  mean similarity: ours {:?}, python {}", {
-        let v: Vec<f64> = host_sims.values().flatten().copied().collect();
-        if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) }
-    }, py_last["mean_similarity"]);
+    println!(
+        "  mean similarity: ours {:?}, python {}",
+        {
+            let v: Vec<f64> = host_sims.values().flatten().copied().collect();
+            if v.is_empty() {
+                None
+            } else {
+                Some(v.iter().sum::<f64>() / v.len() as f64)
+            }
+        },
+        py_last["mean_similarity"]
+    );
 }

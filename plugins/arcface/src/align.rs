@@ -16,9 +16,9 @@ pub type Affine = [[f64; 3]; 2];
 /// The template for an `image_size` crop as `estimate_norm` scales it (`mode='arcface'`):
 /// multiples of 112 scale it, multiples of 128 scale it by `size/128` and shift x by `8·ratio`.
 pub fn template(image_size: usize) -> Result<[[f32; 2]; 5], String> {
-    let (ratio, diff_x) = if image_size % 112 == 0 {
+    let (ratio, diff_x) = if image_size.is_multiple_of(112) {
         (image_size as f64 / 112.0, 0.0f64)
-    } else if image_size % 128 == 0 {
+    } else if image_size.is_multiple_of(128) {
         let r = image_size as f64 / 128.0;
         (r, 8.0 * r)
     } else {
@@ -172,6 +172,8 @@ pub enum WarpKernel {
 
 /// `cv2.warpAffine(img, m, (out_w, out_h), flags=INTER_LINEAR, borderValue=0)` on an
 /// interleaved `u8` image of `c` channels (`m` maps source to destination).
+// The arguments are cv2.warpAffine's, one for one.
+#[allow(clippy::too_many_arguments)]
 pub fn warp_affine_u8(
     src: &[u8],
     w: usize,
@@ -253,7 +255,9 @@ pub fn warp_affine_u8(
                         continue;
                     }
                     for (k, o) in out.iter_mut().enumerate() {
-                        let v = px(ix, iy, k) * w00 + px(ix + 1, iy, k) * w01 + px(ix, iy + 1, k) * w10
+                        let v = px(ix, iy, k) * w00
+                            + px(ix + 1, iy, k) * w01
+                            + px(ix, iy + 1, k) * w10
                             + px(ix + 1, iy + 1, k) * w11;
                         *o = ((v + (1 << 14)) >> 15).clamp(0, 255) as u8;
                     }
@@ -285,7 +289,15 @@ pub fn norm_crop_u8(
 /// This is the continuous function the `u8` OpenCV kernels round, and what
 /// `torch.nn.functional.grid_sample(…, mode='bilinear', padding_mode='zeros',
 /// align_corners=True)` computes with [`grid_sample_theta`].
-pub fn warp_affine_chw_f32(src: &[f32], c: usize, h: usize, w: usize, m: &Affine, out_h: usize, out_w: usize) -> Vec<f32> {
+pub fn warp_affine_chw_f32(
+    src: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    m: &Affine,
+    out_h: usize,
+    out_w: usize,
+) -> Vec<f32> {
     assert_eq!(src.len(), c * h * w, "warp: buffer is not {c}x{h}x{w}");
     let inv = invert_affine(m);
     let mut dst = vec![0f32; c * out_h * out_w];
@@ -297,7 +309,12 @@ pub fn warp_affine_chw_f32(src: &[f32], c: usize, h: usize, w: usize, m: &Affine
             let (fx, fy) = (sx.floor(), sy.floor());
             let (ax, ay) = ((sx - fx) as f32, (sy - fy) as f32);
             let (ix, iy) = (fx as i64, fy as i64);
-            let taps = [(ix, iy, (1.0 - ax) * (1.0 - ay)), (ix + 1, iy, ax * (1.0 - ay)), (ix, iy + 1, (1.0 - ax) * ay), (ix + 1, iy + 1, ax * ay)];
+            let taps = [
+                (ix, iy, (1.0 - ax) * (1.0 - ay)),
+                (ix + 1, iy, ax * (1.0 - ay)),
+                (ix, iy + 1, (1.0 - ax) * ay),
+                (ix + 1, iy + 1, ax * ay),
+            ];
             for k in 0..c {
                 let plane = &src[k * h * w..(k + 1) * h * w];
                 let mut v = 0f32;
@@ -338,6 +355,9 @@ mod tests {
     #[test]
     fn template_maps_to_itself() {
         let m = estimate_norm(&ARCFACE_DST, 112).unwrap();
+        // f32 landmarks (skimage's float32 path): the linear part to a few u (6e-8 relative),
+        // the translation = mean(dst) − M·mean(src) to that times the coordinates (≤ 112 px).
+        // Scalar Rust: the same bits on every CPU.
         assert!((m[0][0] - 1.0).abs() < 1e-6 && m[0][1].abs() < 1e-6 && m[0][2].abs() < 1e-4, "{m:?}");
         let t = template(128).unwrap();
         assert!((t[0][0] - (38.2946 * 128.0 / 112.0 * 0.0 + 38.2946 + 8.0)).abs() < 1e-4);
@@ -359,6 +379,8 @@ mod tests {
             .collect();
         let src: [[f64; 2]; 5] = src.try_into().unwrap();
         let got = estimate_norm_f64(&src, 112).unwrap();
+        // f64 Umeyama on exact data: ~1e-13 in practice; 1e-5 is a loose algorithm check (a
+        // wrong rotation sign or scale is O(1)), and f64 scalar Rust is the same on every CPU.
         for r in 0..2 {
             for c in 0..3 {
                 assert!((got[r][c] - m[r][c]).abs() < 1e-5, "{got:?} vs {m:?}");
@@ -370,6 +392,7 @@ mod tests {
     fn float_warp_matches_grid_theta_identity() {
         let m: Affine = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]];
         let th = grid_sample_theta(&m, 10, 10, 10, 10);
+        // The identity in f64: exact up to ulps.
         assert!((th[0][0] - 1.0).abs() < 1e-12 && th[0][2].abs() < 1e-12 && (th[1][1] - 1.0).abs() < 1e-12);
         let src: Vec<f32> = (0..100).map(|v| v as f32).collect();
         assert_eq!(warp_affine_chw_f32(&src, 1, 10, 10, &m, 10, 10), src);

@@ -35,9 +35,9 @@ pub fn build_session(path: &Path, provider: Provider) -> Result<Session> {
                 likeness_sdk_onnx::ONNXRUNTIME_EXPECTED
             )));
         }
-        builder = builder
-            .with_execution_providers([cuda.build().error_on_failure()])
-            .map_err(|e| err::unsupported(format!("registering the CUDA execution provider for {}: {e}", path.display())))?;
+        builder = builder.with_execution_providers([cuda.build().error_on_failure()]).map_err(|e| {
+            err::unsupported(format!("registering the CUDA execution provider for {}: {e}", path.display()))
+        })?;
     }
     builder.commit_from_file(path).map_err(|e| ctx(&e))
 }
@@ -66,12 +66,16 @@ impl Detector {
     /// with a fixed input size keeps it (insightface warns and ignores `det_size`).
     pub fn load(path: &Path, provider: Provider, det_size: usize, det_thresh: f32) -> Result<Detector> {
         let session = build_session(path, provider)?;
-        let input = session.inputs().first().ok_or_else(|| err::input(format!("{}: the graph has no input", path.display())))?;
+        let input = session
+            .inputs()
+            .first()
+            .ok_or_else(|| err::input(format!("{}: the graph has no input", path.display())))?;
         let input_name = input.name().to_string();
         let ishape = shape_of(input.dtype());
         let outputs = session.outputs();
         let batched = outputs.first().map(|o| shape_of(o.dtype()).len() == 3).unwrap_or(false);
-        let layout = Layout::from_output_count(outputs.len(), batched).map_err(|e| err::input(format!("{}: {e}", path.display())))?;
+        let layout = Layout::from_output_count(outputs.len(), batched)
+            .map_err(|e| err::input(format!("{}: {e}", path.display())))?;
         let input_size = if ishape.len() == 4 && ishape[2] > 0 && ishape[3] > 0 {
             (ishape[3] as usize, ishape[2] as usize)
         } else {
@@ -82,7 +86,8 @@ impl Detector {
 
     /// The raw outputs for a `[1, 3, H, W]` blob, each flattened.
     pub fn run_blob(&mut self, blob: Vec<f32>, w: usize, h: usize) -> Result<Vec<Vec<f32>>> {
-        let arr = ndarray::Array4::from_shape_vec((1, 3, h, w), blob).map_err(|e| err::internal(format!("detector blob: {e}")))?;
+        let arr = ndarray::Array4::from_shape_vec((1, 3, h, w), blob)
+            .map_err(|e| err::internal(format!("detector blob: {e}")))?;
         let t = Tensor::from_array(arr).map_err(|e| err::internal(format!("detector blob: {e}")))?;
         let outs = self
             .session
@@ -90,21 +95,39 @@ impl Detector {
             .map_err(|e| err::internal(format!("running the detector: {e}")))?;
         let mut v = Vec::with_capacity(outs.len());
         for i in 0..outs.len() {
-            let (_, data) = outs[i]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| err::internal(format!("detector output {i}: {e}")))?;
+            let (_, data) =
+                outs[i].try_extract_tensor::<f32>().map_err(|e| err::internal(format!("detector output {i}: {e}")))?;
             v.push(data.to_vec());
         }
         Ok(v)
     }
 
     /// `SCRFD.detect(img, max_num, metric)` on an interleaved RGB `u8` image.
-    pub fn detect(&mut self, rgb: &[u8], w: usize, h: usize, max_num: usize, choice: FaceChoice) -> Result<Vec<Detection>> {
+    pub fn detect(
+        &mut self,
+        rgb: &[u8],
+        w: usize,
+        h: usize,
+        max_num: usize,
+        choice: FaceChoice,
+    ) -> Result<Vec<Detection>> {
         let (iw, ih) = self.input_size;
         let (blob, det_scale) = scrfd::preprocess_rgb(rgb, w, h, iw, ih);
         let outs = self.run_blob(blob, iw, ih)?;
         let refs: Vec<&[f32]> = outs.iter().map(|o| o.as_slice()).collect();
-        scrfd::detect_from_outputs(&self.layout, &refs, iw, ih, det_scale, self.det_thresh, self.nms_thresh, w, h, max_num, choice)
-            .map_err(err::internal)
+        scrfd::detect_from_outputs(
+            &self.layout,
+            &refs,
+            iw,
+            ih,
+            det_scale,
+            self.det_thresh,
+            self.nms_thresh,
+            w,
+            h,
+            max_num,
+            choice,
+        )
+        .map_err(err::internal)
     }
 }

@@ -34,14 +34,24 @@ pub struct DiffRecognizer {
 impl DiffRecognizer {
     /// Loads `path` (the recognizer ONNX file the ORT path runs) onto `device`, computing in
     /// `kind` (`Kind::Float` normally; `Kind::Double` for finite-difference checks).
-    pub fn load(path: &Path, device: Device, kind: Kind, input_size: usize, mean: f32, std: f32) -> Result<DiffRecognizer, String> {
+    pub fn load(
+        path: &Path,
+        device: Device,
+        kind: Kind,
+        input_size: usize,
+        mean: f32,
+        std: f32,
+    ) -> Result<DiffRecognizer, String> {
         let mut net = OnnxNet::load(path, device)?;
         if kind != Kind::Float {
             net = net.with_kind(kind);
         }
         if let Some([c, h, w]) = net.input_chw() {
             if c != 3 || h as usize != input_size || w as usize != input_size {
-                return Err(format!("{}: graph input [{c}, {h}, {w}] is not [3, {input_size}, {input_size}]", path.display()));
+                return Err(format!(
+                    "{}: graph input [{c}, {h}, {w}] is not [3, {input_size}, {input_size}]",
+                    path.display()
+                ));
             }
         }
         Ok(DiffRecognizer { net, input_size, input_mean: mean as f64, input_std: std as f64 })
@@ -98,7 +108,8 @@ impl Pending {
         let idx = Tensor::from_slice(&self.rows).to_device(d_emb.device());
         let g = d_emb.index_select(0, &idx).to_device(emb.device()).to_kind(kind);
         let s = (&emb * g).sum(kind);
-        let grads = Tensor::f_run_backward(&[&s], &[&self.pixels], false, false).map_err(|e| format!("backward failed: {e}"))?;
+        let grads = Tensor::f_run_backward(&[&s], &[&self.pixels], false, false)
+            .map_err(|e| format!("backward failed: {e}"))?;
         let dx = grads.into_iter().next().ok_or("backward returned no gradient")?;
         Ok(dx.to_kind(Kind::Float).contiguous())
     }

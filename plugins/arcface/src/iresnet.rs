@@ -108,8 +108,12 @@ impl OnnxNet {
             if n.op_type == "Constant" {
                 let t = match n.attributes.get("value") {
                     Some(Attribute::Tensor(t)) => onnx_to_tensor(t, device),
-                    Some(Attribute::Float(f)) => Tensor::from_slice(&[*f]).reshape([0i64; 0].as_slice()).to_device(device),
-                    Some(Attribute::Int(i)) => Tensor::from_slice(&[*i]).reshape([0i64; 0].as_slice()).to_device(device),
+                    Some(Attribute::Float(f)) => {
+                        Tensor::from_slice(&[*f]).reshape([0i64; 0].as_slice()).to_device(device)
+                    }
+                    Some(Attribute::Int(i)) => {
+                        Tensor::from_slice(&[*i]).reshape([0i64; 0].as_slice()).to_device(device)
+                    }
                     Some(Attribute::Floats(v)) => Tensor::from_slice(v).to_device(device),
                     Some(Attribute::Ints(v)) => Tensor::from_slice(v).to_device(device),
                     _ => return Err(format!("{source}: {} has no `value` tensor this reader decodes", n.label())),
@@ -225,12 +229,14 @@ impl OnnxNet {
     }
 
     fn get<'a>(&'a self, vals: &'a HashMap<&str, Tensor>, n: &Node, i: usize) -> Result<&'a Tensor, String> {
-        let name = n.inputs.get(i).filter(|s| !s.is_empty()).ok_or_else(|| {
-            format!("{}: {} lacks input #{i}", self.source, n.label())
-        })?;
-        vals.get(name.as_str())
-            .or_else(|| self.consts.get(name))
-            .ok_or_else(|| format!("{}: {} reads `{name}`, which no earlier node or initializer defines", self.source, n.label()))
+        let name = n
+            .inputs
+            .get(i)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| format!("{}: {} lacks input #{i}", self.source, n.label()))?;
+        vals.get(name.as_str()).or_else(|| self.consts.get(name)).ok_or_else(|| {
+            format!("{}: {} reads `{name}`, which no earlier node or initializer defines", self.source, n.label())
+        })
     }
 
     fn opt<'a>(&'a self, vals: &'a HashMap<&str, Tensor>, n: &Node, i: usize) -> Result<Option<&'a Tensor>, String> {
@@ -244,7 +250,11 @@ impl OnnxNet {
     fn const_ints(&self, n: &Node, i: usize) -> Result<Vec<i64>, String> {
         let name = n.inputs.get(i).ok_or_else(|| format!("{}: {} lacks input #{i}", self.source, n.label()))?;
         let t = self.consts.get(name).ok_or_else(|| {
-            format!("{}: {} needs `{name}` to be a constant (computed shapes are not supported)", self.source, n.label())
+            format!(
+                "{}: {} needs `{name}` to be a constant (computed shapes are not supported)",
+                self.source,
+                n.label()
+            )
         })?;
         let t = t.to_device(Device::Cpu).to_kind(Kind::Int64).flatten(0, -1);
         Vec::<i64>::try_from(&t).map_err(|e| tch_err(&self.source, n, e))
@@ -278,7 +288,11 @@ impl OnnxNet {
                 let (input, pad) = if pads[0] == pads[2] && pads[1] == pads[3] {
                     (x.shallow_clone(), [pads[0], pads[1]])
                 } else {
-                    (x.f_constant_pad_nd([pads[1], pads[3], pads[0], pads[2]].as_slice()).map_err(|m| e(m.to_string()))?, [0, 0])
+                    (
+                        x.f_constant_pad_nd([pads[1], pads[3], pads[0], pads[2]].as_slice())
+                            .map_err(|m| e(m.to_string()))?,
+                        [0, 0],
+                    )
                 };
                 input
                     .f_conv2d(w, b, strides.as_slice(), pad.as_slice(), dil.as_slice(), group)
@@ -288,15 +302,18 @@ impl OnnxNet {
                 if n.attr_int("training_mode").unwrap_or(0) != 0 {
                     return Err(e("training_mode=1 is not supported".into()));
                 }
-                let (s, b, m, v) = (self.get(vals, n, 1)?, self.get(vals, n, 2)?, self.get(vals, n, 3)?, self.get(vals, n, 4)?);
+                let (s, b, m, v) =
+                    (self.get(vals, n, 1)?, self.get(vals, n, 2)?, self.get(vals, n, 3)?, self.get(vals, n, 4)?);
                 let eps = n.attr_float("epsilon").unwrap_or(1e-5) as f64;
-                x.f_batch_norm(Some(s), Some(b), Some(m), Some(v), false, 0.0, eps, true).map_err(|m| e(m.to_string()))?
+                x.f_batch_norm(Some(s), Some(b), Some(m), Some(v), false, 0.0, eps, true)
+                    .map_err(|m| e(m.to_string()))?
             }
             "PRelu" => {
                 let mut slope = self.get(vals, n, 1)?.shallow_clone();
                 // A per-channel slope stored flat ([C]) on an NCHW input: numpy broadcasting would
                 // align it with W; every exporter that writes it means channels.
-                if x.dim() == 4 && slope.dim() == 1 && slope.size()[0] == x.size()[1] && slope.size()[0] != x.size()[3] {
+                if x.dim() == 4 && slope.dim() == 1 && slope.size()[0] == x.size()[1] && slope.size()[0] != x.size()[3]
+                {
                     slope = slope.reshape([-1, 1, 1]);
                 }
                 x.clamp_min(0.0) + slope * x.clamp_max(0.0)
@@ -335,7 +352,9 @@ impl OnnxNet {
                     let asked = shape.clone();
                     for (i, d) in shape.iter_mut().enumerate() {
                         if *d == 0 {
-                            *d = *s.get(i).ok_or_else(|| e(format!("shape {asked:?} copies a dimension the input {s:?} lacks")))?;
+                            *d = *s.get(i).ok_or_else(|| {
+                                e(format!("shape {asked:?} copies a dimension the input {s:?} lacks"))
+                            })?;
                         }
                     }
                 }
@@ -358,7 +377,7 @@ impl OnnxNet {
                 let b = if n.attr_int("transB").unwrap_or(0) != 0 { b.tr() } else { b.shallow_clone() };
                 let mut y = a.f_matmul(&b).map_err(|m| e(m.to_string()))?;
                 if alpha != 1.0 {
-                    y = y * alpha;
+                    y *= alpha;
                 }
                 if let Some(c) = c {
                     y = if beta == 1.0 { y + c } else { y + c * beta };

@@ -46,8 +46,13 @@ pub struct OnnxTensor {
 }
 
 impl OnnxTensor {
+    /// The number of elements (0 with a negative dimension; `usize::MAX` when the product
+    /// overflows, which `parse_tensor` never returns).
     pub fn numel(&self) -> usize {
-        self.dims.iter().product::<i64>().max(0) as usize
+        if self.dims.iter().any(|&d| d < 0) {
+            return 0;
+        }
+        self.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d as usize)).unwrap_or(usize::MAX)
     }
 
     pub fn as_f32(&self) -> Option<&[f32]> {
@@ -215,7 +220,11 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            format!("field of {n} bytes at byte {} runs past the end of its message ({} bytes)", self.pos, self.buf.len())
+            format!(
+                "field of {n} bytes at byte {} runs past the end of its message ({} bytes)",
+                self.pos,
+                self.buf.len()
+            )
         })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
@@ -361,13 +370,16 @@ pub fn parse_graph(buf: &[u8]) -> Result<Graph, String> {
             2 => g.name = string(v, "GraphProto.name")?,
             5 => {
                 let i = g.initializers.len();
-                g.initializers
-                    .push(parse_tensor(bytes(v, "GraphProto.initializer")?).map_err(|e| format!("initializer #{i}: {e}"))?)
+                g.initializers.push(
+                    parse_tensor(bytes(v, "GraphProto.initializer")?).map_err(|e| format!("initializer #{i}: {e}"))?,
+                )
             }
-            11 => g.inputs.push(parse_value_info(bytes(v, "GraphProto.input")?).map_err(|e| format!("graph input: {e}"))?),
-            12 => {
-                g.outputs.push(parse_value_info(bytes(v, "GraphProto.output")?).map_err(|e| format!("graph output: {e}"))?)
+            11 => {
+                g.inputs.push(parse_value_info(bytes(v, "GraphProto.input")?).map_err(|e| format!("graph input: {e}"))?)
             }
+            12 => g
+                .outputs
+                .push(parse_value_info(bytes(v, "GraphProto.output")?).map_err(|e| format!("graph output: {e}"))?),
             _ => {}
         }
     }
@@ -477,14 +489,24 @@ pub fn parse_tensor(buf: &[u8]) -> Result<OnnxTensor, String> {
     if dims.iter().any(|&d| d < 0) {
         return Err(format!("{label}: negative dimension in {dims:?}"));
     }
-    let n = dims.iter().product::<i64>() as usize;
+    // The dims are untrusted: their product (and its size in bytes) must not overflow, and the
+    // values must then be present in the message, so nothing is allocated from the dims alone.
+    let Some(n) = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?)) else {
+        return Err(format!("{label}: dims {dims:?} hold more than 2^64 elements"));
+    };
+    let raw_len = |b: &[u8], w: usize, what: &str| match n.checked_mul(w) {
+        Some(want) if want == b.len() => Ok(()),
+        want => Err(format!(
+            "{label}: raw_data has {} bytes, {what} {dims:?} needs {}",
+            b.len(),
+            want.map_or("more than 2^64".to_string(), |w| w.to_string())
+        )),
+    };
     let data = match dt {
         data_type::FLOAT => {
             let v = match raw {
                 Some(b) => {
-                    if b.len() != n * 4 {
-                        return Err(format!("{label}: raw_data has {} bytes, FLOAT {dims:?} needs {}", b.len(), n * 4));
-                    }
+                    raw_len(b, 4, "FLOAT")?;
                     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
                 }
                 None => floats,
@@ -494,9 +516,7 @@ pub fn parse_tensor(buf: &[u8]) -> Result<OnnxTensor, String> {
         data_type::DOUBLE => {
             let v = match raw {
                 Some(b) => {
-                    if b.len() != n * 8 {
-                        return Err(format!("{label}: raw_data has {} bytes, DOUBLE {dims:?} needs {}", b.len(), n * 8));
-                    }
+                    raw_len(b, 8, "DOUBLE")?;
                     b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
                 }
                 None => floats,
@@ -507,9 +527,7 @@ pub fn parse_tensor(buf: &[u8]) -> Result<OnnxTensor, String> {
             let w = if dt == data_type::INT64 { 8 } else { 4 };
             let v = match raw {
                 Some(b) => {
-                    if b.len() != n * w {
-                        return Err(format!("{label}: raw_data has {} bytes, {dims:?} of {w}-byte ints needs {}", b.len(), n * w));
-                    }
+                    raw_len(b, w, if w == 8 { "INT64" } else { "INT32" })?;
                     if w == 8 {
                         b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
                     } else {
@@ -581,12 +599,10 @@ fn parse_value_info(buf: &[u8]) -> Result<ValueInfo, String> {
     Ok(vi)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // A tiny protobuf encoder for hand-made messages.
-    fn varint(mut v: u64, out: &mut Vec<u8>) {
+/// A tiny protobuf encoder, for hand-made messages in tests (the unit tests below and the
+/// fuzz test's valid model).
+pub mod encode {
+    pub fn varint(mut v: u64, out: &mut Vec<u8>) {
         loop {
             let b = (v & 0x7f) as u8;
             v >>= 7;
@@ -597,18 +613,29 @@ mod tests {
             out.push(b | 0x80);
         }
     }
-    fn key(f: u32, w: u32, out: &mut Vec<u8>) {
+    /// A field key: field number `f`, wire type `w`.
+    pub fn key(f: u32, w: u32, out: &mut Vec<u8>) {
         varint(((f << 3) | w) as u64, out);
     }
-    fn field_bytes(f: u32, b: &[u8], out: &mut Vec<u8>) {
+    pub fn field_bytes(f: u32, b: &[u8], out: &mut Vec<u8>) {
         key(f, 2, out);
         varint(b.len() as u64, out);
         out.extend_from_slice(b);
     }
-    fn field_varint(f: u32, v: u64, out: &mut Vec<u8>) {
+    pub fn field_varint(f: u32, v: u64, out: &mut Vec<u8>) {
         key(f, 0, out);
         varint(v, out);
     }
+    pub fn field_f32(f: u32, x: f32, out: &mut Vec<u8>) {
+        key(f, 5, out);
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode::*;
+    use super::*;
 
     #[test]
     fn unpacked_dims_float_data_and_packed_ints() {

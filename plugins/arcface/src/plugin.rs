@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 
 use likeness_sdk::{
-    err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode, MetricOutput,
-    MetricPlugin, PluginDescriptor, PluginError, PluginKind, Result, TensorView,
+    err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode,
+    MetricOutput, MetricPlugin, PluginDescriptor, PluginError, PluginKind, Result, TensorView,
 };
-use tch::Kind;
 use serde::Deserialize;
+use tch::Kind;
 
 use crate::align::{self, WarpKernel};
 use crate::detector::{Detector, Provider};
@@ -161,10 +161,15 @@ impl Pipeline {
                 DeviceType::Cpu => Provider::Cpu,
                 DeviceType::Cuda => Provider::Cuda,
             },
-            Some(other) => return Err(err::config(format!("config of plugin `{ID}`: device `{other}` is not `cpu` or `cuda`"))),
+            Some(other) => {
+                return Err(err::config(format!("config of plugin `{ID}`: device `{other}` is not `cpu` or `cuda`")))
+            }
         };
         if config.det_size == 0 || !config.det_size.is_multiple_of(32) {
-            return Err(err::config(format!("config of plugin `{ID}`: det_size {} must be a positive multiple of 32", config.det_size)));
+            return Err(err::config(format!(
+                "config of plugin `{ID}`: det_size {} must be a positive multiple of 32",
+                config.det_size
+            )));
         }
         let files = pack::resolve(
             &config.model_name,
@@ -188,7 +193,14 @@ impl Pipeline {
 
     /// Detection and the aligned crops of the first `max_embed` faces, without recognition,
     /// so that callers can recognise the crops of many images in one batch.
-    pub fn detect_and_crop(&mut self, rgb: &[u8], w: usize, h: usize, max_num: usize, max_embed: usize) -> Result<(Vec<Detection>, Vec<Vec<u8>>)> {
+    pub fn detect_and_crop(
+        &mut self,
+        rgb: &[u8],
+        w: usize,
+        h: usize,
+        max_num: usize,
+        max_embed: usize,
+    ) -> Result<(Vec<Detection>, Vec<Vec<u8>>)> {
         let dets = self.detector.detect(rgb, w, h, max_num, self.choice)?;
         let s = self.recognizer.input_size;
         let mut crops = Vec::new();
@@ -233,8 +245,9 @@ impl ArcFaceMetric {
                 _ => likeness_sdk_torch::to_tch_device(self.device)?,
             };
             let r = &self.pipeline.recognizer;
-            let d = DiffRecognizer::load(&self.recognizer_path, tch_device, kind, r.input_size, r.input_mean, r.input_std)
-                .map_err(|e| err::input(format!("plugin `{ID}` (differentiable path): {e}")))?;
+            let d =
+                DiffRecognizer::load(&self.recognizer_path, tch_device, kind, r.input_size, r.input_mean, r.input_std)
+                    .map_err(|e| err::input(format!("plugin `{ID}` (differentiable path): {e}")))?;
             self.diff = Some(d);
         }
         Ok(self.diff.as_ref().expect("loaded above"))
@@ -242,7 +255,13 @@ impl ArcFaceMetric {
 
     /// The chosen face's similarity matrix per image (`None`: no face), from the `u8`-rounded
     /// image, without gradient — the landmarks both paths align with.
-    pub fn face_matrices(&mut self, planes: &[f32], b: usize, h: usize, w: usize) -> Result<Vec<Option<align::Affine>>> {
+    pub fn face_matrices(
+        &mut self,
+        planes: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<Option<align::Affine>>> {
         let s = self.pipeline.recognizer.input_size;
         let mut out = Vec::with_capacity(b);
         for i in 0..b {
@@ -266,7 +285,9 @@ impl ArcFaceMetric {
         let leaf = likeness_sdk_torch::view_to_tensor(pixels)?;
         let shape = leaf.size();
         if shape.len() != 4 || shape[1] != 3 {
-            return Err(err::input(format!("metric `{ID}`: `pixels` must be [B, 3, H, W] RGB in [0, 1], got {shape:?}")));
+            return Err(err::input(format!(
+                "metric `{ID}`: `pixels` must be [B, 3, H, W] RGB in [0, 1], got {shape:?}"
+            )));
         }
         let leaf = leaf.to_kind(Kind::Float).detach().set_requires_grad(true);
         let (b, h, w) = (shape[0] as usize, shape[2] as usize, shape[3] as usize);
@@ -288,8 +309,10 @@ impl ArcFaceMetric {
         let mut out = vec![0f32; b * dim];
         let mut valid = vec![0u8; b];
         if let Some(e) = &emb {
-            let v = Vec::<f32>::try_from(&e.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().flatten(0, -1))
-                .map_err(|e| err::internal(format!("reading embeddings: {e}")))?;
+            let v = Vec::<f32>::try_from(
+                &e.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().flatten(0, -1),
+            )
+            .map_err(|e| err::internal(format!("reading embeddings: {e}")))?;
             for (k, &r) in rows.iter().enumerate() {
                 out[r as usize * dim..(r as usize + 1) * dim].copy_from_slice(&v[k * dim..(k + 1) * dim]);
                 valid[r as usize] = 1;
@@ -306,7 +329,10 @@ impl ArcFaceMetric {
     fn embed_ort(&mut self, pixels: &TensorView) -> Result<MetricOutput> {
         let x = CpuTensor::<f32>::from_view(pixels, "pixels")?;
         if x.shape.len() != 4 || x.shape[1] != 3 {
-            return Err(err::input(format!("metric `{ID}`: `pixels` must be [B, 3, H, W] RGB in [0, 1], got {:?}", x.shape)));
+            return Err(err::input(format!(
+                "metric `{ID}`: `pixels` must be [B, 3, H, W] RGB in [0, 1], got {:?}",
+                x.shape
+            )));
         }
         let (b, h, w) = (x.shape[0] as usize, x.shape[2] as usize, x.shape[3] as usize);
         // Detect and crop per image, then recognise every crop of the batch in one call.
@@ -371,7 +397,9 @@ impl MetricPlugin for ArcFaceMetric {
 
     fn backward(&mut self, d_embeddings: &TensorView) -> Result<likeness_sdk::abi::ManagedTensor> {
         if self.config.differentiable_backend == DiffBackend::None {
-            return Err(err::unsupported(format!("metric `{ID}`: differentiable_backend is \"none\" (use \"tch\" for gradients)")));
+            return Err(err::unsupported(format!(
+                "metric `{ID}`: differentiable_backend is \"none\" (use \"tch\" for gradients)"
+            )));
         }
         let Some(p) = self.pending.as_ref() else {
             return Err(PluginError::new(

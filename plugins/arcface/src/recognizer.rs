@@ -101,7 +101,10 @@ impl Recognizer {
         drop(bytes);
         let (input_mean, input_std) = normalisation_from_node_names(&names);
         let session = build_session(path, provider)?;
-        let input = session.inputs().first().ok_or_else(|| err::input(format!("{}: the graph has no input", path.display())))?;
+        let input = session
+            .inputs()
+            .first()
+            .ok_or_else(|| err::input(format!("{}: the graph has no input", path.display())))?;
         let ishape = shape_of(input.dtype());
         if ishape.len() != 4 || ishape[2] <= 0 || ishape[2] != ishape[3] {
             return Err(err::input(format!(
@@ -111,7 +114,11 @@ impl Recognizer {
         }
         let input_name = input.name().to_string();
         if session.outputs().len() != 1 {
-            return Err(err::input(format!("{}: a recognizer has one output, this graph has {}", path.display(), session.outputs().len())));
+            return Err(err::input(format!(
+                "{}: a recognizer has one output, this graph has {}",
+                path.display(),
+                session.outputs().len()
+            )));
         }
         let oshape = shape_of(session.outputs()[0].dtype());
         let dim = oshape.last().copied().filter(|&d| d > 0).unwrap_or(0) as usize;
@@ -140,13 +147,15 @@ impl Recognizer {
                 }
             }
         }
-        let arr = ndarray::Array4::from_shape_vec((crops.len(), 3, s, s), blob).map_err(|e| err::internal(e.to_string()))?;
+        let arr =
+            ndarray::Array4::from_shape_vec((crops.len(), 3, s, s), blob).map_err(|e| err::internal(e.to_string()))?;
         let t = Tensor::from_array(arr).map_err(|e| err::internal(format!("recognizer blob: {e}")))?;
         let outs = self
             .session
             .run(ort::inputs![self.input_name.as_str() => t])
             .map_err(|e| err::internal(format!("running the recognizer: {e}")))?;
-        let (_, data) = outs[0].try_extract_tensor::<f32>().map_err(|e| err::internal(format!("recognizer output: {e}")))?;
+        let (_, data) =
+            outs[0].try_extract_tensor::<f32>().map_err(|e| err::internal(format!("recognizer output: {e}")))?;
         let d = data.len() / crops.len();
         Ok(data.chunks_exact(d).map(|c| c.to_vec()).collect())
     }

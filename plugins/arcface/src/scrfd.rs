@@ -141,7 +141,11 @@ pub fn decode(
             let data = outputs[o];
             let len = n * c;
             let start = if layout.batched { batch_index * len } else { 0 };
-            let ok = if layout.batched { data.len() % len == 0 && start + len <= data.len() } else { data.len() == len };
+            let ok = if layout.batched {
+                data.len().is_multiple_of(len) && start + len <= data.len()
+            } else {
+                data.len() == len
+            };
             if !ok {
                 return Err(format!(
                     "SCRFD output {o} (stride {stride}) has {} values; an input of {input_w}x{input_h} needs {len} \
@@ -158,6 +162,9 @@ pub fn decode(
         let centers = anchor_centers(height, width, stride, layout.num_anchors);
         let s = stride as f32;
         for (a, &score) in scores.iter().enumerate() {
+            // `!(score >= threshold)`, not `score < threshold`: a NaN score is skipped, as
+            // insightface's `np.where(scores >= threshold)` skips it.
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
             if !(score >= threshold) {
                 continue;
             }
@@ -427,6 +434,7 @@ mod tests {
     fn letterbox() {
         let (w, h, s) = letterbox_geometry(1280, 886, 640, 640);
         assert_eq!((w, h), (640, 443));
+        // One f64 division of integers, correctly rounded on every CPU.
         assert!((s - 443.0 / 886.0).abs() < 1e-15);
         let (w, h, _) = letterbox_geometry(626, 1200, 640, 640);
         assert_eq!((w, h), (333, 640));

@@ -44,8 +44,9 @@ fn diff_stats(a: &[u8], b: &[u8]) -> (f64, u8, f64) {
 
 #[test]
 fn alignment_matches_insightface_norm_crop() {
+    let Some(env) = env_or_skip("alignment_matches_insightface_norm_crop") else { return };
     let dir = tempfile::tempdir().unwrap();
-    run_oracle(&["align"], dir.path());
+    run_oracle(&env, &["align"], dir.path());
     let meta = read_json(&dir.path().join("align.json"));
     let cases = meta["cases"].as_array().unwrap();
     assert!(cases.len() >= 10, "expected ≥ 10 faces, got {}", cases.len());
@@ -66,7 +67,10 @@ fn alignment_matches_insightface_norm_crop() {
         worst_m64 = worst_m64.max(d64);
         let (want, cw, ch) = read_rgb(&dir.path().join(case["crop"].as_str().unwrap()));
         assert_eq!((cw, ch), (112, 112));
-        let mut line = format!("{}: |dM| f32 linear {d32l:.2e} translation {d32:.2e}, f64 {d64:.2e}", case["crop"].as_str().unwrap());
+        let mut line = format!(
+            "{}: |dM| f32 linear {d32l:.2e} translation {d32:.2e}, f64 {d64:.2e}",
+            case["crop"].as_str().unwrap()
+        );
         for kernel in [WarpKernel::OpenCvFloat, WarpKernel::OpenCvFixedPoint] {
             let (got, _) = align::norm_crop_u8(&img, w, h, 3, &k32, 112, kernel).unwrap();
             let (mean, max, eq) = diff_stats(&got, &want);
@@ -80,17 +84,27 @@ fn alignment_matches_insightface_norm_crop() {
             );
             if kernel == WarpKernel::default() {
                 worst_mean = worst_mean.max(mean);
+                // Both sides warp the same u8 pixels with cv2's arithmetic (ours in scalar Rust,
+                // the same on every CPU); they differ where a value lands on the other side of
+                // a rounding boundary (±1 grey level at ~0.01 % of the pixels, measured mean
+                // 2e-4). A mean of 1 grey level is far from that and far below a wrong warp.
                 assert!(mean <= 1.0, "{line}");
             }
         }
         eprintln!("{line}");
-        // float64 key points: skimage's SVD is float64 too → agreement to rounding.
+        // float64 key points: skimage's SVD is float64 too → agreement to rounding (a few u64
+        // of coordinates ≤ ~1000 px: ≲ 1e-12; measured ≤ 6.4e-13).
         assert!(d64 <= 1e-9, "{line}");
-        // float32 key points (the detector's dtype): skimage solves the SVD in LAPACK float32,
-        // so the reference itself carries ~1e-7 relative noise; the translation multiplies it
-        // by the landmarks' magnitude (hundreds of pixels).
+        // float32 key points (the detector's dtype): skimage solves the SVD in LAPACK float32
+        // (numpy's OpenBLAS, whose kernels are chosen per CPU), so the reference itself carries
+        // a few u (6e-8) of relative noise in the linear part (measured ≤ 3.9e-8; ours is scalar
+        // Rust, the same everywhere): bound 1e-6 ≈ 16u. The translation mean(dst) − M·mean(src)
+        // multiplies that by the landmarks' coordinates (hundreds of pixels): 1e-6 · max |k|
+        // (measured ≤ 2e-5 against ≈ 1e-3 allowed at 1000 px; it was a fixed 1e-4, which
+        // would not follow the linear part's bound on a larger photo).
+        let kmax = k32.iter().flatten().fold(1f64, |m, &v| m.max(v.abs() as f64));
         assert!(d32l <= 1e-6, "{line}");
-        assert!(d32 <= 1e-4, "{line}");
+        assert!(d32 <= 1e-6 * kmax, "{line} (max |landmark| {kmax})");
     }
     eprintln!("worst: |dM| f32 linear {worst_m32l:.2e} translation {worst_m32:.2e}, f64 {worst_m64:.2e}; crop mean abs diff {worst_mean:.4} grey levels");
 }

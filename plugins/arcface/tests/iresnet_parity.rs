@@ -7,12 +7,17 @@
 //! * tch vs onnxruntime-python on the same file: cosine ≥ 0.999 per row (the issue's bar; both
 //!   run f32 on the CPU, measured ≈ 1 − 1e-7), plus a max-abs bound relative to the output scale;
 //! * gradients: the net is run in f64 (`OnnxNet::with_kind(Kind::Double)`) so that central
-//!   finite differences (step 1e-3 in 0..255 input units / 1e-4 in pixel units) are accurate:
-//!   |autograd − FD| ≤ 1e-5 · max|grad| at every probed pixel (measured ≤ 2e-7), and the f32 autograd
-//!   gradient agrees with the f64 one to ≤ 1e-3 relative (max-norm);
+//!   finite differences (step 1e-3 in 0..255 input units) are accurate:
+//!   |autograd − FD| ≤ 1e-5 · max|grad| at every probed pixel (measured ≤ 5e-9; see `fd_check`);
+//!   the f32 pre-activations agree with f64 to ≤ 1e-4 of their max, and the f32 autograd
+//!   gradient agrees to ≤ 1e-4 · max|g| with the f64 gradient *of the same PRelu activation
+//!   pattern* (a pre-activation within f32 rounding of a kink may take the other slope, which
+//!   is a jump in the gradient, not a rounding error: see `input_gradient_matches_finite_differences`);
 //! * grid_sample crops vs `align::warp_affine_chw_f32`: ≤ 1e-4 on 0..1 images (the unit test in
 //!   `diff_align.rs`), ≤ 1e-4 · 255 on 0..255 images here.
 
+mod common;
+use common::{check_pre_activations, pre_activations, with_activation_pattern};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -23,15 +28,21 @@ use likeness_plugin_arcface::iresnet::{cosine_rows, l2_normalize, OnnxNet};
 use likeness_plugin_arcface::onnx_proto::{self, Dim};
 use tch::{Device, Kind, Tensor};
 
-fn python() -> PathBuf {
-    PathBuf::from(std::env::var_os("LIKENESS_PYTHON").filter(|p| !p.is_empty()).expect(
-        "LIKENESS_PYTHON is unset: `source scripts/common.sh` (the venv needs torch, onnx, onnxruntime)",
-    ))
+/// The venv python (torch, onnx, onnxruntime), or `None` after `skipped: <test> needs
+/// LIKENESS_PYTHON …` (a panic when `CI` is set).
+fn python_or_skip(test: &str) -> Option<PathBuf> {
+    likeness_sdk::testing::python_or_skip(test)
 }
 
-fn oracle(args: &[&str], out: &Path) {
+fn oracle(python: &Path, args: &[&str], out: &Path) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/iresnet_oracle.py");
-    let o = Command::new(python()).arg(&script).args(args).arg("--out").arg(out).output().expect("cannot start LIKENESS_PYTHON");
+    let o = Command::new(python)
+        .arg(&script)
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("cannot start LIKENESS_PYTHON");
     assert!(
         o.status.success(),
         "iresnet_oracle.py {args:?} failed:\n{}\n{}",
@@ -50,7 +61,7 @@ fn json(p: &Path) -> serde_json::Value {
 }
 
 /// One export per configuration per test binary (the directory is kept until the process ends).
-fn export(key: &'static str, args: &'static [&'static str]) -> PathBuf {
+fn export(python: &Path, key: &'static str, args: &'static [&'static str]) -> PathBuf {
     static SMALL: OnceLock<PathBuf> = OnceLock::new();
     static R50: OnceLock<PathBuf> = OnceLock::new();
     let cell = match key {
@@ -62,15 +73,15 @@ fn export(key: &'static str, args: &'static [&'static str]) -> PathBuf {
         let dir = tempfile::Builder::new().prefix(&format!("iresnet-{key}-")).tempdir().unwrap().keep();
         let mut a = vec!["iresnet"];
         a.extend_from_slice(args);
-        oracle(&a, &dir);
+        oracle(python, &a, &dir);
         dir
     })
     .clone()
 }
 
-fn small() -> PathBuf {
+fn small(python: &Path) -> PathBuf {
     // IResNet [1,1,1,1] with the (x − 127.5)/127.5 Sub/Mul in the graph, batch 2.
-    export("small", &["--layers", "1,1,1,1", "--batch", "2", "--seed", "0", "--norm-in-graph"])
+    export(python, "small", &["--layers", "1,1,1,1", "--batch", "2", "--seed", "0", "--norm-in-graph"])
 }
 
 fn tensor(v: &[f32], shape: &[i64]) -> Tensor {
@@ -110,6 +121,14 @@ fn check_parity(dir: &Path, what: &str) {
         dt,
         shape[0]
     );
+    // Both sides evaluate the same f32 graph with different kernels (oneDNN via libtorch vs
+    // MLAS, each with its own, CPU-dependent summation order). The forward pass is continuous
+    // (a PRelu kink changes the slope, not the value), so only rounding separates them: ≤ 52
+    // accumulations deep (IResNet-50), each of K ≤ 9·512 = 4608 products (the FC layer 25 088)
+    // with an f32 error ≲ √K·u ≈ 4e-6 (1e-5) relative to the terms' root-sum-square, in any
+    // order: ≲ 52 · 4e-6 ≈ 2.5e-4 of the output scale. Hence max |Δy| ≤ 1e-3 · max(|y|, 1)
+    // (4× that worst estimate; measured 1.1e-6 for IResNet-50), and 1 − cos ≈ ½ (|Δy|/|y|)²
+    // ≤ 3e-8, so cos ≥ 0.99999 (measured 1 − cos = 4e-13). 0.999 is the issue's bar.
     assert!(cos >= 0.999, "[{what}] cosine {cos} < 0.999");
     assert!(cos >= 0.99999, "[{what}] cosine {cos}: f32 on both sides should agree far better than the 0.999 bar");
     assert!(d <= 1e-3 * scale.max(1.0), "[{what}] max |diff| {d} vs scale {scale}");
@@ -117,8 +136,9 @@ fn check_parity(dir: &Path, what: &str) {
 
 #[test]
 fn reader_matches_onnx_package() {
+    let Some(python) = python_or_skip("reader_matches_onnx_package") else { return };
     let dir = tempfile::tempdir().unwrap();
-    oracle(&["tiny"], dir.path());
+    oracle(&python, &["tiny"], dir.path());
     let meta = json(&dir.path().join("tiny.json"));
     let m = onnx_proto::load(&dir.path().join("tiny.onnx")).unwrap();
     assert_eq!(m.opset(), Some(17));
@@ -178,24 +198,20 @@ fn reader_matches_onnx_package() {
 
 #[test]
 fn small_iresnet_matches_onnxruntime() {
-    check_parity(&small(), "IResNet[1,1,1,1]");
+    let Some(python) = python_or_skip("small_iresnet_matches_onnxruntime") else { return };
+    check_parity(&small(&python), "IResNet[1,1,1,1]");
 }
 
 #[test]
 fn iresnet50_matches_onnxruntime() {
-    let dir = export("r50", &["--layers", "3,4,14,3", "--batch", "2", "--seed", "5"]);
+    let Some(python) = python_or_skip("iresnet50_matches_onnxruntime") else { return };
+    let dir = export(&python, "r50", &["--layers", "3,4,14,3", "--batch", "2", "--seed", "5"]);
     check_parity(&dir, "IResNet-50");
 }
 
 /// Deterministic pseudo-random values in [0, 1).
-fn lcg(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 53) as f64
-        })
-        .collect()
+fn uniform(n: usize, seed: u64) -> Vec<f64> {
+    likeness_sdk::testing::uniform(seed, n)
 }
 
 /// Checks `grad` of `f` at the flat indices `probe` against central differences of step `eps`.
@@ -213,6 +229,13 @@ fn fd_check(what: &str, x: &Tensor, grad: &Tensor, probe: &[i64], eps: f64, f: &
         let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
         let err = (fd - g[i as usize]).abs();
         worst = worst.max(err / gmax);
+        // f64 central differences: truncation h²·|f⁽³⁾|/6 and rounding ≈ u64·|f|/h
+        // (1e-16 / 1e-3 = 1e-13 absolute against max|grad| ≈ 1e-6..1e-4, i.e. ≤ 1e-7 relative);
+        // the curvature comes from the normalisation only (the rest is piecewise linear), so the
+        // truncation is far smaller too (measured ≤ 2e-7 relative in all). A PRelu kink within
+        // ±h of a probe would make FD straddle two slopes; ±h moves a pre-activation by ~1e-5 of
+        // its spread, so that is improbable, and as every number here is f64 (the CPU's summation
+        // order moves it by ~1e-16 relative) it happens on every machine or on none.
         assert!(err <= 1e-5 * gmax, "[{what}] pixel {i}: autograd {} vs FD {fd} (max |grad| {gmax})", g[i as usize]);
     }
     eprintln!("[{what}] {} probes: max |autograd − FD| / max|grad| = {worst:.2e} (max |grad| {gmax:.3e})", probe.len());
@@ -224,39 +247,96 @@ fn probes(grad: &Tensor, n_top: i64, n_spread: usize, seed: u64) -> Vec<i64> {
     let (_, top) = flat.topk(n_top, 0, true, true);
     let mut v: Vec<i64> = Vec::try_from(&top).unwrap();
     let n = flat.size()[0] as f64;
-    v.extend(lcg(n_spread, seed).into_iter().map(|u| (u * n) as i64));
+    v.extend(uniform(n_spread, seed).into_iter().map(|u| (u * n) as i64));
     v
+}
+
+/// `∂/∂x Σ w · normalize(net(x))` by autograd, in the net's kind.
+fn input_gradient(net: &OnnxNet, x: &Tensor, w: &Tensor) -> Tensor {
+    let k = net.kind();
+    let xg = x.to_kind(k).set_requires_grad(true);
+    let s = (l2_normalize(&net.forward(&xg).unwrap()) * w.to_kind(k)).sum(k);
+    Tensor::run_backward(&[&s], &[&xg], false, false).pop().unwrap()
 }
 
 #[test]
 fn input_gradient_matches_finite_differences() {
-    let dir = small();
+    let Some(python) = python_or_skip("input_gradient_matches_finite_differences") else { return };
+    let dir = small(&python);
     let path = dir.join("model.onnx");
-    let net64 = OnnxNet::load(&path, Device::Cpu).unwrap().with_kind(Kind::Double);
-    let net32 = OnnxNet::load(&path, Device::Cpu).unwrap();
+    let model = onnx_proto::load(&path).unwrap();
+    let net64 = OnnxNet::from_model(&model, "model.onnx", Device::Cpu).unwrap().with_kind(Kind::Double);
+    let net32 = OnnxNet::from_model(&model, "model.onnx", Device::Cpu).unwrap();
     let x = tensor(&read_f32(&dir.join("input.f32")), &[2, 3, 112, 112]).get(0).unsqueeze(0).to_kind(Kind::Double);
-    let w = Tensor::from_slice(&lcg(512, 9).iter().map(|u| u - 0.5).collect::<Vec<_>>()).reshape([1, 512]);
+    let w = Tensor::from_slice(&uniform(512, 9).iter().map(|u| u - 0.5).collect::<Vec<_>>()).reshape([1, 512]);
     // Scalar: Σ w · normalize(emb(x)).
-    let f = |x: &Tensor| tch::no_grad(|| (l2_normalize(&net64.forward(x).unwrap()) * &w).sum(Kind::Double).double_value(&[]));
-    let xg = x.copy().set_requires_grad(true);
-    let s = (l2_normalize(&net64.forward(&xg).unwrap()) * &w).sum(Kind::Double);
-    let g = Tensor::run_backward(&[&s], &[&xg], false, false).pop().unwrap();
+    let f = |x: &Tensor| {
+        tch::no_grad(|| (l2_normalize(&net64.forward(x).unwrap()) * &w).sum(Kind::Double).double_value(&[]))
+    };
+    let g = input_gradient(&net64, &x, &w);
     fd_check("iresnet f64 input grad", &x, &g, &probes(&g, 4, 6, 1), 1e-3, &f);
 
-    // The f32 path (what the plugin runs) against the f64 gradient.
-    let x32 = x.to_kind(Kind::Float).set_requires_grad(true);
-    let s32 = (l2_normalize(&net32.forward(&x32).unwrap()) * w.to_kind(Kind::Float)).sum(Kind::Float);
-    let g32 = Tensor::run_backward(&[&s32], &[&x32], false, false).pop().unwrap();
-    let rel = (g32.to_kind(Kind::Double) - &g).abs().max().double_value(&[]) / g.abs().max().double_value(&[]);
-    eprintln!("[iresnet f32 input grad] max |g32 − g64| / max|g64| = {rel:.2e}");
-    assert!(rel <= 1e-3, "f32 gradient differs from f64 by {rel}");
+    // The f32 path (what the plugin runs) against f64.
+    //
+    // Compared as is, the two gradients differ by several 1e-3 · max|g| at a few dozen pixels
+    // (2.64e-3 on an AMD EPYC and on an Intel Xeon, both AVX-512, with the earlier weights w;
+    // 8.7e-3 with these), and by < 1e-6 · max|g| everywhere else:
+    // the net is piecewise linear, and a pre-activation that lies within f32 rounding of a PRelu
+    // kink takes the slope 1 in one precision and the slope a in the other. Where that happens
+    // is decided by the kernel's summation order (AVX2 vs AVX-512 blocks, thread splits), and a
+    // flipped activation changes one of the ~9·C terms of every input gradient in its receptive
+    // field by (1 − a)·|term| — a jump, not a rounding error, so no bound derived from f32
+    // precision holds for that comparison on every machine.
+    //
+    // So the comparison is made well-conditioned: (1) every pre-activation is checked against
+    // f64 (a flip can then only happen at |z| ≤ |z32 − z64|, i.e. within rounding of the kink),
+    // and (2) the f32 gradient is compared with the f64 gradient of the same activation
+    // pattern (the PRelus replaced by the f32 pass's derivative masks), which is a fixed
+    // linear map with no kink left for rounding to fall on.
+    // (The cut nets run the same nodes with the same kernels as `net32`: the same f32 values.)
+    let pre = pre_activations(&model, &x.to_kind(Kind::Float), &x);
+    let flips = check_pre_activations("iresnet", &pre);
+    let masked = with_activation_pattern(&model, &pre);
+    let net64p = OnnxNet::from_model(&masked, "model.onnx (f32 activation pattern)", Device::Cpu)
+        .unwrap()
+        .with_kind(Kind::Double);
+    let g64p = input_gradient(&net64p, &x, &w);
+    let g32 = input_gradient(&net32, &x, &w).to_kind(Kind::Double);
+    let gmax = g64p.abs().max().double_value(&[]);
+    let rel = (&g32 - &g64p).abs().max().double_value(&[]) / gmax;
+    let rel_l2 = (&g32 - &g64p).norm().double_value(&[]) / g64p.norm().double_value(&[]);
+    let raw = (&g32 - &g).abs().max().double_value(&[]) / g.abs().max().double_value(&[]);
+    let kinks = (&g64p - &g).abs().max().double_value(&[]) / g.abs().max().double_value(&[]);
+    eprintln!(
+        "[iresnet f32 input grad] vs f64 with the same activation pattern: max |g32 − g64| / max|g64| = {rel:.2e} (L2 {rel_l2:.2e}); \
+         vs plain f64: {raw:.2e}, of which the {flips} kink flip(s) account for {kinks:.2e}"
+    );
+    // The gradient is the f32 evaluation of that linear map: the forward pass above (≤ 12
+    // accumulations, 5e-5), then the backward through the same layers in reverse plus the
+    // fully connected layer (K = 512·7·7 = 25 088: √K·u = 1e-5) and the normalisation,
+    // another ≈ 13 accumulations of K ≤ 9·512 terms: ≲ 25 · 4e-6 = 1e-4 relative to the
+    // terms' magnitudes. The input gradient sums terms of both signs, so an entry is smaller
+    // than the terms it is made of; max|g| is the scale that keeps this ratio O(1). Bound:
+    // 1e-4 · max|g|, the estimate itself (measured 7e-7 on an AVX-512 Xeon: the √K estimate
+    // is pessimistic, and reordering the sums changes the error by O(1) factors, not 100×).
+    assert!(
+        rel <= 1e-4,
+        "f32 gradient differs from the f64 gradient of the same activation pattern by {rel} (max-norm, relative)"
+    );
+    // Without kink flips the masked net is the net itself.
+    if flips == 0 {
+        assert!(kinks <= 1e-12, "no activation changed side, yet the masked net's gradient differs by {kinks:e}");
+    }
 
     // vjp() agrees with the manual backward on the raw embedding.
-    let cot = Tensor::from_slice(&lcg(512, 4)).reshape([1, 512]);
+    let cot = Tensor::from_slice(&uniform(512, 4)).reshape([1, 512]);
     let (_, gv) = net64.vjp(&x, &cot).unwrap();
     let xg = x.copy().set_requires_grad(true);
     let s = (net64.forward(&xg).unwrap() * &cot).sum(Kind::Double);
     let gm = Tensor::run_backward(&[&s], &[&xg], false, false).pop().unwrap();
+    // The same f64 graph evaluated twice in the same order: equal up to the libtorch kernel
+    // choosing the same reduction (in practice bit-identical); 1e-12 absolute is ~1e7 ulps of
+    // max|g| ≈ 5e-5 — any real difference would be many orders larger.
     assert!((gv - gm).abs().max().double_value(&[]) <= 1e-12);
 }
 
@@ -275,7 +355,8 @@ fn test_image(h: usize, w: usize) -> (Vec<f32>, Tensor) {
 
 #[test]
 fn pixels_to_cosine_chain_matches_finite_differences() {
-    let dir = small();
+    let Some(python) = python_or_skip("pixels_to_cosine_chain_matches_finite_differences") else { return };
+    let dir = small(&python);
     let net = OnnxNet::load(&dir.join("model.onnx"), Device::Cpu).unwrap().with_kind(Kind::Double);
     let (h, w) = (170usize, 150usize);
     let (src, px) = test_image(h, w);
@@ -293,12 +374,17 @@ fn pixels_to_cosine_chain_matches_finite_differences() {
     let got: Vec<f32> = Vec::try_from(crop.flatten(0, -1)).unwrap();
     let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     eprintln!("[diff_align] grid_sample crop vs warp_affine_chw_f32 on a 0..255 image: max |diff| {d:.2e}");
+    // Both bilinear in f32, no reductions: the sampling points differ by a few ulps of source
+    // coordinates ≤ 170 px (ulp 1.5e-5 px), times the image's steepest slope (its checker edges,
+    // ≈ 35 grey levels/px) ≈ 2e-3, plus value rounding 255·u ≈ 2e-5. Bound 1e-4 · 255 = 2.6e-2
+    // (the 0..1 bound of the unit test, scaled; measured 4.6e-4).
     assert!(d <= 1e-4 * 255.0, "crop differs from the float warp by {d}");
 
     // Loss: cosine between the embedding of the aligned crop and a fixed reference embedding.
-    let reference = tch::no_grad(|| net.forward(&tensor(&read_f32(&dir.join("input.f32")), &[2, 3, 112, 112]).get(1).unsqueeze(0)))
-        .unwrap()
-        .to_kind(Kind::Double);
+    let reference =
+        tch::no_grad(|| net.forward(&tensor(&read_f32(&dir.join("input.f32")), &[2, 3, 112, 112]).get(1).unsqueeze(0)))
+            .unwrap()
+            .to_kind(Kind::Double);
     let f = |p: &Tensor| {
         tch::no_grad(|| {
             let c = diff_align::align_crops(p, &[m], 112, 112).unwrap();
@@ -313,6 +399,10 @@ fn pixels_to_cosine_chain_matches_finite_differences() {
     let nz = g.ne(0.0).sum(Kind::Int64).int64_value(&[]);
     eprintln!("[chain] cosine {:.6}; {nz} of {} pixels have a gradient", cos.double_value(&[]), 3 * h * w);
     assert!(nz > 0 && (nz as usize) < 3 * h * w);
-    assert_eq!(g.get(0).get(0).get(0).get(0).double_value(&[]), 0.0, "a corner pixel outside the crop has zero gradient");
+    assert_eq!(
+        g.get(0).get(0).get(0).get(0).double_value(&[]),
+        0.0,
+        "a corner pixel outside the crop has zero gradient"
+    );
     fd_check("pixels → diff_align → iresnet → cosine (f64)", &px, &g, &probes(&g, 4, 8, 2), 1e-3, &f);
 }

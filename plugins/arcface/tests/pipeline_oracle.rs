@@ -17,8 +17,8 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn run_py(args: &[&std::ffi::OsStr]) {
-    let o = Command::new(python()).args(args).output().expect("cannot start LIKENESS_PYTHON");
+fn run_py(env: &Env, args: &[&std::ffi::OsStr]) {
+    let o = Command::new(&env.python).args(args).output().expect("cannot start LIKENESS_PYTHON");
     assert!(
         o.status.success(),
         "{:?} failed:\n{}\n{}",
@@ -29,40 +29,47 @@ fn run_py(args: &[&std::ffi::OsStr]) {
 }
 
 /// Generates the pack into `<tmp>/models/buffalo_l` and runs the Python oracle into `<tmp>/out`.
-fn prepare(tmp: &Path, depth: &str) -> serde_json::Value {
+fn prepare(env: &Env, tmp: &Path, depth: &str) -> serde_json::Value {
     let models = tmp.join("models");
     let out = tmp.join("out");
-    run_py(&[
-        repo().join("scripts/make_face_models.py").as_os_str(),
-        "--out".as_ref(),
-        models.as_os_str(),
-        "--depth".as_ref(),
-        depth.as_ref(),
-    ]);
-    run_py(&[
-        repo().join("tests/python/arcface_pipeline_oracle.py").as_os_str(),
-        "--models".as_ref(),
-        models.as_os_str(),
-        "--data".as_ref(),
-        data_dir().as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ]);
+    run_py(
+        env,
+        &[
+            repo().join("scripts/make_face_models.py").as_os_str(),
+            "--out".as_ref(),
+            models.as_os_str(),
+            "--depth".as_ref(),
+            depth.as_ref(),
+        ],
+    );
+    run_py(
+        env,
+        &[
+            repo().join("tests/python/arcface_pipeline_oracle.py").as_os_str(),
+            "--models".as_ref(),
+            models.as_os_str(),
+            "--data".as_ref(),
+            env.data.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ],
+    );
     read_json(&out.join("pipeline.json"))
 }
 
 fn config(tmp: &Path) -> Config {
-    let mut c = Config::default();
-    c.model_root = Some(tmp.join("models"));
-    c
+    Config { model_root: Some(tmp.join("models")), ..Config::default() }
 }
 
-fn check(depth: &str) {
+fn check(env: &Env, depth: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let meta = prepare(tmp.path(), depth);
+    let meta = prepare(env, tmp.path(), depth);
     assert_eq!(meta["det_class"], "RetinaFace", "model_zoo routes the detector to its SCRFD decoder");
     let mut p = Pipeline::new(&config(tmp.path()), Device::CPU).unwrap();
-    assert_eq!((p.recognizer.input_mean, p.recognizer.input_std), (f(&meta["input_mean"]) as f32, f(&meta["input_std"]) as f32));
+    assert_eq!(
+        (p.recognizer.input_mean, p.recognizer.input_std),
+        (f(&meta["input_mean"]) as f32, f(&meta["input_std"]) as f32)
+    );
     assert_eq!(p.recognizer.input_size as u64, meta["rec_input_size"][0].as_u64().unwrap());
     let (mut wbox, mut wkps, mut wcos, mut nfaces) = (0f64, 0f64, 1f64, 0usize);
     for im in meta["images"].as_array().unwrap() {
@@ -90,6 +97,10 @@ fn check(depth: &str) {
         "pipeline parity ({depth}): {nfaces} faces on 3 photos; max |box diff| {wbox:.3e} px, max |kps diff| {wkps:.3e} px, \
          min embedding cosine {wcos:.8}"
     );
+    // The issue's acceptance. Both sides run the same ONNX Runtime library on the same CPU
+    // (identical detector outputs) and decode them as in scrfd_oracle.rs (measured ≤ 1e-13
+    // px). The embeddings differ only where our warp and cv2's round a crop pixel to the other
+    // grey level (~0.01 % of pixels, ±1): measured 1 − cos = 2e-8.
     assert!(wbox <= 1.0 && wkps <= 1.0, "boxes / landmarks differ by more than 1 px");
     assert!(wcos >= 0.9999, "embedding cosine {wcos} < 0.9999");
 
@@ -117,6 +128,7 @@ fn check(depth: &str) {
         let d = emb.shape[1] as usize;
         assert!(emb.data[d..].iter().all(|&v| v == 0.0));
         let n: f64 = emb.data[..d].iter().map(|&v| v as f64 * v as f64).sum();
+        // Normalised with an f64 norm, then rounded to f32 (≤ u per component): |n − 1| ≲ 1e-7.
         assert!((n - 1.0).abs() < 1e-5);
         // The chosen face is one of the reference's faces.
         let best = im["faces"]
@@ -128,13 +140,15 @@ fn check(depth: &str) {
                 cosine(&emb.data[..d], &e)
             })
             .fold(f64::MIN, f64::max);
+        // As above (the same crops through the plugin's [0, 1] → u8 path).
         assert!(best >= 0.9999, "{}: the plugin's embedding matches no reference face ({best})", im["image"]);
     }
 }
 
 #[test]
 fn pipeline_matches_insightface_iresnet50() {
-    check("r50");
+    let Some(env) = env_or_skip("pipeline_matches_insightface_iresnet50") else { return };
+    check(&env, "r50");
 }
 
 #[test]
@@ -147,5 +161,9 @@ fn missing_pack_file_is_a_clear_error() {
     )
     .err()
     .expect("no pack there");
-    assert!(e.message.contains("det_500m.onnx") && e.message.contains(&tmp.path().display().to_string()), "{}", e.message);
+    assert!(
+        e.message.contains("det_500m.onnx") && e.message.contains(&tmp.path().display().to_string()),
+        "{}",
+        e.message
+    );
 }

@@ -6,19 +6,29 @@ mod common;
 use common::*;
 use likeness_plugin_arcface::scrfd::{self, FaceChoice, Layout};
 
-fn check(outputs: usize, batched: bool, input_w: usize, input_h: usize, seed: u64) {
+fn check(env: &Env, outputs: usize, batched: bool, input_w: usize, input_h: usize, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let (ws, hs, ss) = (input_w.to_string(), input_h.to_string(), seed.to_string());
-    let mut args = vec!["scrfd", "--outputs", match outputs {
-        6 => "6",
-        9 => "9",
-        10 => "10",
-        _ => "15",
-    }, "--input-w", &ws, "--input-h", &hs, "--seed", &ss];
+    let mut args = vec![
+        "scrfd",
+        "--outputs",
+        match outputs {
+            6 => "6",
+            9 => "9",
+            10 => "10",
+            _ => "15",
+        },
+        "--input-w",
+        &ws,
+        "--input-h",
+        &hs,
+        "--seed",
+        &ss,
+    ];
     if batched {
         args.push("--batched");
     }
-    run_oracle(&args, dir.path());
+    run_oracle(env, &args, dir.path());
     let meta = read_json(&dir.path().join("scrfd.json"));
     let layout = Layout::from_output_count(outputs, batched).unwrap();
     let outs: Vec<Vec<f32>> = (0..outputs).map(|i| read_f32(&dir.path().join(format!("out_{i}.f32")))).collect();
@@ -64,6 +74,10 @@ fn check(outputs: usize, batched: bool, input_w: usize, input_h: usize, seed: u6
         if batched { " (batched)" } else { "" },
         meta["runs"][0]["det"].as_array().unwrap().len()
     );
+    // The same f32 outputs decoded by element-wise f32 arithmetic on both sides (numpy's
+    // ufuncs and our scalar Rust are correctly rounded per operation on every CPU; neither
+    // contracts to FMA): the same values, measured ≤ 1.1e-13 px (JSON's f64 printing). 1e-3 px
+    // is ~16 ulps of a 640-px coordinate, room for a different association of a few operations.
     assert!(worst_box <= 1e-3 && worst_kps <= 1e-3, "boxes/key points differ by more than 1e-3 px");
 
     // Pre-processing: letterbox + blob of the same decoded image.
@@ -83,30 +97,38 @@ fn check(outputs: usize, batched: bool, input_w: usize, input_h: usize, seed: u6
         "  blob: mean abs diff {mean:.4} grey levels, max {max}, equal {:.2}%",
         eq as f64 * 100.0 / blob.len() as f64
     );
+    // Letterbox resize + (x − 127.5)/128: cv2.resize's bilinear is fixed-point integer
+    // arithmetic (bit-exact on every CPU, SIMD or not), ours repeats it; the bound (in grey
+    // levels) is for an implementation difference, not rounding: measured identical.
     assert!(mean <= 0.5 && max <= 2.0, "detector input differs from SCRFD's blob");
 }
 
 #[test]
 fn scrfd_9_outputs_kps() {
-    check(9, false, 640, 640, 0);
+    let Some(env) = env_or_skip("scrfd_9_outputs_kps") else { return };
+    check(&env, 9, false, 640, 640, 0);
 }
 
 #[test]
 fn scrfd_6_outputs_no_kps() {
-    check(6, false, 640, 640, 1);
+    let Some(env) = env_or_skip("scrfd_6_outputs_no_kps") else { return };
+    check(&env, 6, false, 640, 640, 1);
 }
 
 #[test]
 fn scrfd_15_outputs_5_levels_kps() {
-    check(15, false, 640, 640, 2);
+    let Some(env) = env_or_skip("scrfd_15_outputs_5_levels_kps") else { return };
+    check(&env, 15, false, 640, 640, 2);
 }
 
 #[test]
 fn scrfd_10_outputs_5_levels_no_kps() {
-    check(10, false, 640, 640, 3);
+    let Some(env) = env_or_skip("scrfd_10_outputs_5_levels_no_kps") else { return };
+    check(&env, 10, false, 640, 640, 3);
 }
 
 #[test]
 fn scrfd_9_outputs_batched_non_square() {
-    check(9, true, 640, 480, 4);
+    let Some(env) = env_or_skip("scrfd_9_outputs_batched_non_square") else { return };
+    check(&env, 9, true, 640, 480, 4);
 }

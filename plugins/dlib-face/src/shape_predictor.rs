@@ -63,29 +63,16 @@ impl ShapePredictor {
         let initial_shape = col_f32(&mut r)?;
         let forests = r.vec(|r| {
             r.vec(|r| {
-                let splits = r.vec(|r| {
-                    Ok(Split {
-                        idx1: r.u64()? as usize,
-                        idx2: r.u64()? as usize,
-                        thresh: r.f32()?,
-                    })
-                })?;
+                let splits =
+                    r.vec(|r| Ok(Split { idx1: r.u64()? as usize, idx2: r.u64()? as usize, thresh: r.f32()? }))?;
                 let leaves = r.vec(col_f32)?;
                 Ok(Tree { splits, leaves })
             })
         })?;
         let anchor_idx = r.vec(|r| r.vec(|r| Ok(r.u64()? as usize)))?;
         let deltas = r.vec(|r| r.vec(|r| Ok([r.f32()?, r.f32()?])))?;
-        let sp = ShapePredictor {
-            initial_shape,
-            forests,
-            anchor_idx,
-            deltas,
-        };
-        sp.validate().map_err(|m| dat::DatError {
-            offset: r.pos,
-            msg: m,
-        })?;
+        let sp = ShapePredictor { initial_shape, forests, anchor_idx, deltas };
+        sp.validate().map_err(|m| dat::DatError { offset: r.pos, msg: m })?;
         Ok(sp)
     }
 
@@ -137,8 +124,7 @@ impl ShapePredictor {
                 let py = m[2] * d[0] + m[3] * d[1] + cur[2 * a + 1];
                 let (x, y) = to_img.apply(px as f64, py as f64);
                 let (x, y) = (round(x), round(y));
-                let v = if x >= 0 && y >= 0 && (x as usize) < img.width && (y as usize) < img.height
-                {
+                let v = if x >= 0 && y >= 0 && (x as usize) < img.width && (y as usize) < img.height {
                     let o = 3 * (y as usize * img.width + x as usize);
                     let s = img.data[o] as u32 + img.data[o + 1] as u32 + img.data[o + 2] as u32;
                     (s / 3) as f32
@@ -151,11 +137,7 @@ impl ShapePredictor {
                 let mut i = 0;
                 while i < t.splits.len() {
                     let s = &t.splits[i];
-                    i = if feats[s.idx1] - feats[s.idx2] > s.thresh {
-                        2 * i + 1
-                    } else {
-                        2 * i + 2
-                    };
+                    i = if feats[s.idx1] - feats[s.idx2] > s.thresh { 2 * i + 1 } else { 2 * i + 2 };
                 }
                 for (c, l) in cur.iter_mut().zip(&t.leaves[i - t.splits.len()]) {
                     *c += *l;
@@ -183,24 +165,13 @@ struct Affine {
 
 impl Affine {
     fn apply(&self, x: f64, y: f64) -> (f64, f64) {
-        (
-            self.m[0] * x + self.m[1] * y + self.b[0],
-            self.m[2] * x + self.m[3] * y + self.b[1],
-        )
+        (self.m[0] * x + self.m[1] * y + self.b[0], self.m[2] * x + self.m[3] * y + self.b[1])
     }
 }
 
 /// Maps (0,0) → tl, (1,0) → tr, (1,1) → br.
 fn unnormalizing(r: Rect) -> Affine {
-    Affine {
-        m: [
-            (r.right - r.left) as f64,
-            0.0,
-            0.0,
-            (r.bottom - r.top) as f64,
-        ],
-        b: [r.left as f64, r.top as f64],
-    }
+    Affine { m: [(r.right - r.left) as f64, 0.0, 0.0, (r.bottom - r.top) as f64], b: [r.left as f64, r.top as f64] }
 }
 
 /// The 2×2 part `c·R` of dlib's `find_similarity_transform(from, to)` (Umeyama), in the

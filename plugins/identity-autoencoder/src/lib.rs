@@ -47,12 +47,12 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use likeness_sdk::abi::ManagedTensor;
-use likeness_sdk_torch::{load_into, save_tensors, tensor_to_managed, to_tch_device, view_to_tensor, AdamW};
 use likeness_sdk::{
     err, parse_config, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode, Inputs, ModelOutput,
     ModelPlugin, OptimizerStep, ParameterInfo, PluginDescriptor, PluginError, PluginKind, Result, StepReport,
     TensorView,
 };
+use likeness_sdk_torch::{load_into, save_tensors, tensor_to_managed, to_tch_device, view_to_tensor, AdamW};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -195,7 +195,8 @@ impl Net {
                 Block::new(&root / "decoder" / j, cin, cout, 1)
             })
             .collect();
-        let to_rgb = nn::conv2d(&root / "to_rgb", c.channels(0), 3, 3, nn::ConvConfig { padding: 1, ..Default::default() });
+        let to_rgb =
+            nn::conv2d(&root / "to_rgb", c.channels(0), 3, 3, nn::ConvConfig { padding: 1, ..Default::default() });
         Net { encoder, to_code, from_code, decoder, to_rgb, bottleneck: [top, s, s] }
     }
 
@@ -442,8 +443,9 @@ impl ModelPlugin for IdentityAutoencoder {
             }
         }
         if let Some(json) = meta.get("likeness.config") {
-            let saved: Config = serde_json::from_str(json)
-                .map_err(|e| err::input(format!("{}: metadata `likeness.config` is not a valid config: {e}", model.display())))?;
+            let saved: Config = serde_json::from_str(json).map_err(|e| {
+                err::input(format!("{}: metadata `likeness.config` is not a valid config: {e}", model.display()))
+            })?;
             if saved != self.config {
                 return Err(err::config(format!(
                     "{} was saved with config {json}, this instance has {}; create the model with the saved config",

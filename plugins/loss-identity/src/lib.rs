@@ -6,7 +6,9 @@
 //! * `embedding` `[B, D]` f32 — the generated image's identity embedding (gradients are
 //!   returned for it only);
 //! * `reference_embedding` `[B, D]` f32 — the reference face's embedding;
-//! * optional `valid`, `reference_valid` `[B]` u8 — 1 where the metric found a face.
+//! * optional `valid`, `reference_valid` `[B]` u8 — 1 where the metric found a face;
+//! * optional `weight` `[B]` f32 ≥ 0 — multiplies each row's contribution and gradient (the
+//!   trainer's identity weighting by noise level); the mean stays over the valid rows.
 //!
 //! A row is **valid** when both flags are non-zero and both embeddings have a non-zero norm.
 //! Invalid rows contribute zero loss and zero gradient; they are counted (`invalid_pairs`).
@@ -41,7 +43,7 @@ use serde::Deserialize;
 pub const ID: &str = "identity";
 /// Names of the inputs, in order; gradients are returned for the first only. The last two are
 /// optional.
-pub const INPUT_NAMES: [&str; 4] = ["embedding", "reference_embedding", "valid", "reference_valid"];
+pub const INPUT_NAMES: [&str; 5] = ["embedding", "reference_embedding", "valid", "reference_valid", "weight"];
 /// Default `distance_threshold` of mode `seed004` (seed 004: "if similarity < 0.7").
 pub const DEFAULT_DISTANCE_THRESHOLD: f64 = 0.3;
 /// Default `margin` of mode `triplet`.
@@ -206,8 +208,31 @@ pub fn compute(
     reference_valid: Option<&[u8]>,
     want_grad: bool,
 ) -> likeness_sdk::Result<Computed> {
+    compute_weighted(cfg, embedding, reference, valid, reference_valid, None, want_grad)
+}
+
+/// [`compute`] with an optional weight per row (input `weight`, `[B]` f32, e.g. (1 − t)² of
+/// the sample's noise level).
+pub fn compute_weighted(
+    cfg: &Config,
+    embedding: &CpuTensor,
+    reference: &CpuTensor,
+    valid: Option<&[u8]>,
+    reference_valid: Option<&[u8]>,
+    weights: Option<&[f32]>,
+    want_grad: bool,
+) -> likeness_sdk::Result<Computed> {
     cfg.validate()?;
     let (b, d) = check_shapes(&embedding.shape, &reference.shape)?;
+    if let Some(w) = weights {
+        if w.len() != b || w.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            return Err(err::input(format!(
+                "loss `{ID}`: input `weight` must be [{b}] finite numbers ≥ 0 (one per row of `embedding` {:?}), got {w:?}",
+                embedding.shape
+            )));
+        }
+    }
+    let weights: Option<Vec<f64>> = weights.map(|w| w.iter().map(|&x| x as f64).collect());
     for (name, flags) in [("valid", valid), ("reference_valid", reference_valid)] {
         if let Some(f) = flags {
             if f.len() != b {
@@ -219,9 +244,8 @@ pub fn compute(
             }
         }
     }
-    let flags: Vec<bool> = (0..b)
-        .map(|i| valid.map_or(true, |v| v[i] != 0) && reference_valid.map_or(true, |v| v[i] != 0))
-        .collect();
+    let flags: Vec<bool> =
+        (0..b).map(|i| valid.is_none_or(|v| v[i] != 0) && reference_valid.is_none_or(|v| v[i] != 0)).collect();
     // Non-finite numbers in a row that counts would poison the mean: refuse them by name.
     for (name, t) in [("embedding", embedding), ("reference_embedding", reference)] {
         for (i, _) in flags.iter().enumerate().filter(|(_, f)| **f) {
@@ -235,7 +259,7 @@ pub fn compute(
     }
     let e: Vec<f64> = embedding.data.iter().map(|&v| v as f64).collect();
     let r: Vec<f64> = reference.data.iter().map(|&v| v as f64).collect();
-    let out = compute_f64(cfg, [b, d], &e, &r, &flags, want_grad);
+    let out = compute_f64_weighted(cfg, [b, d], &e, &r, &flags, weights.as_deref(), want_grad);
     let grad = out.grad.map(|g| CpuTensor::new(embedding.shape.clone(), g.into_iter().map(|v| v as f32).collect()));
     Ok(Computed { value: out.value, terms: out.terms, grad })
 }
@@ -286,7 +310,25 @@ fn cosine_row(e: &[f64], r: &[f64], want_grad: bool) -> (f64, Option<Vec<f64>>) 
 /// The whole computation in f64 on row-major `[B, D]` buffers. `flags[i]` says whether the
 /// metric found both faces of row `i`; rows with a zero-norm embedding are invalid too.
 pub fn compute_f64(cfg: &Config, dims: [usize; 2], e: &[f64], r: &[f64], flags: &[bool], want_grad: bool) -> F64Output {
+    compute_f64_weighted(cfg, dims, e, r, flags, None, want_grad)
+}
+
+/// [`compute_f64`] with a weight per row: row `i`'s contribution (and its gradient) is
+/// multiplied by `weights[i]`; the mean is still over the `n` valid rows, so weights of 1 give
+/// [`compute_f64`] exactly. (The gradient of row `i` depends on row `i`'s contribution only —
+/// a triplet negative is another row's *reference* — so weighting rows weights their
+/// gradients.)
+pub fn compute_f64_weighted(
+    cfg: &Config,
+    dims: [usize; 2],
+    e: &[f64],
+    r: &[f64],
+    flags: &[bool],
+    weights: Option<&[f64]>,
+    want_grad: bool,
+) -> F64Output {
     let [b, d] = dims;
+    let weight = |i: usize| weights.map_or(1.0, |w| w[i]);
     assert_eq!(e.len(), b * d);
     assert_eq!(r.len(), b * d);
     assert_eq!(flags.len(), b);
@@ -331,16 +373,17 @@ pub fn compute_f64(cfg: &Config, dims: [usize; 2], e: &[f64], r: &[f64], flags: 
                     }
                 }
             };
-            value += contrib;
+            let w = weight(i);
+            value += w * contrib;
             if let (Some(g), Some(gc)) = (grad.as_mut(), g_cos) {
                 let out = &mut g[i * d..(i + 1) * d];
                 for (o, v) in out.iter_mut().zip(&gc) {
-                    *o += inv_n * dcos * v;
+                    *o += w * inv_n * dcos * v;
                 }
                 if let Some(gn) = neg_grad {
                     // ∂h/∂cos_neg = +1
                     for (o, v) in out.iter_mut().zip(&gn) {
-                        *o += inv_n * v;
+                        *o += w * inv_n * v;
                     }
                 }
             }
@@ -376,7 +419,10 @@ fn flags(inputs: &Inputs<'_>, name: &str) -> likeness_sdk::Result<Option<Vec<u8>
         Some(v) => {
             let t = CpuTensor::<u8>::from_view(v, name)?;
             if t.shape.len() != 1 {
-                return Err(err::input(format!("loss `{ID}`: input `{name}` must be 1-D [B] u8, got shape {:?}", t.shape)));
+                return Err(err::input(format!(
+                    "loss `{ID}`: input `{name}` must be 1-D [B] u8, got shape {:?}",
+                    t.shape
+                )));
             }
             Ok(Some(t.data))
         }
@@ -407,7 +453,11 @@ impl LossPlugin for IdentityLoss {
         let r = CpuTensor::<f32>::from_view(inputs.get("reference_embedding")?, "reference_embedding")?;
         let v = flags(&inputs, "valid")?;
         let rv = flags(&inputs, "reference_valid")?;
-        let out = compute(&self.cfg, &e, &r, v.as_deref(), rv.as_deref(), want_grad)?;
+        let w = match inputs.try_get("weight") {
+            None => None,
+            Some(v) => Some(CpuTensor::<f32>::from_view(v, "weight")?.data),
+        };
+        let out = compute_weighted(&self.cfg, &e, &r, v.as_deref(), rv.as_deref(), w.as_deref(), want_grad)?;
         let grads = out.grad.map(|g| vec![("embedding".to_string(), g.into_managed())]).unwrap_or_default();
         Ok(LossOutput { value: out.value, terms: out.terms, grads })
     }
@@ -456,6 +506,10 @@ mod tests {
         }
         eprintln!("{cfg:?} B={b} D={d}: value {} max |fd − analytic| = {worst:e}, max |grad| = {gmax:e}", out.value);
         assert!(gmax > 1e-3, "{cfg:?}: the gradient is (almost) zero, the check proves nothing");
+        // Central differences in f64 (pure scalar Rust: the same bits on every CPU, since Rust
+        // neither reassociates nor contracts floating-point operations): rounding ≈ u64·|L|/eps
+        // ≈ 1e-16 · O(1) / 1e-6 = 1e-10, truncation ≈ eps²·|L⁽³⁾|/6 ≈ 1e-12; measured ≤ 1.3e-10.
+        // 1e-7 · max|grad| (≥ 1e-10, the gradient being ≥ 1e-3).
         assert!(worst <= 1e-7 * gmax, "{cfg:?}: max |fd − analytic| = {worst:e} (max |grad| {gmax:e})");
         for (i, f) in flags.iter().enumerate() {
             if !f {
@@ -480,7 +534,8 @@ mod tests {
         let cfg = Config::seed004(0.3);
         let flags = [true, true, true, false, true];
         let dist = distances(5, 6, 2);
-        // The data must exercise both branches, away from the jump.
+        // The data must exercise both branches, away from the jump (1e-3 ≫ the FD step 1e-6
+        // times |∂d/∂e| ≲ 10: no finite-difference step crosses the threshold).
         assert!(dist.iter().any(|&x| x < 0.29) && dist.iter().any(|&x| x > 0.31), "{dist:?}");
         assert!(dist.iter().all(|&x| (x - 0.3).abs() > 1e-3), "{dist:?}");
         fd_check(cfg, 5, 6, &flags, 2);
@@ -501,7 +556,8 @@ mod tests {
             let e = [1.0, 0.0];
             let r = [cos, (1.0 - cos * cos).sqrt()];
             let v = compute_f64(&Config::seed004(0.3), [1, 2], &e, &r, &[true], false).value;
-            // d = 0.25 and 0.1 stay linear; d = 0.5 and 0.8 are squared.
+            // d = 0.25 and 0.1 stay linear; d = 0.5 and 0.8 are squared. f64 of O(1) values
+            // through a handful of operations: a few ulps (1e-16) — 1e-12 is a safe exact check.
             assert!((v - expect).abs() < 1e-12, "cos {cos}: {v} vs {expect}");
         }
     }
@@ -573,6 +629,7 @@ mod tests {
         let a = compute_f64(&Config::cosine(), [3, 5], &e, &r, &flags, false);
         let e2: Vec<f64> = e.iter().map(|v| v * 7.5).collect();
         let b = compute_f64(&Config::cosine(), [3, 5], &e2, &r, &flags, false);
+        // Scale-free up to f64 rounding of the norms (a few ulps of O(1) values).
         assert!((a.value - b.value).abs() < 1e-12);
         assert!((a.terms[0].1 - (1.0 - a.value)).abs() < 1e-12);
     }
@@ -648,7 +705,7 @@ mod tests {
             NamedView { name: RStr::from("reference_valid"), view: rv.view() },
         ];
         let out = m.value_and_grad()(h, RSlice::from_slice(&views), true).unwrap();
-        // Row 0: cos 0, d = 1 > 0.3 → w = 1; row 1 is invalid.
+        // Row 0: cos 0, d = 1 > 0.3 → w = 1; row 1 is invalid. (f64 of exact f32 inputs: ulps.)
         assert!((out.value - 1.0).abs() < 1e-12, "{}", out.value);
         assert_eq!(out.grads.len(), 1);
         assert_eq!(out.grads[0].name.as_str(), "embedding");

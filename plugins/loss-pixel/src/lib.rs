@@ -191,7 +191,13 @@ pub fn compute_f64(weights: &Weights, dims: [usize; 4], p: &[f64], t: &[f64], wa
             for ((gi, a), b) in g.iter_mut().zip(p).zip(t) {
                 let d = a - b;
                 // sign(d), 0 at 0 (torch's abs backward).
-                *gi += if d > 0.0 { s } else if d < 0.0 { -s } else { 0.0 };
+                *gi += if d > 0.0 {
+                    s
+                } else if d < 0.0 {
+                    -s
+                } else {
+                    0.0
+                };
             }
         }
     }
@@ -303,7 +309,14 @@ fn filter_valid_adjoint(u: &[f64], h: usize, w: usize, g: &[f64; WIN_SIZE]) -> V
 }
 
 /// Σ of the SSIM map of one plane and, when asked, its gradient w.r.t. `x`.
-fn ssim_plane(x: &[f64], y: &[f64], h: usize, w: usize, g: &[f64; WIN_SIZE], want_grad: bool) -> (f64, Option<Vec<f64>>) {
+fn ssim_plane(
+    x: &[f64],
+    y: &[f64],
+    h: usize,
+    w: usize,
+    g: &[f64; WIN_SIZE],
+    want_grad: bool,
+) -> (f64, Option<Vec<f64>>) {
     let xx: Vec<f64> = x.iter().map(|v| v * v).collect();
     let yy: Vec<f64> = y.iter().map(|v| v * v).collect();
     let xy: Vec<f64> = x.iter().zip(y).map(|(a, b)| a * b).collect();
@@ -331,7 +344,7 @@ fn ssim_plane(x: &[f64], y: &[f64], h: usize, w: usize, g: &[f64; WIN_SIZE], wan
             let al = bb * (2.0 * uy - 2.0 * ux * a) / d1; // ∂S/∂μx
             let be = -a * bb / d2; // ∂S/∂σxx
             let ga = 2.0 * a / d2; // ∂S/∂σxy
-            // Fold the −2μx·β and −μy·γ parts of ∂σ/∂x into the μ term.
+                                   // Fold the −2μx·β and −μy·γ parts of ∂σ/∂x into the μ term.
             alpha[k] = al - 2.0 * be * ux - ga * uy;
             beta[k] = be;
             gamma[k] = ga;
@@ -428,13 +441,22 @@ mod tests {
             worst = worst.max((fd - grad[i]).abs());
         }
         eprintln!("{weights:?} {dims:?}: max |fd − analytic| = {worst:e}, max |grad| = {gmax:e}");
-        // Central differences in f64: O(eps²) truncation + O(1e-16/eps) rounding ≈ 1e-10.
-        assert!(worst <= 1e-7 * gmax.max(1e-3), "{weights:?} {dims:?}: max |fd − analytic| = {worst:e} (max |grad| {gmax:e})");
+        // Central differences in f64: O(eps²) truncation + O(1e-16/eps) rounding ≈ 1e-10
+        // (measured ≤ 1.4e-10). Pure scalar Rust, which neither reassociates nor contracts
+        // floating-point operations: the same bits on every CPU. 1e-7 · max(max|grad|, 1e-3)
+        // ≥ 1e-10: the floor keeps the bound above the rounding for the small mean-loss
+        // gradients (≈ 1/numel).
+        assert!(
+            worst <= 1e-7 * gmax.max(1e-3),
+            "{weights:?} {dims:?}: max |fd − analytic| = {worst:e} (max |grad| {gmax:e})"
+        );
     }
 
     #[test]
     fn window_is_normalised_and_symmetric() {
         let g = gaussian_window();
+        // 11 positive f64 terms normalised by their sum: the re-summed error is ≤ 11·u64 ≈ 1.2e-15;
+        // in practice ≤ 2 ulps (4.4e-16).
         assert!((g.iter().sum::<f64>() - 1.0).abs() < 1e-15);
         for i in 0..WIN_SIZE {
             assert_eq!(g[i], g[WIN_SIZE - 1 - i]);
@@ -449,6 +471,9 @@ mod tests {
         let g = gaussian_window();
         let lhs: f64 = filter_valid(&x, h, w, &g).iter().zip(&u).map(|(a, b)| a * b).sum();
         let rhs: f64 = filter_valid_adjoint(&u, h, w, &g).iter().zip(&x).map(|(a, b)| a * b).sum();
+        // ⟨Fx, u⟩ = ⟨x, Fᵀu⟩ exactly; in f64 the two sides sum the same 15·121 products of values
+        // in [0, 1] (Σ ≤ 15) in different orders: typically √1815·u64·15 ≈ 7e-14 apart (the
+        // worst case γ₁₈₁₅·15 is 3e-12). Scalar Rust gives the same bits on every CPU.
         assert!((lhs - rhs).abs() < 1e-12, "{lhs} vs {rhs}");
     }
 
@@ -477,6 +502,8 @@ mod tests {
         let dims = [1, 2, 16, 16];
         let x = uniform(5, 512);
         let out = compute_f64(&Weights { l1: 1.0, mse: 1.0, ssim: 1.0 }, dims, &x, &x, true);
+        // L1 and MSE are exactly 0; 1 − SSIM is 0 up to f64 rounding of the local means and
+        // variances (≈ 1e-16 relative each, divided by C1, C2 ≥ 1e-4: ≲ 1e-12).
         assert!(out.value.abs() < 1e-12, "{}", out.value);
         assert!((out.terms[2].1 - 1.0).abs() < 1e-12);
         assert!(out.grad.unwrap().iter().all(|g| g.abs() < 1e-10));
@@ -490,6 +517,7 @@ mod tests {
         let names: Vec<_> = out.terms.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["l1", "mse", "ssim"]);
         let expect = 2.0 * out.terms[0].1 + 3.0 * out.terms[1].1 + 4.0 * (1.0 - out.terms[2].1);
+        // The same f64 sum formed in a different order: a few ulps of a value ≈ 1.
         assert!((out.value - expect).abs() < 1e-14);
         assert!(out.grad.is_none());
     }
@@ -499,6 +527,8 @@ mod tests {
         let p = CpuTensor::new(vec![1, 1, 12, 12], vec![0.25f32; 144]);
         let t = CpuTensor::new(vec![1, 1, 12, 12], vec![0.5f32; 144]);
         let (v, _, g) = compute(Weights::default(), &p, &t, true).unwrap();
+        // Exact inputs (0.25, 0.5): f64 gives 0.25 to an ulp. The gradient is returned as f32:
+        // −1/144 rounded to f32 is off by ≤ u·1/144 ≈ 4e-10 ≤ 1e-9.
         assert!((v - 0.25).abs() < 1e-12);
         let g = g.unwrap();
         assert_eq!(g.shape, p.shape);
@@ -507,7 +537,11 @@ mod tests {
         let other = CpuTensor::new(vec![1, 1, 12, 11], vec![0.5f32; 132]);
         let e = compute(Weights::default(), &p, &other, false).unwrap_err();
         assert_eq!(e.code, likeness_sdk::ErrorCode::InvalidInput);
-        assert!(e.message.contains("`prediction` [1, 1, 12, 12]") && e.message.contains("`target` [1, 1, 12, 11]"), "{}", e.message);
+        assert!(
+            e.message.contains("`prediction` [1, 1, 12, 12]") && e.message.contains("`target` [1, 1, 12, 11]"),
+            "{}",
+            e.message
+        );
 
         let small = CpuTensor::new(vec![1, 1, 10, 12], vec![0.5f32; 120]);
         let ssim = Weights { l1: 0.0, mse: 0.0, ssim: 1.0 };

@@ -3,7 +3,7 @@
 //! `LIKENESS_*` environment, command line), bad configs are explained (file, key, closest
 //! valid key), and `--help` documents --resume, --set and the plugin search order.
 
-use likeness_tests::{repo_root, Dir, TestCommand};
+use likeness_tests::{built_or_skip, repo_root, Dir, TestCommand};
 
 fn quickstart() -> std::path::PathBuf {
     repo_root().join("configs/quickstart-cpu.toml")
@@ -19,9 +19,11 @@ fn show_line(out: &str, key: &str) -> (String, String) {
 
 #[test]
 fn issue_2_config_show_reports_values_and_their_sources() {
+    let Some(()) = built_or_skip("issue_2_config_show_reports_values_and_their_sources") else { return };
     let dir = Dir::new("config-show");
     let cfg = quickstart();
-    let out = TestCommand::host(&dir).args(["config", "show", "--config"]).arg(&cfg).args(["--set", "train.lr=3e-4"]).ok();
+    let out =
+        TestCommand::host(&dir).args(["config", "show", "--config"]).arg(&cfg).args(["--set", "train.lr=3e-4"]).ok();
     assert_eq!(show_line(&out, "train.lr"), ("0.0003".into(), "command line".into()), "{out}");
     let (plugin, from) = show_line(&out, "model.plugin");
     assert_eq!(plugin, "\"identity-autoencoder\"");
@@ -43,14 +45,20 @@ fn issue_2_config_show_reports_values_and_their_sources() {
     assert!(from.contains("environment"), "train.epochs source: {from}");
     assert_eq!(show_line(&out, "train.lr"), ("0.5".into(), "command line".into()), "{out}");
     // Variables outside the config sections are not config keys (and are no error).
-    let out = TestCommand::host(&dir).args(["config", "show", "--config"]).arg(&cfg).env("LIKENESS_PLUGIN_PATH", "/nowhere").ok();
+    let out = TestCommand::host(&dir)
+        .args(["config", "show", "--config"])
+        .arg(&cfg)
+        .env("LIKENESS_PLUGIN_PATH", "/nowhere")
+        .ok();
     assert!(!out.contains("plugin_path"), "{out}");
 }
 
 #[test]
 fn issue_2_bad_config_files_are_explained() {
+    let Some(()) = built_or_skip("issue_2_bad_config_files_are_explained") else { return };
     let dir = Dir::new("config-errors");
-    let typo = dir.create("typo.toml", "[model]\nplugin = \"identity-autoencoder\"\n[data]\nroot = \"d\"\n[train]\nlrr = 1\n");
+    let typo =
+        dir.create("typo.toml", "[model]\nplugin = \"identity-autoencoder\"\n[data]\nroot = \"d\"\n[train]\nlrr = 1\n");
     let e = TestCommand::host(&dir).args(["config", "show", "--config"]).arg(&typo).fails();
     assert!(e.contains("typo.toml") && e.contains("train.lrr") && e.contains("did you mean `train.lr`"), "{e}");
     // Even when that is the file's only content (other required keys missing), the typo is named.
@@ -61,9 +69,15 @@ fn issue_2_bad_config_files_are_explained() {
     let e = TestCommand::host(&dir).args(["train", "--config"]).arg(&typo).fails();
     assert!(e.contains("train.lrr") && e.contains("did you mean `train.lr`"), "{e}");
 
-    let wrong = dir.create("wrong.toml", "[model]\nplugin = \"identity-autoencoder\"\n[data]\nroot = \"d\"\n[train]\nbatch_size = \"eight\"\n");
+    let wrong = dir.create(
+        "wrong.toml",
+        "[model]\nplugin = \"identity-autoencoder\"\n[data]\nroot = \"d\"\n[train]\nbatch_size = \"eight\"\n",
+    );
     let e = TestCommand::host(&dir).args(["config", "show", "--config"]).arg(&wrong).fails();
-    assert!(e.contains("wrong.toml") && e.contains("train.batch_size") && e.contains("wrong type") && e.contains("eight"), "{e}");
+    assert!(
+        e.contains("wrong.toml") && e.contains("train.batch_size") && e.contains("wrong type") && e.contains("eight"),
+        "{e}"
+    );
 
     let missing = dir.join("no-such-config.toml");
     let e = TestCommand::host(&dir).args(["config", "show", "--config"]).arg(&missing).fails();
@@ -73,12 +87,17 @@ fn issue_2_bad_config_files_are_explained() {
     assert!(e.contains("no-such-config.toml") && e.contains("does not exist"), "{e}");
 
     // A malformed --set is explained too.
-    let e = TestCommand::host(&dir).args(["config", "show", "--config"]).arg(quickstart()).args(["--set", "train.lr"]).fails();
+    let e = TestCommand::host(&dir)
+        .args(["config", "show", "--config"])
+        .arg(quickstart())
+        .args(["--set", "train.lr"])
+        .fails();
     assert!(e.contains("--set train.lr") && e.contains("key=value"), "{e}");
 }
 
 #[test]
 fn issue_2_help_documents_resume_set_and_plugin_search_order() {
+    let Some(()) = built_or_skip("issue_2_help_documents_resume_set_and_plugin_search_order") else { return };
     let dir = Dir::new("help");
     for args in [&["--help"][..], &["train", "--help"][..]] {
         let h = TestCommand::host(&dir).args(args).ok();
@@ -88,8 +107,12 @@ fn issue_2_help_documents_resume_set_and_plugin_search_order() {
         // The search order, in order.
         let order = ["--plugin-dir", "LIKENESS_PLUGIN_PATH", "user data dir", "next to"];
         // `--plugin-dir` also appears as an option above: look inside the search-order paragraph.
-        let para = &h[h.find("Plugins are found").unwrap_or_else(|| panic!("{what}: no plugin search-order paragraph:\n{h}"))..];
-        let pos_para: Vec<usize> = order.iter().map(|s| para.find(s).unwrap_or_else(|| panic!("{what}: `{s}` missing from:\n{para}"))).collect();
+        let para = &h
+            [h.find("Plugins are found").unwrap_or_else(|| panic!("{what}: no plugin search-order paragraph:\n{h}"))..];
+        let pos_para: Vec<usize> = order
+            .iter()
+            .map(|s| para.find(s).unwrap_or_else(|| panic!("{what}: `{s}` missing from:\n{para}")))
+            .collect();
         assert!(pos_para.windows(2).all(|w| w[0] < w[1]), "{what}: search order out of order {pos_para:?}:\n{para}");
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use likeness_tests::{profile_dir, run_python, Dir, TestCommand};
+use likeness_tests::{built_or_skip, profile_dir, python_or_skip, run_python, Dir, TestCommand};
 use serde_json::{json, Value};
 
 /// Images are written at the evaluation size, so the host does not resize them.
@@ -38,7 +38,9 @@ fn black() -> Vec<f32> {
 
 fn write_png(path: &Path, chw: &[f32]) -> PathBuf {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    likeness_engine::visual::chw_to_rgb_image(chw, SIZE).save(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    likeness_engine::visual::chw_to_rgb_image(chw, SIZE)
+        .save(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     path.to_path_buf()
 }
 
@@ -64,6 +66,9 @@ fn read_json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
 }
 
+/// Within 1e-6 of numpy: the fixture's embedding is computed in f64 and returned as f32
+/// (6-d, rounding ≤ 6e-8 per component), the host's cosine and statistics are f64, numpy's
+/// are f64: the f32 rounding bounds the difference by ~1e-7 on every CPU.
 fn close(got: &Value, want: &Value, what: &str) {
     match (got.as_f64(), want.as_f64()) {
         (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-6, "{what}: host {a}, numpy {b}"),
@@ -74,8 +79,17 @@ fn close(got: &Value, want: &Value, what: &str) {
 /// Seed 004's fields exactly (+ `likeness`), every number within 1e-6 of numpy's.
 fn check_report(got: &Value, want: &Value) {
     let keys: BTreeSet<&str> = got.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-    let expected: BTreeSet<&str> =
-        ["total_pairs", "valid_pairs", "overall_mean", "overall_std", "overall_min", "overall_max", "by_step", "likeness"].into();
+    let expected: BTreeSet<&str> = [
+        "total_pairs",
+        "valid_pairs",
+        "overall_mean",
+        "overall_std",
+        "overall_min",
+        "overall_max",
+        "by_step",
+        "likeness",
+    ]
+    .into();
     assert_eq!(keys, expected, "top-level fields of {got}");
     assert_eq!(got["total_pairs"], want["total_pairs"]);
     assert_eq!(got["valid_pairs"], want["valid_pairs"]);
@@ -87,7 +101,10 @@ fn check_report(got: &Value, want: &Value) {
     assert_eq!(gs.keys().collect::<BTreeSet<_>>(), ws.keys().collect::<BTreeSet<_>>(), "by_step keys");
     for (step, w) in ws {
         let g = &gs[step];
-        assert_eq!(g.as_object().unwrap().keys().map(|k| k.as_str()).collect::<BTreeSet<_>>(), ["count", "mean", "std", "min", "max"].into());
+        assert_eq!(
+            g.as_object().unwrap().keys().map(|k| k.as_str()).collect::<BTreeSet<_>>(),
+            ["count", "mean", "std", "min", "max"].into()
+        );
         assert_eq!(g["count"], w["count"], "by_step[{step}].count");
         for k in ["mean", "std", "min", "max"] {
             close(&g[k], &w[k], &format!("by_step[{step}].{k}"));
@@ -116,7 +133,9 @@ fn check_csv(p: &Path, pairs: &Expected, want: &Value) {
     let rows = read_csv(p);
     assert_eq!(rows.len(), pairs.len(), "CSV rows: {rows:?}");
     for (i, (c, g, s)) in pairs.iter().enumerate() {
-        let (step, sim, _) = rows.get(&(c.clone(), g.clone())).unwrap_or_else(|| panic!("no CSV row for {} <- {}: {rows:?}", c.display(), g.display()));
+        let (step, sim, _) = rows
+            .get(&(c.clone(), g.clone()))
+            .unwrap_or_else(|| panic!("no CSV row for {} <- {}: {rows:?}", c.display(), g.display()));
         assert_eq!(step, s, "step of {}", g.display());
         match (sim, want["similarities"][i].as_f64()) {
             (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-6, "{}: host {a}, numpy {b}", g.display()),
@@ -133,6 +152,8 @@ fn check_png(p: &Path) {
 
 #[test]
 fn issue_3_eval_faces_sample_dir_matches_numpy() {
+    const T: &str = "issue_3_eval_faces_sample_dir_matches_numpy";
+    let (Some(()), Some(_)) = (built_or_skip(T), python_or_skip(T)) else { return };
     let dir = Dir::new("eval-faces-sample");
     let s = dir.mkdir("sample");
     let c0 = write_png(&s.join("control_image_0.png"), &solid([0.8, 0.6, 0.5]));
@@ -159,7 +180,9 @@ fn issue_3_eval_faces_sample_dir_matches_numpy() {
 
     let want = oracle(&dir, &pairs);
     let out = dir.join("out/face_metrics.json");
-    let text = eval_cmd(&dir).args(["--sample-dir", s.to_str().unwrap(), "--output-json", out.to_str().unwrap(), "--batch-size", "3"]).ok();
+    let text = eval_cmd(&dir)
+        .args(["--sample-dir", s.to_str().unwrap(), "--output-json", out.to_str().unwrap(), "--batch-size", "3"])
+        .ok();
     let got = read_json(&out);
     check_report(&got, &want["report"]);
     assert_eq!(got["valid_pairs"], 7);
@@ -170,20 +193,29 @@ fn issue_3_eval_faces_sample_dir_matches_numpy() {
     let l = &got["likeness"];
     assert_eq!(l["metric"], "testing-color-metric");
     assert_eq!(l["mode"], "sample_dir");
-    let unmatched: Vec<&str> = l["unmatched_generated"].as_array().unwrap().iter().map(|u| u["generated"].as_str().unwrap()).collect();
+    let unmatched: Vec<&str> =
+        l["unmatched_generated"].as_array().unwrap().iter().map(|u| u["generated"].as_str().unwrap()).collect();
     assert_eq!(unmatched.len(), 2, "{l}");
-    assert!(unmatched.iter().any(|u| u.ends_with("face_002000_05_20250101122000_48.png")) && unmatched.iter().any(|u| u.ends_with("notes.png")));
+    assert!(
+        unmatched.iter().any(|u| u.ends_with("face_002000_05_20250101122000_48.png"))
+            && unmatched.iter().any(|u| u.ends_with("notes.png"))
+    );
     assert_eq!(l["invalid_pairs"].as_array().unwrap().len(), 1);
 
     // The printed summary: totals, seed 004's bands and targets, the unmatched files.
     assert!(text.contains("8 pairs, 7 valid"), "{text}");
     assert!(text.contains("very high (likely same person)") && text.contains("training target > 0.85"), "{text}");
-    assert!(text.contains("matched no control image") && text.contains("notes.png") && text.contains("control_image_5"), "{text}");
+    assert!(
+        text.contains("matched no control image") && text.contains("notes.png") && text.contains("control_image_5"),
+        "{text}"
+    );
     assert!(!text.contains("valid_pairs = 0"), "{text}");
 }
 
 #[test]
 fn issue_3_eval_faces_control_and_generated_dirs() {
+    const T: &str = "issue_3_eval_faces_control_and_generated_dirs";
+    let (Some(()), Some(_)) = (built_or_skip(T), python_or_skip(T)) else { return };
     let dir = Dir::new("eval-faces-dirs");
     let (cd, gd) = (dir.mkdir("control"), dir.mkdir("generated"));
     let alice = write_png(&cd.join("alice.png"), &solid([0.8, 0.6, 0.5]));
@@ -191,7 +223,11 @@ fn issue_3_eval_faces_control_and_generated_dirs() {
     write_png(&cd.join("dora.png"), &solid([0.1, 0.1, 0.1])); // matched by nothing
     let pairs: Expected = vec![
         (alice.clone(), write_png(&gd.join("alice.png"), &solid([0.78, 0.61, 0.52])), "unknown"),
-        (alice.clone(), write_png(&gd.join("alice_step500.png"), &gradient([0.7, 0.5, 0.45], [0.9, 0.65, 0.55])), "500"),
+        (
+            alice.clone(),
+            write_png(&gd.join("alice_step500.png"), &gradient([0.7, 0.5, 0.45], [0.9, 0.65, 0.55])),
+            "500",
+        ),
         (alice.clone(), write_png(&gd.join("alice-2.png"), &solid([0.3, 0.8, 0.8])), "unknown"),
         (bob.clone(), write_png(&gd.join("bob_step_700.png"), &gradient([0.25, 0.2, 0.65], [0.6, 0.6, 0.2])), "700"),
     ];
@@ -203,7 +239,14 @@ fn issue_3_eval_faces_control_and_generated_dirs() {
     let csv = dir.join("pairs/all.csv");
     let plot = dir.join("plots/sim.png");
     let text = eval_cmd(&dir)
-        .args(["--control-dir", cd.to_str().unwrap(), "--generated-dir", gd.to_str().unwrap(), "--output-json", out.to_str().unwrap()])
+        .args([
+            "--control-dir",
+            cd.to_str().unwrap(),
+            "--generated-dir",
+            gd.to_str().unwrap(),
+            "--output-json",
+            out.to_str().unwrap(),
+        ])
         .args(["--csv", csv.to_str().unwrap(), "--plot", plot.to_str().unwrap(), "--threads", "2"])
         .ok();
     let got = read_json(&out);
@@ -219,6 +262,7 @@ fn issue_3_eval_faces_control_and_generated_dirs() {
 
 #[test]
 fn issue_3_eval_faces_no_valid_pairs_warns_with_seed_004_causes() {
+    let Some(()) = built_or_skip("issue_3_eval_faces_no_valid_pairs_warns_with_seed_004_causes") else { return };
     let dir = Dir::new("eval-faces-none");
     let s = dir.mkdir("sample");
     write_png(&s.join("control_image_0.png"), &solid([0.8, 0.6, 0.5]));
@@ -228,7 +272,20 @@ fn issue_3_eval_faces_no_valid_pairs_warns_with_seed_004_causes() {
     let text = eval_cmd(&dir).args(["--sample-dir", s.to_str().unwrap(), "--output-json", out.to_str().unwrap()]).ok();
     let got = read_json(&out);
     let keys: BTreeSet<&str> = got.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-    assert_eq!(keys, ["total_pairs", "valid_pairs", "overall_mean", "overall_std", "overall_min", "overall_max", "by_step", "likeness"].into());
+    assert_eq!(
+        keys,
+        [
+            "total_pairs",
+            "valid_pairs",
+            "overall_mean",
+            "overall_std",
+            "overall_min",
+            "overall_max",
+            "by_step",
+            "likeness"
+        ]
+        .into()
+    );
     assert_eq!(got["total_pairs"], 2);
     assert_eq!(got["valid_pairs"], 0);
     for k in ["overall_mean", "overall_std", "overall_min", "overall_max"] {
@@ -248,6 +305,7 @@ fn issue_3_eval_faces_no_valid_pairs_warns_with_seed_004_causes() {
 
 #[test]
 fn issue_3_eval_faces_default_metric_arcface_missing_lists_metrics() {
+    let Some(()) = built_or_skip("issue_3_eval_faces_default_metric_arcface_missing_lists_metrics") else { return };
     let dir = Dir::new("eval-faces-nometric");
     // A copy of the host with no plugins/ next to it, so only --plugin-dir is searched.
     let host = dir.join("bin/host");
@@ -259,7 +317,15 @@ fn issue_3_eval_faces_default_metric_arcface_missing_lists_metrics() {
     let mut t = TestCommand::new(&host);
     t.current_dir(dir.path()).env("LIKENESS_DATA_HOME", dir.join(".home")).env("NO_COLOR", "1");
     t.args(["--plugin-dir".into(), profile_dir().join("test-plugins").to_string_lossy().into_owned()]);
-    let text = t.args(["eval-faces", "--sample-dir", s.to_str().unwrap(), "--output-json", dir.join("r.json").to_str().unwrap()]).fails();
+    let text = t
+        .args([
+            "eval-faces",
+            "--sample-dir",
+            s.to_str().unwrap(),
+            "--output-json",
+            dir.join("r.json").to_str().unwrap(),
+        ])
+        .fails();
     assert!(text.contains("no metric plugin `arcface` found"), "{text}");
     assert!(text.contains("Available metric plugins") && text.contains("testing-color-metric"), "{text}");
     assert!(!dir.join("r.json").exists());

@@ -7,7 +7,11 @@
 //! its gradient in float64 and writes everything as JSON. The plugin runs on the same f32
 //! inputs (f64 inside, gradient returned as f32).
 //!
-//! Tolerances (the brief's): value relative error ≤ 1e-5; gradient max absolute error ≤ 1e-6.
+//! Tolerances (the brief's): value relative error ≤ 1e-5; gradient max absolute error ≤ 1e-6;
+//! terms ≤ 1e-6 · max(|ref|, 1). Both sides compute in f64 from the same f32 inputs (the
+//! plugin in scalar Rust, identical on every CPU; torch's f64 reductions differ across CPUs by
+//! ~1e-16 relative), so the value agrees to ~1e-15; the gradient is returned as f32, which
+//! rounds it by ≤ u·|g| ≈ 6e-8 · |g| with |g| ≲ 1 here: ≤ 1e-6 holds with > 10× margin.
 //!
 //! # Why through the built `.so`
 //! This binary already links the `pixel` plugin as an rlib. Every plugin defines the same
@@ -25,7 +29,7 @@ use likeness_sdk::abi::{LossPluginModRef, NamedView, PluginHeaderFn, PluginKind,
 use likeness_sdk::abi_stable::library::{lib_header_from_raw_library, RawLibrary};
 use likeness_sdk::abi_stable::std_types::{RSlice, RStr};
 use likeness_sdk::{CpuTensor, Device};
-use likeness_tests::{profile_dir, repo_root, run_python, Dir};
+use likeness_tests::{built_or_skip, profile_dir, python_or_skip, repo_root, run_python, Dir};
 
 const LIB: &str = "liblikeness_plugin_loss_identity.so";
 
@@ -88,15 +92,31 @@ impl Mode {
 }
 
 fn floats(v: &serde_json::Value, key: &str) -> Vec<f64> {
-    v[key].as_array().unwrap_or_else(|| panic!("oracle output has no `{key}` list")).iter().map(|x| x.as_f64().unwrap()).collect()
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("oracle output has no `{key}` list"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn bytes(v: &serde_json::Value, key: &str) -> Vec<u8> {
-    v[key].as_array().unwrap_or_else(|| panic!("oracle output has no `{key}` list")).iter().map(|x| x.as_u64().unwrap() as u8).collect()
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("oracle output has no `{key}` list"))
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u8)
+        .collect()
 }
 
 /// Runs the oracle and the plugin on the same inputs; returns the oracle's `above` (rows on
 /// the non-linear branch).
+/// The set-up the parity tests need: the venv python and the built loss library.
+fn ready(test: &str) -> bool {
+    let (python, built) = (python_or_skip(test), built_or_skip(test));
+    python.is_some() && built.is_some()
+}
+
 fn parity(case: &str, seed: u64, batch: usize, dim: usize, mode: Mode) -> u64 {
     let dir = Dir::new(&format!("identity-loss-{case}"));
     let out = dir.join("oracle.json");
@@ -118,7 +138,8 @@ fn parity(case: &str, seed: u64, batch: usize, dim: usize, mode: Mode) -> u64 {
     let ref_valid = CpuTensor::new(vec![batch as i64], ref_valid);
 
     let m = identity_plugin();
-    let h = m.create()(RStr::from(mode.config_json().as_str()), Device::CPU, 0).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let h =
+        m.create()(RStr::from(mode.config_json().as_str()), Device::CPU, 0).unwrap_or_else(|e| panic!("{case}: {e}"));
     let views = [
         NamedView { name: RStr::from("embedding"), view: e.view() },
         NamedView { name: RStr::from("reference_embedding"), view: r.view() },
@@ -153,6 +174,8 @@ fn parity(case: &str, seed: u64, batch: usize, dim: usize, mode: Mode) -> u64 {
         got.value
     );
     if let Some(k) = kink {
+        // A distance within f32 rounding of the threshold/hinge (~1e-7) could take the other
+        // branch in the two implementations; 1e-4 keeps every row 1000× that far from it.
         assert!(k > 1e-4, "{case}: a row sits {k:e} from a kink; pick another seed");
     }
     assert!(gmax > 1e-3, "{case}: the reference gradient is (almost) zero, the check proves nothing");
@@ -167,11 +190,17 @@ fn parity(case: &str, seed: u64, batch: usize, dim: usize, mode: Mode) -> u64 {
 
 #[test]
 fn identity_loss_cosine_matches_torch() {
+    if !ready("identity_loss_cosine_matches_torch") {
+        return;
+    }
     parity("cosine", 21, 10, 48, Mode::Cosine);
 }
 
 #[test]
 fn identity_loss_seed004_matches_torch() {
+    if !ready("identity_loss_seed004_matches_torch") {
+        return;
+    }
     let above = parity("seed004", 22, 10, 48, Mode::Seed004 { threshold: 0.3 });
     // Both branches of torch.where are exercised (7 valid rows).
     assert!((1..7).contains(&above), "seed004: {above} rows above the threshold");
@@ -181,6 +210,9 @@ fn identity_loss_seed004_matches_torch() {
 
 #[test]
 fn identity_loss_triplet_matches_torch() {
+    if !ready("identity_loss_triplet_matches_torch") {
+        return;
+    }
     let above = parity("triplet", 24, 10, 48, Mode::Triplet { margin: 0.2 });
     assert!((1..7).contains(&above), "triplet: {above} active hinges");
     let above = parity("triplet-m0.8", 25, 9, 16, Mode::Triplet { margin: 0.8 });
@@ -189,6 +221,7 @@ fn identity_loss_triplet_matches_torch() {
 
 #[test]
 fn identity_loss_default_config_and_no_valid_rows_through_the_abi() {
+    let Some(()) = built_or_skip("identity_loss_default_config_and_no_valid_rows_through_the_abi") else { return };
     let m = identity_plugin();
     let d = m.descriptor()();
     assert_eq!(d.id.as_str(), "identity");
@@ -197,7 +230,7 @@ fn identity_loss_default_config_and_no_valid_rows_through_the_abi() {
     assert!(bad.message.contains("`margin` only applies"), "{}", bad.message);
     let h = m.create()(RStr::from(""), Device::CPU, 0).unwrap();
     let names: Vec<String> = m.input_names()(h).into_iter().map(|s| s.into_string()).collect();
-    assert_eq!(names, ["embedding", "reference_embedding", "valid", "reference_valid"]);
+    assert_eq!(names, ["embedding", "reference_embedding", "valid", "reference_valid", "weight"]);
     let e = CpuTensor::new(vec![2, 3], vec![1.0f32, 2.0, 3.0, 0.0, 0.0, 0.0]);
     let r = CpuTensor::new(vec![2, 3], vec![3.0f32, 2.0, 1.0, 1.0, 1.0, 1.0]);
     let none = CpuTensor::new(vec![2], vec![0u8, 1]);

@@ -1,12 +1,17 @@
 //! The one end-to-end test binary. Modules are named by the feature they cover; regression
 //! tests are named by issue (`issue_2_…`).
 
-mod pixel_loss;
-mod identity_loss;
-mod plugin_loading;
-mod third_party;
-mod resume;
-mod config_cli;
-mod identity_chain;
+mod abi_compat;
 mod accumulation;
+mod config_cli;
+mod data_layouts;
 mod eval_faces;
+mod identity_chain;
+mod identity_loss;
+mod manifest_checks;
+mod pixel_loss;
+mod plugin_loading;
+mod resume;
+mod seed000_yaml;
+mod third_party;
+mod trainer;

@@ -10,12 +10,17 @@
 //! max abs error ≤ 1e-5 × max |reference grad| (the f32 rounding of the returned gradient is
 //! ≈ 6e-8 relative, so this still has ample room).
 //!
+//! Machine independence: the plugin is scalar Rust in f64 (the same bits on every CPU); the
+//! oracle's f64 convolutions and sums may use other orders on other CPUs, which moves them by
+//! ~1e-16 relative. What the bounds budget for is the f32 rounding of the inputs (shared by
+//! both sides) and of the returned gradient (6e-8 relative).
+//!
 //! Calls `compute` directly (the plugin crate is linked as an rlib); loading the staged
 //! cdylib through the ABI is covered by the plugin-loading tests.
 
 use likeness_plugin_loss_pixel::{compute, Weights};
 use likeness_sdk::CpuTensor;
-use likeness_tests::{run_python, Dir};
+use likeness_tests::{python_or_skip, run_python, Dir};
 
 struct Parity {
     value_rel: f64,
@@ -24,7 +29,12 @@ struct Parity {
 }
 
 fn floats(v: &serde_json::Value, key: &str) -> Vec<f64> {
-    v[key].as_array().unwrap_or_else(|| panic!("oracle output has no `{key}` list")).iter().map(|x| x.as_f64().unwrap()).collect()
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("oracle output has no `{key}` list"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn parity(case: &str, seed: u64, shape: [i64; 4], weights: Weights) -> Parity {
@@ -34,7 +44,16 @@ fn parity(case: &str, seed: u64, shape: [i64; 4], weights: Weights) -> Parity {
     let weights_arg = format!("{},{},{}", weights.l1, weights.mse, weights.ssim);
     run_python(
         "pixel_loss_oracle.py",
-        &["--seed", &seed.to_string(), "--shape", &shape_arg, "--weights", &weights_arg, "--out", out.to_str().unwrap()],
+        &[
+            "--seed",
+            &seed.to_string(),
+            "--shape",
+            &shape_arg,
+            "--weights",
+            &weights_arg,
+            "--out",
+            out.to_str().unwrap(),
+        ],
     );
     let oracle: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let got_shape: Vec<i64> = oracle["shape"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
@@ -74,16 +93,19 @@ fn parity(case: &str, seed: u64, shape: [i64; 4], weights: Weights) -> Parity {
 
 #[test]
 fn pixel_loss_l1_matches_torch() {
+    let Some(_) = python_or_skip("pixel_loss_l1_matches_torch") else { return };
     parity("l1", 11, [2, 3, 9, 7], Weights { l1: 1.0, mse: 0.0, ssim: 0.0 });
 }
 
 #[test]
 fn pixel_loss_mse_matches_torch() {
+    let Some(_) = python_or_skip("pixel_loss_mse_matches_torch") else { return };
     parity("mse", 12, [2, 3, 9, 7], Weights { l1: 0.0, mse: 1.0, ssim: 0.0 });
 }
 
 #[test]
 fn pixel_loss_ssim_matches_torch() {
+    let Some(_) = python_or_skip("pixel_loss_ssim_matches_torch") else { return };
     parity("ssim", 13, [2, 3, 24, 31], Weights { l1: 0.0, mse: 0.0, ssim: 1.0 });
     // The smallest legal image: one SSIM position per channel.
     parity("ssim-11x11", 14, [1, 2, 11, 11], Weights { l1: 0.0, mse: 0.0, ssim: 1.0 });
@@ -91,6 +113,7 @@ fn pixel_loss_ssim_matches_torch() {
 
 #[test]
 fn pixel_loss_mix_matches_torch() {
+    let Some(_) = python_or_skip("pixel_loss_mix_matches_torch") else { return };
     let p = parity("mix", 15, [2, 3, 32, 27], Weights { l1: 0.5, mse: 2.0, ssim: 0.8 });
     assert!(p.value_rel.is_finite() && p.grad_abs.is_finite() && p.grad_rel_to_max.is_finite());
 }

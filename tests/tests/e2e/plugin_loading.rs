@@ -19,19 +19,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use likeness_sdk::abi::{ABI_MAJOR, ABI_MINOR};
-use likeness_tests::{data_dir, host_bin, profile_dir, staged_plugins, Dir, TestCommand};
-
-/// Staged fixtures (`scripts/build.sh` fills it).
-fn staged_test_plugins() -> PathBuf {
-    profile_dir().join("test-plugins")
-}
+use likeness_tests::{
+    built_or_skip, demo_bundles_or_skip, host_bin, staged_plugins, staged_test_plugins, Dir, TestCommand,
+};
 
 /// Copies the staged plugin folder `id` (real plugins first, then fixtures) to `plugins/<id>`.
 fn copy_plugin(dir: &Dir, id: &str) -> PathBuf {
     let src = [staged_plugins().join(id), staged_test_plugins().join(id)]
         .into_iter()
         .find(|p| p.join("plugin.toml").is_file())
-        .unwrap_or_else(|| panic!("plugin `{id}` is not staged in {} or {}: run scripts/build.sh", staged_plugins().display(), staged_test_plugins().display()));
+        .unwrap_or_else(|| {
+            panic!(
+                "plugin `{id}` is not staged in {} or {}: run scripts/build.sh",
+                staged_plugins().display(),
+                staged_test_plugins().display()
+            )
+        });
     let dest = dir.mkdir(Path::new("plugins").join(id));
     for e in std::fs::read_dir(&src).unwrap() {
         let e = e.unwrap();
@@ -84,19 +87,20 @@ fn host_abi() -> String {
 
 #[test]
 fn issue_2_list_shows_kind_and_version_and_opens_no_library() {
+    let Some(()) = built_or_skip("issue_2_list_shows_kind_and_version_and_opens_no_library") else { return };
     let dir = Dir::new("list");
     copy_plugin(&dir, "identity-autoencoder");
     copy_plugin(&dir, "pixel");
     // A library that is not even an ELF file: listing must not try to open it.
     manifest(&dir, "garbage", "garbage-lib", "metric", "libgarbage.so");
-    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let garbage: Vec<u8> = likeness_sdk::testing::uniform(1, 4096).into_iter().map(|u| (u * 256.0) as u8).collect();
     dir.create("plugins/garbage/libgarbage.so", garbage);
 
     let out = host(&dir, &["plugins", "list"]).ok();
     let ae = list_row(&out, "identity-autoencoder");
-    assert_eq!(&ae[1..5], ["model", "0.1.0", "1.0", "--plugin-dir"], "{out}");
+    assert_eq!(&ae[1..5], ["model", "0.1.0", "1.1", "--plugin-dir"], "{out}");
     let px = list_row(&out, "pixel");
-    assert_eq!(&px[1..5], ["loss", "0.1.0", "1.0", "--plugin-dir"], "{out}");
+    assert_eq!(&px[1..5], ["loss", "0.1.0", "1.1", "--plugin-dir"], "{out}");
     let g = list_row(&out, "garbage-lib");
     assert_eq!(&g[1..5], ["metric", "0.3.1", "1.0", "--plugin-dir"], "{out}");
     assert!(out.contains("crafted by the test"), "{out}");
@@ -108,6 +112,7 @@ fn issue_2_list_shows_kind_and_version_and_opens_no_library() {
 
 #[test]
 fn issue_2_inspect_pixel_prints_descriptor_and_schema() {
+    let Some(()) = built_or_skip("issue_2_inspect_pixel_prints_descriptor_and_schema") else { return };
     let dir = Dir::new("inspect");
     let pixel = copy_plugin(&dir, "pixel");
     let out = host(&dir, &["plugins", "inspect", "pixel"]).ok();
@@ -119,10 +124,11 @@ fn issue_2_inspect_pixel_prints_descriptor_and_schema() {
     assert_eq!(field("id"), "pixel");
     assert_eq!(field("kind"), "loss");
     assert_eq!(field("differentiable"), "true");
-    assert_eq!(field("abi"), "1.0");
+    assert_eq!(field("abi"), "1.1");
     assert!(field("library").starts_with(pixel.to_str().unwrap()), "library is the copy in --plugin-dir:\n{out}");
     let schema_text = out.split_once("config schema:").unwrap_or_else(|| panic!("no config schema in:\n{out}")).1;
-    let schema: serde_json::Value = serde_json::from_str(schema_text.trim()).unwrap_or_else(|e| panic!("schema is not JSON ({e}):\n{out}"));
+    let schema: serde_json::Value =
+        serde_json::from_str(schema_text.trim()).unwrap_or_else(|e| panic!("schema is not JSON ({e}):\n{out}"));
     for key in ["l1", "mse", "ssim"] {
         assert!(schema["properties"][key].is_object(), "schema lacks `{key}`:\n{out}");
     }
@@ -130,10 +136,11 @@ fn issue_2_inspect_pixel_prints_descriptor_and_schema() {
 
 #[test]
 fn issue_2_panicking_plugin_is_an_error_not_an_abort() {
+    const T: &str = "issue_2_panicking_plugin_is_an_error_not_an_abort";
+    let (Some(()), Some(data)) = (built_or_skip(T), demo_bundles_or_skip(T)) else { return };
     let dir = Dir::new("panicking");
     copy_plugin(&dir, "identity-autoencoder");
     copy_plugin(&dir, "testing-panicking");
-    let data = data_dir().join("demo-bundles");
     let mut cmd = host(&dir, &["train", "--plugin", "identity-autoencoder", "--loss", "testing-panicking"]);
     cmd.arg("--data").arg(&data).arg("--output").arg(dir.join("run")).args([
         "--steps",
@@ -163,8 +170,10 @@ fn issue_2_panicking_plugin_is_an_error_not_an_abort() {
 
 #[test]
 fn issue_2_check_reports_every_problem_not_only_the_first() {
+    let Some(()) = built_or_skip("issue_2_check_reports_every_problem_not_only_the_first") else { return };
     let dir = Dir::new("check");
-    for id in ["identity-autoencoder", "pixel", "testing-panicking", "testing-abi-mismatch", "testing-layout-mismatch"] {
+    for id in ["identity-autoencoder", "pixel", "testing-panicking", "testing-abi-mismatch", "testing-layout-mismatch"]
+    {
         copy_plugin(&dir, id);
     }
     manifest(&dir, "text-so", "not-a-plugin", "loss", "libnotaplugin.so");
@@ -197,18 +206,24 @@ fn issue_2_check_reports_every_problem_not_only_the_first() {
 
 #[test]
 fn issue_2_abi_major_mismatch_names_both_versions() {
+    let Some(()) = built_or_skip("issue_2_abi_major_mismatch_names_both_versions") else { return };
     let dir = Dir::new("abi-mismatch");
     copy_plugin(&dir, "testing-abi-mismatch");
     let out = host(&dir, &["plugins", "inspect", "testing-abi-mismatch"]).fails();
     let msg = error_message(&out);
     let plugin_abi = format!("ABI {}.0", ABI_MAJOR + 1);
-    assert!(msg.contains(&plugin_abi) && msg.contains(&host_abi()), "wants `{plugin_abi}` and `{}`:\n{out}", host_abi());
+    assert!(
+        msg.contains(&plugin_abi) && msg.contains(&host_abi()),
+        "wants `{plugin_abi}` and `{}`:\n{out}",
+        host_abi()
+    );
     assert!(msg.contains("testing-abi-mismatch") && msg.contains("upgrade"), "{out}");
     assert!(!out.contains("id:"), "nothing is printed for a refused plugin:\n{out}");
 }
 
 #[test]
 fn issue_2_layout_mismatch_is_refused_with_a_short_report() {
+    let Some(()) = built_or_skip("issue_2_layout_mismatch_is_refused_with_a_short_report") else { return };
     let dir = Dir::new("layout-mismatch");
     let lib = copy_plugin(&dir, "testing-layout-mismatch");
     let out = host(&dir, &["plugins", "inspect", "testing-layout-mismatch"]).fails();
@@ -225,15 +240,21 @@ fn issue_2_layout_mismatch_is_refused_with_a_short_report() {
 
 /// A real shared library that is not a likeness plugin.
 fn system_libm() -> PathBuf {
-    ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6", "/usr/lib64/libm.so.6"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .expect("no libm.so.6 on this machine")
+    [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib64/libm.so.6",
+        "/usr/lib64/libm.so.6",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+    .expect("no libm.so.6 on this machine")
 }
 
 #[test]
 fn issue_2_files_that_are_not_plugins() {
+    let Some(()) = built_or_skip("issue_2_files_that_are_not_plugins") else { return };
     let dir = Dir::new("not-a-plugin");
     manifest(&dir, "text-so", "text-so", "loss", "libtext.so");
     let text_lib = dir.create("plugins/text-so/libtext.so", "#!/bin/sh\necho I am a text file renamed .so\n");
@@ -252,12 +273,16 @@ fn issue_2_files_that_are_not_plugins() {
 
 #[test]
 fn issue_2_missing_library_and_lying_kind() {
+    let Some(()) = built_or_skip("issue_2_missing_library_and_lying_kind") else { return };
     let dir = Dir::new("manifest-errors");
     let m = manifest(&dir, "gone", "gone", "loss", "libgone.so");
     let out = host(&dir, &["plugins", "inspect", "gone"]).fails();
     let msg = error_message(&out);
     let lib = dir.join("plugins/gone/libgone.so");
-    assert!(msg.contains(lib.to_str().unwrap()) && msg.contains(m.to_str().unwrap()), "names library and manifest:\n{out}");
+    assert!(
+        msg.contains(lib.to_str().unwrap()) && msg.contains(m.to_str().unwrap()),
+        "names library and manifest:\n{out}"
+    );
     assert!(msg.contains("no such file"), "{out}");
 
     // pixel's real library behind a manifest that says it is a model.
@@ -274,6 +299,7 @@ fn issue_2_missing_library_and_lying_kind() {
 
 #[test]
 fn issue_2_malformed_manifest_does_not_break_list() {
+    let Some(()) = built_or_skip("issue_2_malformed_manifest_does_not_break_list") else { return };
     let dir = Dir::new("malformed");
     copy_plugin(&dir, "pixel");
     let bad = dir.create(
@@ -292,6 +318,7 @@ fn issue_2_malformed_manifest_does_not_break_list() {
 
 #[test]
 fn issue_2_host_links_no_heavy_runtime_and_runs_without_the_venv() {
+    let Some(()) = built_or_skip("issue_2_host_links_no_heavy_runtime_and_runs_without_the_venv") else { return };
     let host_path = host_bin();
     let ldd = Command::new("ldd").arg(&host_path).output().expect("ldd");
     let libs = String::from_utf8_lossy(&ldd.stdout).to_lowercase();
@@ -328,11 +355,14 @@ fn issue_2_host_links_no_heavy_runtime_and_runs_without_the_venv() {
 
 #[test]
 fn issue_2_unknown_plugin_id_suggests_the_closest() {
+    const T: &str = "issue_2_unknown_plugin_id_suggests_the_closest";
+    let (Some(()), Some(data)) = (built_or_skip(T), demo_bundles_or_skip(T)) else { return };
     let dir = Dir::new("unknown-id");
     copy_plugin(&dir, "identity-autoencoder");
     copy_plugin(&dir, "pixel");
-    let mut cmd = host(&dir, &["train", "--plugin", "identity-autoencodr", "--steps", "1", "--set", "data.image_size=32"]);
-    cmd.arg("--data").arg(data_dir().join("demo-bundles")).arg("--output").arg(dir.join("run"));
+    let mut cmd =
+        host(&dir, &["train", "--plugin", "identity-autoencodr", "--steps", "1", "--set", "data.image_size=32"]);
+    cmd.arg("--data").arg(&data).arg("--output").arg(dir.join("run"));
     let out = cmd.fails();
     let msg = error_message(&out);
     assert!(msg.contains("identity-autoencodr") && msg.contains("Did you mean `identity-autoencoder`?"), "{out}");

@@ -4,19 +4,27 @@
 //! Both runs train the tiny identity autoencoder on the demo data on the CPU with the same
 //! seed; the driver's determinism contract (data order from the step, optimizer state in every
 //! checkpoint) makes the result bit-identical. Tolerance: max |ΔW| ≤ 1e-6 over every tensor of
-//! `final/model.safetensors` (measured: exactly 0), train losses ≤ 1e-6 apart.
+//! `final/model.safetensors` (measured: exactly 0), train losses ≤ 1e-6 apart. Both runs are
+//! the same binary on the same machine and shapes, so libtorch picks the same kernels and
+//! summation orders: the result is exact on any CPU; 1e-6 (≈ 16 ulps of |w| ≤ 1) only keeps a
+//! failure message readable should a kernel ever be non-deterministic.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use likeness_sdk::st;
-use likeness_tests::{staged_plugins, tiny_train_args, train_records, Dir, TestCommand};
+use likeness_tests::{
+    built_or_skip, demo_bundles_or_skip, staged_plugins, tiny_train_args, train_records, Dir, TestCommand,
+};
 
 const SAVE_EVERY: u64 = 4;
 
 fn train_cmd(dir: &Dir, out: &Path, steps: u64) -> TestCommand {
     let mut t = TestCommand::host(dir);
-    t.arg("--plugin-dir").arg(staged_plugins()).args(tiny_train_args(out, steps)).args(["--set", &format!("train.save_every={SAVE_EVERY}")]);
+    t.arg("--plugin-dir")
+        .arg(staged_plugins())
+        .args(tiny_train_args(out, steps))
+        .args(["--set", &format!("train.save_every={SAVE_EVERY}")]);
     t
 }
 
@@ -40,7 +48,7 @@ enum Killed {
 }
 
 /// Starts run B and SIGKILLs it as soon as a checkpoint at step ≥ SAVE_EVERY exists.
-fn start_and_kill(dir: &Dir, out: &Path, steps: u64) -> Killed {
+fn start_and_kill(dir: &Dir, train_cmd: &TrainCmd<'_>, out: &Path, steps: u64) -> Killed {
     let log = dir.join(format!("{}.log", out.file_name().unwrap().to_string_lossy()));
     let mut child = train_cmd(dir, out, steps).spawn_logged(&log);
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -61,7 +69,11 @@ fn start_and_kill(dir: &Dir, out: &Path, steps: u64) -> Killed {
             eprintln!("killed run B ({status}) with its newest checkpoint at step {newest} of {steps}");
             return Killed::At(newest);
         }
-        assert!(Instant::now() < deadline, "no checkpoint appeared in 300 s; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint appeared in 300 s; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -93,7 +105,41 @@ fn max_weight_diff(a: &Path, b: &Path) -> (f64, usize, usize) {
 
 #[test]
 fn issue_2_killed_and_resumed_run_reaches_the_same_final_weights() {
+    const T: &str = "issue_2_killed_and_resumed_run_reaches_the_same_final_weights";
+    let (Some(()), Some(_)) = (built_or_skip(T), demo_bundles_or_skip(T)) else { return };
     let dir = Dir::new("resume");
+    kill_and_resume(&dir, &train_cmd, Weights::Values);
+}
+
+/// Issue 6: with a model that draws fresh noise and timesteps every step (the flow fixture,
+/// seeded by the step context), a killed and resumed run still ends bit-identical: the final
+/// state files are byte-equal.
+#[test]
+fn issue_6_resume_is_bit_identical_with_per_step_noise() {
+    const T: &str = "issue_6_resume_is_bit_identical_with_per_step_noise";
+    let (Some(()), Some(bundles)) = (built_or_skip(T), demo_bundles_or_skip(T)) else { return };
+    let dir = Dir::new("resume-flow");
+    let data = crate::trainer::drip_dataset(&dir, &bundles);
+    let cmd = move |dir: &Dir, out: &Path, steps: u64| {
+        let mut t = crate::trainer::flow_train(dir, &data, out, steps, &[]);
+        t.args(["--set", &format!("train.save_every={SAVE_EVERY}")]);
+        t
+    };
+    kill_and_resume(&dir, &cmd, Weights::Bytes);
+}
+
+/// How final weights are compared.
+#[derive(Clone, Copy)]
+enum Weights {
+    /// Every f32/bf16/f16 value within 1e-6.
+    Values,
+    /// The files byte for byte (f64 state).
+    Bytes,
+}
+
+type TrainCmd<'a> = dyn Fn(&Dir, &Path, u64) -> TestCommand + 'a;
+
+fn kill_and_resume(dir: &Dir, train_cmd: &TrainCmd<'_>, weights: Weights) {
     // 24 steps take well under a second here; if a run is so fast that it ends before the
     // kill lands, try again with more steps (both runs always use the same step count, since
     // the cosine schedule depends on it).
@@ -101,12 +147,12 @@ fn issue_2_killed_and_resumed_run_reaches_the_same_final_weights() {
         let a = dir.join(format!("a{attempt}"));
         let b = dir.join(format!("b{attempt}"));
         let t0 = Instant::now();
-        let log_a = train_cmd(&dir, &a, steps).ok();
+        let log_a = train_cmd(dir, &a, steps).ok();
         let a_s = t0.elapsed().as_secs_f64();
         assert!(log_a.contains(&format!("training finished: {steps} optimizer steps")), "{log_a}");
 
         let t1 = Instant::now();
-        let killed_at = match start_and_kill(&dir, &b, steps) {
+        let killed_at = match start_and_kill(dir, train_cmd, &b, steps) {
             Killed::TooFast => {
                 eprintln!("attempt {attempt}: {steps} steps finished before the kill; retrying with more steps");
                 continue;
@@ -118,24 +164,42 @@ fn issue_2_killed_and_resumed_run_reaches_the_same_final_weights() {
         assert!(killed_at < steps, "killed at step {killed_at} of {steps}");
 
         let t2 = Instant::now();
-        let log_b = train_cmd(&dir, &b, steps).arg("--resume").ok();
+        let log_b = train_cmd(dir, &b, steps).arg("--resume").ok();
         let resume_s = t2.elapsed().as_secs_f64();
-        assert!(log_b.contains(&format!("resumed from step {killed_at}")), "expected a resume from step {killed_at}:\n{log_b}");
+        assert!(
+            log_b.contains(&format!("resumed from step {killed_at}")),
+            "expected a resume from step {killed_at}:\n{log_b}"
+        );
         assert!(log_b.contains(&format!("training finished: {steps} optimizer steps")), "{log_b}");
 
         // Final weights.
-        let (diff, tensors, numel) = max_weight_diff(&a.join("final/model.safetensors"), &b.join("final/model.safetensors"));
-        eprintln!(
-            "resume: {steps} steps, killed after checkpoint {killed_at}; {tensors} tensors / {numel} values; \
-             max |W_a - W_b| = {diff:e} (tolerance 1e-6); wall: run A {a_s:.2} s, B until kill {kill_s:.2} s, resume {resume_s:.2} s"
-        );
-        assert!(diff <= 1e-6, "final weights differ: max abs diff {diff:e}");
+        let (fa, fb) = (a.join("final/model.safetensors"), b.join("final/model.safetensors"));
+        match weights {
+            Weights::Values => {
+                let (diff, tensors, numel) = max_weight_diff(&fa, &fb);
+                eprintln!(
+                    "resume: {steps} steps, killed after checkpoint {killed_at}; {tensors} tensors / {numel} values; \
+                     max |W_a - W_b| = {diff:e} (tolerance 1e-6); wall: run A {a_s:.2} s, B until kill {kill_s:.2} s, resume {resume_s:.2} s"
+                );
+                assert!(diff <= 1e-6, "final weights differ: max abs diff {diff:e}");
+            }
+            Weights::Bytes => {
+                let (x, y) = (std::fs::read(&fa).unwrap(), std::fs::read(&fb).unwrap());
+                eprintln!("resume: {steps} steps, killed after checkpoint {killed_at}; final state {} bytes; wall: run A {a_s:.2} s, B until kill {kill_s:.2} s, resume {resume_s:.2} s", x.len());
+                assert!(x == y, "final state files differ: {} vs {}", fa.display(), fb.display());
+            }
+        }
 
         // Metrics: every step exactly once, and the same losses as the uninterrupted run.
         let ra = train_records(&a);
         let rb = train_records(&b);
         let steps_b: Vec<u64> = rb.iter().map(|(s, _)| *s).collect();
-        assert_eq!(steps_b, (1..=steps).collect::<Vec<_>>(), "train steps in {}/metrics.jsonl (duplicates or gaps)", b.display());
+        assert_eq!(
+            steps_b,
+            (1..=steps).collect::<Vec<_>>(),
+            "train steps in {}/metrics.jsonl (duplicates or gaps)",
+            b.display()
+        );
         assert_eq!(ra.len(), rb.len());
         let mut loss_diff_after = 0.0f64;
         let mut loss_diff_before = 0.0f64;
@@ -152,11 +216,15 @@ fn issue_2_killed_and_resumed_run_reaches_the_same_final_weights() {
             assert_eq!(x["lr"], y["lr"], "step {sa}: learning rate");
         }
         let val_steps = |r: &Path| -> Vec<u64> {
-            likeness_tests::read_metrics(r).iter().filter(|v| v["type"] == "val").map(|v| v["step"].as_u64().unwrap()).collect()
+            likeness_tests::read_metrics(r)
+                .iter()
+                .filter(|v| v["type"] == "val")
+                .map(|v| v["step"].as_u64().unwrap())
+                .collect()
         };
         assert_eq!(val_steps(&a), val_steps(&b), "validation records");
         eprintln!("resume: train loss max |Δ| before the resume point {loss_diff_before:e}, after {loss_diff_after:e}");
-        check_refuses_existing_run(&dir, &a, steps);
+        check_refuses_existing_run(dir, train_cmd, &a, steps);
         return;
     }
     panic!("every attempt finished before SIGKILL could interrupt it (24, 120 and 600 steps)");
@@ -164,7 +232,7 @@ fn issue_2_killed_and_resumed_run_reaches_the_same_final_weights() {
 
 /// `host train` into a directory that already holds a run, without --resume, is refused with a
 /// message that names --resume, and leaves the run alone.
-fn check_refuses_existing_run(dir: &Dir, run: &Path, steps: u64) {
+fn check_refuses_existing_run(dir: &Dir, train_cmd: &TrainCmd<'_>, run: &Path, steps: u64) {
     let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
     let weights = std::fs::read(run.join("final/model.safetensors")).unwrap();
     let e = train_cmd(dir, run, steps).fails();

@@ -39,7 +39,8 @@ pub struct SearchDir {
 /// data dir (`$LIKENESS_DATA_HOME/plugins`, else the platform data dir, e.g.
 /// `~/.local/share/likeness/plugins`), then `plugins/` next to the executable.
 pub fn default_search_path(flag_dirs: &[PathBuf]) -> Vec<SearchDir> {
-    let mut dirs: Vec<SearchDir> = flag_dirs.iter().map(|p| SearchDir { path: p.clone(), source: SearchSource::Flag }).collect();
+    let mut dirs: Vec<SearchDir> =
+        flag_dirs.iter().map(|p| SearchDir { path: p.clone(), source: SearchSource::Flag }).collect();
     if let Some(v) = std::env::var_os("LIKENESS_PLUGIN_PATH") {
         for p in std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()) {
             dirs.push(SearchDir { path: p, source: SearchSource::EnvVar });
@@ -125,7 +126,8 @@ impl Registry {
             .max_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, c)| format!(" Did you mean `{c}`?"))
             .unwrap_or_default();
-        let searched: Vec<String> = self.dirs.iter().map(|d| format!("{} ({})", d.path.display(), d.source.as_str())).collect();
+        let searched: Vec<String> =
+            self.dirs.iter().map(|d| format!("{} ({})", d.path.display(), d.source.as_str())).collect();
         Err(EngineError::Config(format!(
             "no {} plugin `{id}` found.{closest} Available {} plugins: {}. Searched: {}. Add a directory with --plugin-dir or LIKENESS_PLUGIN_PATH.",
             kind.as_str(),
@@ -137,8 +139,16 @@ impl Registry {
 
     fn open(&self, id: &str, kind: PluginKind) -> Result<(&Discovered, super::loader::LoadedLibrary)> {
         let d = self.find(id, kind)?;
-        let lib = open_library(&d.manifest).map_err(|e| EngineError::Plugin { plugin: id.to_string(), message: e.to_string() })?;
+        let lib = open_library(&d.manifest)
+            .map_err(|e| EngineError::Plugin { plugin: id.to_string(), message: e.to_string() })?;
         Ok((d, lib))
+    }
+
+    /// Opens a model's library without creating an instance (no weights are loaded): enough
+    /// to ask what the model reads and produces.
+    pub fn open_model_library(&self, id: &str) -> Result<super::handles::ModelLibrary> {
+        let (_, lib) = self.open(id, PluginKind::Model)?;
+        super::handles::ModelLibrary::new(&lib)
     }
 
     pub fn open_model(&self, id: &str, config_json: &str, device: Device, seed: u64) -> Result<Model> {

@@ -6,18 +6,22 @@
 //! 3. the manifest's `[requires]` against runtimes this process already loaded (one libtorch
 //!    and one ONNX Runtime per process);
 //! 4. abi_stable's layout check of the root module (its report, summarised);
-//! 5. the descriptor's id/kind/ABI against the manifest.
+//! 5. the descriptor's id/kind/version/summary and the header's ABI against the manifest.
+//!
+//! Before any of it the library must lie inside the manifest's folder: `Manifest::parse`
+//! refuses absolute paths and `..`, and [`contained_library`] resolves symlinks and refuses a
+//! library that really lives elsewhere.
 //!
 //! Libraries are leaked on purpose: never unloaded.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use abi_stable::library::{lib_header_from_raw_library, LibHeader, RawLibrary, RootModule};
 use likeness_abi::{
-    AbiVersion, LossPluginModRef, MetricPluginModRef, ModelPluginModRef, PluginDescriptor, PluginHeader, PluginHeaderFn,
-    PluginKind, ABI_MAJOR, ABI_MINOR, PLUGIN_HEADER_SYMBOL,
+    AbiVersion, LossPluginModRef, MetricPluginModRef, ModelPluginModRef, PluginDescriptor, PluginHeader,
+    PluginHeaderFn, PluginKind, ABI_MAJOR, ABI_MINOR, PLUGIN_HEADER_SYMBOL,
 };
 
 use super::manifest::Manifest;
@@ -27,6 +31,8 @@ use super::manifest::Manifest;
 pub enum LoadError {
     #[error("cannot open {path}: {message}")]
     Open { path: PathBuf, message: String },
+    #[error("{manifest}: `plugin.library` `{library}` resolves to {target}, outside the manifest's folder {dir}: copy the library into {dir} (a symlink may not point out of the plugin's folder)")]
+    Outside { manifest: PathBuf, library: PathBuf, target: PathBuf, dir: PathBuf },
     #[error("{path} is not a likeness plugin: it does not export `{symbol}` (build it with likeness-sdk's export_*_plugin! macro)")]
     NotAPlugin { path: PathBuf, symbol: String },
     #[error("{path} was built for plugin ABI {plugin}, this host speaks ABI {host}: {hint}")]
@@ -92,7 +98,9 @@ pub fn open_library(m: &Manifest) -> Result<LoadedLibrary, LoadError> {
     // must not happen.
     check_requires(&mut st, m, false)?;
 
-    let raw = RawLibrary::load_at(&path).map_err(|e| LoadError::Open { path: path.clone(), message: first_line(&e.to_string()) })?;
+    contained_library(m)?;
+    let raw = RawLibrary::load_at(&path)
+        .map_err(|e| LoadError::Open { path: path.clone(), message: library_error(&e, &path) })?;
     let raw: &'static RawLibrary = Box::leak(Box::new(raw));
 
     let sym = format!("{PLUGIN_HEADER_SYMBOL}\0");
@@ -113,9 +121,18 @@ pub fn open_library(m: &Manifest) -> Result<LoadedLibrary, LoadError> {
     // SAFETY: the library stays loaded forever (leaked above).
     let lib_header = unsafe { lib_header_from_raw_library(raw) }.map_err(|e| LoadError::NotAPlugin {
         path: path.clone(),
-        symbol: format!("abi_stable root module ({})", first_line(&e.to_string())),
+        symbol: format!("abi_stable root module ({})", library_error(&e, &path)),
     })?;
     let root = match header.kind {
+        PluginKind::Model if header.abi.minor == 0 => {
+            Root::Model(init_older::<likeness_abi::v1_0::ModelPluginModRef, ModelPluginModRef>(lib_header, &path)?)
+        }
+        PluginKind::Metric if header.abi.minor == 0 => {
+            Root::Metric(init_older::<likeness_abi::v1_0::MetricPluginModRef, MetricPluginModRef>(lib_header, &path)?)
+        }
+        PluginKind::Loss if header.abi.minor == 0 => {
+            Root::Loss(init_older::<likeness_abi::v1_0::LossPluginModRef, LossPluginModRef>(lib_header, &path)?)
+        }
         PluginKind::Model => Root::Model(init::<ModelPluginModRef>(lib_header, &path)?),
         PluginKind::Metric => Root::Metric(init::<MetricPluginModRef>(lib_header, &path)?),
         PluginKind::Loss => Root::Loss(init::<LossPluginModRef>(lib_header, &path)?),
@@ -126,15 +143,42 @@ pub fn open_library(m: &Manifest) -> Result<LoadedLibrary, LoadError> {
         Root::Loss(r) => r.descriptor()(),
     };
     let bad = |message: String| LoadError::Descriptor { path: path.clone(), message };
-    if descriptor.id.as_str() != m.id {
+    // What the manifest says (and `plugins list` shows without opening anything) must be what
+    // the library is.
+    for (field, library, manifest, quote, fix) in [
+        ("id", descriptor.id.as_str(), m.id.as_str(), "`", "fix `plugin.id` in the manifest"),
+        ("kind", descriptor.kind.as_str(), m.kind.as_str(), "`", "fix `plugin.kind` in the manifest"),
+        (
+            "version",
+            descriptor.version.as_str(),
+            m.version.as_str(),
+            "`",
+            "fix `plugin.version` in the manifest (or rebuild the library)",
+        ),
+        (
+            "summary",
+            descriptor.summary.as_str(),
+            m.summary.as_str(),
+            "\"",
+            "copy the descriptor's summary into `plugin.summary`",
+        ),
+    ] {
+        if library.trim() != manifest.trim() {
+            return Err(bad(format!(
+                "the library's descriptor says {field} {quote}{library}{quote} but {} says {quote}{manifest}{quote}: {fix}",
+                m.path.display()
+            )));
+        }
+    }
+    if m.abi != header.abi {
         return Err(bad(format!(
-            "the library's descriptor says id `{}` but {} says `{}`",
-            descriptor.id,
+            "the library was built for ABI {} but {} says abi = \"{}\": fix `plugin.abi` in the manifest",
+            header.abi,
             m.path.display(),
-            m.id
+            m.abi
         )));
     }
-    if descriptor.kind != m.kind || descriptor.abi != header.abi {
+    if descriptor.abi != header.abi {
         return Err(bad(format!(
             "descriptor (kind {}, ABI {}) disagrees with the library header (kind {}, ABI {})",
             descriptor.kind.as_str(),
@@ -151,7 +195,12 @@ pub fn open_library(m: &Manifest) -> Result<LoadedLibrary, LoadError> {
 }
 
 fn check_abi(path: &std::path::Path, plugin: AbiVersion) -> Result<(), LoadError> {
-    let mismatch = |hint: &str| LoadError::AbiMismatch { path: path.to_path_buf(), plugin, host: HOST_ABI, hint: hint.to_string() };
+    let mismatch = |hint: &str| LoadError::AbiMismatch {
+        path: path.to_path_buf(),
+        plugin,
+        host: HOST_ABI,
+        hint: hint.to_string(),
+    };
     if plugin.major != HOST_ABI.major {
         return Err(mismatch(if plugin.major > HOST_ABI.major {
             "the plugin is newer than this host: upgrade likeness"
@@ -165,8 +214,22 @@ fn check_abi(path: &std::path::Path, plugin: AbiVersion) -> Result<(), LoadError
     Ok(())
 }
 
+/// A plugin built for an older ABI minor: its layout is checked against the frozen modules of
+/// that minor (`Old`), then it is read through the current module type (`M`), whose appended
+/// fields read as absent (the library's prefix metadata marks them inaccessible).
+fn init_older<Old: RootModule, M: RootModule>(h: &'static LibHeader, path: &std::path::Path) -> Result<M, LoadError> {
+    let layout = |e: abi_stable::library::LibraryError| LoadError::Layout {
+        path: path.to_path_buf(),
+        summary: summarise_layout_report(&e.to_string()),
+    };
+    h.ensure_layout::<Old>().map_err(layout)?;
+    // SAFETY: `M` is `Old` with fields appended (prefix types), and the layout of `Old` was checked.
+    unsafe { h.init_root_module_with_unchecked_layout::<M>() }.map_err(layout)
+}
+
 fn init<M: RootModule>(h: &'static LibHeader, path: &std::path::Path) -> Result<M, LoadError> {
-    h.init_root_module::<M>().map_err(|e| LoadError::Layout { path: path.to_path_buf(), summary: summarise_layout_report(&e.to_string()) })
+    h.init_root_module::<M>()
+        .map_err(|e| LoadError::Layout { path: path.to_path_buf(), summary: summarise_layout_report(&e.to_string()) })
 }
 
 /// abi_stable's layout reports run to hundreds of lines; users need the first differences.
@@ -206,17 +269,67 @@ pub fn summarise_layout_report(report: &str) -> String {
             .take(6)
             .map(|l| l.trim().to_string())
             .collect();
-        if matching.is_empty() { lines.iter().take(6).map(|l| l.trim().to_string()).collect() } else { matching }
+        if matching.is_empty() {
+            lines.iter().take(6).map(|l| l.trim().to_string()).collect()
+        } else {
+            matching
+        }
     };
     let mut s: String = keep.iter().map(|l| format!("  {l}\n")).collect();
     if lines.len() > keep.len() {
-        s.push_str(&format!("  … ({} more lines; rebuild the plugin against this host's likeness-sdk)", lines.len() - keep.len()));
+        s.push_str(&format!(
+            "  … ({} more lines; rebuild the plugin against this host's likeness-sdk)",
+            lines.len() - keep.len()
+        ));
     }
     s
 }
 
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").to_string()
+/// The reason inside one of abi_stable's `LibraryError`s, on one line. Its `Display` starts
+/// with a newline (so its first line is empty) and puts the cause on a later line; for a failed
+/// `dlopen` the cause is libloading's error, i.e. `dlerror()`'s text, which repeats the path.
+fn library_error(e: &abi_stable::library::LibraryError, path: &Path) -> String {
+    use abi_stable::library::LibraryError;
+    let text = match e {
+        LibraryError::OpenError { err, .. } => err.to_string(),
+        other => other.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
+    };
+    let text = text.trim();
+    let p = path.display().to_string();
+    let text = text.strip_prefix(&p).and_then(|t| t.strip_prefix(':')).map(str::trim).unwrap_or(text);
+    if text.is_empty() {
+        "the system gave no reason".to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// The library a manifest names, after resolving symlinks: it must still be a file inside the
+/// manifest's folder (also resolved, so a plugin folder that is itself a symlink is fine).
+pub fn contained_library(m: &Manifest) -> Result<PathBuf, LoadError> {
+    let dir = match m.path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let open_err = |message: String| LoadError::Open { path: m.library.clone(), message };
+    let real_dir = dir
+        .canonicalize()
+        .map_err(|e| open_err(format!("cannot resolve the manifest's folder {}: {e}", dir.display())))?;
+    let real = m.library.canonicalize().map_err(|e| {
+        open_err(format!("{e} (named by `plugin.library` in {}; build the plugin or fix the path)", m.path.display()))
+    })?;
+    if !real.starts_with(&real_dir) || real == real_dir {
+        return Err(LoadError::Outside {
+            manifest: m.path.clone(),
+            library: m.library.clone(),
+            target: real,
+            dir: real_dir,
+        });
+    }
+    if !real.is_file() {
+        return Err(open_err(format!("not a file (named by `plugin.library` in {})", m.path.display())));
+    }
+    Ok(real)
 }
 
 fn base_version(v: &str) -> &str {
@@ -226,7 +339,11 @@ fn base_version(v: &str) -> &str {
 fn check_build_stamps(m: &Manifest, d: &PluginDescriptor) -> Result<(), String> {
     let pairs = [
         ("libtorch", m.requires.libtorch.as_deref(), d.build.libtorch.as_ref().map(|s| s.as_str()).into_option()),
-        ("onnxruntime", m.requires.onnxruntime.as_deref(), d.build.onnxruntime.as_ref().map(|s| s.as_str()).into_option()),
+        (
+            "onnxruntime",
+            m.requires.onnxruntime.as_deref(),
+            d.build.onnxruntime.as_ref().map(|s| s.as_str()).into_option(),
+        ),
     ];
     for (name, wanted, built) in pairs {
         if let (Some(w), Some(b)) = (wanted, built) {
@@ -279,6 +396,65 @@ mod tests {
         assert!(check_abi(p, AbiVersion { major: HOST_ABI.major, minor: HOST_ABI.minor + 1 }).is_err());
     }
 
+    fn manifest_in(dir: &Path, library: &str) -> Manifest {
+        let text = format!("[plugin]\nid='x'\nkind='loss'\nversion='0.1.0'\nabi='1.0'\nlibrary='{library}'\n");
+        Manifest::parse(&text, &dir.join("plugin.toml")).unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_may_not_lead_out_of_the_plugin_folder() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside.so");
+        std::fs::write(&outside, b"x").unwrap();
+        let dir = tmp.path().join("plugin");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("real.so"), b"x").unwrap();
+        symlink(&outside, dir.join("abs.so")).unwrap();
+        symlink("../outside.so", dir.join("rel.so")).unwrap();
+        symlink(tmp.path(), dir.join("sub/out")).unwrap();
+        symlink("real.so", dir.join("alias.so")).unwrap();
+        symlink(tmp.path().join("missing.so"), dir.join("dangling.so")).unwrap();
+        for lib in ["abs.so", "rel.so", "sub/out/outside.so"] {
+            let m = manifest_in(&dir, lib);
+            let e = contained_library(&m).map(|p| p.display().to_string());
+            match e {
+                Err(e @ LoadError::Outside { .. }) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("plugin.toml") && e.contains("outside.so") && e.contains("copy the library into"),
+                        "{lib}: {e}"
+                    );
+                }
+                other => panic!("{lib}: {other:?}"),
+            }
+        }
+        // Inside is fine, through symlinks too: a symlinked alias, a folder that is a symlink.
+        assert_eq!(
+            contained_library(&manifest_in(&dir, "alias.so")).unwrap(),
+            dir.join("real.so").canonicalize().unwrap()
+        );
+        let linked_dir = tmp.path().join("linked");
+        symlink(&dir, &linked_dir).unwrap();
+        assert!(contained_library(&manifest_in(&linked_dir, "real.so")).is_ok());
+        let e = contained_library(&manifest_in(&dir, "dangling.so")).unwrap_err().to_string();
+        assert!(e.contains("dangling.so") && e.contains("No such file"), "{e}");
+        let e = contained_library(&manifest_in(&dir, "sub")).unwrap_err().to_string();
+        assert!(e.contains("not a file"), "{e}");
+    }
+
+    #[test]
+    fn dlopen_failure_says_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lib = tmp.path().join("libtext.so");
+        std::fs::write(&lib, "#!/bin/sh\necho not a library\n").unwrap();
+        let e = RawLibrary::load_at(&lib).err().expect("a text file does not dlopen");
+        let why = library_error(&e, &lib);
+        assert!(!why.is_empty() && !why.starts_with(lib.to_str().unwrap()), "{why:?}");
+        assert!(why.contains("ELF") || why.contains("too short"), "dlerror's text: {why:?}");
+    }
+
     #[test]
     fn layout_summary_is_short() {
         let report: String = (0..200).map(|i| format!("line {i}\n")).collect::<String>() + "Error: field mismatch\n";
@@ -289,7 +465,8 @@ mod tests {
 
     #[test]
     fn layout_summary_shows_abi_stables_findings_not_the_layout_dumps() {
-        let mut report = String::from("Compared <this>:\n    --- Type Layout ---\n    package:'likeness-abi' version:'0.1.0'\n");
+        let mut report =
+            String::from("Compared <this>:\n    --- Type Layout ---\n    package:'likeness-abi' version:'0.1.0'\n");
         report += &"Layout of expected type:\n    field_name:x\n".repeat(50);
         report += "\n\nError:mismatched package\nExpected:\n    likeness-abi\nFound:\n    other-crate\n\n\n";
         let s = summarise_layout_report(&report);

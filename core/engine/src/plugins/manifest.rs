@@ -52,15 +52,32 @@ struct RawPlugin {
 }
 
 impl Manifest {
-    /// Reads and validates a manifest. Errors name the file and the field.
+    /// The largest `plugin.toml` read (64 KiB).
+    pub const MAX_BYTES: u64 = 64 << 10;
+
+    /// Reads and validates a manifest. Errors name the file and the field. At most
+    /// [`Manifest::MAX_BYTES`] are read: a manifest is a few lines, and discovery must not be
+    /// made to read a huge file (or `/dev/zero` behind a symlink) into memory.
     pub fn read(path: &Path) -> Result<Manifest> {
-        let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
+        use std::io::Read;
+        let f = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let mut bytes = Vec::new();
+        f.take(Self::MAX_BYTES + 1).read_to_end(&mut bytes).map_err(|e| EngineError::io(path, e))?;
+        if bytes.len() as u64 > Self::MAX_BYTES {
+            return Err(EngineError::Manifest {
+                path: path.to_path_buf(),
+                message: format!("larger than {} KiB; a plugin.toml is a few lines", Self::MAX_BYTES >> 10),
+            });
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| EngineError::Manifest { path: path.to_path_buf(), message: format!("not UTF-8 text: {e}") })?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Manifest> {
         let bad = |msg: String| EngineError::Manifest { path: path.to_path_buf(), message: msg };
-        let raw: RawFile = toml::from_str(text).map_err(|e| bad(e.message().to_string() + &span_hint(text, e.span())))?;
+        let raw: RawFile =
+            toml::from_str(text).map_err(|e| bad(e.message().to_string() + &span_hint(text, e.span())))?;
         let p = raw.plugin;
         let kind = match p.kind.as_str() {
             "model" => PluginKind::Model,
@@ -68,11 +85,16 @@ impl Manifest {
             "loss" => PluginKind::Loss,
             other => return Err(bad(format!("`plugin.kind` is `{other}`; expected one of model, metric, loss"))),
         };
-        let abi = parse_abi(&p.abi).ok_or_else(|| bad(format!("`plugin.abi` is `{}`; expected MAJOR.MINOR such as \"1.0\"", p.abi)))?;
+        let abi = parse_abi(&p.abi)
+            .ok_or_else(|| bad(format!("`plugin.abi` is `{}`; expected MAJOR.MINOR such as \"1.0\"", p.abi)))?;
         if p.id.is_empty() || !p.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(bad(format!("`plugin.id` `{}` must be non-empty and use only letters, digits, '-' and '_'", p.id)));
+            return Err(bad(format!(
+                "`plugin.id` `{}` must be non-empty and use only letters, digits, '-' and '_'",
+                p.id
+            )));
         }
         let dir = path.parent().unwrap_or(Path::new("."));
+        check_library_is_inside(&p.library, dir).map_err(bad)?;
         Ok(Manifest {
             id: p.id,
             kind,
@@ -86,6 +108,34 @@ impl Manifest {
     }
 }
 
+/// `plugin.library` must name a file inside the manifest's own folder: a relative path with no
+/// root and no `..` (checked here, lexically; symlinks that leave the folder are refused when
+/// the library is opened, see `loader::contained_library`). A manifest must not be able to make
+/// the host `dlopen` a system library or a file elsewhere on the disk.
+fn check_library_is_inside(library: &str, dir: &Path) -> std::result::Result<(), String> {
+    use std::path::Component;
+    let shown = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let file_name = Path::new(library).file_name().map(|f| f.to_string_lossy().into_owned());
+    let fix = |what: &str| {
+        format!(
+            "`plugin.library` is `{library}`, {what}; it must name a file inside the manifest's folder {}: copy the library there and set `library = \"{}\"`",
+            shown.display(),
+            file_name.as_deref().unwrap_or("lib<name>.so")
+        )
+    };
+    if library.trim().is_empty() {
+        return Err(fix("empty"));
+    }
+    for c in Path::new(library).components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => return Err(fix("an absolute path")),
+            Component::ParentDir => return Err(fix("a path that leaves the manifest's folder (`..`)")),
+            Component::CurDir | Component::Normal(_) => {}
+        }
+    }
+    Ok(())
+}
+
 fn parse_abi(s: &str) -> Option<AbiVersion> {
     let (a, b) = s.split_once('.')?;
     Some(AbiVersion { major: a.trim().parse().ok()?, minor: b.trim().parse().ok()? })
@@ -94,7 +144,8 @@ fn parse_abi(s: &str) -> Option<AbiVersion> {
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(r) => {
-            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            // Bytes, not `str` slicing: a span that is not on a char boundary must not panic.
+            let line = text.as_bytes()[..r.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1;
             format!(" (line {line})")
         }
         None => String::new(),
@@ -118,6 +169,34 @@ mod tests {
     }
 
     #[test]
+    fn library_must_stay_inside_the_manifest_folder() {
+        let parse = |lib: &str| {
+            Manifest::parse(
+                &format!("[plugin]\nid='x'\nkind='loss'\nversion='0.1.0'\nabi='1.0'\nlibrary='{lib}'\n"),
+                Path::new("/p/x/plugin.toml"),
+            )
+        };
+        for (lib, why) in [
+            ("/usr/lib/x86_64-linux-gnu/libm.so.6", "an absolute path"),
+            ("../../../lib/libc.so.6", "leaves the manifest's folder"),
+            ("sub/../../y.so", "leaves the manifest's folder"),
+            ("..", "leaves the manifest's folder"),
+            ("", "empty"),
+        ] {
+            let e = parse(lib).unwrap_err().to_string();
+            assert!(e.starts_with("/p/x/plugin.toml: `plugin.library`") && e.contains(why), "{lib}: {e}");
+            assert!(
+                e.contains("inside the manifest's folder /p/x") && e.contains("copy the library there"),
+                "{lib}: {e}"
+            );
+        }
+        let e = parse("/usr/lib/libm.so.6").unwrap_err().to_string();
+        assert!(e.contains("set `library = \"libm.so.6\"`"), "{e}");
+        assert_eq!(parse("./lib/libx.so").unwrap().library, Path::new("/p/x/./lib/libx.so"));
+        assert_eq!(parse("libx.so").unwrap().library, Path::new("/p/x/libx.so"));
+    }
+
+    #[test]
     fn errors_name_file_and_field() {
         let e = Manifest::parse(
             "[plugin]\nid='x'\nkind='lose'\nversion='0.1.0'\nabi='1.0'\nlibrary='l.so'\n",
@@ -126,9 +205,12 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("/p/x/plugin.toml") && e.contains("plugin.kind") && e.contains("lose"), "{e}");
-        let e = Manifest::parse("[plugin]\nid='x'\nkind='loss'\nversion='0.1.0'\nabi='1.0'\nlibrary='l.so'\nlibary='z'\n", Path::new("m.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = Manifest::parse(
+            "[plugin]\nid='x'\nkind='loss'\nversion='0.1.0'\nabi='1.0'\nlibrary='l.so'\nlibary='z'\n",
+            Path::new("m.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("libary"), "{e}");
     }
 }

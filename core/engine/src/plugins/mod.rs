@@ -10,6 +10,8 @@ mod loader;
 mod manifest;
 
 pub use discovery::{default_search_path, Discovered, Registry, SearchDir, SearchSource};
-pub use handles::{Loss, LossResult, Metric, MetricResult, Model, ModelResult};
-pub use loader::{open_library, LoadedLibrary, LoadError};
+pub use handles::{
+    legacy_interface, Loss, LossResult, Metric, MetricResult, Model, ModelLibrary, ModelResult, Outputs, TextBatch,
+};
+pub use loader::{open_library, LoadError, LoadedLibrary};
 pub use manifest::{Manifest, Requires};

@@ -37,7 +37,10 @@ impl LossPlugin for FromTheFuture {
     }
 }
 
-likeness_sdk::__export_root_module!(likeness_sdk::abi::LossPluginModRef, likeness_sdk::plugin::loss_module::<FromTheFuture>);
+likeness_sdk::__export_root_module!(
+    likeness_sdk::abi::LossPluginModRef,
+    likeness_sdk::plugin::loss_module::<FromTheFuture>
+);
 
 /// The header the host reads first: ABI major + 1, kind Loss.
 #[no_mangle]

@@ -66,7 +66,8 @@ pub fn embed_f64(x: &[f64], dims: [usize; 4]) -> Embedded {
             f[3 + ch] = plane.iter().map(|v| v * v).sum::<f64>() / p as f64 - OFFSET;
         }
         let n = f.iter().map(|v| v * v).sum::<f64>().sqrt();
-        if !(n > MIN_NORM) || !n.is_finite() {
+        // A NaN norm is no face, like a tiny one.
+        if !n.is_finite() || n <= MIN_NORM {
             continue;
         }
         norms[i] = n;

@@ -96,11 +96,12 @@ mod tests {
         assert_eq!(e.valid, vec![1, 0, 1]);
         for i in [0, 2] {
             let n: f64 = e.emb[i * DIM..(i + 1) * DIM].iter().map(|v| v * v).sum();
+            // A 6-d vector normalised in f64: a few ulps.
             assert!((n - 1.0).abs() < 1e-12);
         }
         assert!(e.emb[DIM..2 * DIM].iter().all(|&v| v == 0.0));
         // A mid-grey sample has mean 0.5 and mean square 0.25: f = [.25,.25,.25,0,0,0].
-        let g = embed_f64(&vec![0.5; 3 * 4], [1, 3, 2, 2]);
+        let g = embed_f64(&[0.5; 3 * 4], [1, 3, 2, 2]);
         let s = 1.0 / 3f64.sqrt();
         for (a, b) in g.emb.iter().zip([s, s, s, 0.0, 0.0, 0.0]) {
             assert!((a - b).abs() < 1e-12, "{:?}", g.emb);
@@ -136,6 +137,8 @@ mod tests {
         }
         eprintln!("color metric backward: max |fd − analytic| = {worst:e}, max |grad| = {gmax:e}");
         assert!(gmax > 1e-3);
+        // f64 central differences, scalar Rust (the same on every CPU): rounding ≈ 1e-16/1e-6,
+        // truncation ≈ 1e-12 — both ≪ 1e-7 · max|grad|.
         assert!(worst <= 1e-7 * gmax, "{worst:e} vs {gmax:e}");
         assert!(dx[36..72].iter().all(|&v| v == 0.0));
     }
@@ -173,6 +176,7 @@ mod tests {
         let x64: Vec<f64> = data.iter().map(|&v| v as f64).collect();
         let e64 = embed_f64(&x64, [2, 3, 3, 3]);
         let expect = backward_f64(&x64, [2, 3, 3, 3], &e64, &[0.1f32 as f64; 12]);
+        // The ABI returns the f64 gradient rounded to f32: |d_pixels| ≲ 1 here, so ≤ 6e-8.
         for (a, b) in dx.data.iter().zip(&expect) {
             assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
         }

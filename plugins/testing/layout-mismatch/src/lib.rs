@@ -17,8 +17,7 @@ use abi_stable::{
     StableAbi,
 };
 use likeness_sdk::abi::{
-    AbiVersion, Device, InstanceHandle, LossOutput, NamedView, PluginDescriptor, PluginHeader, PluginKind,
-    PluginResult,
+    AbiVersion, Device, InstanceHandle, LossOutput, NamedView, PluginDescriptor, PluginHeader, PluginKind, PluginResult,
 };
 use likeness_sdk::{err, DescriptorBuilder};
 
@@ -34,8 +33,12 @@ pub struct LossPluginMod {
     pub input_names: extern "C" fn(InstanceHandle) -> RVec<RString>,
     /// The deliberate difference: an extra `scale: f32` parameter.
     #[sabi(last_prefix_field)]
-    pub value_and_grad:
-        extern "C" fn(InstanceHandle, inputs: RSlice<'_, NamedView<'_>>, want_grad: bool, scale: f32) -> PluginResult<LossOutput>,
+    pub value_and_grad: extern "C" fn(
+        InstanceHandle,
+        inputs: RSlice<'_, NamedView<'_>>,
+        want_grad: bool,
+        scale: f32,
+    ) -> PluginResult<LossOutput>,
 }
 
 impl RootModule for LossPluginModRef {

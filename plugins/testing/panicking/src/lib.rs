@@ -4,7 +4,9 @@
 //! the panic into a `PluginError { code: Panic }` whose message carries the payload
 //! ("deliberate panic for the test"), and the host must report it instead of dying.
 
-use likeness_sdk::{err, parse_config, DescriptorBuilder, Device, Inputs, LossOutput, LossPlugin, PluginDescriptor, PluginKind};
+use likeness_sdk::{
+    err, parse_config, DescriptorBuilder, Device, Inputs, LossOutput, LossPlugin, PluginDescriptor, PluginKind,
+};
 
 pub struct Panicking;
 

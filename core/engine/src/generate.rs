@@ -1,0 +1,178 @@
+//! `host generate`: images from a trained model through ABI 1.1's `sample`, written as PNGs
+//! whose text chunks hold the settings (prompt, seed, steps, guidance, adapter scale, model,
+//! weights), so an image says how it was made.
+
+use std::path::{Path, PathBuf};
+
+use abi_stable::std_types::{RSlice, RStr};
+use likeness_abi::{CpuTensor, NamedView, SampleRequest};
+use tracing::info;
+
+use crate::config::parse_device;
+use crate::data::image_io::{self, Fit};
+use crate::plugins::{Model, Registry};
+use crate::visual::chw_to_rgb;
+use crate::{EngineError, Result};
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub plugin: String,
+    /// The model config (`model.config` of the run).
+    pub model_config: serde_json::Map<String, serde_json::Value>,
+    /// A folder written by training (`final/`, `best/`, `checkpoints/step-N/`), loaded with
+    /// `load_state`; None = the model as created.
+    pub weights: Option<PathBuf>,
+    pub prompts: Vec<String>,
+    pub negative_prompt: String,
+    /// Identity references: none, one for every prompt, or one per prompt.
+    pub references: Vec<PathBuf>,
+    /// Control images, with the same rule.
+    pub controls: Vec<PathBuf>,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance: f64,
+    pub seed: u64,
+    pub adapter_scale: f64,
+    pub device: String,
+    pub output: PathBuf,
+}
+
+fn pick<'a>(v: &'a [PathBuf], i: usize, what: &str, n: usize) -> Result<Option<&'a PathBuf>> {
+    match v.len() {
+        0 => Ok(None),
+        1 => Ok(v.first()),
+        k if k == n => Ok(v.get(i)),
+        k => Err(EngineError::Config(format!(
+            "{k} {what} images for {n} prompts: give one for all prompts or one per prompt"
+        ))),
+    }
+}
+
+/// Generates one image per prompt (seed `seed + i`) into `opts.output`; returns the files.
+pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
+    if opts.prompts.is_empty() {
+        return Err(EngineError::Config("give at least one --prompt".into()));
+    }
+    if opts.width == 0 || opts.height == 0 {
+        return Err(EngineError::Config("--width and --height must be at least 1".into()));
+    }
+    let device = parse_device(&opts.device)?;
+    let config_json = serde_json::Value::Object(opts.model_config.clone()).to_string();
+    let lib = reg.open_model_library(&opts.plugin)?;
+    let mut model = lib.create(&config_json, device, opts.seed)?;
+    if let Some(w) = &opts.weights {
+        model.load_state(w)?;
+    }
+    std::fs::create_dir_all(&opts.output).map_err(|e| EngineError::io(&opts.output, e))?;
+    let fit = Fit::Bucket(opts.width, opts.height);
+    let mut written = Vec::new();
+    let n = opts.prompts.len();
+    for (i, prompt) in opts.prompts.iter().enumerate() {
+        let mut images: Vec<(&str, CpuTensor<f32>)> = Vec::new();
+        for (role, list) in [("reference", &opts.references), ("control", &opts.controls)] {
+            if let Some(p) = pick(list, i, role, n)? {
+                let data = image_io::load(p, fit)?;
+                images.push((role, CpuTensor::new(vec![1, 3, opts.height as i64, opts.width as i64], data)));
+            }
+        }
+        let seed = opts.seed + i as u64;
+        let settings = SampleSettings {
+            negative_prompt: &opts.negative_prompt,
+            width: opts.width,
+            height: opts.height,
+            steps: opts.steps,
+            guidance: opts.guidance,
+            seed,
+            adapter_scale: opts.adapter_scale,
+        };
+        let views: Vec<(&str, &CpuTensor<f32>)> = images.iter().map(|(n, t)| (*n, t)).collect();
+        let px = sample_one(&mut model, prompt, &views, &settings)?;
+        let path = opts.output.join(format!("{seed}_{i:02}.png"));
+        let text = [
+            ("prompt", prompt.clone()),
+            ("negative_prompt", opts.negative_prompt.clone()),
+            ("seed", seed.to_string()),
+            ("steps", opts.steps.to_string()),
+            ("guidance", opts.guidance.to_string()),
+            ("adapter_scale", opts.adapter_scale.to_string()),
+            ("width", opts.width.to_string()),
+            ("height", opts.height.to_string()),
+            ("model", format!("{} {}", model.id, model.descriptor.version)),
+            ("weights", opts.weights.as_ref().map(|w| w.display().to_string()).unwrap_or_default()),
+            ("software", format!("likeness {}", env!("CARGO_PKG_VERSION"))),
+        ];
+        write_png_with_text(&path, &px.data, opts.width, opts.height, &text)?;
+        info!(path = %path.display(), prompt = %prompt, seed, "generated");
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// How one image is sampled (the non-prompt half of a [`SampleRequest`]).
+pub struct SampleSettings<'a> {
+    pub negative_prompt: &'a str,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance: f64,
+    pub seed: u64,
+    pub adapter_scale: f64,
+}
+
+/// One image of `prompt` from `model.sample`, checked to be `[1, 3, height, width]`; `images`
+/// are the named conditioning images (`reference`, `control` …).
+pub fn sample_one(
+    model: &mut Model,
+    prompt: &str,
+    images: &[(&str, &CpuTensor<f32>)],
+    s: &SampleSettings<'_>,
+) -> Result<CpuTensor<f32>> {
+    let views: Vec<NamedView<'_>> =
+        images.iter().map(|(n, t)| NamedView { name: RStr::from_str(n), view: t.view() }).collect();
+    let prompts = [RStr::from_str(prompt)];
+    let negative = [RStr::from_str(s.negative_prompt)];
+    let out = model.sample(SampleRequest {
+        prompts: RSlice::from_slice(&prompts),
+        negative_prompts: if s.negative_prompt.is_empty() {
+            RSlice::from_slice(&[])
+        } else {
+            RSlice::from_slice(&negative)
+        },
+        images: RSlice::from_slice(&views),
+        width: s.width,
+        height: s.height,
+        steps: s.steps,
+        guidance: s.guidance,
+        seed: s.seed,
+        adapter_scale: s.adapter_scale,
+    })?;
+    let px = CpuTensor::<f32>::from_managed(&out, "pixels")
+        .map_err(|e| EngineError::Plugin { plugin: model.id.clone(), message: format!("sample: {}", e.message) })?;
+    if px.shape != [1, 3, s.height as i64, s.width as i64] {
+        return Err(EngineError::Plugin {
+            plugin: model.id.clone(),
+            message: format!("sample returned shape {:?}, asked for [1, 3, {}, {}]", px.shape, s.height, s.width),
+        });
+    }
+    Ok(px)
+}
+
+/// A PNG with `tEXt` chunks, written atomically.
+pub fn write_png_with_text(path: &Path, chw: &[f32], width: u32, height: u32, text: &[(&str, String)]) -> Result<()> {
+    let img = chw_to_rgb(chw, width, height);
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, width, height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            enc.add_text_chunk(k.to_string(), v.clone())
+                .map_err(|e| EngineError::io(path, format!("PNG text `{k}`: {e}")))?;
+        }
+        let mut w = enc.write_header().map_err(|e| EngineError::io(path, format!("PNG: {e}")))?;
+        w.write_image_data(img.as_raw()).map_err(|e| EngineError::io(path, format!("PNG: {e}")))?;
+    }
+    crate::write_atomic(path, &bytes)
+}
