@@ -327,22 +327,8 @@ fn managed(t: &Tensor) -> Result<ManagedTensor> {
 /// Reads the metadata of a safetensors file without reading its tensors (8-byte little-endian
 /// header length, then a JSON header whose `__metadata__` holds strings).
 fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| err::io(format!("cannot read {}: {e}", path.display())))?;
-    let mut len = [0u8; 8];
-    let bad = |m: String| err::io(format!("{} is not a safetensors file: {m}", path.display()));
-    f.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(bad(format!("header of {len} bytes")));
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
-    Ok(v.get("__metadata__")
-        .and_then(|m| m.as_object())
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-        .unwrap_or_default())
+    // The SDK's header reader bounds the header by the file's size before allocating it.
+    Ok(likeness_sdk::st::read_header(path)?.metadata)
 }
 
 impl ModelPlugin for IdentityAutoencoder {

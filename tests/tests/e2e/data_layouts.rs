@@ -404,3 +404,46 @@ fn issue_6_bucket_resize_matches_musubi_tuners() {
         assert!(differing * 1000 <= d.len(), "case {k}: {differing} of {} values differ", d.len());
     }
 }
+
+/// Issue 6, "every layout trains the fixture model": the flow fixture trains two steps on a
+/// `bundles` (no captions: `use_text = false`), a `pairs` and a musubi-tuner `dataset.toml`
+/// dataset (`drip` is trained in `trainer.rs`), through the real host.
+#[test]
+fn issue_6_every_layout_trains_the_flow_fixture() {
+    const T: &str = "issue_6_every_layout_trains_the_flow_fixture";
+    let Some(()) = built_or_skip(T) else { return };
+    let dir = Dir::new("data-train");
+    let bundles = dir.join("bundles");
+    for c in 0..3 {
+        for i in 0..3 {
+            img(&bundles.join(format!("0/char_{c:05}/img_{i:05}.png")), 48, 48);
+        }
+    }
+    let pairs = dir.join("pairs");
+    for a in ["age", "smile"] {
+        for n in ["7000", "7001", "7002"] {
+            img(&pairs.join(format!("{a}/source/{n}.jpg")), 48, 48);
+            img(&pairs.join(format!("{a}/target/{n}.jpg")), 48, 48);
+        }
+    }
+    let (musubi, _) = musubi_tree(&dir);
+    for (name, data, extra) in [
+        ("bundles", &bundles, &["--set", "data.layout=\"bundles\"", "--set", "model.config.use_text=false"][..]),
+        ("pairs", &pairs, &["--set", "data.layout=\"pairs\""][..]),
+        ("musubi", &musubi, &["--dataset_config"][..]),
+    ] {
+        let out = dir.join(format!("run-{name}"));
+        let mut t = TestCommand::host(&dir);
+        t.arg("--plugin-dir").arg(likeness_tests::staged_test_plugins());
+        t.args(["train", "--plugin", "testing-flow", "--steps", "2", "--batch-size", "2", "--no-progress"]);
+        t.args(["--set", "data.image_size=32", "--set", "train.sample_count=1", "--output"]).arg(&out);
+        if name == "musubi" {
+            t.args(extra).arg(data);
+        } else {
+            t.arg("--data").arg(data).args(extra);
+        }
+        let log = t.ok();
+        assert!(log.contains("training finished: 2 optimizer steps"), "{name}:\n{log}");
+        assert!(out.join("likeness.safetensors").is_file(), "{name}: no adapter in {}", out.display());
+    }
+}
