@@ -42,8 +42,15 @@ fn tensor(r: &mut Reader) -> dat::Result<(Vec<i64>, Vec<f32>)> {
         return r.err(format!("unexpected resizable_tensor version {v}"));
     }
     let dims: Vec<i64> = (0..4).map(|_| r.i64()).collect::<dat::Result<_>>()?;
-    let n: i64 = dims.iter().product();
-    let b = r.bytes(n as usize * 4)?;
+    // A damaged file must give an error, never an overflow or a huge read.
+    let n = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
+        .and_then(|n| n.checked_mul(4));
+    let Some(bytes) = n else {
+        return r.err(format!("resizable_tensor has impossible dimensions {dims:?}"));
+    };
+    let b = r.bytes(bytes)?;
     Ok((dims, b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
 }
 
@@ -83,14 +90,24 @@ impl FaceNet {
                     if sy != sx {
                         return r.err("anisotropic stride");
                     }
+                    let per_input = nf.checked_mul(nr).and_then(|x| x.checked_mul(nc)).filter(|&x| x > 0);
                     let nw = p.len() as i64 - nf;
-                    let k = nw / (nf * nr * nc);
+                    let Some(per_input) = per_input.filter(|&d| nf > 0 && nw > 0 && nw % d == 0) else {
+                        return r.err(format!(
+                            "con: {} parameters do not fit {nf} filters of {nr}×{nc} plus a bias",
+                            p.len()
+                        ));
+                    };
+                    let k = nw / per_input;
                     let weight = Tensor::from_slice(&p[..nw as usize]).reshape([nf, k, nr, nc]);
                     let bias = Tensor::from_slice(&p[nw as usize..]);
                     layers.push(Layer::Con { weight, bias, stride: sy, padding: [py, px] });
                 }
                 "affine_" => {
                     let (_, p) = tensor(&mut r)?;
+                    if p.is_empty() || p.len() % 2 != 0 {
+                        return r.err(format!("affine: {} parameters are not gamma and beta of one size", p.len()));
+                    }
                     let k = p.len() / 2;
                     layers.push(Layer::Affine {
                         gamma: Tensor::from_slice(&p[..k]).reshape([1, k as i64, 1, 1]),
@@ -113,7 +130,7 @@ impl FaceNet {
                     let nout = r.i64()?;
                     let nin = r.i64()?;
                     let (_, p) = tensor(&mut r)?;
-                    if p.len() as i64 != nin * nout {
+                    if nin <= 0 || nout <= 0 || nin.checked_mul(nout) != Some(p.len() as i64) {
                         return r.err(format!("fc: {} params for {nin}×{nout} (with a bias?)", p.len()));
                     }
                     layers.push(Layer::Fc { weight: Tensor::from_slice(&p).reshape([nin, nout]) });

@@ -186,3 +186,64 @@ fn plausible_length_of_large_elements_is_not_preallocated() {
     let (r, largest) = largest_allocation(|| ShapePredictor::from_bytes(&b));
     assert!(r.is_err() && largest <= MAX_PREALLOC_BYTES, "{largest}");
 }
+
+/// A length-prefixed layer name as dlib writes it in the face ResNet's `.dat`.
+fn layer_name(name: &str, out: &mut Vec<u8>) {
+    out.push(1);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+}
+
+/// A `resizable_tensor` (version 2, four dims, raw little-endian f32).
+fn resizable_tensor(dims: [i64; 4], out: &mut Vec<u8>) {
+    signed(2, out);
+    for d in dims {
+        signed(d, out);
+    }
+    let n: i64 = dims.iter().product();
+    for i in 0..n {
+        out.extend_from_slice(&(0.01 * i as f32).to_le_bytes());
+    }
+}
+
+/// A valid, tiny face ResNet: input layer, one 2-filter 1×1 convolution over 3 channels (6
+/// weights + 2 biases), an affine of 2 channels, a relu, and a 2→3 fully connected layer.
+fn valid_facenet() -> Vec<u8> {
+    let mut b = Vec::new();
+    layer_name("input_rgb_image_sized", &mut b);
+    for v in [122.0, 117.0, 104.0] {
+        float(v, &mut b);
+    }
+    layer_name("con_4", &mut b);
+    resizable_tensor([8, 1, 1, 1], &mut b);
+    for v in [2, 1, 1, 1, 1, 0, 0] {
+        signed(v, &mut b); // filters, rows, cols, stride y, stride x, padding y, padding x
+    }
+    layer_name("affine_", &mut b);
+    resizable_tensor([4, 1, 1, 1], &mut b);
+    layer_name("relu_", &mut b);
+    layer_name("fc_2", &mut b);
+    signed(3, &mut b); // outputs
+    signed(2, &mut b); // inputs
+    resizable_tensor([6, 1, 1, 1], &mut b);
+    b
+}
+
+#[test]
+fn issue_6_the_hand_encoded_facenet_is_valid() {
+    let net = likeness_plugin_dlib_face::resnet::FaceNet::from_bytes(&valid_facenet()).unwrap();
+    assert_eq!(net.layers.len(), 4);
+}
+
+proptest! {
+    // Each case builds a few small libtorch tensors: fewer cases than the pure parsers.
+    #![proptest_config(config(400))]
+
+    /// Damaged face-ResNet files (dimension products that overflow, zero filters, parameter
+    /// counts that do not fit the declared shapes) are errors, never panics.
+    #[test]
+    fn issue_6_facenet_mutations_error_without_panicking(seed in any::<u64>()) {
+        let bytes = fuzz::mutate(&valid_facenet(), seed);
+        let _ = likeness_plugin_dlib_face::resnet::FaceNet::from_bytes(&bytes);
+    }
+}
