@@ -17,7 +17,7 @@ use crate::{EngineError, Result};
 /// Top-level sections; environment variables for anything else are ignored (so
 /// `LIKENESS_PLUGIN_PATH` and friends never collide with config keys).
 pub const SECTIONS: &[&str] =
-    &["run", "model", "data", "loss", "metric", "train", "sample", "eval", "cache", "adapter"];
+    &["run", "model", "data", "loss", "metric", "text", "train", "sample", "eval", "cache", "adapter"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +30,9 @@ pub struct Config {
     pub loss: LossSection,
     #[serde(default)]
     pub metric: Option<MetricSection>,
+    /// The text-alignment term (DRIP's λ_text); absent = off.
+    #[serde(default)]
+    pub text: Option<TextSection>,
     #[serde(default)]
     pub train: TrainConfig,
     #[serde(default)]
@@ -220,6 +223,39 @@ pub struct MetricSection {
     /// The model output the metric embeds.
     #[serde(default = "default_pixels")]
     pub output: String,
+}
+
+/// Text alignment `L_text = mean over valid rows of 1 − cos(image embedding, text embedding)`,
+/// computed by a metric plugin that declares `embeds_texts` (DRIP: CLIP). The plugin is opened
+/// as its own instance even when it is also the `[metric]` (its `embed(Train)` state is then
+/// not shared with the identity term's).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TextSection {
+    /// The metric plugin embedding both images and texts. `clip` by default so that DRIP's
+    /// `--l_text 1` alone turns the term on.
+    #[serde(default = "default_text_plugin")]
+    pub plugin: String,
+    /// `w_text` (DRIP's λ_text default 1.0); 0 = off.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Passed to the metric plugin as a JSON object.
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// The example's text role the images are aligned with.
+    #[serde(default = "default_caption")]
+    pub prompt: String,
+    /// The model output embedded (the same output the identity term embeds by default).
+    #[serde(default = "default_pixels")]
+    pub output: String,
+}
+
+fn default_text_plugin() -> String {
+    "clip".into()
+}
+
+fn default_caption() -> String {
+    "caption".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -728,7 +764,8 @@ pub(crate) fn insert_path(dict: &mut Dict, path: &str, v: Value) {
 /// Valid keys per section, for "did you mean".
 fn valid_keys(section: &str) -> &'static [&'static str] {
     match section {
-        "" => &["run", "model", "data", "loss", "metric", "train", "sample", "eval", "cache", "adapter"],
+        "" => &["run", "model", "data", "loss", "metric", "text", "train", "sample", "eval", "cache", "adapter"],
+        "text" => &["plugin", "weight", "config", "prompt", "output"],
         "run" => &["output", "seed", "device", "output_name"],
         "model" => &["plugin", "loss_weight", "config"],
         "loss" => &["plugin", "weight", "config"],
@@ -1050,6 +1087,39 @@ mod tests {
         let p = write(d.path(), &format!("{BASE}[run]\noutput_nam = 'x'\n"));
         let e = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap_err().to_string();
         assert!(e.contains("did you mean `run.output_name`"), "{e}");
+    }
+
+    #[test]
+    fn text_section_defaults_and_drip_flag() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), BASE);
+        // What `host train --l_text 0.5` passes: the section with DRIP's plugin and caption.
+        let o = Overrides { set: vec!["text.weight=0.5".into()], ..Default::default() };
+        let c = Layered::new(Some(&p), &o).unwrap().extract().unwrap();
+        let t = c.text.expect("a [text] section");
+        assert_eq!(
+            (t.plugin.as_str(), t.weight, t.prompt.as_str(), t.output.as_str()),
+            ("clip", 0.5, "caption", "pixels")
+        );
+        let c = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap();
+        assert!(c.text.is_none(), "no [text] = the term is off");
+        // configs/reference.toml's commented [text] block, uncommented, is a valid section.
+        let r = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/reference.toml"))
+            .unwrap();
+        let block: String = r
+            .lines()
+            .skip_while(|l| !l.starts_with("# [text]"))
+            .take_while(|l| l.starts_with("# ") && !l.starts_with("# L_text"))
+            .filter(|l| !l.starts_with("#  "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        assert!(block.contains("plugin = \"clip\""), "{block}");
+        let p = write(d.path(), &format!("{BASE}{block}"));
+        let t = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap().text.unwrap();
+        assert_eq!((t.plugin.as_str(), t.weight), ("clip", 1.0));
+        let p = write(d.path(), &format!("{BASE}[text]\nweigth = 1\n"));
+        let e = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap_err().to_string();
+        assert!(e.contains("did you mean `text.weight`"), "{e}");
     }
 
     #[test]

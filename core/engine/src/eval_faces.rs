@@ -372,6 +372,66 @@ pub fn band(similarity: f64) -> &'static str {
     }
 }
 
+/// Plugin ids whose scores are ArcFace cosines, where seed 004's bands and targets hold.
+pub const ARCFACE_LIKE: &[&str] = &["arcface"];
+
+/// How an evaluation's similarities read: bands belong to the metric. Seed 004's bands were
+/// stated for ArcFace cosines; another metric's cosines live on another scale (dlib's
+/// descriptors of one person sit near 0.9+, a colour statistic near 1 for anything), so it gets
+/// a two-sided verdict around the threshold it declares itself, or none.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Bands {
+    /// Seed 004's four bands and its training targets (ArcFace-like metrics).
+    Seed004,
+    /// Same person at or above the metric's declared threshold, different below.
+    Threshold(f64),
+    /// The metric declares no threshold: numbers only.
+    None,
+}
+
+impl Bands {
+    /// The bands of metric `id` that declares `threshold` (`MetricInterface.same_person_threshold`
+    /// when ≥ −1).
+    pub fn for_metric(id: &str, threshold: Option<f64>) -> Bands {
+        if ARCFACE_LIKE.contains(&id) {
+            Bands::Seed004
+        } else {
+            match threshold {
+                Some(t) => Bands::Threshold(t),
+                None => Bands::None,
+            }
+        }
+    }
+
+    /// The verdict for a similarity, when the metric has one.
+    pub fn verdict(self, similarity: f64) -> Option<String> {
+        match self {
+            Bands::Seed004 => Some(band(similarity).to_string()),
+            Bands::Threshold(t) if similarity >= t => Some(format!("same person (≥ {t})")),
+            Bands::Threshold(t) => Some(format!("different person (< {t})")),
+            Bands::None => None,
+        }
+    }
+
+    /// The threshold the verdicts use (seed 004's "likely same person" line for ArcFace).
+    pub fn threshold(self) -> Option<f64> {
+        match self {
+            Bands::Seed004 => Some(0.8),
+            Bands::Threshold(t) => Some(t),
+            Bands::None => None,
+        }
+    }
+
+    /// The name written into the JSON report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bands::Seed004 => "seed004_arcface",
+            Bands::Threshold(_) => "metric_threshold",
+            Bands::None => "none",
+        }
+    }
+}
+
 /// Seed 004's targets for face-consistency LoRA training.
 pub fn target_verdict(mean: f64) -> &'static str {
     if mean > 0.85 {
@@ -444,6 +504,8 @@ pub struct PairResult {
 #[derive(Debug, Clone)]
 pub struct EvalFacesReport {
     pub metric: String,
+    /// How the similarities read (from the metric's declared threshold).
+    pub bands: Bands,
     pub total_pairs: usize,
     pub valid_pairs: usize,
     pub overall: Option<Stats>,
@@ -607,6 +669,7 @@ fn evaluate(source: MetricSource<'_>, opts: &EvalFacesOptions, only_step: Option
             }
         }
     }
+    let bands = Bands::for_metric(&metric.id, metric.same_person_threshold());
     let states = embed_all(metric, &paths, opts)?;
 
     let mut results = Vec::with_capacity(matching.pairs.len());
@@ -712,6 +775,11 @@ fn evaluate(source: MetricSource<'_>, opts: &EvalFacesOptions, only_step: Option
         "unmatched_generated": matching.unmatched.iter().map(|(p, why)| json!({"generated": p, "reason": why})).collect::<Vec<_>>(),
         "unused_controls": matching.unused_controls,
         "seconds": seconds,
+        // Added to seed 004's schema: the bands used and the threshold behind the verdicts.
+        "bands": bands.name(),
+        "same_person_threshold": bands.threshold(),
+        "declared_same_person_threshold": metric.same_person_threshold(),
+        "verdict": overall.and_then(|o| bands.verdict(o.mean)),
     });
     if valid.is_empty() {
         likeness["error"] = json!("No valid face pairs detected");
@@ -732,6 +800,7 @@ fn evaluate(source: MetricSource<'_>, opts: &EvalFacesOptions, only_step: Option
 
     Ok(EvalFacesReport {
         metric: opts.metric.clone(),
+        bands,
         total_pairs: results.len(),
         valid_pairs: valid.len(),
         overall,
@@ -849,8 +918,18 @@ pub fn summary_text(r: &EvalFacesReport) -> String {
     );
     if let Some(o) = r.overall {
         let _ = writeln!(s, "  overall: mean {:.4} ± {:.4}  range [{:.4}, {:.4}]", o.mean, o.std, o.min, o.max);
-        let _ = writeln!(s, "  similarity: {}", band(o.mean));
-        let _ = writeln!(s, "  target: {}", target_verdict(o.mean));
+        match r.bands.verdict(o.mean) {
+            Some(v) => {
+                let _ = writeln!(s, "  similarity: {v}");
+            }
+            None => {
+                let _ =
+                    writeln!(s, "  similarity: no verdict (metric `{}` declares no same-person threshold)", r.metric);
+            }
+        }
+        if r.bands == Bands::Seed004 {
+            let _ = writeln!(s, "  target: {}", target_verdict(o.mean));
+        }
         if !r.by_step.is_empty() {
             let _ = writeln!(s, "  by step:");
             let _ =
@@ -865,15 +944,28 @@ pub fn summary_text(r: &EvalFacesReport) -> String {
                     st.std,
                     st.min,
                     st.max,
-                    band(st.mean)
+                    r.bands.verdict(st.mean).unwrap_or_else(|| "-".into())
                 );
             }
         }
-        let _ = writeln!(
-            s,
-            "  bands: ≥ 0.8 very high (likely same person) · 0.6–0.8 high (possibly same person) · 0.4–0.6 moderate (different person, similar features) · < 0.4 low (different person)"
-        );
-        let _ = writeln!(s, "  targets: training target > 0.85 · good results > 0.75 · needs improvement < 0.65");
+        match r.bands {
+            Bands::Seed004 => {
+                let _ = writeln!(
+                    s,
+                    "  bands: ≥ 0.8 very high (likely same person) · 0.6–0.8 high (possibly same person) · 0.4–0.6 moderate (different person, similar features) · < 0.4 low (different person)"
+                );
+                let _ =
+                    writeln!(s, "  targets: training target > 0.85 · good results > 0.75 · needs improvement < 0.65");
+            }
+            Bands::Threshold(t) => {
+                let _ = writeln!(
+                    s,
+                    "  bands (metric `{}`'s declared threshold): ≥ {t} same person · < {t} different person",
+                    r.metric
+                );
+            }
+            Bands::None => {}
+        }
     }
     let invalid = r.total_pairs - r.valid_pairs;
     if invalid > 0 && r.valid_pairs > 0 {
@@ -941,6 +1033,19 @@ mod tests {
         assert!((s.std - 1.25f64.sqrt()).abs() < 1e-15);
         assert_eq!((s.min, s.max), (1.0, 4.0));
         assert!(stats(&[]).is_none());
+    }
+
+    #[test]
+    fn bands_belong_to_the_metric() {
+        assert_eq!(Bands::for_metric("arcface", None), Bands::Seed004);
+        assert_eq!(Bands::for_metric("arcface", Some(0.3)), Bands::Seed004);
+        assert_eq!(Bands::for_metric("dlib", Some(0.6)), Bands::Threshold(0.6));
+        assert_eq!(Bands::for_metric("testing-color-metric", None), Bands::None);
+        let t = Bands::Threshold(0.6);
+        assert!(t.verdict(0.6).unwrap().starts_with("same person"));
+        assert!(t.verdict(0.59).unwrap().starts_with("different person"));
+        assert_eq!(Bands::None.verdict(0.99), None);
+        assert_eq!(Bands::Seed004.verdict(0.81).as_deref(), Some("very high (likely same person)"));
     }
 
     #[test]

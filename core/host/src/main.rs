@@ -151,9 +151,11 @@ Output: --output-json has exactly seed 004's fields (total_pairs, valid_pairs, o
   pair the overall_* fields are null and by_step is {}. The per-pair CSV (--csv) and the
   plot (--plot) default to <json stem>.pairs.csv and <json stem>.png next to the JSON.
   The plot's x axis is the step (epoch samples are plotted only when no step is known).
-Similarity bands (seed 004): >= 0.8 very high (likely same person), 0.6-0.8 high (possibly
-  same person), 0.4-0.6 moderate, < 0.4 low. Targets: > 0.85 training target, > 0.75 good,
-  < 0.65 needs improvement.
+Similarity bands belong to the metric. ArcFace (seed 004): >= 0.8 very high (likely same
+  person), 0.6-0.8 high (possibly same person), 0.4-0.6 moderate, < 0.4 low; targets: > 0.85
+  training target, > 0.75 good, < 0.65 needs improvement. Another metric: same person at or
+  above the threshold it declares, different person below, or no verdict if it declares none.
+  The JSON's likeness.bands / likeness.same_person_threshold / likeness.verdict say which.
 
 Examples:
   host eval-faces --sample-dir output/sample --output-json face_metrics.json
@@ -281,6 +283,15 @@ struct ConfigArgs {
     /// Checkpoint and adapter copy every N optimizer steps (`train.save_every`; musubi-tuner's flag).
     #[arg(long = "save-every-n-steps", visible_alias = "save_every_n_steps", value_name = "N")]
     save_every_n_steps: Option<u64>,
+    /// Identity-loss weight (`metric.weight`; DRIP's --l_face).
+    #[arg(long = "l-face", visible_alias = "l_face", value_name = "W")]
+    l_face: Option<f64>,
+    /// Text-alignment weight (`text.weight`, with text.plugin = "clip" unless set; DRIP's --l_text).
+    #[arg(long = "l-text", visible_alias = "l_text", value_name = "W")]
+    l_text: Option<f64>,
+    /// Training image size (`data.image_size`; DRIP's --resolution).
+    #[arg(long, value_name = "PX")]
+    resolution: Option<u32>,
     /// Any other key, e.g. --set train.warmup_steps=20 --set model.config.image_size=32.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -315,10 +326,13 @@ impl ConfigArgs {
             pretrained: self.pretrained.clone(),
             output_name: self.output_name.clone(),
             dataset_config: self.dataset_config.clone(),
-            // musubi-tuner's spellings of two keys, below any explicit --set.
+            // musubi-tuner's and DRIP's spellings of some keys, below any explicit --set.
             set: [
                 self.sample_every_n_steps.map(|n| format!("sample.every_steps={n}")),
                 self.save_every_n_steps.map(|n| format!("train.save_every={n}")),
+                self.l_face.map(|w| format!("metric.weight={w:?}")),
+                self.l_text.map(|w| format!("text.weight={w:?}")),
+                self.resolution.map(|r| format!("data.image_size={r}")),
             ]
             .into_iter()
             .flatten()

@@ -266,3 +266,34 @@ impl AdamW {
         out
     }
 }
+
+/// Every tensor of a `torch.save` file (`.pt`, `.pth`, `.pth.tar`), read without running its
+/// pickle (weights-only: [`likeness_sdk::torch_pickle::load`], dotted names), as CPU tensors.
+/// A file that is not a plain checkpoint is an `InvalidInput` error naming the file (and the
+/// forbidden `module.name`); one that cannot be read is an `Io` error.
+pub fn load_torch_checkpoint(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    use likeness_sdk::torch_pickle::{self, DType, PickleError};
+    let tensors = torch_pickle::load(path).map_err(|e| match e {
+        PickleError::Io { .. } => err::io(e.to_string()),
+        e => err::input(e.to_string()),
+    })?;
+    let kind = |d: DType| match d {
+        DType::F64 => Kind::Double,
+        DType::F32 => Kind::Float,
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        DType::I64 => Kind::Int64,
+        DType::I32 => Kind::Int,
+        DType::I16 => Kind::Int16,
+        DType::I8 => Kind::Int8,
+        DType::U8 => Kind::Uint8,
+        DType::Bool => Kind::Bool,
+    };
+    Ok(tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            (name, Tensor::from_data_size(&t.data, &shape, kind(t.dtype)))
+        })
+        .collect())
+}

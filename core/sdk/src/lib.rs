@@ -35,6 +35,7 @@ pub mod interface;
 pub mod plugin;
 pub mod st;
 pub mod testing;
+pub mod torch_pickle;
 pub mod venv;
 
 pub use descriptor::DescriptorBuilder;

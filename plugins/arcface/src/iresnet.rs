@@ -56,6 +56,18 @@ pub struct OnnxNet {
     device: Device,
     /// The float kind the graph runs in (f32 as ONNX stores it; f64 for finite-difference checks).
     kind: Kind,
+    /// Inputs and 4-D weights in NHWC strides (see [`OnnxNet::channels_last`]).
+    channels_last: bool,
+}
+
+/// The same logical NCHW tensor with NHWC strides (libtorch's `channels_last` memory format,
+/// which tch does not expose): permute to NHWC, make that contiguous, permute the view back.
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    if t.dim() == 4 {
+        t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+    } else {
+        t.shallow_clone()
+    }
 }
 
 fn tch_err(source: &str, n: &Node, e: impl std::fmt::Display) -> String {
@@ -146,6 +158,7 @@ impl OnnxNet {
             input_chw,
             device,
             kind: Kind::Float,
+            channels_last: false,
         })
     }
 
@@ -165,6 +178,19 @@ impl OnnxNet {
         self.kind
     }
 
+    /// The same net with its 4-D float weights and its input in channels-last (NHWC) strides:
+    /// oneDNN's bf16 convolutions run NHWC natively (NCHW inputs are reordered at every layer).
+    /// Values are unchanged; only the memory layout (and so the kernels chosen) differs.
+    pub fn channels_last(mut self) -> OnnxNet {
+        for t in self.consts.values_mut() {
+            if t.is_floating_point() && t.dim() == 4 {
+                *t = to_channels_last(t);
+            }
+        }
+        self.channels_last = true;
+        self
+    }
+
     pub fn input_name(&self) -> &str {
         &self.input_name
     }
@@ -180,6 +206,17 @@ impl OnnxNet {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// `(nodes, nodes with a float weight input)`: how many times a bf16 run rounds (each
+    /// node's output, each weight tensor), for error bounds.
+    pub fn rounding_counts(&self) -> (usize, usize) {
+        let weighted = self
+            .nodes
+            .iter()
+            .filter(|n| n.inputs.iter().skip(1).any(|i| self.consts.get(i).is_some_and(|t| t.is_floating_point())))
+            .count();
+        (self.nodes.len(), weighted)
     }
 
     /// The operators the graph runs, in order of first use (for reports).
@@ -203,7 +240,9 @@ impl OnnxNet {
             }
         }
         let mut vals: HashMap<&str, Tensor> = HashMap::new();
-        vals.insert(self.input_name.as_str(), x.to_device(self.device).to_kind(self.kind));
+        let x = x.to_device(self.device).to_kind(self.kind);
+        let x = if self.channels_last { to_channels_last(&x) } else { x };
+        vals.insert(self.input_name.as_str(), x);
         for n in &self.nodes {
             let y = self.run_node(n, &vals)?;
             let out = n.outputs.first().ok_or_else(|| format!("{}: {} has no output", self.source, n.label()))?;
@@ -211,6 +250,34 @@ impl OnnxNet {
         }
         vals.remove(self.output_name.as_str())
             .ok_or_else(|| format!("{}: no node produces the graph output `{}`", self.source, self.output_name))
+    }
+
+    /// Multiply-accumulates of one forward pass on `x` (`[B, C, H, W]`): `Conv` = output
+    /// elements × (input channels / groups) × kernel area, `Gemm`/`MatMul` = M·N·K; element-wise
+    /// nodes are not counted (memory-bound, a few % of the convolutions' work). Runs the graph
+    /// once to learn every node's shapes.
+    pub fn macs(&self, x: &Tensor) -> Result<u64, String> {
+        let _guard = tch::no_grad_guard();
+        let mut vals: HashMap<&str, Tensor> = HashMap::new();
+        vals.insert(self.input_name.as_str(), x.to_device(self.device).to_kind(self.kind));
+        let mut total = 0u64;
+        for n in &self.nodes {
+            let y = self.run_node(n, &vals)?;
+            total += match n.op_type.as_str() {
+                "Conv" => {
+                    let w = self.get(&vals, n, 1)?.size();
+                    y.numel() as u64 * (w[1] * w[2] * w[3]) as u64
+                }
+                "Gemm" | "MatMul" => {
+                    let k = *self.get(&vals, n, 0)?.size().last().unwrap_or(&0);
+                    y.numel() as u64 * k as u64
+                }
+                _ => 0,
+            };
+            let out = n.outputs.first().ok_or_else(|| format!("{}: {} has no output", self.source, n.label()))?;
+            vals.insert(out.as_str(), y);
+        }
+        Ok(total)
     }
 
     /// L2-normalised embeddings (`[B, D]`).

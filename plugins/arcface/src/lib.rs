@@ -10,9 +10,11 @@
 //! - [`pack`]: model packs (`buffalo_l`, `buffalo_s`, `antelopev2`) and where they are found.
 //! - [`detector`]: the SCRFD graph on ONNX Runtime (CPU; CUDA provider when asked and present).
 //! - [`recognizer`]: the ArcFace graph on ONNX Runtime (`ArcFaceONNX`'s normalisation rule).
+//! - [`bf16`]: the same recognizer in bf16 through libtorch, where the CPU has bf16 units.
 //! - [`plugin`]: the [`plugin::Pipeline`] (`FaceAnalysis.get`) and the exported metric.
 
 pub mod align;
+pub mod bf16;
 pub mod detector;
 pub mod pack;
 pub mod plugin;

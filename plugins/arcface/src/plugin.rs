@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tch::Kind;
 
 use crate::align::{self, WarpKernel};
+use crate::bf16::{cpu_has_bf16, Bf16Recognizer};
 use crate::detector::{Detector, Provider};
 use crate::diff_path::{DiffRecognizer, Pending};
 use crate::pack;
@@ -69,6 +70,20 @@ pub enum DiffPrecision {
     F64,
 }
 
+/// The precision of the `Eval` recognizer (`precision` in the config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// ONNX Runtime f32, as insightface runs it (the parity the oracle tests check).
+    #[default]
+    Fp32,
+    /// The recognizer in bf16 through libtorch ([`crate::bf16`]); a config error on a CPU
+    /// without bf16 units (emulated bf16 is slower than f32) or on CUDA.
+    Bf16,
+    /// bf16 where the CPU has the units and the pipeline runs on the CPU, fp32 elsewhere.
+    Auto,
+}
+
 fn default_pack() -> String {
     pack::DEFAULT_PACK.to_string()
 }
@@ -110,6 +125,9 @@ pub struct Config {
     /// `"f32"` (default) or `"f64"`: precision of the libtorch recognizer.
     #[serde(default)]
     pub differentiable_precision: DiffPrecision,
+    /// `"fp32"` (default), `"bf16"` or `"auto"`: the `Eval` recognizer (see [`Precision`]).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for Config {
@@ -132,7 +150,8 @@ fn schema() -> likeness_sdk::serde_json::Value {
             "face_choice": {"type": "string", "enum": ["default", "largest", "central"], "default": "default"},
             "device": {"type": "string", "enum": ["cpu", "cuda"]},
             "differentiable_backend": {"type": "string", "enum": ["tch", "none"], "default": "tch"},
-            "differentiable_precision": {"type": "string", "enum": ["f32", "f64"], "default": "f32"}
+            "differentiable_precision": {"type": "string", "enum": ["f32", "f64"], "default": "f32"},
+            "precision": {"type": "string", "enum": ["fp32", "bf16", "auto"], "default": "fp32"}
         }
     })
 }
@@ -149,6 +168,10 @@ pub struct Face {
 pub struct Pipeline {
     pub detector: Detector,
     pub recognizer: Recognizer,
+    /// The bf16 recognizer when `precision` selects it; it then replaces `recognizer` in
+    /// [`Pipeline::embed_crops`] (the ORT session stays: its shapes and normalisation are the
+    /// reference the bf16 path is built from).
+    pub bf16: Option<Bf16Recognizer>,
     pub choice: FaceChoice,
 }
 
@@ -180,14 +203,51 @@ impl Pipeline {
         .map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
         let detector = Detector::load(&files.detector, provider, config.det_size, config.det_thresh)?;
         let recognizer = Recognizer::load(&files.recognizer, provider)?;
-        Ok(Pipeline { detector, recognizer, choice: config.face_choice.face_choice() })
+        let use_bf16 = match config.precision {
+            Precision::Fp32 => false,
+            Precision::Auto => provider == Provider::Cpu && cpu_has_bf16(),
+            Precision::Bf16 if provider != Provider::Cpu => {
+                return Err(err::config(format!(
+                    "config of plugin `{ID}`: precision \"bf16\" runs on the CPU only; use \"fp32\" or \"auto\" with device cuda"
+                )))
+            }
+            Precision::Bf16 if !cpu_has_bf16() => {
+                return Err(err::config(format!(
+                    "config of plugin `{ID}`: precision \"bf16\" needs a CPU with AVX512_BF16 (this one has none; \
+                     emulated bf16 is slower than f32); use \"auto\" (bf16 where available) or \"fp32\""
+                )))
+            }
+            Precision::Bf16 => true,
+        };
+        let bf16 = if use_bf16 {
+            Some(Bf16Recognizer::load(
+                &files.recognizer,
+                recognizer.input_size,
+                recognizer.input_mean,
+                recognizer.input_std,
+            )?)
+        } else {
+            None
+        };
+        Ok(Pipeline { detector, recognizer, bf16, choice: config.face_choice.face_choice() })
+    }
+
+    /// L2-normalised embeddings of aligned crops, all in one batch, by the configured recognizer.
+    pub fn embed_crops(&mut self, crops: &[Vec<u8>]) -> Result<Vec<Vec<f32>>> {
+        if crops.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &self.bf16 {
+            Some(r) => r.embed(crops),
+            None => self.recognizer.embed(crops),
+        }
     }
 
     /// Every face (`max_num` 0) or the `max_num` chosen ones, with embeddings for the first
     /// `max_embed`: `FaceAnalysis.get` on an interleaved RGB `u8` image.
     pub fn analyze(&mut self, rgb: &[u8], w: usize, h: usize, max_num: usize, max_embed: usize) -> Result<Vec<Face>> {
         let (dets, crops) = self.detect_and_crop(rgb, w, h, max_num, max_embed)?;
-        let mut embs = self.recognizer.embed(&crops)?.into_iter();
+        let mut embs = self.embed_crops(&crops)?.into_iter();
         Ok(dets.into_iter().map(|det| Face { det, embedding: embs.next() }).collect())
     }
 
@@ -344,7 +404,7 @@ impl ArcFaceMetric {
             has_face.push(!c.is_empty());
             crops.extend(c);
         }
-        let mut embs = self.pipeline.recognizer.embed(&crops)?.into_iter();
+        let mut embs = self.pipeline.embed_crops(&crops)?.into_iter();
         let rows: Vec<Option<Vec<f32>>> = has_face.iter().map(|&f| if f { embs.next() } else { None }).collect();
         let dim = rows.iter().flatten().map(|r| r.len()).next().unwrap_or(self.pipeline.recognizer.dim.max(1));
         let mut emb = vec![0f32; b * dim];
@@ -418,5 +478,23 @@ impl MetricPlugin for ArcFaceMetric {
         let p = self.pending.take().expect("checked above");
         let dx = p.backward(&d).map_err(|e| err::internal(format!("metric `{ID}`: {e}")))?;
         likeness_sdk_torch::tensor_to_managed(dx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precision_config() {
+        assert_eq!(Config::default().precision, Precision::Fp32, "fp32 (insightface parity) is the default");
+        for (s, p) in [("fp32", Precision::Fp32), ("bf16", Precision::Bf16), ("auto", Precision::Auto)] {
+            let c: Config = parse_config(ID, &format!(r#"{{"precision": "{s}"}}"#)).unwrap();
+            assert_eq!(c.precision, p);
+        }
+        let e = parse_config::<Config>(ID, r#"{"precision": "fp16"}"#).unwrap_err();
+        assert!(e.message.contains("fp16") && e.message.contains("arcface"), "{}", e.message);
+        let enumed = &schema()["properties"]["precision"]["enum"];
+        assert_eq!(enumed, &likeness_sdk::serde_json::json!(["fp32", "bf16", "auto"]));
     }
 }

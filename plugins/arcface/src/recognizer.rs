@@ -8,7 +8,7 @@ use likeness_sdk::{err, Result};
 use ort::session::Session;
 use ort::value::Tensor;
 
-use crate::detector::{build_session, shape_of, Provider};
+use crate::detector::{build_session_with, shape_of, Provider, SessionOptions};
 
 /// Node names of the first `n` nodes of an ONNX model (`ModelProto.graph.node[..n].name`),
 /// read straight from the protobuf wire format.
@@ -96,11 +96,16 @@ pub struct Recognizer {
 
 impl Recognizer {
     pub fn load(path: &Path, provider: Provider) -> Result<Recognizer> {
+        Self::load_with(path, provider, &SessionOptions::default())
+    }
+
+    /// [`Self::load`] with session options.
+    pub fn load_with(path: &Path, provider: Provider, opts: &SessionOptions) -> Result<Recognizer> {
         let bytes = std::fs::read(path).map_err(|e| err::io(format!("reading {}: {e}", path.display())))?;
         let names = first_node_names(&bytes, 8).map_err(|e| err::input(format!("{}: {e}", path.display())))?;
         drop(bytes);
         let (input_mean, input_std) = normalisation_from_node_names(&names);
-        let session = build_session(path, provider)?;
+        let session = build_session_with(path, provider, opts)?;
         let input = session
             .inputs()
             .first()
@@ -133,20 +138,7 @@ impl Recognizer {
             return Ok(Vec::new());
         }
         let s = self.input_size;
-        let plane = s * s;
-        let mut blob = vec![0f32; crops.len() * 3 * plane];
-        let scale = 1.0 / self.input_std;
-        for (i, c) in crops.iter().enumerate() {
-            if c.len() != plane * 3 {
-                return Err(err::internal(format!("crop {i} has {} bytes, expected {}", c.len(), plane * 3)));
-            }
-            let dst = &mut blob[i * 3 * plane..(i + 1) * 3 * plane];
-            for p in 0..plane {
-                for ch in 0..3 {
-                    dst[ch * plane + p] = (c[p * 3 + ch] as f32 - self.input_mean) * scale;
-                }
-            }
-        }
+        let blob = blob_from_crops(crops, s, self.input_mean, self.input_std)?;
         let arr =
             ndarray::Array4::from_shape_vec((crops.len(), 3, s, s), blob).map_err(|e| err::internal(e.to_string()))?;
         let t = Tensor::from_array(arr).map_err(|e| err::internal(format!("recognizer blob: {e}")))?;
@@ -168,6 +160,26 @@ impl Recognizer {
         }
         Ok(f)
     }
+}
+
+/// `cv2.dnn.blobFromImages(crops, 1/std, (s, s), mean, swapRB=True)` on interleaved RGB `u8`
+/// crops: `[N, 3, s, s]` f32, `(x − mean) / std` (the reference's BGR crops become RGB).
+pub fn blob_from_crops(crops: &[Vec<u8>], s: usize, mean: f32, std: f32) -> Result<Vec<f32>> {
+    let plane = s * s;
+    let mut blob = vec![0f32; crops.len() * 3 * plane];
+    let scale = 1.0 / std;
+    for (i, c) in crops.iter().enumerate() {
+        if c.len() != plane * 3 {
+            return Err(err::internal(format!("crop {i} has {} bytes, expected {}", c.len(), plane * 3)));
+        }
+        let dst = &mut blob[i * 3 * plane..(i + 1) * 3 * plane];
+        for p in 0..plane {
+            for ch in 0..3 {
+                dst[ch * plane + p] = (c[p * 3 + ch] as f32 - mean) * scale;
+            }
+        }
+    }
+    Ok(blob)
 }
 
 /// Divides by the L2 norm (computed in f64); an all-zero row stays zero.

@@ -406,3 +406,50 @@ fn pixels_to_cosine_chain_matches_finite_differences() {
     );
     fd_check("pixels → diff_align → iresnet → cosine (f64)", &px, &g, &probes(&g, 4, 8, 2), 1e-3, &f);
 }
+
+/// The `precision = "bf16"` recognizer (bf16 weights and activations, channels-last, oneDNN's
+/// AVX512_BF16 kernels) against onnxruntime-python f32 on the same IResNet-50 file.
+///
+/// Bound, from bf16's 8-bit significand (unit roundoff u = 2⁻⁸ ≈ 3.9e-3): a bf16 run rounds
+/// every node's output and every weight tensor once (R roundings, counted on the graph:
+/// [`OnnxNet::rounding_counts`]; oneDNN accumulates each dot product in f32, ~2⁻²⁴, negligible).
+/// Each rounding perturbs its tensor by ≤ u relative, with signs independent across elements
+/// and roundings, so the relative error of the output adds in quadrature: ‖Δy‖/‖y‖ ≲ √R·u
+/// (the forward is continuous, a PRelu kink changes the slope, not the value). Only the part of
+/// Δy orthogonal to y moves the cosine: 1 − cos ≤ ½(√R·u)². For IResNet-50 R = 130 nodes +
+/// 105 weights = 235 → 1 − cos ≤ 1.8e-3 (a PRelu node rounds once: its clamps are exact and one
+/// of its two summands is zero). Measured 1 − cos = 3.1e-5, max |Δy| 9.3e-3 of max |y| 1.34.
+#[test]
+fn iresnet50_bf16_matches_onnxruntime_f32() {
+    if !likeness_plugin_arcface::bf16::cpu_has_bf16() {
+        eprintln!(
+            "skipped: iresnet50_bf16_matches_onnxruntime_f32 needs a CPU with AVX512_BF16 (this one has none; \
+             precision = \"auto\" runs fp32 here)"
+        );
+        return;
+    }
+    let Some(python) = python_or_skip("iresnet50_bf16_matches_onnxruntime_f32") else { return };
+    let dir = export(&python, "r50", &["--layers", "3,4,14,3", "--batch", "2", "--seed", "5"]);
+    let meta = json(&dir.join("meta.json"));
+    let shape: Vec<i64> = meta["input_shape"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let x = tensor(&read_f32(&dir.join("input.f32")), &shape);
+    let y_ort = tensor(&read_f32(&dir.join("ort.f32")), &[shape[0], -1]);
+    let net = OnnxNet::load(&dir.join("model.onnx"), Device::Cpu).unwrap().with_kind(Kind::BFloat16).channels_last();
+    assert_eq!(net.kind(), Kind::BFloat16);
+    let y = tch::no_grad(|| net.forward(&x)).unwrap();
+    assert_eq!(y.kind(), Kind::BFloat16, "the net must compute in bf16");
+    let (cos, d, scale) = compare(&y.to_kind(Kind::Float), &y_ort);
+    let (nodes, weighted) = net.rounding_counts();
+    let r = (nodes + weighted) as f64;
+    let u = 2f64.powi(-8);
+    let bound = 0.5 * r * u * u;
+    eprintln!(
+        "[IResNet-50 bf16] min cosine to ORT f32 {cos:.6} (1−cos = {:.2e}; bound ½·R·u² = {bound:.2e}, R = {nodes} nodes + \
+         {weighted} weights); max |Δy| {d:.3e} (max |y| {scale:.3})",
+        1.0 - cos
+    );
+    assert!(1.0 - cos <= bound, "bf16 cosine {cos}: 1 − cos exceeds ½·R·u² = {bound:.2e}");
+    // The bf16 path really rounds: 8-bit significands leave errors of ~u relative on the
+    // outputs, far above the ~1e-6 at which two f32 runs agree (see `check_parity`).
+    assert!(d > 1e-4 * scale, "max |Δy| {d} vs max |y| {scale}: indistinguishable from f32 — is bf16 in effect?");
+}

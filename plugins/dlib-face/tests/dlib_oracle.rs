@@ -226,7 +226,9 @@ fn exported_metric_on_face_crops() {
         "{}",
         e.message
     );
-    let cfg = serde_json::json!({"model_dir": md}).to_string();
+    // Face-centred crops: the whole crop is the face rectangle (tests/mtcnn_whole_photos.rs
+    // covers the default MTCNN detection).
+    let cfg = serde_json::json!({"model_dir": md, "detector": "none"}).to_string();
     let h = m.create()(RStr::from(cfg.as_str()), Device::CPU, 0).unwrap();
     // (margin as a fraction of the rect's side, per-photo embeddings and dlib's raw descriptors)
     for margin in [0.0f64, 0.25] {
@@ -333,7 +335,9 @@ fn backward_matches_finite_differences_through_the_abi() {
     let Some(o) = oracle("backward_matches_finite_differences_through_the_abi") else { return };
     let m: MetricPluginModRef = likeness_plugin_dlib_face::__likeness_root_module();
     let md = std::path::Path::new(o.json["models"]["recognizer"].as_str().unwrap()).parent().unwrap();
-    let cfg = serde_json::json!({"model_dir": md}).to_string();
+    // Face-centred crops: the whole crop is the face rectangle (tests/mtcnn_whole_photos.rs
+    // covers the default MTCNN detection).
+    let cfg = serde_json::json!({"model_dir": md, "detector": "none"}).to_string();
     let h = m.create()(RStr::from(cfg.as_str()), Device::CPU, 0).unwrap();
     let im = &o.json["images"][0];
     let name = im["name"].as_str().unwrap();

@@ -202,9 +202,11 @@ fn issue_3_eval_faces_sample_dir_matches_numpy() {
     );
     assert_eq!(l["invalid_pairs"].as_array().unwrap().len(), 1);
 
-    // The printed summary: totals, seed 004's bands and targets, the unmatched files.
+    // The printed summary: totals, the unmatched files, and (issue 7) no verdict: seed 004's
+    // bands are ArcFace's, and this metric declares no threshold of its own.
     assert!(text.contains("8 pairs, 7 valid"), "{text}");
-    assert!(text.contains("very high (likely same person)") && text.contains("training target > 0.85"), "{text}");
+    assert!(text.contains("no verdict") && !text.contains("very high") && !text.contains("training target"), "{text}");
+    assert_eq!((l["bands"].as_str(), l["same_person_threshold"].is_null()), (Some("none"), true), "{l}");
     assert!(
         text.contains("matched no control image") && text.contains("notes.png") && text.contains("control_image_5"),
         "{text}"
@@ -331,7 +333,7 @@ fn issue_3_eval_faces_default_metric_arcface_missing_lists_metrics() {
     assert!(!dir.join("r.json").exists());
 
     // --model-name / --det-size / --metric-config reach the plugin's config (the fixture
-    // accepts only `{}`, so it quotes what it got).
+    // accepts only `{}` or a `same_person_threshold`, so it quotes what it got).
     let text = eval_cmd(&dir)
         .args(["--sample-dir", s.to_str().unwrap(), "--output-json", dir.join("r.json").to_str().unwrap()])
         .args(["--model-name", "buffalo_s", "--det-size", "1024", "--metric-config", r#"{"extra": 1}"#])
@@ -345,4 +347,49 @@ fn issue_3_eval_faces_default_metric_arcface_missing_lists_metrics() {
     let empty = dir.mkdir("empty");
     let text = eval_cmd(&dir).args(["--sample-dir", empty.to_str().unwrap()]).fails();
     assert!(text.contains("no image pairs found") && text.contains("control_image_<idx>"), "{text}");
+}
+
+/// Issue 7, part 4: the bands belong to the metric. The colour fixture declaring a threshold
+/// gets a two-sided verdict around it (per step and overall), and the JSON says which
+/// threshold was used; seed 004's ArcFace bands and targets are not printed for it.
+#[test]
+fn issue_7_eval_faces_bands_come_from_the_metrics_threshold() {
+    const T: &str = "issue_7_eval_faces_bands_come_from_the_metrics_threshold";
+    let Some(()) = built_or_skip(T) else { return };
+    let dir = Dir::new("eval-faces-threshold");
+    let (cd, gd) = (dir.mkdir("control"), dir.mkdir("generated"));
+    write_png(&cd.join("alice.png"), &solid([0.8, 0.6, 0.5]));
+    write_png(&cd.join("bob.png"), &solid([0.2, 0.3, 0.9]));
+    // Step 100: alice vs a near copy (cosine ≈ 1); step 200: bob vs a very different colour.
+    write_png(&gd.join("alice_step100.png"), &solid([0.79, 0.61, 0.5]));
+    write_png(&gd.join("bob_step200.png"), &solid([0.9, 0.2, 0.1]));
+    let thr = 0.95;
+    let out = dir.join("r.json");
+    let text = eval_cmd(&dir)
+        .args(["--control-dir", cd.to_str().unwrap(), "--generated-dir", gd.to_str().unwrap()])
+        .args([
+            "--output-json",
+            out.to_str().unwrap(),
+            "--metric-config",
+            &format!("{{\"same_person_threshold\": {thr}}}"),
+        ])
+        .ok();
+    let got = read_json(&out);
+    let l = &got["likeness"];
+    assert_eq!(l["bands"], "metric_threshold", "{l}");
+    assert_eq!(l["same_person_threshold"].as_f64(), Some(thr), "{l}");
+    assert_eq!(l["declared_same_person_threshold"].as_f64(), Some(thr), "{l}");
+    let verdict =
+        |s: f64| if s >= thr { format!("same person (≥ {thr})") } else { format!("different person (< {thr})") };
+    let mean = got["overall_mean"].as_f64().unwrap();
+    assert_eq!(l["verdict"].as_str(), Some(verdict(mean).as_str()), "{l}");
+    let s100 = got["by_step"]["100"]["mean"].as_f64().unwrap();
+    let s200 = got["by_step"]["200"]["mean"].as_f64().unwrap();
+    // The images were chosen so that the two steps fall on either side of the threshold.
+    assert!(s100 >= thr && s200 < thr, "step 100: {s100}, step 200: {s200}");
+    assert!(text.contains(&verdict(s100)) && text.contains(&verdict(s200)), "{text}");
+    assert!(
+        text.contains("declared threshold") && !text.contains("very high") && !text.contains("training target"),
+        "{text}"
+    );
 }

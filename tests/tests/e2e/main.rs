@@ -13,5 +13,6 @@ mod pixel_loss;
 mod plugin_loading;
 mod resume;
 mod seed000_yaml;
+mod text_term;
 mod third_party;
 mod trainer;

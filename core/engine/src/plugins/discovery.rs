@@ -161,6 +161,12 @@ impl Registry {
         Metric::create(&lib, config_json, device, seed)
     }
 
+    /// A metric's declared interface for `config_json`, without creating it.
+    pub fn metric_interface(&self, id: &str, config_json: &str) -> Result<likeness_abi::MetricInterface> {
+        let (_, lib) = self.open(id, PluginKind::Metric)?;
+        super::handles::metric_interface(&lib, config_json)
+    }
+
     pub fn open_loss(&self, id: &str, config_json: &str, device: Device, seed: u64) -> Result<Loss> {
         let (_, lib) = self.open(id, PluginKind::Loss)?;
         Loss::create(&lib, config_json, device, seed)

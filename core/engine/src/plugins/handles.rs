@@ -317,6 +317,17 @@ pub struct MetricResult {
     pub valid: ManagedTensor,
 }
 
+/// What a metric library declares for `config_json`, asked without creating an instance (no
+/// weights load); a 1.0 metric declares no threshold and embeds no texts.
+pub(super) fn metric_interface(lib: &LoadedLibrary, config_json: &str) -> Result<MetricInterface> {
+    let Root::Metric(module) = lib.root else { return Err(wrong_kind(lib, "metric")) };
+    let id = lib.descriptor.id.to_string();
+    Ok(match module.interface() {
+        Some(f) => lift(&id, f(RStr::from_str(config_json)))?,
+        None => MetricInterface { same_person_threshold: -2.0, embeds_texts: false, subject: "face".into() },
+    })
+}
+
 /// An identity-metric plugin instance.
 pub struct Metric {
     pub id: String,
@@ -332,10 +343,7 @@ impl Metric {
     pub(super) fn create(lib: &LoadedLibrary, config_json: &str, device: Device, seed: u64) -> Result<Metric> {
         let Root::Metric(module) = lib.root else { return Err(wrong_kind(lib, "metric")) };
         let id = lib.descriptor.id.to_string();
-        let interface = match module.interface() {
-            Some(f) => lift(&id, f(RStr::from_str(config_json)))?,
-            None => MetricInterface { same_person_threshold: -2.0, embeds_texts: false, subject: "face".into() },
-        };
+        let interface = metric_interface(lib, config_json)?;
         let handle = lift(&id, module.create()(RStr::from_str(config_json), device, seed))?;
         Ok(Metric { id, descriptor: lib.descriptor.clone(), abi: lib.header.abi, interface, module, handle })
     }

@@ -9,8 +9,9 @@
 //!    the dataset and the configured loss terms ([`plan::Plan::new`]);
 //! 4. only then are the model, the metric and the losses created.
 //!
-//! The loss of a micro-batch is `w_model·L_model + w_content·L_content + w_identity·L_identity`
-//! ([`step`]); every term is optional. Gradients never pass through the host's memory: each
+//! The loss of a micro-batch is
+//! `w_model·L_model + w_content·L_content + w_identity·L_identity + w_text·L_text`
+//! ([`step`], [`text`]); every term is optional. Gradients never pass through the host's memory: each
 //! term's gradient is scaled where it lives (`value_and_scaled_grad`, `backward_scaled`) and
 //! the model sums them.
 //!
@@ -24,6 +25,7 @@ mod cache;
 mod plan;
 mod samples;
 mod step;
+pub mod text;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -106,6 +108,10 @@ pub(crate) struct Parts {
     /// `identity_loss` is present (metric.weight > 0).
     pub metric: Option<Metric>,
     pub identity_loss: Option<Loss>,
+    /// The `[text]` metric (its own instance, even when it is also the `[metric]`).
+    pub text: Option<Metric>,
+    /// Its embedding of every text seen so far (texts carry no gradient).
+    pub text_cache: std::collections::HashMap<String, Vec<f32>>,
 }
 
 /// Where a run's files go.
@@ -209,6 +215,10 @@ impl<'a> Trainer<'a> {
         if let Some(m) = &cfg.metric {
             registry.find(&m.plugin, PluginKind::Metric)?;
         }
+        let text_cfg = cfg.text.as_ref().filter(|t| t.weight != 0.0);
+        if let Some(t) = text_cfg {
+            registry.find(&t.plugin, PluginKind::Metric)?;
+        }
         let device = parse_device(&cfg.run.device)?;
 
         // 2. Data before any library or weight is loaded.
@@ -225,7 +235,13 @@ impl<'a> Trainer<'a> {
         let lib = registry.open_model_library(&cfg.model.plugin)?;
         let model_json = cfg.model_config_json();
         let interface = lib.interface(&model_json)?;
-        let plan = Plan::new(cfg, &lib.id, &interface, &ds)?;
+        // The [text] metric's declared interface too (its library only, no instance).
+        let text_json = text_cfg.map(|t| serde_json::Value::Object(t.config.clone()).to_string());
+        let text_interface = match (text_cfg, &text_json) {
+            (Some(t), Some(j)) => Some(registry.metric_interface(&t.plugin, j)?),
+            _ => None,
+        };
+        let plan = Plan::new(cfg, &lib.id, &interface, &ds, text_interface.as_ref())?;
         for note in &plan.notes {
             info!("{note}");
         }
@@ -281,6 +297,19 @@ impl<'a> Trainer<'a> {
             }
         };
         let (metric, identity_loss) = open_metric(cfg, registry, device, seed)?;
+        let text = match (text_cfg, &text_json, &plan.text) {
+            (Some(t), Some(j), Some(_)) => {
+                let m = registry.open_metric(&t.plugin, j, device, seed)?;
+                if !m.descriptor.capabilities.differentiable {
+                    return Err(EngineError::Config(format!(
+                        "text.plugin = `{}` has no backward (its descriptor says it is not differentiable), so it cannot train the text term with text.weight = {}; remove [text] or set text.weight = 0",
+                        m.id, t.weight
+                    )));
+                }
+                Some(m)
+            }
+            _ => None,
+        };
 
         let t = &cfg.train;
         let micro_per_epoch = data::epoch_batches(&ds.train, t.batch_size, seed, 0).len().max(1) as u64;
@@ -311,6 +340,7 @@ impl<'a> Trainer<'a> {
                 log.log(&json!({
                     "type": "run", "model": cfg.model.plugin, "model_abi": model.abi.to_string(),
                     "loss": content.as_ref().map(|l| l.id.clone()), "metric": metric.as_ref().map(|m| m.id.clone()),
+                    "text_metric": text.as_ref().map(|m| m.id.clone()),
                     "terms": plan.term_names(), "layout": ds.layout, "train_examples": ds.train.len(),
                     "val_examples": ds.val.len(), "total_steps": total_steps,
                 }))?;
@@ -330,7 +360,7 @@ impl<'a> Trainer<'a> {
             lay,
             ds,
             plan,
-            parts: Parts { model, content, metric, identity_loss },
+            parts: Parts { model, content, metric, identity_loss, text, text_cache: Default::default() },
             images,
             cache,
             state,
@@ -408,6 +438,12 @@ impl<'a> Trainer<'a> {
                 "type": "train", "step": step, "epoch": self.state.epoch, "loss": acc.loss, "lr": lr,
                 "grad_norm": report.grad_norm, "terms": acc.terms, "it_s": it_s,
             });
+            if self.plan.text.is_some() {
+                // Every train record of a run with the term says how aligned the step was
+                // (null when the metric found nothing to embed in any sample).
+                rec["text"] = json!(acc.terms.get("text"));
+                rec["text_similarity"] = json!(acc.text_similarity());
+            }
             if let Some(m) = &self.parts.metric {
                 if self.parts.identity_loss.is_some() {
                     rec["no_face"] = json!(acc.no_face);

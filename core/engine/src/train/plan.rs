@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use likeness_abi::{EncodingDecl, InputKind, IoDecl, ModelInterface};
+use likeness_abi::{EncodingDecl, InputKind, IoDecl, MetricInterface, ModelInterface};
 use serde_json::{json, Value};
 
 use crate::config::{Config, IdentityWeighting};
@@ -39,6 +39,20 @@ impl IdentityTerm {
     }
 }
 
+/// The text-alignment term: `w_text · mean over valid rows of (1 − cos(e_i, t_i))`, e_i the
+/// `[text]` metric's embedding of the model output, t_i its embedding of the sample's text
+/// `prompt`. Not weighted by `metric.identity_weighting`: that weighting says how much a noisy
+/// x̂0 tells about a *face*; DRIP's text term is unweighted, and a blur's colour/layout still
+/// carries the prompt's content, so each row weighs 1.
+#[derive(Debug, Clone)]
+pub struct TextTerm {
+    pub weight: f64,
+    /// The text role embedded (`caption`).
+    pub prompt: String,
+    /// The model output the metric embeds (`pixels`).
+    pub output: String,
+}
+
 /// The plan of a run (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -47,6 +61,7 @@ pub struct Plan {
     /// `w_content`, when the content loss is active.
     pub content: Option<f64>,
     pub identity: Option<IdentityTerm>,
+    pub text: Option<TextTerm>,
     /// Image roles passed to the model (declared by it and present in the data).
     pub images: Vec<String>,
     /// Text roles passed to the model.
@@ -75,7 +90,15 @@ fn list(v: &BTreeSet<String>) -> String {
 }
 
 impl Plan {
-    pub fn new(cfg: &Config, model_id: &str, i: &ModelInterface, ds: &DataSet) -> Result<Plan> {
+    /// `text_interface`: what the `[text]` metric declares (asked before anything is created),
+    /// when a `[text]` section is active.
+    pub fn new(
+        cfg: &Config,
+        model_id: &str,
+        i: &ModelInterface,
+        ds: &DataSet,
+        text_interface: Option<&MetricInterface>,
+    ) -> Result<Plan> {
         let image_roles = ds.image_roles();
         let text_roles = ds.text_roles();
         let outputs = names(&i.outputs);
@@ -179,9 +202,43 @@ impl Plan {
             }
             None => None,
         };
-        if model_weight.is_none() && content.is_none() && identity.is_none() {
+        let text = match cfg.text.as_ref().filter(|t| t.weight != 0.0) {
+            Some(t) => {
+                if t.weight < 0.0 || !t.weight.is_finite() {
+                    problems.push(format!("text.weight = {} must be ≥ 0 (0 turns the text term off)", t.weight));
+                }
+                match text_interface {
+                    Some(ti) if !ti.embeds_texts => problems.push(format!(
+                        "text.plugin = `{}` does not embed texts (its MetricInterface says embeds_texts = false); use a metric that does, e.g. text.plugin = \"clip\"",
+                        t.plugin
+                    )),
+                    Some(_) => {}
+                    None => problems.push(format!(
+                        "text.plugin = `{}`: its interface was not asked (engine bug: Plan::new needs it)",
+                        t.plugin
+                    )),
+                }
+                if !text_roles.contains(t.prompt.as_str()) {
+                    problems.push(format!(
+                        "the text term aligns images with text `{}` (text.prompt), but {data_desc} provides texts: {} (captions come from prompt.txt in `drip`, caption files in `musubi` and `pairs`; or remove [text])",
+                        t.prompt,
+                        list(&text_roles)
+                    ));
+                }
+                if !outputs.contains(&t.output.as_str()) {
+                    problems.push(format!(
+                        "the text term embeds the model output `{}` (text.output), but model `{model_id}` outputs only: {}",
+                        t.output,
+                        outputs.join(", ")
+                    ));
+                }
+                Some(TextTerm { weight: t.weight, prompt: t.prompt.clone(), output: t.output.clone() })
+            }
+            None => None,
+        };
+        if model_weight.is_none() && content.is_none() && identity.is_none() && text.is_none() {
             problems.push(format!(
-                "nothing to train: model `{model_id}` has {} loss of its own{}, no content loss is active (loss.weight = {}) and no identity loss (metric.weight > 0)",
+                "nothing to train: model `{model_id}` has {} loss of its own{}, no content loss is active (loss.weight = {}), no identity loss (metric.weight > 0) and no text loss (text.weight > 0)",
                 if i.internal_loss { "a" } else { "no" },
                 if i.internal_loss { format!(" but model.loss_weight = {}", cfg.model.loss_weight) } else { String::new() },
                 cfg.loss.weight
@@ -242,6 +299,7 @@ impl Plan {
             model_weight,
             content,
             identity,
+            text,
             images,
             texts,
             encodings,
@@ -264,6 +322,9 @@ impl Plan {
         }
         if self.identity.is_some() {
             v.push("identity");
+        }
+        if self.text.is_some() {
+            v.push("text");
         }
         v
     }

@@ -1,6 +1,8 @@
 //! One training micro-batch and one validation pass.
 //!
-//! The loss of a micro-batch is `w_model·L_model + w_content·L_content + w_identity·L_identity`.
+//! The loss of a micro-batch is
+//! `w_model·L_model + w_content·L_content + w_identity·L_identity + w_text·L_text`. The text term's embedding gradient is computed on the host in f64 from
+//! the `[B, D]` embeddings (see [`super::text`]) — small, and the only gradient the host builds.
 //! No gradient is copied to or scaled on the host: the content loss returns its gradient
 //! already multiplied by `w_content / grad_accum` (`value_and_scaled_grad`), the identity
 //! loss its embedding gradient by `w_identity / grad_accum`, the metric turns that into a
@@ -28,6 +30,8 @@ pub struct StepResult {
     pub terms: Vec<(String, f64)>,
     pub no_face: usize,
     pub identity_samples: usize,
+    /// Mean cosine of the text term (None when it is off or no row was valid).
+    pub text_similarity: Option<f64>,
 }
 
 /// The micro-batches of one optimizer step, averaged.
@@ -37,10 +41,21 @@ pub struct StepTotals {
     pub terms: BTreeMap<String, f64>,
     pub no_face: usize,
     pub identity_samples: usize,
+    text_sim_sum: f64,
+    text_sim_weight: f64,
 }
 
 impl StepTotals {
+    /// The text term's mean cosine over the micro-batches that had a valid row.
+    pub fn text_similarity(&self) -> Option<f64> {
+        (self.text_sim_weight > 0.0).then(|| self.text_sim_sum / self.text_sim_weight)
+    }
+
     pub fn add(&mut self, r: &StepResult, weight: f64) {
+        if let Some(s) = r.text_similarity {
+            self.text_sim_sum += s * weight;
+            self.text_sim_weight += weight;
+        }
         self.loss += r.loss * weight;
         for (k, v) in &r.terms {
             *self.terms.entry(k.clone()).or_default() += v * weight;
@@ -255,6 +270,54 @@ impl Trainer<'_> {
             }
             grads.push((term.output.clone(), d_pix));
         }
+
+        if let (Some(term), Some(tm)) = (self.plan.text.clone(), self.parts.text.as_mut()) {
+            let generated = out.outputs.require(&model_id, &term.output)?;
+            let captions =
+                inputs.batch.texts.iter().find(|(r, _)| *r == term.prompt).map(|(_, t)| t.clone()).ok_or_else(
+                    || {
+                        EngineError::Other(format!(
+                            "batch of {} has no text `{}`",
+                            inputs.batch.ids.join(", "),
+                            term.prompt
+                        ))
+                    },
+                )?;
+            let t = super::text::text_embeddings(tm, &mut self.parts.text_cache, &captions)?;
+            let ge = tm.embed(generated.view, ForwardMode::Train)?;
+            let emb = CpuTensor::<f32>::from_managed(&ge.embeddings, "embeddings")
+                .map_err(|e| plugin_answer(&tm.id, e.message.into_string()))?;
+            let valid = CpuTensor::<u8>::from_managed(&ge.valid, "valid")
+                .map_err(|e| plugin_answer(&tm.id, e.message.into_string()))?;
+            let b = captions.len();
+            if emb.shape.len() != 2 || emb.shape[0] as usize != b || valid.numel() != b || t.len() != emb.numel() {
+                return Err(plugin_answer(
+                    &tm.id,
+                    format!(
+                        "image embeddings have shape {:?} and valid {:?}, text embeddings {} values for {b} texts: the text term needs [B, D] both, with the same D",
+                        emb.shape,
+                        valid.shape,
+                        t.len()
+                    ),
+                ));
+            }
+            let d = emb.shape[1] as usize;
+            let a = super::text::text_alignment(&emb.data, &t, &valid.data, d);
+            r.loss += term.weight * a.value;
+            r.terms.push(("text".into(), a.value));
+            r.text_similarity = a.similarity;
+            let g = CpuTensor::new(emb.shape.clone(), a.grad.iter().map(|&v| v as f32).collect());
+            // The plugin scales by w_text / grad_accum on its device, like the identity term.
+            let d_pix = tm.backward_scaled(g.view(), term.weight * scale)?;
+            if shape_of(&d_pix) != shape_of(generated) {
+                return Err(plugin_answer(
+                    &tm.id,
+                    format!("backward returned shape {:?}, expected {:?}", shape_of(&d_pix), shape_of(generated)),
+                ));
+            }
+            // The model sums the gradients given for the same output (identity + text on `pixels`).
+            grads.push((term.output.clone(), d_pix));
+        }
         let views: Vec<(&str, TensorView, f64)> = grads.iter().map(|(n, t)| (n.as_str(), t.view, 1.0)).collect();
         self.parts.model.backward_scaled(&views, internal_weight)?;
         Ok(r)
@@ -313,6 +376,35 @@ impl Trainer<'_> {
                     }
                 }
                 sims.extend(s);
+            }
+            if let (Some(term), Some(tm)) = (self.plan.text.clone(), self.parts.text.as_mut()) {
+                // Measured like the training term, without a graph; part of the validation
+                // loss as the identity term is only when nothing else trains.
+                let generated = out.outputs.require(&model_id, &term.output)?;
+                let captions = inputs
+                    .batch
+                    .texts
+                    .iter()
+                    .find(|(r, _)| *r == term.prompt)
+                    .map(|(_, t)| t.clone())
+                    .unwrap_or_default();
+                let t = super::text::text_embeddings(tm, &mut self.parts.text_cache, &captions)?;
+                let ge = tm.embed(generated.view, ForwardMode::Eval)?;
+                let emb = CpuTensor::<f32>::from_managed(&ge.embeddings, "embeddings")
+                    .map_err(|e| plugin_answer(&tm.id, e.message.into_string()))?;
+                let valid = CpuTensor::<u8>::from_managed(&ge.valid, "valid")
+                    .map_err(|e| plugin_answer(&tm.id, e.message.into_string()))?;
+                if emb.shape.len() != 2 || t.len() != emb.numel() || valid.numel() != captions.len() {
+                    return Err(plugin_answer(
+                        &tm.id,
+                        format!("image embeddings {:?} do not match {} text embedding values", emb.shape, t.len()),
+                    ));
+                }
+                let a = super::text::text_alignment(&emb.data, &t, &valid.data, emb.shape[1] as usize);
+                *sums.entry("text".into()).or_default() += a.value * k;
+                if self.plan.model_weight.is_none() && self.plan.content.is_none() && self.plan.identity.is_none() {
+                    batch_loss += term.weight * a.value;
+                }
             }
             loss_sum += batch_loss * k;
             n += examples.len();

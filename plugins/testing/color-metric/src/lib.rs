@@ -6,10 +6,16 @@
 //! `backward` consumes it: a second `backward`, or one without a pending `embed(Train)`, is
 //! `NoPendingForward`. `embed(Eval)` leaves a pending `Train` state untouched (the host may
 //! embed the reference images in between).
+//!
+//! It also stands in for a text–image metric (CLIP) and for a metric with a declared
+//! same-person threshold: `embed_texts` maps each text to a fixed 6-d vector drawn from a hash
+//! of its bytes ([`text_vector`]; deterministic, no gradient), and the config
+//! `{"same_person_threshold": x}` (optional, x in [−1, 1]) is what `interface` declares;
+//! without it the metric declares none.
 
 use likeness_sdk::{
-    err, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode, MetricOutput,
-    MetricPlugin, PluginDescriptor, PluginError, PluginKind, TensorView,
+    err, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode, MetricInterface,
+    MetricOutput, MetricPlugin, PluginDescriptor, PluginError, PluginKind, TensorView,
 };
 
 pub mod color;
@@ -38,11 +44,21 @@ impl MetricPlugin for ColorMetric {
     }
 
     fn create(config_json: &str, _device: Device, _seed: u64) -> likeness_sdk::Result<Self> {
-        let v: likeness_sdk::serde_json::Value = likeness_sdk::parse_config(ID, config_json)?;
-        match v.as_object() {
-            Some(o) if o.is_empty() => Ok(ColorMetric { pending: None }),
-            _ => Err(err::config(format!("config of plugin `{ID}`: expected an empty object `{{}}`, got {v}"))),
-        }
+        threshold(config_json)?;
+        Ok(ColorMetric { pending: None })
+    }
+
+    fn interface(config_json: &str) -> likeness_sdk::Result<MetricInterface> {
+        Ok(MetricInterface {
+            same_person_threshold: threshold(config_json)?.unwrap_or(-2.0),
+            embeds_texts: true,
+            subject: "colour statistics".into(),
+        })
+    }
+
+    fn embed_texts(&mut self, texts: &[&str]) -> likeness_sdk::Result<likeness_sdk::abi::ManagedTensor> {
+        let data: Vec<f32> = texts.iter().flat_map(|t| text_vector(t)).collect();
+        Ok(CpuTensor::new(vec![texts.len() as i64, color::DIM as i64], data).into_managed())
     }
 
     fn embed(&mut self, pixels: &TensorView, mode: ForwardMode) -> likeness_sdk::Result<MetricOutput> {
@@ -78,6 +94,49 @@ impl MetricPlugin for ColorMetric {
     }
 }
 
+/// The config's optional `same_person_threshold`; any other key is an error.
+fn threshold(config_json: &str) -> likeness_sdk::Result<Option<f64>> {
+    let v: likeness_sdk::serde_json::Value = likeness_sdk::parse_config(ID, config_json)?;
+    let Some(o) = v.as_object() else {
+        return Err(err::config(format!("config of plugin `{ID}`: expected a JSON object, got {v}")));
+    };
+    if let Some(k) = o.keys().find(|k| *k != "same_person_threshold") {
+        return Err(err::config(format!(
+            "config of plugin `{ID}`: unknown key `{k}` in {v} (the only key is `same_person_threshold`, a number in [-1, 1])"
+        )));
+    }
+    match o.get("same_person_threshold") {
+        None => Ok(None),
+        Some(t) => match t.as_f64() {
+            Some(x) if (-1.0..=1.0).contains(&x) => Ok(Some(x)),
+            _ => Err(err::config(format!(
+                "config of plugin `{ID}`: `same_person_threshold` must be a number in [-1, 1], got {t}"
+            ))),
+        },
+    }
+}
+
+/// The fixture's text embedding: FNV-1a of the bytes seeds a splitmix64 stream, six values in
+/// [−1, 1) (not normalised: the text term must not rely on unit text vectors).
+pub fn text_vector(text: &str) -> [f32; color::DIM] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut out = [0f32; color::DIM];
+    for o in out.iter_mut() {
+        h = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = h;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // 24 high bits: exact in f32.
+        *o = ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+    }
+    out
+}
+
 likeness_sdk::export_metric_plugin!(ColorMetric);
 
 #[cfg(test)]
@@ -86,6 +145,19 @@ mod tests {
     use color::{backward_f64, embed_f64, DIM};
 
     use likeness_sdk::testing::uniform;
+
+    #[test]
+    fn texts_and_threshold() {
+        let (a, b) = (text_vector("a photo"), text_vector("a portrait"));
+        assert_eq!(a, text_vector("a photo"), "deterministic");
+        assert_ne!(a, b);
+        assert!(a.iter().chain(&b).all(|v| (-1.0..1.0).contains(v)));
+        assert_eq!(threshold("{}").unwrap(), None);
+        assert_eq!(threshold(r#"{"same_person_threshold": 0.5}"#).unwrap(), Some(0.5));
+        for bad in [r#"{"same_person_threshold": 2}"#, r#"{"x": 1}"#, "[1]"] {
+            assert!(threshold(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn embedding_is_unit_and_black_is_invalid() {

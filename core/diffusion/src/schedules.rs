@@ -1,0 +1,353 @@
+//! Noise schedules as diffusers 0.42.1's DDPM/DDIM/Euler/FlowMatchEuler schedulers compute them.
+//! Everything is computed in f64; diffusers builds betas and `alphas_cumprod` in float32, so the
+//! oracle tests compare with a bound derived from f32 rounding (see tests/diffusers_oracle.rs).
+
+use crate::{invalid, Result};
+
+/// `beta_schedule` of diffusers' DDPMScheduler.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BetaSchedule {
+    Linear { beta_start: f64, beta_end: f64 },
+    ScaledLinear { beta_start: f64, beta_end: f64 },
+    SquaredCosCapV2,
+}
+
+impl BetaSchedule {
+    /// SD1.5's schedule: `scaled_linear` 0.00085..0.012.
+    pub const SD15: BetaSchedule = BetaSchedule::ScaledLinear { beta_start: 0.00085, beta_end: 0.012 };
+}
+
+/// numpy/torch `linspace`: `start + i·step`, the last point set to `stop` exactly.
+fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (n - 1) as f64;
+    let mut v: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
+    v[n - 1] = stop;
+    v
+}
+
+/// numpy's `round` (half to even): DDIM's `linspace` spacing hits exact halves (e.g. 499.5).
+pub fn round_half_even(x: f64) -> f64 {
+    x.round_ties_even()
+}
+
+/// The betas of `n` training steps.
+pub fn betas(schedule: BetaSchedule, n: usize) -> Result<Vec<f64>> {
+    if n < 2 {
+        return Err(invalid("num_train_timesteps", format!("{n}; needs at least 2 (SD1.5 uses 1000)")));
+    }
+    Ok(match schedule {
+        BetaSchedule::Linear { beta_start, beta_end } => linspace(beta_start, beta_end, n),
+        BetaSchedule::ScaledLinear { beta_start, beta_end } => {
+            linspace(beta_start.sqrt(), beta_end.sqrt(), n).into_iter().map(|b| b * b).collect()
+        }
+        BetaSchedule::SquaredCosCapV2 => {
+            // diffusers' betas_for_alpha_bar(alpha_transform_type="cosine", max_beta=0.999).
+            let ab = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+            (0..n)
+                .map(|i| {
+                    let t1 = i as f64 / n as f64;
+                    let t2 = (i + 1) as f64 / n as f64;
+                    (1.0 - ab(t2) / ab(t1)).min(0.999)
+                })
+                .collect()
+        }
+    })
+}
+
+/// `alphas_cumprod = cumprod(1 − β)`.
+pub fn alphas_cumprod(betas: &[f64]) -> Vec<f64> {
+    let mut acc = 1.0;
+    betas
+        .iter()
+        .map(|b| {
+            acc *= 1.0 - b;
+            acc
+        })
+        .collect()
+}
+
+/// SNR(t) = ᾱ / (1 − ᾱ) (sd-scripts' `all_snr`).
+pub fn snr(alphas_cumprod: &[f64]) -> Vec<f64> {
+    alphas_cumprod.iter().map(|a| a / (1.0 - a)).collect()
+}
+
+/// The Euler/Karras sigma: σ = √((1 − ᾱ)/ᾱ).
+pub fn sigmas(alphas_cumprod: &[f64]) -> Vec<f64> {
+    alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
+}
+
+/// diffusers' `timestep_spacing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spacing {
+    Linspace,
+    Leading,
+    Trailing,
+}
+
+impl std::str::FromStr for Spacing {
+    type Err = crate::DiffusionError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "linspace" => Ok(Spacing::Linspace),
+            "leading" => Ok(Spacing::Leading),
+            "trailing" => Ok(Spacing::Trailing),
+            _ => Err(invalid("timestep_spacing", format!("{s:?}; use linspace, leading or trailing"))),
+        }
+    }
+}
+
+/// numpy `arange(start, stop, step)` for a float step.
+fn arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let n = ((stop - start) / step).ceil().max(0.0) as usize;
+    (0..n).map(|i| start + i as f64 * step).collect()
+}
+
+fn check_steps(train: usize, steps: usize) -> Result<()> {
+    if steps == 0 || steps > train {
+        return Err(invalid("num_inference_steps", format!("{steps}; must be in 1..={train} (num_train_timesteps)")));
+    }
+    Ok(())
+}
+
+/// `DDIMScheduler.set_timesteps`: integer timesteps, descending.
+pub fn ddim_timesteps(train: usize, steps: usize, spacing: Spacing, steps_offset: i64) -> Result<Vec<i64>> {
+    check_steps(train, steps)?;
+    let t = train as f64;
+    Ok(match spacing {
+        Spacing::Linspace => {
+            linspace(0.0, t - 1.0, steps).into_iter().rev().map(|x| round_half_even(x) as i64).collect()
+        }
+        Spacing::Leading => {
+            let ratio = (train / steps) as i64;
+            (0..steps as i64).rev().map(|i| i * ratio + steps_offset).collect()
+        }
+        Spacing::Trailing => {
+            let ratio = t / steps as f64;
+            arange(t, 0.0, -ratio).into_iter().map(|x| round_half_even(x) as i64 - 1).collect()
+        }
+    })
+}
+
+/// What the model predicts (diffusers' `prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+/// One DDIM step with η = 0 (deterministic), as `DDIMScheduler.step`: `prev_t = t − train/steps`,
+/// ᾱ_prev = 1 when `prev_t < 0` and `set_alpha_to_one`, else ᾱ[0]. Generic over f32/f64 slices:
+/// the coefficients are computed in f64 and applied in `T`. No `clip_sample`/thresholding (SD1.5
+/// ships `clip_sample = false`; the oracle sets it so).
+#[allow(clippy::too_many_arguments)]
+pub fn ddim_step<T: Float>(
+    alphas_cumprod: &[f64],
+    steps: usize,
+    t: usize,
+    model_output: &[T],
+    sample: &[T],
+    prediction: Prediction,
+    set_alpha_to_one: bool,
+    out: &mut [T],
+) -> Result<()> {
+    let train = alphas_cumprod.len();
+    check_steps(train, steps)?;
+    if t >= train {
+        return Err(invalid("timestep", format!("{t}; must be < num_train_timesteps {train}")));
+    }
+    if model_output.len() != sample.len() || out.len() != sample.len() {
+        return Err(invalid(
+            "model_output",
+            format!(
+                "{} values vs sample {} and out {}; pass equal lengths",
+                model_output.len(),
+                sample.len(),
+                out.len()
+            ),
+        ));
+    }
+    let prev = t as i64 - (train / steps) as i64;
+    let a_t = alphas_cumprod[t];
+    let a_prev = if prev >= 0 {
+        alphas_cumprod[prev as usize]
+    } else if set_alpha_to_one {
+        1.0
+    } else {
+        alphas_cumprod[0]
+    };
+    let (sa, sb) = (a_t.sqrt(), (1.0 - a_t).sqrt());
+    let (sap, sbp) = (a_prev.sqrt(), (1.0 - a_prev).sqrt());
+    for ((o, &m), &x) in out.iter_mut().zip(model_output).zip(sample) {
+        let (m, x) = (m.to_f64(), x.to_f64());
+        let (x0, eps) = match prediction {
+            Prediction::Epsilon => ((x - sb * m) / sa, m),
+            Prediction::Sample => (m, (x - sa * m) / sb),
+            Prediction::VPrediction => (sa * x - sb * m, sa * m + sb * x),
+        };
+        *o = T::from_f64(sap * x0 + sbp * eps);
+    }
+    Ok(())
+}
+
+/// The element types the slice formulas accept.
+pub trait Float: Copy {
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+}
+impl Float for f32 {
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Float for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// numpy `interp(x, arange(len), fp)`.
+fn interp_index(x: f64, fp: &[f64]) -> f64 {
+    if x <= 0.0 {
+        return fp[0];
+    }
+    let last = fp.len() - 1;
+    if x >= last as f64 {
+        return fp[last];
+    }
+    let i = x.floor() as usize;
+    let f = x - i as f64;
+    fp[i] + f * (fp[i + 1] - fp[i])
+}
+
+/// `EulerDiscreteScheduler.set_timesteps` (linear interpolation, no Karras): (timesteps, sigmas
+/// with the trailing 0).
+pub fn euler_schedule(
+    alphas_cumprod: &[f64],
+    steps: usize,
+    spacing: Spacing,
+    steps_offset: i64,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let train = alphas_cumprod.len();
+    check_steps(train, steps)?;
+    let t = train as f64;
+    let ts: Vec<f64> = match spacing {
+        Spacing::Linspace => linspace(0.0, t - 1.0, steps).into_iter().rev().collect(),
+        Spacing::Leading => {
+            let ratio = (train / steps) as f64;
+            (0..steps).rev().map(|i| round_half_even(i as f64 * ratio) + steps_offset as f64).collect()
+        }
+        Spacing::Trailing => {
+            let ratio = t / steps as f64;
+            arange(t, 0.0, -ratio).into_iter().map(|x| round_half_even(x) - 1.0).collect()
+        }
+    };
+    let base = sigmas(alphas_cumprod);
+    let mut sig: Vec<f64> = ts.iter().map(|&x| interp_index(x, &base)).collect();
+    sig.push(0.0);
+    Ok((ts, sig))
+}
+
+/// The static shift: σ ← s·σ / (1 + (s − 1)·σ).
+pub fn shift_sigma(s: f64, sigma: f64) -> f64 {
+    s * sigma / (1.0 + (s - 1.0) * sigma)
+}
+
+/// Flux's exponential `time_shift(mu, sigma, t) = e^μ / (e^μ + (1/t − 1)^σ)`.
+pub fn time_shift(mu: f64, sigma: f64, t: f64) -> f64 {
+    mu.exp() / (mu.exp() + (1.0 / t - 1.0).powf(sigma))
+}
+
+/// lin(x1 → y1, x2 → y2)(x): diffusers' `calculate_shift(seq_len, base_seq_len, max_seq_len,
+/// base_shift, max_shift)`.
+pub fn calculate_shift(seq_len: f64, base_seq_len: f64, max_seq_len: f64, base_shift: f64, max_shift: f64) -> f64 {
+    let m = (max_shift - base_shift) / (max_seq_len - base_seq_len);
+    let b = base_shift - m * base_seq_len;
+    seq_len * m + b
+}
+
+/// Flux's μ: `calculate_shift(seq_len, 256, 4096, 0.5, 1.15)`.
+pub fn flux_mu(seq_len: f64) -> f64 {
+    calculate_shift(seq_len, 256.0, 4096.0, 0.5, 1.15)
+}
+
+/// Qwen-Image's μ: `calculate_shift(seq_len, 256, 8192, 0.5, 0.9)`.
+pub fn qwen_mu(seq_len: f64) -> f64 {
+    calculate_shift(seq_len, 256.0, 8192.0, 0.5, 0.9)
+}
+
+/// How FlowMatchEulerDiscreteScheduler shifts its sigmas.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FlowShift {
+    /// `shift` (1.0 = none).
+    Static(f64),
+    /// `use_dynamic_shifting` with `mu` (exponential `time_shift`); `shift` still shapes the
+    /// training sigmas that bound the inference range.
+    Dynamic { shift: f64, mu: f64 },
+}
+
+/// `FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift).set_timesteps(steps, mu)`:
+/// (timesteps = σ·T, sigmas with the trailing 0).
+pub fn flow_match_schedule(train: usize, steps: usize, shift: FlowShift) -> Result<(Vec<f64>, Vec<f64>)> {
+    check_steps(train, steps)?;
+    let t = train as f64;
+    // __init__: sigmas = linspace(1, T, T)[::-1] / T, statically shifted unless dynamic.
+    let init_shift = match shift {
+        FlowShift::Static(s) => Some(s),
+        FlowShift::Dynamic { .. } => None,
+    };
+    let train_sigma = |x: f64| match init_shift {
+        Some(s) => shift_sigma(s, x),
+        None => x,
+    };
+    let (smax, smin) = (train_sigma(1.0), train_sigma(1.0 / t));
+    let ts = linspace(smax * t, smin * t, steps);
+    let mut sig: Vec<f64> = ts
+        .iter()
+        .map(|x| {
+            let s = x / t;
+            match shift {
+                FlowShift::Static(k) => shift_sigma(k, s),
+                FlowShift::Dynamic { mu, .. } => time_shift(mu, 1.0, s),
+            }
+        })
+        .collect();
+    let timesteps = sig.iter().map(|s| s * t).collect();
+    sig.push(0.0);
+    Ok((timesteps, sig))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_even() {
+        assert_eq!(round_half_even(499.5), 500.0);
+        assert_eq!(round_half_even(498.5), 498.0);
+        assert_eq!(round_half_even(2.4), 2.0);
+    }
+
+    #[test]
+    fn sd15_leading_ddim() {
+        let ts = ddim_timesteps(1000, 50, Spacing::Leading, 1).unwrap();
+        assert_eq!(ts[0], 981);
+        assert_eq!(*ts.last().unwrap(), 1);
+        assert_eq!(ts.len(), 50);
+    }
+
+    #[test]
+    fn bad_steps_named() {
+        let e = ddim_timesteps(1000, 0, Spacing::Leading, 1).unwrap_err();
+        assert!(e.to_string().contains("num_inference_steps"), "{e}");
+    }
+}
