@@ -6,6 +6,8 @@ use crate::config::UNetConfig;
 
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
+/// SD1.x's CLIP text encoder: `cond_stage_model.transformer.text_model.*` = transformers' names.
+pub const TEXT_ENCODER_PREFIX: &str = "cond_stage_model.transformer.";
 
 fn resnet_ldm(rest: &str) -> String {
     let map = [

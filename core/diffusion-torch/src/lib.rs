@@ -1,14 +1,39 @@
-//! SD1.5's `UNet2DConditionModel` and `AutoencoderKL` in tch, numerically diffusers 0.42.1, with one
-//! module tree whose parameter names are diffusers' state-dict names; loading from a diffusers
-//! folder (sharded or not) or the original single-file (LDM) checkpoint; LoRA/LoCon injection by
-//! module-name patterns.
+//! The tch half of the shared diffusion toolkit: SD1.5's `UNet2DConditionModel`, `AutoencoderKL`
+//! (numerically diffusers 0.42.1) and CLIP text encoder (transformers 5.24's `CLIPTextModel`),
+//! each one module tree whose parameter names are the reference state-dict names; loading from a
+//! diffusers folder (sharded or not) or the original single-file (LDM) checkpoint; LoRA/LoCon
+//! injection by module-name patterns (UNet and text encoder); the denoising loop and the
+//! training-side tensor helpers.
 //!
 //! Construction goes through a [`store::Store`]: in `Alloc` mode it allocates each parameter, in
 //! `Plan` mode it hands out zero-stride expanded views of one scalar, so the real SD1.5 tree
-//! (860 M parameters) can be built and its name→shape table checked without allocating GBs
-//! (tch 0.26 has no meta device).
+//! (860 M + 123 M parameters) can be built and its name→shape table checked without allocating
+//! GBs (tch 0.26 has no meta device).
+//!
+//! What is here:
+//! - [`unet`], [`vae`], [`clip_text`] ([`ClipTextModel`]: causal mask, last hidden state, the
+//!   penultimate hidden state for clip skip, the pooled EOT token by transformers 5's rule);
+//! - [`load`]: diffusers/transformers folders, single files (`model.diffusion_model.*`,
+//!   `first_stage_model.*`, `cond_stage_model.transformer.*`); every mismatch named;
+//! - [`lora`]: inject / parameters / adapter scale / peft load / merge;
+//! - precision: a [`Store`]'s kind (fp32 / bf16 / fp16) is the base weights'; LoRA weights are
+//!   always fp32 and the low-rank path runs in fp32, cast back at the layer's output
+//!   ([`nn::Linear::forward`]);
+//! - [`sampling`]: DDIM (η = 0) and Euler with classifier-free guidance over core/diffusion's
+//!   schedules (no second copy of the scheduler maths), epsilon / v / sample prediction;
+//! - [`training`]: `add_noise`, `v_target`, `predict_x0`.
+//!
+//! Deliberately absent:
+//! - gradient checkpointing: tch 0.26 has no `torch.utils.checkpoint`, custom autograd Function
+//!   or backward hook; [`training::TrainingOptions::validate`] refuses `gradient_checkpointing =
+//!   true` with that reason and the alternatives;
+//! - `CLIPTextModelWithProjection` (`text_projection`), SDXL's second encoder, PNDM/DPM samplers,
+//!   Karras sigmas, `clip_sample` / thresholding (refused by name in the scheduler config);
+//! - the tokenizer: `likeness_clip::ClipTokenizer::from_hf_folder(<model>/tokenizer)` (core/clip)
+//!   gives transformers' `CLIPTokenizer` ids (tested here against the tiny model's folder).
 
 pub mod attention;
+pub mod clip_text;
 pub mod config;
 pub mod error;
 pub mod ldm;
@@ -17,12 +42,15 @@ pub mod lora;
 pub mod nn;
 pub mod sampling;
 pub mod store;
+pub mod training;
 pub mod unet;
 pub mod vae;
 
+pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use config::{UNetConfig, VaeConfig};
 pub use error::{Error, Result};
 pub use lora::{LoraConfig, LoraInit};
+pub use sampling::{denoise, Prediction, Sampler, Schedule, SchedulerConfig};
 pub use store::{Mode, Store};
 pub use unet::UNet2DConditionModel;
 pub use vae::AutoencoderKL;

@@ -1,7 +1,8 @@
-//! Loading weights: a diffusers folder (`unet/`, `vae/`: config.json + safetensors, sharded or
-//! not) or the original single-file checkpoint (LDM key layout). Every missing, unexpected and
-//! wrong-shape tensor is reported by name in one error.
+//! Loading weights: a diffusers folder (`unet/`, `vae/`, `text_encoder/`: config.json +
+//! safetensors, sharded or not) or the original single-file checkpoint (LDM key layout). Every
+//! missing, unexpected and wrong-shape tensor is reported by name in one error.
 
+use crate::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::config::{UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::ldm;
@@ -19,18 +20,30 @@ fn read_st(path: &Path) -> Result<Vec<(String, Tensor)>> {
 /// The tensors of a component folder: `diffusion_pytorch_model.safetensors`, or every shard the
 /// `diffusion_pytorch_model.safetensors.index.json` weight_map names.
 pub fn read_component_weights(dir: &Path) -> Result<Vec<(String, Tensor)>> {
-    let single = dir.join("diffusion_pytorch_model.safetensors");
+    read_weights(dir, "diffusion_pytorch_model")
+}
+
+/// `<stem>.safetensors`, or every shard `<stem>.safetensors.index.json` names (diffusers writes
+/// `diffusion_pytorch_model`, transformers `model`).
+pub fn read_weights(dir: &Path, stem: &str) -> Result<Vec<(String, Tensor)>> {
+    let single = dir.join(format!("{stem}.safetensors"));
     if single.exists() {
         return read_st(&single);
     }
-    let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
     if !index.exists() {
+        let bin = if dir.join(format!("{stem}.bin")).exists() || dir.join("pytorch_model.bin").exists() {
+            " (a pickled .bin is there: convert it to safetensors, e.g. save_pretrained(..., safe_serialization=True))"
+        } else {
+            ""
+        };
         return Err(Error::Config {
             path: dir.into(),
-            field: "diffusion_pytorch_model.safetensors".into(),
-            msg: "neither it nor diffusion_pytorch_model.safetensors.index.json exists; point at a diffusers \
-                  component folder (e.g. <model>/unet)"
-                .into(),
+            field: format!("{stem}.safetensors"),
+            msg: format!(
+                "neither it nor {stem}.safetensors.index.json exists{bin}; point at a diffusers component \
+                 folder (e.g. <model>/unet, <model>/text_encoder)"
+            ),
         });
     }
     let text = std::fs::read_to_string(&index).map_err(|source| Error::Io { path: index.clone(), source })?;
@@ -112,6 +125,50 @@ pub fn vae_from_diffusers(dir: &Path, kind: Kind, device: Device) -> Result<(Sto
     let store = Store::new(Mode::Alloc, kind, device);
     let model = AutoencoderKL::new(&store, &cfg);
     apply(&store, read_component_weights(&dir)?, &dir.display().to_string(), "AutoencoderKL")?;
+    Ok((store, model))
+}
+
+/// transformers 5 saves `CLIPTextModel` without the `text_model.` prefix, transformers 4 (SD1.5's
+/// files) with it; the buffer `embeddings.position_ids` (persistent in transformers < 4.31) is
+/// not a parameter. Normalised to this crate's `text_model.…` names.
+fn text_encoder_names(tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    tensors
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("embeddings.position_ids"))
+        .map(|(n, t)| {
+            let bare = ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| n.starts_with(p));
+            (if bare { format!("text_model.{n}") } else { n }, t)
+        })
+        .collect()
+}
+
+/// A transformers `CLIPTextModel` folder (`<model>/text_encoder` or the model root): config.json +
+/// model.safetensors (or its sharded index).
+pub fn text_encoder_from_diffusers(dir: &Path, kind: Kind, device: Device) -> Result<(Store, ClipTextModel)> {
+    let dir = component(dir, "text_encoder");
+    let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
+    let store = Store::new(Mode::Alloc, kind, device);
+    let model = ClipTextModel::new(&store, &cfg);
+    apply(&store, text_encoder_names(read_weights(&dir, "model")?), &dir.display().to_string(), "CLIPTextModel")?;
+    Ok((store, model))
+}
+
+/// The text encoder of an original SD1.x single file: `cond_stage_model.transformer.*` (with or
+/// without `text_model.`) → `text_model.*`.
+pub fn text_encoder_from_single_file(
+    file: &Path,
+    cfg: &ClipTextConfig,
+    kind: Kind,
+    device: Device,
+) -> Result<(Store, ClipTextModel)> {
+    let store = Store::new(Mode::Alloc, kind, device);
+    let model = ClipTextModel::new(&store, cfg);
+    let tensors = read_st(file)?
+        .into_iter()
+        .filter_map(|(n, t)| n.strip_prefix(ldm::TEXT_ENCODER_PREFIX).map(|s| (s.to_string(), t)))
+        .collect();
+    let source = format!("{} ({}*)", file.display(), ldm::TEXT_ENCODER_PREFIX);
+    apply(&store, text_encoder_names(tensors), &source, "CLIPTextModel")?;
     Ok((store, model))
 }
 

@@ -2,7 +2,9 @@
 //! exactly the tensor names and shapes of the real checkpoint (tests/data manifests), and the
 //! LDM map is a bijection onto single-file names.
 
-use likeness_diffusion_torch::{ldm, load, AutoencoderKL, Mode, Store, UNet2DConditionModel, UNetConfig, VaeConfig};
+use likeness_diffusion_torch::{
+    ldm, load, AutoencoderKL, ClipTextConfig, ClipTextModel, Mode, Store, UNet2DConditionModel, UNetConfig, VaeConfig,
+};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use tch::{Device, Kind};
@@ -87,6 +89,27 @@ fn sd15_vae_layout_equals_the_real_checkpoint() {
         ("first_stage_model.quant_conv.weight", vec![8, 8, 1, 1]),
     ] {
         assert_eq!(l.get(k), Some(&s), "{k}");
+    }
+}
+
+#[test]
+fn sd15_text_encoder_layout_equals_the_real_checkpoint() {
+    let cfg = ClipTextConfig::from_file(&data("sd15_text_encoder_config.json")).unwrap();
+    assert_eq!(cfg, ClipTextConfig::sd15());
+    let store = Store::new(Mode::Plan, Kind::Float, Device::Cpu);
+    let _te = ClipTextModel::new(&store, &cfg);
+    // The manifest holds transformers 5's names (no `text_model.` prefix); SD1.5's files and
+    // this crate use `text_model.…`.
+    let want: BTreeMap<String, Vec<i64>> =
+        manifest("sd15_text_encoder_clip_l.json").into_iter().map(|(k, s)| (format!("text_model.{k}"), s)).collect();
+    compare(store.shapes(), &want, "text encoder");
+    let n: i64 = store.shapes().iter().map(|(_, s)| s.iter().product::<i64>()).sum();
+    assert_eq!(n, 123_060_480, "the manifest's num_params");
+    // Every projection and MLP layer is a LoRA target under its transformers module path.
+    let targets: HashSet<String> = store.targets().into_iter().map(|t| t.path).collect();
+    assert_eq!(targets.len(), 12 * 6);
+    for t in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"] {
+        assert!(targets.contains(&format!("text_model.encoder.layers.11.{t}")), "{t}");
     }
 }
 

@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{EngineError, Result};
 
+/// The metric `--l_face` (`metric.weight`) uses when no layer names one: DRIP's MTCNN +
+/// torchreid face path.
+pub const DRIP_METRIC: &str = "mtcnn-reid";
+
 /// Top-level sections; environment variables for anything else are ignored (so
 /// `LIKENESS_PLUGIN_PATH` and friends never collide with config keys).
 pub const SECTIONS: &[&str] =
@@ -62,6 +66,10 @@ pub enum IdentityWeighting {
     OneMinusTSquared,
     /// 1 where t ≤ `metric.t_max`, else 0.
     TMax,
+    /// The trainer's own timestep weighting of the diffusion loss (e.g. min-SNR-γ), read from
+    /// the model's `timestep_weights` output (`[B]`, 1 when the model applies none), so that the
+    /// identity term weighs each sample as the diffusion loss does (issue 8).
+    Timestep,
 }
 
 /// Samples written during training (musubi-tuner's file names, so `host eval-faces
@@ -136,6 +144,11 @@ pub struct AdapterConfig {
     /// diffusers and peft the model declares.
     #[serde(default)]
     pub formats: Vec<String>,
+    /// DRIP's `--save_dir`: at the end of every epoch the adapter files are also written to
+    /// `<save_dir>/epochNN/` (NN = the 0-based epoch, two digits, as DRIP names them:
+    /// `epoch00/` holds the weights after the first epoch). Unset = no per-epoch folders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_dir: Option<PathBuf>,
 }
 
 /// Learning rate and weight decay of one optimizer parameter group (`[train.param_groups.NAME]`).
@@ -213,8 +226,9 @@ pub struct MetricSection {
     pub loss: String,
     #[serde(default)]
     pub loss_config: serde_json::Map<String, serde_json::Value>,
-    /// Weighting of the identity term by each sample's noise level (needs a model that outputs
-    /// `timesteps`).
+    /// Weighting of the identity term by each sample's noise level (`one_minus_t_squared` and
+    /// `t_max` need a model that outputs `timesteps`, `timestep` one that outputs
+    /// `timestep_weights`).
     #[serde(default)]
     pub identity_weighting: IdentityWeighting,
     /// The cut-off of `identity_weighting = "t_max"`.
@@ -477,6 +491,9 @@ pub struct Overrides {
     /// musubi-tuner's `--dataset_config`: `data.dataset_config` with `data.layout = "musubi"`
     /// (and `data.root`, when no layer sets one).
     pub dataset_config: Option<PathBuf>,
+    /// DRIP's `--save_dir`: `adapter.save_dir`, and `run.output` when no layer sets one (DRIP
+    /// has no other output flag, so the whole run goes there).
+    pub save_dir: Option<PathBuf>,
     /// `key.path=value`; the value is parsed as TOML (so `1e-4`, `true`, `"x"`), else a string.
     pub set: Vec<String>,
 }
@@ -645,6 +662,9 @@ impl Layered {
         if let Some(v) = &o.output_name {
             put("run.output_name", Value::from(v.clone()));
         }
+        if let Some(v) = &o.save_dir {
+            put("adapter.save_dir", Value::from(v.to_string_lossy().to_string()));
+        }
         if let Some(v) = &o.dataset_config {
             put("data.layout", Value::from("musubi"));
             put("data.dataset_config", Value::from(v.to_string_lossy().to_string()));
@@ -668,6 +688,40 @@ impl Layered {
             let mut d = Dict::new();
             insert_path(&mut d, "data.root", Value::from(v.to_string_lossy().to_string()));
             f = f.join(Serialized::defaults(d));
+        }
+        // DRIP's --save_dir is its only output flag: the run's other files go there too unless a
+        // layer names run.output (from any layer: the flag or a config's adapter.save_dir);
+        // joined, so any run.output wins.
+        if !f.contains("run.output") {
+            if let Ok(v) = f.extract_inner::<String>("adapter.save_dir") {
+                let mut d = Dict::new();
+                insert_path(&mut d, "run.output", Value::from(v));
+                f = f.join(Serialized::defaults(d));
+            }
+        }
+        // DRIP's command line names no layout: a data root of person_*/ folders is DRIP's
+        // (`host data check`'s guess); any other root keeps the `bundles` default, and any
+        // layer's data.layout wins (joined).
+        if !f.contains("data.layout") {
+            if let Ok(root) = f.extract_inner::<PathBuf>("data.root") {
+                if crate::data::guess_layout(&root) == "drip" {
+                    let mut d = Dict::new();
+                    insert_path(&mut d, "data.layout", Value::from("drip"));
+                    f = f.join(Serialized::defaults(d));
+                    tracing::info!("data.layout not set: {} holds person_*/ folders, read as `drip`", root.display());
+                }
+            }
+        }
+        // DRIP's --l_face names no metric: like [text]'s `clip` default, a metric.weight > 0 with
+        // no metric.plugin in any layer means DRIP's own face metric, `mtcnn-reid` (a weight of 0
+        // or a wrong type is left to extract(), which reports it); joined, so a metric.plugin
+        // from any layer wins.
+        let face_weight = f.extract_inner::<f64>("metric.weight").unwrap_or(0.0);
+        if face_weight > 0.0 && !f.contains("metric.plugin") {
+            let mut d = Dict::new();
+            insert_path(&mut d, "metric.plugin", Value::from(DRIP_METRIC));
+            f = f.join(Serialized::defaults(d));
+            tracing::info!("metric.weight given with no metric.plugin: using DRIP's face metric `{DRIP_METRIC}` (pass --metric ID for another)");
         }
         // Seed 000's face_weight is the identity-loss weight once a metric is named anywhere;
         // joined, so a metric.weight from any layer wins.
@@ -783,7 +837,7 @@ fn valid_keys(section: &str) -> &'static [&'static str] {
         ],
         "eval" => &["every"],
         "cache" => &["enabled", "dir"],
-        "adapter" => &["formats"],
+        "adapter" => &["formats", "save_dir"],
         "data" => &[
             "layout",
             "root",
@@ -1120,6 +1174,87 @@ mod tests {
         let p = write(d.path(), &format!("{BASE}[text]\nweigth = 1\n"));
         let e = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap_err().to_string();
         assert!(e.contains("did you mean `text.weight`"), "{e}");
+    }
+
+    #[test]
+    fn drip_save_dir_and_face_metric_default() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), BASE);
+        // `--save_dir lora_out` alone: the per-epoch folders and the run both go there.
+        let o = Overrides { save_dir: Some("lora_out".into()), ..Default::default() };
+        let c = Layered::new(Some(&p), &o).unwrap().extract().unwrap();
+        assert_eq!(c.adapter.save_dir.as_deref(), Some(Path::new("lora_out")));
+        assert_eq!(c.run.output, PathBuf::from("lora_out"));
+        // Any layer's run.output wins over the save_dir default.
+        let o2 = Overrides { output: Some("runs/x".into()), ..o.clone() };
+        let c = Layered::new(Some(&p), &o2).unwrap().extract().unwrap();
+        assert_eq!(
+            (c.run.output.as_path(), c.adapter.save_dir.as_deref()),
+            (Path::new("runs/x"), Some(Path::new("lora_out")))
+        );
+        let pf = write(d.path(), &format!("{BASE}[run]\noutput = 'from_file'\n"));
+        assert_eq!(Layered::new(Some(&pf), &o).unwrap().extract().unwrap().run.output, PathBuf::from("from_file"));
+        // A config file's adapter.save_dir does the same as the flag; the flag wins over it.
+        let pf = write(d.path(), &format!("{BASE}[adapter]\nsave_dir = 'file_out'\n"));
+        let c = Layered::new(Some(&pf), &Overrides::default()).unwrap().extract().unwrap();
+        assert_eq!(
+            (c.run.output.as_path(), c.adapter.save_dir.as_deref()),
+            (Path::new("file_out"), Some(Path::new("file_out")))
+        );
+        let c = Layered::new(Some(&pf), &o).unwrap().extract().unwrap();
+        assert_eq!(
+            (c.run.output.as_path(), c.adapter.save_dir.as_deref()),
+            (Path::new("lora_out"), Some(Path::new("lora_out")))
+        );
+        let p = write(d.path(), BASE);
+        assert_eq!(Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap().adapter.save_dir, None);
+        // A root of person_*/ folders is read as DRIP's layout unless a layer names one.
+        std::fs::create_dir_all(d.path().join("ds/person_001")).unwrap();
+        let root = d.path().join("ds");
+        let p = write(d.path(), "[model]\nplugin = 'm'\n");
+        let o = Overrides { data: Some(root.clone()), ..Default::default() };
+        assert_eq!(Layered::new(Some(&p), &o).unwrap().extract().unwrap().data.layout, "drip");
+        let o = Overrides { set: vec!["data.layout=bundles".into()], ..o };
+        assert_eq!(Layered::new(Some(&p), &o).unwrap().extract().unwrap().data.layout, "bundles");
+        // `--l_face 2` with no metric named: DRIP's metric.
+        let p = write(d.path(), BASE);
+        let o = Overrides { set: vec!["metric.weight=2.0".into()], ..Default::default() };
+        let m = Layered::new(Some(&p), &o).unwrap().extract().unwrap().metric.unwrap();
+        assert_eq!((m.plugin.as_str(), m.weight), (DRIP_METRIC, 2.0));
+        // A named metric wins; a weight of 0 names none (it is left to extract: metric.plugin missing).
+        let o =
+            Overrides { metric: Some("arcface".into()), set: vec!["metric.weight=1.0".into()], ..Default::default() };
+        assert_eq!(Layered::new(Some(&p), &o).unwrap().extract().unwrap().metric.unwrap().plugin, "arcface");
+        let o = Overrides { set: vec!["metric.weight=0.0".into()], ..Default::default() };
+        let e = Layered::new(Some(&p), &o).unwrap().extract().unwrap_err().to_string();
+        assert!(e.contains("metric.plugin"), "{e}");
+    }
+
+    #[test]
+    fn drip_sd15_config_is_drips_objective() {
+        // configs/drip-sd15.toml: λ_face = λ_text = 1, λ_recon = 0.1, DRIP's metric and text plugin,
+        // the timestep weighting, and DRIP's command-line defaults.
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/drip-sd15.toml");
+        let c = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap();
+        let (m, t) = (c.metric.clone().unwrap(), c.text.clone().unwrap());
+        assert_eq!((c.model.plugin.as_str(), c.model.loss_weight), ("sd15-lora", 0.1));
+        assert_eq!(
+            (m.plugin.as_str(), m.weight, m.identity_weighting),
+            (DRIP_METRIC, 1.0, IdentityWeighting::Timestep)
+        );
+        assert_eq!((t.plugin.as_str(), t.weight, t.prompt.as_str()), ("clip", 1.0, "caption"));
+        assert_eq!((c.data.layout.as_str(), c.data.image_size), ("drip", 512));
+        assert_eq!((c.train.epochs, c.train.batch_size, c.train.lr), (3, 2, 1e-4));
+        assert_eq!(c.adapter.save_dir.as_deref(), Some(Path::new("lora_out")));
+        assert_eq!(c.run.output, PathBuf::from("lora_out"));
+    }
+
+    #[test]
+    fn identity_weighting_timestep_parses() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), &format!("{BASE}[metric]\nplugin = 'x'\nidentity_weighting = 'timestep'\n"));
+        let m = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap().metric.unwrap();
+        assert_eq!(m.identity_weighting, IdentityWeighting::Timestep);
     }
 
     #[test]

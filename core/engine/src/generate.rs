@@ -1,6 +1,6 @@
 //! `host generate`: images from a trained model through ABI 1.1's `sample`, written as PNGs
 //! whose text chunks hold the settings (prompt, seed, steps, guidance, adapter scale, model,
-//! weights), so an image says how it was made.
+//! weights, LoRA path and scale), so an image says how it was made.
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +35,9 @@ pub struct GenerateOptions {
     pub guidance: f64,
     pub seed: u64,
     pub adapter_scale: f64,
+    /// The LoRA file/folder applied (`--lora`; already in `model_config` as `lora`), recorded in
+    /// the PNG metadata with the scale.
+    pub lora: Option<PathBuf>,
     pub device: String,
     pub output: PathBuf,
 }
@@ -66,6 +69,13 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
         model.load_state(w)?;
     }
     std::fs::create_dir_all(&opts.output).map_err(|e| EngineError::io(&opts.output, e))?;
+    // The LoRA as the model was given it: --lora, else a model.config.lora from the config.
+    let lora = opts
+        .lora
+        .as_ref()
+        .map(|l| l.display().to_string())
+        .or_else(|| opts.model_config.get("lora").and_then(|v| v.as_str()).map(String::from))
+        .unwrap_or_default();
     let fit = Fit::Bucket(opts.width, opts.height);
     let mut written = Vec::new();
     let n = opts.prompts.len();
@@ -101,6 +111,8 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
             ("height", opts.height.to_string()),
             ("model", format!("{} {}", model.id, model.descriptor.version)),
             ("weights", opts.weights.as_ref().map(|w| w.display().to_string()).unwrap_or_default()),
+            ("lora", lora.clone()),
+            ("lora_scale", if lora.is_empty() { String::new() } else { opts.adapter_scale.to_string() }),
             ("software", format!("likeness {}", env!("CARGO_PKG_VERSION"))),
         ];
         write_png_with_text(&path, &px.data, opts.width, opts.height, &text)?;

@@ -11,6 +11,8 @@ use likeness_engine::config::{Layered, Overrides};
 use likeness_engine::plugins::{default_search_path, Registry};
 use likeness_engine::train::{train, TrainOptions};
 
+mod lora;
+
 const AFTER_HELP: &str = "\
 Plugins are found (manifests only, no library is opened) in this order:
   --plugin-dir DIR, then LIKENESS_PLUGIN_PATH (':'-separated), then the user data dir
@@ -60,6 +62,10 @@ enum Command {
     /// Generate images with a (trained) model plugin: PNGs with the settings in their metadata.
     #[command(after_help = GENERATE_HELP)]
     Generate(GenerateArgs),
+    /// LoRA files: inspect (format, which tool loads it, ranks, targets, metadata) and convert
+    /// between kohya, diffusers, peft and comfyui.
+    #[command(subcommand)]
+    Lora(lora::LoraCommand),
 }
 
 const GENERATE_HELP: &str = "\
@@ -67,10 +73,13 @@ The model comes from --plugin and its model.config from --config (any run's conf
 a config file's [model] section) plus --set model.config.KEY=VALUE and --pretrained. --weights
 loads what training wrote (a run's final/, best/ or checkpoints/step-N/). Image i uses seed
 --seed + i and is written as <seed>_<i>.png, with prompt, seed, steps, guidance, adapter scale,
-model and weights in its PNG text chunks. The model must implement ABI 1.1's `sample`.
+model, weights, LoRA path and scale in its PNG text chunks. --lora FILE_OR_DIR applies a trained
+LoRA (model.config.lora; --lora-scale 0 = the base model). The model must implement ABI 1.1's
+`sample`.
 
 Examples:
   host generate --config runs/x/config.toml --weights runs/x/final --prompt \"a photo of sks person\" --output gen/
+  host generate --plugin sd15-lora --pretrained_model /models/sd15 --lora lora_out/epoch02/drip_lora.safetensors --prompt \"a photo of sks person\" --seed 1 --steps 30 --cfg 7.5 --lora-scale 0.8 --width 512 --height 512 --output gen/
   host generate --plugin testing-flow --prompt a --prompt b --seed 7 --steps 20 --cfg 4 --width 64 --height 64 --output gen/";
 
 #[derive(Args)]
@@ -87,6 +96,10 @@ struct GenerateArgs {
     /// Trained state to load (a run's final/, best/ or checkpoints/step-N/).
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
+    /// A LoRA file or folder to apply (`model.config.lora`): a kohya .safetensors, a diffusers
+    /// pytorch_lora_weights folder or a PEFT folder (e.g. one of those inside a --save_dir's epochNN/).
+    #[arg(long, value_name = "FILE_OR_DIR")]
+    lora: Option<PathBuf>,
     /// A prompt (repeatable: one image per prompt).
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -283,7 +296,7 @@ struct ConfigArgs {
     /// Checkpoint and adapter copy every N optimizer steps (`train.save_every`; musubi-tuner's flag).
     #[arg(long = "save-every-n-steps", visible_alias = "save_every_n_steps", value_name = "N")]
     save_every_n_steps: Option<u64>,
-    /// Identity-loss weight (`metric.weight`; DRIP's --l_face).
+    /// Identity-loss weight (`metric.weight`; DRIP's --l_face; with no --metric/metric.plugin, DRIP's `mtcnn-reid`).
     #[arg(long = "l-face", visible_alias = "l_face", value_name = "W")]
     l_face: Option<f64>,
     /// Text-alignment weight (`text.weight`, with text.plugin = "clip" unless set; DRIP's --l_text).
@@ -292,6 +305,14 @@ struct ConfigArgs {
     /// Training image size (`data.image_size`; DRIP's --resolution).
     #[arg(long, value_name = "PX")]
     resolution: Option<u32>,
+    /// Weight of the model's own (diffusion) loss (`model.loss_weight`; DRIP's λ_recon, 0.1 in
+    /// configs/drip-sd15.toml).
+    #[arg(long = "l-recon", visible_alias = "l_recon", value_name = "W")]
+    l_recon: Option<f64>,
+    /// DRIP's --save_dir: the adapter files after each epoch go to DIR/epochNN/ (epoch00 = after
+    /// the first epoch) (`adapter.save_dir`); also the run's --output unless one is set.
+    #[arg(long = "save-dir", visible_alias = "save_dir", value_name = "DIR")]
+    save_dir: Option<PathBuf>,
     /// Any other key, e.g. --set train.warmup_steps=20 --set model.config.image_size=32.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -326,6 +347,7 @@ impl ConfigArgs {
             pretrained: self.pretrained.clone(),
             output_name: self.output_name.clone(),
             dataset_config: self.dataset_config.clone(),
+            save_dir: self.save_dir.clone(),
             // musubi-tuner's and DRIP's spellings of some keys, below any explicit --set.
             set: [
                 self.sample_every_n_steps.map(|n| format!("sample.every_steps={n}")),
@@ -333,6 +355,7 @@ impl ConfigArgs {
                 self.l_face.map(|w| format!("metric.weight={w:?}")),
                 self.l_text.map(|w| format!("text.weight={w:?}")),
                 self.resolution.map(|r| format!("data.image_size={r}")),
+                self.l_recon.map(|w| format!("model.loss_weight={w:?}")),
             ]
             .into_iter()
             .flatten()
@@ -441,6 +464,7 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
         }
         Command::Data(DataCommand::Check(a)) => cmd_data_check(a),
         Command::Generate(a) => cmd_generate(a, &registry()),
+        Command::Lora(c) => Ok(lora::run(c)),
         Command::Config(ConfigCommand::Show(a)) => {
             let l = a.layered()?;
             let rows = l.provenance()?;
@@ -665,11 +689,18 @@ fn cmd_data_check(a: &DataCheckArgs) -> likeness_engine::Result<ExitCode> {
 
 fn cmd_generate(a: &GenerateArgs, reg: &Registry) -> likeness_engine::Result<ExitCode> {
     use likeness_engine::generate::{generate, GenerateOptions};
+    // --lora sits below any explicit --set model.config.lora=….
+    let set: Vec<String> = a
+        .lora
+        .iter()
+        .map(|l| format!("model.config.lora={}", toml_string(&l.to_string_lossy())))
+        .chain(a.set.iter().cloned())
+        .collect();
     let model = likeness_engine::config::model_section(
         a.config.as_deref(),
         a.plugin.as_deref(),
         a.pretrained.as_deref(),
-        &a.set,
+        &set,
     )?;
     let files = generate(
         reg,
@@ -687,6 +718,7 @@ fn cmd_generate(a: &GenerateArgs, reg: &Registry) -> likeness_engine::Result<Exi
             guidance: a.cfg,
             seed: a.seed,
             adapter_scale: a.lora_scale,
+            lora: a.lora.clone(),
             device: a.device.clone(),
             output: a.output.clone(),
         },
@@ -695,4 +727,11 @@ fn cmd_generate(a: &GenerateArgs, reg: &Registry) -> likeness_engine::Result<Exi
         println!("{}", f.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `s` as a TOML basic string (what `--set` values are parsed as), so a path with spaces,
+/// quotes or `=` stays one string. A JSON string is one: TOML's basic strings have JSON's
+/// escapes (`\"`, `\\`, `\n`, `\uXXXX`…).
+fn toml_string(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
 }

@@ -6,7 +6,8 @@
 //! convolutions do:
 //! 1. scale pyramid `m = 12 / min_face_size`, × `factor` while `min(h, w)·scale ≥ 12` (f64, as
 //!    Python computes it); each level resampled with `interpolate(mode='area')` =
-//!    `adaptive_avg_pool2d`, normalised `(x − 127.5)·0.0078125`;
+//!    `adaptive_avg_pool2d` (for `u8` images on the CPU from summed-area tables, bit-identical:
+//!    area.rs), normalised `(x − 127.5)·0.0078125`;
 //! 2. P-Net → cells with probability ≥ 0.6 → boxes; NMS 0.5 per scale and image, then 0.7
 //!    across scales (torchvision's `batched_nms`), box regression, squaring (`rerec`);
 //! 3. crops (`pad`: whole pixels clamped to the image, *not* zero-padded) area-resampled to
@@ -16,6 +17,7 @@
 //!
 //! Detection runs without gradient.
 
+mod area;
 pub mod nets;
 pub mod nms;
 
@@ -34,6 +36,14 @@ pub enum MtcnnError {
          $LIKENESS_DATA/reference/facenet_pytorch-2.6.0/facenet_pytorch/data)"
     )]
     MissingWeights { folder: PathBuf, msg: String },
+    /// [`Mtcnn::load_configured`] found no weights: names the plugin, its config key, the
+    /// folder searched and both fixes.
+    #[error(
+        "plugin `{plugin}` needs facenet-pytorch's MTCNN weights, but `{key}` {problem}; run scripts/setup.sh \
+         (or `python scripts/fetch_reference.py`), which unpacks the wheel's pnet.pt, rnet.pt and onet.pt into \
+         $LIKENESS_DATA/{DEFAULT_WEIGHTS_SUBDIR}, or set `{key}` to a folder holding those three files"
+    )]
+    NotConfigured { plugin: String, key: String, problem: String },
     #[error("MTCNN weights {file}: {msg}")]
     Weights { file: String, msg: String },
     #[error("MTCNN input `{field}`: {msg}")]
@@ -62,6 +72,71 @@ impl Face {
     }
 }
 
+/// Where one detection's time went, in seconds ([`Mtcnn::detect_profiled`]; summable with `+=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    /// Area resampling + normalisation of every pyramid level.
+    pub pyramid: f64,
+    /// P-Net over the pyramid.
+    pub pnet: f64,
+    /// Candidate boxes, the two P-Net NMS rounds, regression and squaring.
+    pub stage1_boxes: f64,
+    /// R-Net's 24×24 and O-Net's 48×48 crops (one area resampling per box).
+    pub crops: f64,
+    /// R-Net and O-Net.
+    pub rnet_onet: f64,
+    /// Thresholds, NMS, regression, landmarks after R-Net and O-Net, and the read-back.
+    pub stage23_boxes: f64,
+}
+
+impl StageTimes {
+    pub fn total(&self) -> f64 {
+        self.pyramid + self.pnet + self.stage1_boxes + self.crops + self.rnet_onet + self.stage23_boxes
+    }
+}
+
+impl std::ops::AddAssign for StageTimes {
+    fn add_assign(&mut self, o: Self) {
+        self.pyramid += o.pyramid;
+        self.pnet += o.pnet;
+        self.stage1_boxes += o.stage1_boxes;
+        self.crops += o.crops;
+        self.rnet_onet += o.rnet_onet;
+        self.stage23_boxes += o.stage23_boxes;
+    }
+}
+
+impl std::fmt::Display for StageTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.total();
+        let pc = |v: f64| if t > 0.0 { 100.0 * v / t } else { 0.0 };
+        write!(
+            f,
+            "total {t:.3}: pyramid resampling {:.3} ({:.0}%), P-Net {:.3} ({:.0}%), P-Net boxes+NMS {:.3} ({:.0}%), \
+             R/O-Net crops {:.3} ({:.0}%), R-Net+O-Net {:.3} ({:.0}%), R/O boxes+NMS {:.3} ({:.0}%)",
+            self.pyramid,
+            pc(self.pyramid),
+            self.pnet,
+            pc(self.pnet),
+            self.stage1_boxes,
+            pc(self.stage1_boxes),
+            self.crops,
+            pc(self.crops),
+            self.rnet_onet,
+            pc(self.rnet_onet),
+            self.stage23_boxes,
+            pc(self.stage23_boxes)
+        )
+    }
+}
+
+/// Adds the seconds since `*t` to `acc` and restarts `*t`.
+fn lap(t: &mut std::time::Instant, acc: &mut f64) {
+    let now = std::time::Instant::now();
+    *acc += (now - *t).as_secs_f64();
+    *t = now;
+}
+
 /// facenet-pytorch's `MTCNN(...)` detection arguments (defaults = its defaults).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MtcnnConfig {
@@ -78,12 +153,14 @@ impl Default for MtcnnConfig {
     }
 }
 
+/// Where scripts/setup.sh (scripts/fetch_reference.py) unpacks the wheel's weights, under
+/// `$LIKENESS_DATA`.
+pub const DEFAULT_WEIGHTS_SUBDIR: &str = "reference/facenet_pytorch-2.6.0/facenet_pytorch/data";
+
 /// `$LIKENESS_DATA/reference/facenet_pytorch-2.6.0/facenet_pytorch/data`, where scripts/setup.sh
 /// unpacks the wheel's weights; `None` without `LIKENESS_DATA`.
 pub fn default_weights_dir() -> Option<PathBuf> {
-    std::env::var_os("LIKENESS_DATA")
-        .filter(|v| !v.is_empty())
-        .map(|d| PathBuf::from(d).join("reference/facenet_pytorch-2.6.0/facenet_pytorch/data"))
+    std::env::var_os("LIKENESS_DATA").filter(|v| !v.is_empty()).map(|d| PathBuf::from(d).join(DEFAULT_WEIGHTS_SUBDIR))
 }
 
 /// Reads one network's state dict from `folder/<net>.pt` (the wheel's legacy torch pickle,
@@ -150,6 +227,43 @@ struct Batch {
     imgs: Tensor,
     h: i64,
     w: i64,
+    /// The same images' summed-area tables (`u8` input on the CPU): the area resampling then
+    /// skips libtorch's per-call copy (area.rs; bit-identical). `None`: libtorch resamples.
+    sums: Option<area::AreaSums>,
+}
+
+impl Batch {
+    /// `imgs` `[N, 3, H, W]` f32 and, per image, its planar `u8` pixels when it has them.
+    fn new(imgs: Tensor, planar: Vec<Option<Vec<u8>>>) -> Self {
+        let (n, h, w) = (imgs.size()[0], imgs.size()[2], imgs.size()[3]);
+        let sums = if planar.iter().all(Option::is_some) {
+            let px: Vec<u8> = planar.into_iter().flatten().flatten().collect();
+            area::AreaSums::new(px, n as usize, h as usize, w as usize)
+        } else {
+            None
+        };
+        Batch { imgs, h, w, sums }
+    }
+
+    /// `interpolate(mode='area')` of image `img`'s rows `y0..y0+rh`, columns `x0..x0+rw` to
+    /// `oh`×`ow` → `[1, 3, oh, ow]`.
+    fn area(&self, img: i64, (y0, x0): (i64, i64), (rh, rw): (i64, i64), (oh, ow): (i64, i64)) -> Result<Tensor> {
+        match &self.sums {
+            Some(s) => {
+                let mut v = Vec::with_capacity((3 * oh * ow) as usize);
+                let u = |a: i64| a as usize;
+                s.resample(u(img), (u(y0), u(x0)), (u(rh), u(rw)), (u(oh), u(ow)), &mut v);
+                Ok(Tensor::from_slice(&v).reshape([1, 3, oh, ow]).to_device(self.imgs.device()))
+            }
+            None => Ok(self
+                .imgs
+                .get(img)
+                .narrow(1, y0, rh)
+                .narrow(2, x0, rw)
+                .unsqueeze(0)
+                .f_adaptive_avg_pool2d([oh, ow])?),
+        }
+    }
 }
 
 impl Mtcnn {
@@ -167,20 +281,65 @@ impl Mtcnn {
         Ok(Mtcnn { nets, config, device })
     }
 
+    /// The detector of a plugin whose config has an optional weights folder `config_key`: that
+    /// folder when given, else [`default_weights_dir`]. Missing weights become
+    /// [`MtcnnError::NotConfigured`], one message for every plugin (it names `plugin_id`,
+    /// `config_key`, the folder searched and the fix); a file that is there but unreadable keeps
+    /// its own [`MtcnnError::Weights`] error, which names the file.
+    pub fn load_configured(
+        explicit: Option<&Path>,
+        plugin_id: &str,
+        config_key: &str,
+        config: MtcnnConfig,
+        device: Device,
+    ) -> Result<Self> {
+        let not_configured =
+            |problem: String| MtcnnError::NotConfigured { plugin: plugin_id.into(), key: config_key.into(), problem };
+        let (dir, what) = match (explicit, default_weights_dir()) {
+            (Some(d), _) => (d.to_path_buf(), "is".to_string()),
+            (None, Some(d)) => (d, format!("is not set and the default folder $LIKENESS_DATA/{DEFAULT_WEIGHTS_SUBDIR} =")),
+            (None, None) => {
+                return Err(not_configured(format!(
+                    "is not set and LIKENESS_DATA is unset, so the default folder \
+                     $LIKENESS_DATA/{DEFAULT_WEIGHTS_SUBDIR} could not be searched (scripts/common.sh sets LIKENESS_DATA)"
+                )))
+            }
+        };
+        match Mtcnn::from_dir(&dir, config, device) {
+            Err(MtcnnError::MissingWeights { folder, msg }) => {
+                Err(not_configured(format!("{what} {} ({msg})", folder.display())))
+            }
+            other => other,
+        }
+    }
+
     /// Faces in one `[H, W, 3]` RGB image (`u8`, or float 0..255), ordered like
     /// facenet-pytorch's `detect` (largest first by default).
     pub fn detect(&self, image: &Tensor) -> Result<Vec<Face>> {
-        let img = self.prepare(image, "image")?;
-        let b = Batch { h: img.size()[1], w: img.size()[2], imgs: img.unsqueeze(0) };
-        Ok(self.detect_prepared(&b)?.pop().unwrap_or_default())
+        Ok(self.detect_profiled(image)?.0)
+    }
+
+    /// [`Mtcnn::detect`] and where its time went (the stages are timed on every call: a few
+    /// clock reads against milliseconds of convolution).
+    pub fn detect_profiled(&self, image: &Tensor) -> Result<(Vec<Face>, StageTimes)> {
+        let (img, planar) = self.prepare(image, "image")?;
+        let b = Batch::new(img.unsqueeze(0), vec![planar]);
+        let mut t = StageTimes::default();
+        let faces = self.detect_prepared(&b, &mut t)?.pop().unwrap_or_default();
+        Ok((faces, t))
     }
 
     /// [`Mtcnn::detect`] over several images. Images of one size go through the networks as one
     /// batch, as facenet-pytorch batches them (its NMS separates images by coordinate offsets,
     /// which we reproduce); mixed sizes, which facenet-pytorch refuses, run one by one.
     pub fn detect_batch(&self, images: &[Tensor]) -> Result<Vec<Vec<Face>>> {
-        let prepared: Vec<Tensor> =
-            images.iter().enumerate().map(|(i, t)| self.prepare(t, &format!("images[{i}]"))).collect::<Result<_>>()?;
+        let (prepared, planar): (Vec<Tensor>, Vec<Option<Vec<u8>>>) = images
+            .iter()
+            .enumerate()
+            .map(|(i, t)| self.prepare(t, &format!("images[{i}]")))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         if prepared.is_empty() {
             return Ok(vec![]);
         }
@@ -188,18 +347,19 @@ impl Mtcnn {
         if !same {
             return prepared
                 .iter()
-                .map(|t| {
-                    let b = Batch { h: t.size()[1], w: t.size()[2], imgs: t.unsqueeze(0) };
-                    Ok(self.detect_prepared(&b)?.pop().unwrap_or_default())
+                .zip(planar)
+                .map(|(t, px)| {
+                    let b = Batch::new(t.unsqueeze(0), vec![px]);
+                    Ok(self.detect_prepared(&b, &mut StageTimes::default())?.pop().unwrap_or_default())
                 })
                 .collect();
         }
-        let (h, w) = (prepared[0].size()[1], prepared[0].size()[2]);
-        self.detect_prepared(&Batch { imgs: Tensor::stack(&prepared, 0), h, w })
+        self.detect_prepared(&Batch::new(Tensor::stack(&prepared, 0), planar), &mut StageTimes::default())
     }
 
-    /// `[H, W, 3]` → `[3, H, W]` f32 on the device.
-    fn prepare(&self, image: &Tensor, field: &str) -> Result<Tensor> {
+    /// `[H, W, 3]` → `[3, H, W]` f32 on the device, and the planar `u8` pixels of a `u8` image
+    /// on the CPU (for [`area::AreaSums`]).
+    fn prepare(&self, image: &Tensor, field: &str) -> Result<(Tensor, Option<Vec<u8>>)> {
         let s = image.size();
         if s.len() != 3 || s[2] != 3 {
             return Err(MtcnnError::Input {
@@ -216,7 +376,13 @@ impl Mtcnn {
         if s[0] < 1 || s[1] < 1 {
             return Err(MtcnnError::Input { field: field.into(), msg: format!("empty image {s:?}") });
         }
-        Ok(image.to_device(self.device).permute([2, 0, 1]).to_kind(Kind::Float).contiguous())
+        let chw = image.to_device(self.device).permute([2, 0, 1]);
+        let planar = if image.kind() == Kind::Uint8 && self.device == Device::Cpu {
+            Some(Vec::<u8>::try_from(&chw.contiguous().flatten(0, -1))?)
+        } else {
+            None
+        };
+        Ok((chw.to_kind(Kind::Float).contiguous(), planar))
     }
 
     /// The scale pyramid (f64, exactly Python's loop).
@@ -233,16 +399,17 @@ impl Mtcnn {
         out
     }
 
-    fn detect_prepared(&self, b: &Batch) -> Result<Vec<Vec<Face>>> {
+    fn detect_prepared(&self, b: &Batch, t: &mut StageTimes) -> Result<Vec<Vec<Face>>> {
         let _g = tch::no_grad_guard();
         let n = b.imgs.size()[0];
-        let (boxes, inds) = self.stage1(b)?;
-        let (boxes, inds) = if boxes.size()[0] > 0 { self.stage2(b, boxes, inds)? } else { (boxes, inds) };
+        let (boxes, inds) = self.stage1(b, t)?;
+        let (boxes, inds) = if boxes.size()[0] > 0 { self.stage2(b, boxes, inds, t)? } else { (boxes, inds) };
         let (boxes, points, inds) = if boxes.size()[0] > 0 {
-            self.stage3(b, boxes, inds)?
+            self.stage3(b, boxes, inds, t)?
         } else {
             (boxes, Tensor::zeros([0, 5, 2], (Kind::Float, Device::Cpu)), inds)
         };
+        let mut clock = std::time::Instant::now();
         let bx = to_f32(&boxes)?;
         let pt = to_f32(&points)?;
         let id = to_i64(&inds)?;
@@ -264,26 +431,38 @@ impl Mtcnn {
                 *faces = order.iter().rev().map(|&i| faces[i]).collect();
             }
         }
+        lap(&mut clock, &mut t.stage23_boxes);
         Ok(out)
     }
 
     /// P-Net over the pyramid → `[K, 9]` boxes (x1 y1 x2 y2 score reg×4 after the regression:
     /// only the first 5 columns are used later) and `[K]` image indices, CPU.
-    fn stage1(&self, b: &Batch) -> Result<(Tensor, Tensor)> {
+    fn stage1(&self, b: &Batch, t: &mut StageTimes) -> Result<(Tensor, Tensor)> {
         let (mut all, mut all_inds, mut picks) = (Vec::new(), Vec::new(), Vec::new());
         let mut offset = 0i64;
+        let mut clock = std::time::Instant::now();
         for scale in self.scales(b.h, b.w) {
             // Python: (int(h * scale + 1), int(w * scale + 1)) — f64 truncation.
             let hs = (b.h as f64 * scale + 1.0) as i64;
             let ws = (b.w as f64 * scale + 1.0) as i64;
-            let im = normalise(&b.imgs.f_adaptive_avg_pool2d([hs, ws])?);
+            let im = match &b.sums {
+                Some(_) => {
+                    let n = b.imgs.size()[0];
+                    let levels = (0..n).map(|i| b.area(i, (0, 0), (b.h, b.w), (hs, ws))).collect::<Result<Vec<_>>>()?;
+                    normalise(&Tensor::cat(&levels, 0))
+                }
+                None => normalise(&b.imgs.f_adaptive_avg_pool2d([hs, ws])?),
+            };
+            lap(&mut clock, &mut t.pyramid);
             let (reg, probs) = self.nets.pnet(&im);
+            lap(&mut clock, &mut t.pnet);
             let (boxes, inds) = generate_bounding_box(&reg, &probs.select(1, 1), scale, self.config.thresholds[0]);
             let pick = nms::batched_nms(&boxes.narrow(1, 0, 4), &boxes.select(1, 4), &inds, 0.5);
             picks.push(pick + offset);
             offset += boxes.size()[0];
             all.push(boxes);
             all_inds.push(inds);
+            lap(&mut clock, &mut t.stage1_boxes);
         }
         if all.is_empty() {
             return Ok((
@@ -305,6 +484,7 @@ impl Mtcnn {
         let q3 = c(2) + c(7) * &regw;
         let q4 = c(3) + c(8) * &regh;
         let boxes = rerec(&Tensor::stack(&[q1, q2, q3, q4, c(4)], 1));
+        lap(&mut clock, &mut t.stage1_boxes);
         Ok((boxes, inds))
     }
 
@@ -318,8 +498,7 @@ impl Mtcnn {
             let (x, y) = (r[4 * k].max(1) as i64, r[4 * k + 1].max(1) as i64);
             let (ex, ey) = ((r[4 * k + 2] as i64).min(b.w), (r[4 * k + 3] as i64).min(b.h));
             if ey > y - 1 && ex > x - 1 {
-                let crop = b.imgs.get(img).narrow(1, y - 1, ey - y + 1).narrow(2, x - 1, ex - x + 1);
-                out.push(crop.unsqueeze(0).f_adaptive_avg_pool2d([size, size])?);
+                out.push(b.area(img, (y - 1, x - 1), (ey - y + 1, ex - x + 1), (size, size))?);
                 kept.push(k as i64);
             }
         }
@@ -331,11 +510,14 @@ impl Mtcnn {
         Ok((data, kept))
     }
 
-    fn stage2(&self, b: &Batch, boxes: Tensor, inds: Tensor) -> Result<(Tensor, Tensor)> {
+    fn stage2(&self, b: &Batch, boxes: Tensor, inds: Tensor, t: &mut StageTimes) -> Result<(Tensor, Tensor)> {
+        let mut clock = std::time::Instant::now();
         let (data, kept) = self.crops(b, &boxes, &inds, 24)?;
         let kept = Tensor::from_slice(&kept);
         let (boxes, inds) = (boxes.index_select(0, &kept), inds.index_select(0, &kept));
+        lap(&mut clock, &mut t.crops);
         let (reg, prob) = chunked2(&data, |x| self.nets.rnet(x));
+        lap(&mut clock, &mut t.rnet_onet);
         let score = prob.select(1, 1).to_device(Device::Cpu);
         let ipass = score.gt(self.config.thresholds[1]).nonzero().squeeze_dim(1);
         let sc = score.index_select(0, &ipass);
@@ -344,14 +526,19 @@ impl Mtcnn {
         let mv = reg.to_device(Device::Cpu).index_select(0, &ipass);
         let pick = nms::batched_nms(&boxes.narrow(1, 0, 4), &boxes.select(1, 4), &inds, 0.7);
         let boxes = bbreg(&boxes.index_select(0, &pick), &mv.index_select(0, &pick));
-        Ok((rerec(&boxes), inds.index_select(0, &pick)))
+        let out = (rerec(&boxes), inds.index_select(0, &pick));
+        lap(&mut clock, &mut t.stage23_boxes);
+        Ok(out)
     }
 
-    fn stage3(&self, b: &Batch, boxes: Tensor, inds: Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn stage3(&self, b: &Batch, boxes: Tensor, inds: Tensor, t: &mut StageTimes) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut clock = std::time::Instant::now();
         let (data, kept) = self.crops(b, &boxes, &inds, 48)?;
         let kept = Tensor::from_slice(&kept);
         let (boxes, inds) = (boxes.index_select(0, &kept), inds.index_select(0, &kept));
+        lap(&mut clock, &mut t.crops);
         let (reg, lm, prob) = chunked3(&data, |x| self.nets.onet(x));
+        lap(&mut clock, &mut t.rnet_onet);
         let score = prob.select(1, 1).to_device(Device::Cpu);
         let ipass = score.gt(self.config.thresholds[2]).nonzero().squeeze_dim(1);
         let lm = lm.to_device(Device::Cpu).index_select(0, &ipass);
@@ -367,7 +554,9 @@ impl Mtcnn {
         let points = Tensor::stack(&[px, py], 2); // [K, 5, 2]
         let boxes = bbreg(&boxes, &mv);
         let pick = nms::batched_nms_min(&boxes.narrow(1, 0, 4), &boxes.select(1, 4), &inds, 0.7);
-        Ok((boxes.index_select(0, &pick), points.index_select(0, &pick), inds.index_select(0, &pick)))
+        let out = (boxes.index_select(0, &pick), points.index_select(0, &pick), inds.index_select(0, &pick));
+        lap(&mut clock, &mut t.stage23_boxes);
+        Ok(out)
     }
 }
 
@@ -536,5 +725,44 @@ mod tests {
             e.contains("/nonexistent/mtcnn") && e.contains("scripts/setup.sh") && e.contains("mtcnn_weights"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn load_configured_names_plugin_key_folder_and_fix() {
+        let e = Mtcnn::load_configured(
+            Some(Path::new("/nonexistent/w")),
+            "some-plugin",
+            "det_weights",
+            MtcnnConfig::default(),
+            Device::Cpu,
+        )
+        .err()
+        .expect("must fail")
+        .to_string();
+        for part in [
+            "plugin `some-plugin`",
+            "`det_weights` is /nonexistent/w (no such folder)",
+            "scripts/setup.sh",
+            "scripts/fetch_reference.py",
+            DEFAULT_WEIGHTS_SUBDIR,
+        ] {
+            assert!(e.contains(part), "`{part}` missing from: {e}");
+        }
+        // A folder that exists but lacks the files says which file.
+        let dir = std::env::temp_dir();
+        let e = Mtcnn::load_configured(Some(&dir), "p", "k", MtcnnConfig::default(), Device::Cpu)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(e.contains("pnet.pt not found") && e.contains(&dir.display().to_string()), "{e}");
+        // Without an explicit folder the message names the default searched (whether or not
+        // LIKENESS_DATA is set in this environment; with the set-up's data it loads).
+        match Mtcnn::load_configured(None, "p", "k", MtcnnConfig::default(), Device::Cpu) {
+            Ok(_) => assert!(default_weights_dir().is_some_and(|d| d.join("pnet.pt").is_file())),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("`k` is not set") && e.contains(DEFAULT_WEIGHTS_SUBDIR), "{e}");
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
-// Shared by the build scripts of every libtorch plugin in this repository:
-//     include!("../../core/sdk-torch/build_support/rpath.rs");
+// Shared by the build scripts of every libtorch crate in this repository:
+//     include!("../../core/sdk-torch/build_support/rpath.rs");   // plugins/<id>/build.rs
+//     include!("../sdk-torch/build_support/rpath.rs");           // core/<crate>/build.rs
 //     fn main() { link_libtorch_with_rpath() }
 // (A third-party plugin copies this file: build scripts cannot inherit link arguments.)
 //
@@ -15,8 +16,12 @@
 /// Call from a libtorch plugin's `build.rs` (see the module comment above).
 pub fn link_libtorch_with_rpath() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    // `build.rs` is relative to the including package, so it is right from any crate. This file
+    // needs no line of its own: `include!` makes it an input of the build script's compilation
+    // (it is in rustc's dep-info of `build-script-build`), and cargo reruns a build script it
+    // recompiled. A path written here would be relative to each including package and so point
+    // at the wrong place from a crate at another depth.
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=../../core/sdk-torch/build_support/rpath.rs");
     match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(lib) => {
             println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

@@ -45,7 +45,7 @@ use likeness_sdk::{
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-use likeness_mtcnn::{Mtcnn, MtcnnConfig};
+use likeness_mtcnn::{Mtcnn, MtcnnConfig, MtcnnError};
 use likeness_sdk::MetricInterface;
 
 use crate::chip::{extract_image_chip, extract_image_chip_tch, get_face_chip_details, ChipDetails};
@@ -179,20 +179,16 @@ fn load_detector(config: &Config, device: tch::Device) -> Result<Option<Mtcnn>> 
     if config.detector == Detector::None {
         return Ok(None);
     }
-    let dir = match config.mtcnn_weights.clone().or_else(likeness_mtcnn::default_weights_dir) {
-        Some(d) => d,
-        None => {
-            return Err(err::config(format!(
-                "plugin `{ID}`: detector = \"mtcnn\" needs facenet-pytorch's MTCNN weights: set `mtcnn_weights` to \
-                 the folder holding pnet.pt, rnet.pt and onet.pt, or set LIKENESS_DATA (scripts/setup.sh puts them in \
-                 $LIKENESS_DATA/reference/facenet_pytorch-2.6.0/facenet_pytorch/data); for face-centred crops, \
-                 detector = \"none\" uses the whole image"
-            )))
-        }
-    };
-    Mtcnn::from_dir(&dir, MtcnnConfig::default(), device)
+    Mtcnn::load_configured(config.mtcnn_weights.as_deref(), ID, "mtcnn_weights", MtcnnConfig::default(), device)
         .map(Some)
-        .map_err(|e| err::io(format!("plugin `{ID}` (`mtcnn_weights`): {e}")))
+        .map_err(|e| match e {
+            // The shared message names this plugin, the key, the folder searched and the fix;
+            // only the alternative for face-centred crops is ours to add.
+            MtcnnError::NotConfigured { .. } => {
+                err::config(format!("{e}; for face-centred crops, detector = \"none\" uses the whole image"))
+            }
+            e => err::io(format!("plugin `{ID}` (`mtcnn_weights`): {e}")),
+        })
 }
 
 /// An MTCNN box (x1, y1, x2, y2 with the Caffe inclusive x2/y2) → dlib's inclusive rectangle,

@@ -19,7 +19,7 @@
 
 use std::path::PathBuf;
 
-use likeness_mtcnn::{Face, Mtcnn, MtcnnConfig};
+use likeness_mtcnn::{Face, Mtcnn, MtcnnConfig, MtcnnError};
 use likeness_sdk::{
     err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode,
     MetricInterface, MetricOutput, MetricPlugin, PluginDescriptor, PluginError, PluginKind, Result, TensorView,
@@ -253,17 +253,18 @@ impl MetricPlugin for ReidMetric {
             None => random_osnet(config.arch, seed)?,
         }
         .to(tch_device, Kind::Float);
-        let dir = config.mtcnn_weights.clone().or_else(likeness_mtcnn::default_weights_dir).ok_or_else(|| {
-            PluginError::from(ReidError::Config {
-                field: "mtcnn_weights",
-                msg: "not set and LIKENESS_DATA is unset: point it at the folder holding facenet-pytorch's pnet.pt, \
-                      rnet.pt and onet.pt (scripts/setup.sh puts them in \
-                      $LIKENESS_DATA/reference/facenet_pytorch-2.6.0/facenet_pytorch/data)"
-                    .into(),
-            })
+        let detector = Mtcnn::load_configured(
+            config.mtcnn_weights.as_deref(),
+            ID,
+            "mtcnn_weights",
+            MtcnnConfig::default(),
+            tch_device,
+        )
+        .map_err(|e| match e {
+            // The shared message already names this plugin, the key, the folder and the fix.
+            MtcnnError::NotConfigured { .. } => likeness_sdk::err::config(e.to_string()),
+            e => ReidError::Config { field: "mtcnn_weights", msg: e.to_string() }.into(),
         })?;
-        let detector = Mtcnn::from_dir(&dir, MtcnnConfig::default(), tch_device)
-            .map_err(|e| ReidError::Config { field: "mtcnn_weights", msg: format!("{}: {e}", dir.display()) })?;
         Ok(ReidMetric { net, config, detector, device: tch_device, pending: None })
     }
 

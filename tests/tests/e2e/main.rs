@@ -5,6 +5,7 @@ mod abi_compat;
 mod accumulation;
 mod config_cli;
 mod data_layouts;
+mod drip_sd15;
 mod eval_faces;
 mod identity_chain;
 mod identity_loss;

@@ -510,6 +510,12 @@ impl<'a> Trainer<'a> {
             if sample_now {
                 bar.suspend(|| self.write_samples(step))?;
             }
+            if epoch_done {
+                if let Some(dir) = cfg.adapter.save_dir.clone() {
+                    // The epoch just finished is epoch_after − 1 (0-based, DRIP's epochNN).
+                    bar.suspend(|| self.export_epoch(&dir, self.state.epoch - 1))?;
+                }
+            }
             if (t.save_every > 0 && step.is_multiple_of(t.save_every)) || last {
                 let st = self.state.clone();
                 let model = &mut self.parts.model;
@@ -618,6 +624,45 @@ impl<'a> Trainer<'a> {
     }
 }
 
+impl Trainer<'_> {
+    /// DRIP's per-epoch output: every configured adapter format of the weights after epoch
+    /// `epoch` (0-based) in `save_dir/epochNN/`, under the same names as the run's final files.
+    /// The folder is assembled under a temporary name and renamed into place, so a crash never
+    /// leaves a half-written `epochNN/` (a folder left from an earlier, interrupted run is
+    /// replaced).
+    fn export_epoch(&mut self, save_dir: &Path, epoch: u64) -> Result<PathBuf> {
+        let name = self.cfg.run.output_name.clone().unwrap_or_else(|| "likeness".into());
+        let dest = save_dir.join(epoch_dir_name(epoch));
+        let tmp = save_dir.join(format!(".{}.tmp", epoch_dir_name(epoch)));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let meta = self.plan.adapter_metadata(self.cfg, &self.ds, self.state.step, epoch + 1);
+        for format in self.plan.adapter_formats.clone() {
+            samples::export_adapter(&mut self.parts.model, &tmp, &name, &format, &meta)?;
+        }
+        if dest.exists() {
+            let old = save_dir.join(format!(".{}.old", epoch_dir_name(epoch)));
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(&dest, &old).map_err(io(&dest))?;
+            std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        }
+        info!(epoch, path = %dest.display(), "epoch adapter written");
+        self.log.log(&json!({"type": "epoch_adapter", "step": self.state.step, "epoch": epoch, "path": dest}))?;
+        Ok(dest)
+    }
+}
+
+/// DRIP's folder name of the weights after 0-based epoch `epoch`: `epoch00`, `epoch01`, …
+/// (the seed's `lora_out/epoch00/ # epoch 0 LoRA weights`); three digits from epoch 100 on.
+pub fn epoch_dir_name(epoch: u64) -> String {
+    format!("epoch{epoch:02}")
+}
+
 fn open_metric(
     cfg: &Config,
     registry: &Registry,
@@ -678,5 +723,13 @@ mod tests {
         assert!((lr(7) - 0.5).abs() < 1e-12);
         assert!(lr(11).abs() < 1e-12);
         assert_eq!(learning_rate(Schedule::Constant, 2.0, 100, 0, 10), 2.0);
+    }
+
+    #[test]
+    fn epoch_folders_are_drips() {
+        assert_eq!(epoch_dir_name(0), "epoch00");
+        assert_eq!(epoch_dir_name(7), "epoch07");
+        assert_eq!(epoch_dir_name(12), "epoch12");
+        assert_eq!(epoch_dir_name(100), "epoch100");
     }
 }

@@ -23,10 +23,23 @@ pub struct IdentityTerm {
 }
 
 impl IdentityTerm {
-    /// The weight of a sample at noise level `t` (t in [0, 1], 0 = clean).
-    pub fn sample_weight(&self, t: f32) -> f32 {
+    /// The model output the weighting reads (`timesteps` or `timestep_weights`), if any.
+    pub fn weighting_output(&self) -> Option<&'static str> {
+        match self.weighting {
+            IdentityWeighting::None => None,
+            IdentityWeighting::OneMinusTSquared | IdentityWeighting::TMax => Some("timesteps"),
+            IdentityWeighting::Timestep => Some("timestep_weights"),
+        }
+    }
+
+    /// The weight of a sample whose weighting output (see [`Self::weighting_output`]) is `v`:
+    /// its noise level t in [0, 1] (0 = clean), or for `timestep` the model's own per-sample
+    /// weight of its diffusion loss, used as it is.
+    pub fn sample_weight(&self, v: f32) -> f32 {
+        let t = v;
         match self.weighting {
             IdentityWeighting::None => 1.0,
+            IdentityWeighting::Timestep => v,
             IdentityWeighting::OneMinusTSquared => (1.0 - t).powi(2),
             IdentityWeighting::TMax => {
                 if t as f64 <= self.t_max {
@@ -183,12 +196,21 @@ impl Plan {
                         list(&image_roles)
                     ));
                 }
-                if m.identity_weighting != IdentityWeighting::None && !outputs.contains(&"timesteps") {
-                    problems.push(format!(
-                        "metric.identity_weighting = {:?} weights each sample by its noise level, but model `{model_id}` does not output `timesteps` (it outputs: {}); use identity_weighting = \"none\"",
-                        m.identity_weighting,
+                match m.identity_weighting {
+                    IdentityWeighting::OneMinusTSquared | IdentityWeighting::TMax
+                        if !outputs.contains(&"timesteps") =>
+                    {
+                        problems.push(format!(
+                            "metric.identity_weighting = {:?} weights each sample by its noise level, but model `{model_id}` does not output `timesteps` (it outputs: {}); use identity_weighting = \"none\"",
+                            m.identity_weighting,
+                            outputs.join(", ")
+                        ))
+                    }
+                    IdentityWeighting::Timestep if !outputs.contains(&"timestep_weights") => problems.push(format!(
+                        "metric.identity_weighting = \"timestep\" weights each sample's identity term as the model weights its diffusion loss, but model `{model_id}` does not output `timestep_weights` (it outputs: {}); use identity_weighting = \"one_minus_t_squared\" (needs `timesteps`) or \"none\"",
                         outputs.join(", ")
-                    ));
+                    )),
+                    _ => {}
                 }
                 if !(0.0..=1.0).contains(&m.t_max) {
                     problems.push(format!("metric.t_max = {} must be in [0, 1]", m.t_max));
@@ -366,5 +388,32 @@ impl Plan {
             "modelspec.implementation": "likeness",
             "modelspec.title": cfg.run.output_name.clone().unwrap_or_else(|| "likeness".into()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn term(weighting: IdentityWeighting) -> IdentityTerm {
+        IdentityTerm { weight: 1.0, weighting, t_max: 0.5, output: "pixels".into() }
+    }
+
+    #[test]
+    fn identity_weightings_read_their_output() {
+        assert_eq!(term(IdentityWeighting::None).weighting_output(), None);
+        assert_eq!(term(IdentityWeighting::OneMinusTSquared).weighting_output(), Some("timesteps"));
+        assert_eq!(term(IdentityWeighting::TMax).weighting_output(), Some("timesteps"));
+        assert_eq!(term(IdentityWeighting::Timestep).weighting_output(), Some("timestep_weights"));
+        // `timestep` passes the model's own weight through unchanged (min-SNR-γ's min(SNR, γ)/SNR
+        // is already the per-sample weight); the others map t.
+        let ts = term(IdentityWeighting::Timestep);
+        for w in [0.0f32, 0.125, 1.0, 3.5] {
+            assert_eq!(ts.sample_weight(w), w);
+        }
+        assert_eq!(term(IdentityWeighting::OneMinusTSquared).sample_weight(0.25), 0.5625);
+        assert_eq!(term(IdentityWeighting::TMax).sample_weight(0.5), 1.0);
+        assert_eq!(term(IdentityWeighting::TMax).sample_weight(0.75), 0.0);
+        assert_eq!(term(IdentityWeighting::None).sample_weight(0.9), 1.0);
     }
 }

@@ -8,8 +8,9 @@
 //! loss its embedding gradient by `w_identity / grad_accum`, the metric turns that into a
 //! pixel gradient on its device, and the model sums the gradients of each output and adds
 //! `w_model / grad_accum · ∇L_model` itself (`backward_scaled`). What the host reads back is
-//! small and on purpose: the per-sample noise levels (`timesteps`, `[B]`) for the identity
-//! weighting and the metric's `valid` flags (`[B]` u8) for the no-face count.
+//! small and on purpose: the per-sample noise levels (`timesteps`, `[B]`) or diffusion-loss
+//! weights (`timestep_weights`, `[B]`) for the identity weighting and the metric's `valid` flags
+//! (`[B]` u8) for the no-face count.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +18,6 @@ use abi_stable::std_types::RSlice;
 use likeness_abi::{sample_seed, CpuTensor, ForwardMode, ManagedTensor, StepContext, TensorView};
 
 use super::Trainer;
-use crate::config::IdentityWeighting;
 use crate::data::{self, Example};
 use crate::eval_faces::identity_similarities;
 use crate::plugins::TextBatch;
@@ -119,6 +119,11 @@ pub(crate) fn batch_image<'b>(batch: &'b data::Batch, role: &str) -> Result<&'b 
 fn shape_of(t: &ManagedTensor) -> Vec<i64> {
     // SAFETY: a ManagedTensor's shape stays valid until it is dropped.
     unsafe { t.view.shape().to_vec() }
+}
+
+/// The batch size of an output `[B, …]`.
+fn generated_batch(t: &ManagedTensor) -> usize {
+    shape_of(t).first().copied().unwrap_or(0).max(0) as usize
 }
 
 fn plugin_answer(plugin: &str, message: String) -> EngineError {
@@ -229,14 +234,24 @@ impl Trainer<'_> {
             // The reference embedding is a constant (no graph); the generated one keeps its graph.
             let re = metric.embed(reference.view(), ForwardMode::Eval)?;
             let ge = metric.embed(generated.view, ForwardMode::Train)?;
-            let weights = match term.weighting {
-                IdentityWeighting::None => None,
-                _ => {
-                    let t = out.outputs.cpu(&model_id, "timesteps")?;
-                    Some(CpuTensor::new(
-                        vec![t.numel() as i64],
-                        t.data.iter().map(|&t| term.sample_weight(t)).collect(),
-                    ))
+            let weights = match term.weighting_output() {
+                None => None,
+                Some(name) => {
+                    let t = out.outputs.cpu(&model_id, name)?;
+                    let b = generated_batch(generated);
+                    if t.numel() != b {
+                        return Err(plugin_answer(
+                            &model_id,
+                            format!("output `{name}` has {} values for a batch of {b} (expected [B])", t.numel()),
+                        ));
+                    }
+                    if let Some(bad) = t.data.iter().find(|v| !v.is_finite() || **v < 0.0) {
+                        return Err(plugin_answer(
+                            &model_id,
+                            format!("output `{name}` holds {bad}: a per-sample weight must be finite and ≥ 0"),
+                        ));
+                    }
+                    Some(CpuTensor::new(vec![b as i64], t.data.iter().map(|&t| term.sample_weight(t)).collect()))
                 }
             };
             let mut named: Vec<(&str, TensorView)> = vec![

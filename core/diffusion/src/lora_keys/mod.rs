@@ -1,0 +1,297 @@
+//! LoRA files in the four layouts other tools load (kohya / sd-scripts, diffusers'
+//! `pytorch_lora_weights.safetensors`, PEFT folders, ComfyUI), read into one canonical form
+//! ([`LoraSet`] of [`LoraModule`]s named by their diffusers module path) and written back out.
+//!
+//! Every conversion goes through the canonical form, so a key that cannot be mapped is an error
+//! naming the file and the key (ComfyUI silently skips such keys; we do not).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::{DiffusionError, Result};
+
+mod peft;
+mod read;
+pub mod sd15;
+mod tensor;
+mod write;
+
+/// The LoRA file formats we read and write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFormat {
+    /// sd-scripts / kohya: `lora_unet_<path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+    Kohya,
+    /// diffusers' own `pytorch_lora_weights.safetensors`: `unet.<path>.lora_A.weight` / `lora_B.weight`.
+    Diffusers,
+    /// A PEFT folder: `adapter_config.json` + `adapter_model.safetensors` (`base_model.model.<path>…`).
+    Peft,
+    /// What ComfyUI loads best: kohya names with `.alpha` (on read also `diffusion_model.`, bare
+    /// diffusers names, `lycoris_`).
+    ComfyUi,
+}
+
+impl LoraFormat {
+    pub const ALL: [LoraFormat; 4] = [LoraFormat::Kohya, LoraFormat::Diffusers, LoraFormat::Peft, LoraFormat::ComfyUi];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoraFormat::Kohya => "kohya",
+            LoraFormat::Diffusers => "diffusers",
+            LoraFormat::Peft => "peft",
+            LoraFormat::ComfyUi => "comfyui",
+        }
+    }
+}
+
+impl fmt::Display for LoraFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LoraFormat {
+    type Err = DiffusionError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "kohya" => Ok(LoraFormat::Kohya),
+            "diffusers" => Ok(LoraFormat::Diffusers),
+            "peft" => Ok(LoraFormat::Peft),
+            "comfyui" | "comfy" => Ok(LoraFormat::ComfyUi),
+            _ => Err(crate::invalid("format", format!("`{s}`: use kohya, diffusers, peft or comfyui"))),
+        }
+    }
+}
+
+/// The base model a LoRA is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseArch {
+    Sd15,
+    Flux,
+    QwenImage,
+    Unknown,
+}
+
+impl BaseArch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaseArch::Sd15 => "sd15",
+            BaseArch::Flux => "flux",
+            BaseArch::QwenImage => "qwen-image",
+            BaseArch::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for BaseArch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which network a LoRA module patches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+        }
+    }
+}
+
+/// One raw tensor (little-endian bytes as in safetensors).
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// One LoRA module in canonical form: diffusers module path (e.g.
+/// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, text encoder:
+/// `text_model.encoder.layers.0.self_attn.q_proj`), down = lora_A `[r, in]` or `[r, in, kh, kw]`,
+/// up = lora_B `[out, r]` or `[out, r, 1, 1]`, alpha (scale = alpha / r).
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    pub component: Component,
+    pub path: String,
+    pub down: RawTensor,
+    pub up: RawTensor,
+    pub alpha: f64,
+}
+
+impl LoraModule {
+    /// The rank: the first dimension of `down`.
+    pub fn rank(&self) -> usize {
+        self.down.shape.first().copied().unwrap_or(0)
+    }
+}
+
+/// A LoRA as read from / written to disk.
+#[derive(Debug, Clone)]
+pub struct LoraSet {
+    pub format: LoraFormat,
+    pub arch: BaseArch,
+    pub modules: Vec<LoraModule>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Reads a `.safetensors` file, a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`,
+/// plus `text_encoder/` if present) or a diffusers folder (`pytorch_lora_weights.safetensors`);
+/// detects the format. Every key must be consumed or it is an error naming the key.
+///
+/// Alpha: a kohya/ComfyUI `.alpha` key, else PEFT's config (`lora_alpha`, `alpha_pattern`,
+/// `use_rslora`; in a diffusers file the `lora_adapter_metadata` JSON), else `alpha = r` (what
+/// sd-scripts, ComfyUI and diffusers all do without an alpha).
+pub fn read(path: &Path) -> Result<LoraSet> {
+    if path.is_dir() {
+        let (format, file) = read::folder_files(path)?;
+        return match format {
+            LoraFormat::Peft => read::read_peft_folder(path, &file),
+            _ => read::read_file(&file),
+        };
+    }
+    if !path.exists() {
+        return Err(DiffusionError::LoraFile {
+            file: path.to_path_buf(),
+            why: "does not exist; pass a .safetensors file or a PEFT / diffusers LoRA folder".into(),
+        });
+    }
+    read::read_file(path)
+}
+
+/// The format a set of key names is in, from their prefixes alone (lenient: for `detect`).
+fn format_of_names(names: &[String]) -> Option<LoraFormat> {
+    let mut kohya = false;
+    let mut comfy = false;
+    let mut diffusers = false;
+    let mut peft = false;
+    for k in names {
+        if k.starts_with("base_model.model.") || k.starts_with("unet.base_model.model.") {
+            peft = true;
+        } else if k.starts_with("lora_unet_") || k.starts_with("lora_te") {
+            kohya = true;
+        } else if k.starts_with("unet.") || k.starts_with("text_encoder.") || k.starts_with("transformer.") {
+            diffusers = true;
+        } else if k.starts_with("diffusion_model.")
+            || k.starts_with("lycoris_")
+            || k.contains("lora")
+            || k.ends_with(".alpha")
+        {
+            comfy = true;
+        }
+    }
+    match (peft, diffusers, kohya, comfy) {
+        (true, ..) => Some(LoraFormat::Peft),
+        (_, true, ..) => Some(LoraFormat::Diffusers),
+        (_, _, _, true) => Some(LoraFormat::ComfyUi),
+        (_, _, true, _) => Some(LoraFormat::Kohya),
+        _ => None,
+    }
+}
+
+/// The format and base architecture of a LoRA file or folder, from its key names (no tensor
+/// data is interpreted; `read` checks every key).
+pub fn detect(path: &Path) -> Result<(LoraFormat, BaseArch)> {
+    let (folder_format, file) = if path.is_dir() {
+        let (f, file) = read::folder_files(path)?;
+        (Some(f), file)
+    } else {
+        (None, path.to_path_buf())
+    };
+    let (names, _) = tensor::read_names(&file)?;
+    let arch = read::guess_arch(&names);
+    let format = match folder_format {
+        Some(LoraFormat::Peft) => LoraFormat::Peft,
+        _ => format_of_names(&names).ok_or_else(|| DiffusionError::LoraFile {
+            file: file.clone(),
+            why: format!(
+                "no LoRA keys (first key: `{}`); expected lora_unet_/lora_te_ (kohya), unet./text_encoder. (diffusers) \
+                 or base_model.model. (PEFT)",
+                names.first().map(String::as_str).unwrap_or("none")
+            ),
+        })?,
+    };
+    Ok((format, arch))
+}
+
+/// Writes `set` as `to` (atomic: temp + rename; deterministic bytes). Returns the files written.
+///
+/// - kohya / comfyui: `out` is a `.safetensors` path. Keys `lora_unet_<diffusers path with _>`
+///   / `lora_te_<path>` with `.lora_down.weight`, `.lora_up.weight` and a 0-d `.alpha` of the
+///   weights' dtype — sd-scripts' own layout, which ComfyUI, A1111/Forge and diffusers'
+///   converter load. (The two formats write the same bytes: ComfyUI loads kohya names best.)
+/// - diffusers: `out` is a `.safetensors` path, or a directory (existing or new) →
+///   `<dir>/pytorch_lora_weights.safetensors`; `unet.<path>.lora_A.weight` / `.lora_B.weight`
+///   with **alpha / r folded into lora_B**: the layout has no alpha key, and diffusers 0.42.1
+///   without `lora_adapter_metadata` loads `lora_alpha = r` (scale 1) — so the folded file
+///   is right in every diffusers version and in ComfyUI, where metadata is not read.
+/// - peft: `out` is a folder → `adapter_config.json` + `adapter_model.safetensors`
+///   (`base_model.model.<path>.lora_A.weight`) for the UNet; text-encoder modules go to the
+///   subfolder `<out>/text_encoder/` (a PEFT adapter wraps one model), loaded with
+///   `PeftModel.from_pretrained(text_encoder, out, subfolder="text_encoder")`. A LoRA with only
+///   text-encoder modules is written at `<out>/` itself.
+///
+/// The metadata is carried over except `format` / `lora_adapter_metadata`, which describe one
+/// layout and are regenerated.
+pub fn write(set: &LoraSet, to: LoraFormat, out: &Path) -> Result<Vec<PathBuf>> {
+    match set.arch {
+        BaseArch::Flux | BaseArch::QwenImage => {
+            return Err(DiffusionError::ArchNotImplemented {
+                file: out.to_path_buf(),
+                arch: set.arch,
+                what: "writing it is a follow-up (issue 8 covers SD1.5 now)".into(),
+            })
+        }
+        _ => {}
+    }
+    write::write(set, to, out)
+}
+
+impl LoraFormat {
+    /// Which tool loads a file of this format, in words (for `host lora inspect` and READMEs).
+    pub fn loaded_by(self) -> &'static str {
+        match self {
+            LoraFormat::Kohya | LoraFormat::ComfyUi => {
+                "ComfyUI / A1111 / Forge, and diffusers pipe.load_lora_weights(file) (converted)"
+            }
+            LoraFormat::Diffusers => "diffusers pipe.load_lora_weights(dir) (or the file with weight_name=)",
+            LoraFormat::Peft => {
+                "peft PeftModel.from_pretrained(unet, dir); NOT diffusers pipe.load_lora_weights, which accepts it \
+                 without an error and changes nothing (it only logs \"No LoRA keys associated to \
+                 UNet2DConditionModel found\")"
+            }
+        }
+    }
+}
+
+impl LoraModule {
+    /// The effective weight change `alpha / r · up @ down` as a row-major `[out, in·kh·kw]`
+    /// matrix, accumulated in f64 (for comparisons across formats and for merging).
+    pub fn delta(&self) -> Vec<f64> {
+        let r = self.rank();
+        let up = self.up.to_f32().unwrap_or_default();
+        let down = self.down.to_f32().unwrap_or_default();
+        let out = self.up.shape[0];
+        let inn = down.len().checked_div(r).unwrap_or(0);
+        let s = self.alpha / r as f64;
+        let mut d = vec![0.0f64; out * inn];
+        for o in 0..out {
+            for k in 0..r {
+                let u = up[o * r + k] as f64 * s;
+                let row = &down[k * inn..(k + 1) * inn];
+                for (x, dv) in d[o * inn..(o + 1) * inn].iter_mut().zip(row) {
+                    *x += u * *dv as f64;
+                }
+            }
+        }
+        d
+    }
+}

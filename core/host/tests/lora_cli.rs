@@ -1,0 +1,170 @@
+//! `host lora inspect|convert` end to end through the binary (pure Rust, no venv). That the
+//! written files load in diffusers / peft is proven in core/diffusion/tests/lora_oracle.rs;
+//! here the CLI must produce the same files as the library, say which tool loads what, and fail
+//! with the key's name.
+
+use likeness_diffusion::lora_keys::{self, BaseArch, Component, LoraFormat, LoraModule, LoraSet, RawTensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+fn host(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_host")).args(args).output().expect("run host");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn t(shape: Vec<usize>, seed: usize) -> RawTensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|i| ((i * 31 + seed * 7) % 53) as f32 / 64.0 - 0.4).collect();
+    RawTensor::from_f32(safetensors::Dtype::F32, shape, &v).unwrap()
+}
+
+fn sample() -> LoraSet {
+    let mut modules = Vec::new();
+    for (i, p) in ["to_q", "to_k", "to_v", "to_out.0"].iter().enumerate() {
+        modules.push(LoraModule {
+            component: Component::Unet,
+            path: format!("down_blocks.0.attentions.0.transformer_blocks.0.attn1.{p}"),
+            down: t(vec![4, 32], i),
+            up: t(vec![32, 4], i + 10),
+            alpha: 8.0,
+        });
+    }
+    modules.push(LoraModule {
+        component: Component::Unet,
+        path: "mid_block.resnets.0.conv1".into(),
+        down: t(vec![2, 64, 3, 3], 5),
+        up: t(vec![64, 2, 1, 1], 6),
+        alpha: 1.0,
+    });
+    modules.push(LoraModule {
+        component: Component::TextEncoder,
+        path: "text_model.encoder.layers.0.self_attn.q_proj".into(),
+        down: t(vec![4, 32], 7),
+        up: t(vec![32, 4], 8),
+        alpha: 4.0,
+    });
+    let metadata: BTreeMap<String, String> = [
+        ("ss_network_dim".to_string(), "4".to_string()),
+        ("modelspec.architecture".into(), "stable-diffusion-v1/lora".into()),
+    ]
+    .into_iter()
+    .collect();
+    LoraSet { format: LoraFormat::Kohya, arch: BaseArch::Sd15, modules, metadata }
+}
+
+fn same_deltas(a: &LoraSet, b: &LoraSet, what: &str) {
+    let key = |s: &LoraSet| -> BTreeMap<String, Vec<f64>> {
+        s.modules.iter().map(|m| (format!("{}:{}", m.component.as_str(), m.path), m.delta())).collect()
+    };
+    let (ka, kb) = (key(a), key(b));
+    assert_eq!(ka.keys().collect::<Vec<_>>(), kb.keys().collect::<Vec<_>>(), "{what}");
+    for (k, da) in &ka {
+        // Values are multiples of 2⁻⁶ and every alpha/r here is a power of two: folding is exact.
+        assert_eq!(da, &kb[k], "{what}: {k}");
+    }
+}
+
+#[test]
+fn convert_and_inspect_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("me.safetensors");
+    let set = sample();
+    lora_keys::write(&set, LoraFormat::Kohya, &src).unwrap();
+    let s = src.to_str().unwrap();
+
+    let (ok, out, err) = host(&["lora", "inspect", s]);
+    assert!(ok, "{err}");
+    assert!(out.contains("format:      kohya") && out.contains("ComfyUI / A1111 / Forge"), "{out}");
+    assert!(out.contains("r 4 α 8 on 4 modules") && out.contains("r 2 α 1 on 1 module"), "{out}");
+    assert!(out.contains("to_out.0 ×1") && out.contains("conv1 ×1") && out.contains("q_proj ×1"), "{out}");
+    assert!(out.contains("modelspec.architecture = stable-diffusion-v1/lora"), "{out}");
+
+    for (to, out_name) in [
+        ("diffusers", "me-diffusers"),
+        ("peft", "me-peft"),
+        ("comfyui", "me-comfy.safetensors"),
+        ("kohya", "again.safetensors"),
+    ] {
+        let o = d.join(out_name);
+        let (ok, stdout, err) = host(&["lora", "convert", "--to", to, s, o.to_str().unwrap()]);
+        assert!(ok, "{to}: {err}");
+        assert!(stdout.contains("wrote"), "{stdout}");
+        let back = lora_keys::read(&o).unwrap();
+        same_deltas(&set, &back, to);
+        // The CLI writes what the library writes.
+        let lib = d.join(format!("lib-{out_name}"));
+        let files = lora_keys::write(&lora_keys::read(&src).unwrap(), to.parse().unwrap(), &lib).unwrap();
+        for f in files {
+            let rel = f.strip_prefix(&lib).unwrap();
+            let cli = if rel.as_os_str().is_empty() { o.clone() } else { o.join(rel) };
+            assert_eq!(std::fs::read(&f).unwrap(), std::fs::read(&cli).unwrap(), "{to}: {}", rel.display());
+        }
+    }
+    assert_eq!(
+        std::fs::read(&src).unwrap(),
+        std::fs::read(d.join("again.safetensors")).unwrap(),
+        "kohya → kohya is byte-identical"
+    );
+
+    let (ok, out, _) = host(&["lora", "inspect", d.join("me-peft").to_str().unwrap()]);
+    assert!(ok);
+    assert!(
+        out.contains("PeftModel.from_pretrained(unet, dir)") && out.contains("NOT diffusers pipe.load_lora_weights"),
+        "{out}"
+    );
+    assert!(out.contains("subfolder=\"text_encoder\""), "{out}");
+    let (ok, out, _) = host(&["lora", "inspect", "--json", d.join("me-diffusers").to_str().unwrap()]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["format"], "diffusers");
+    assert_eq!(v["parts"]["unet"]["modules"], 5);
+    assert_eq!(v["parts"]["text_encoder"]["modules"], 1);
+    assert!(v["loaded_by"].as_str().unwrap().contains("pipe.load_lora_weights(dir)"));
+}
+
+fn raw_file(path: &Path, keys: &[(&str, RawTensor)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = keys
+        .iter()
+        .map(|(k, t)| (k.to_string(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, &None).unwrap()).unwrap();
+}
+
+#[test]
+fn errors_name_the_key_and_leave_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.safetensors");
+    let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    raw_file(
+        &bad,
+        &[
+            (&format!("{q}.lora_down.weight"), t(vec![2, 8], 1)),
+            (&format!("{q}.lora_up.weight"), t(vec![8, 2], 2)),
+            ("lora_unet_conv_norm_out.lora_down.weight", t(vec![2, 8], 3)),
+        ],
+    );
+    let out = dir.path().join("out.safetensors");
+    let (ok, _, err) = host(&["lora", "convert", "--to", "diffusers", bad.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("bad.safetensors") && err.contains("lora_unet_conv_norm_out.lora_down.weight"), "{err}");
+    assert!(!out.exists(), "nothing written on error");
+    let (ok, _, err) = host(&["lora", "convert", "--to", "lycoris", bad.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(!ok && err.contains("kohya, diffusers, peft or comfyui"), "{err}");
+
+    let flux = dir.path().join("flux.safetensors");
+    let f = "lora_unet_double_blocks_0_img_attn_qkv";
+    raw_file(
+        &flux,
+        &[(&format!("{f}.lora_down.weight"), t(vec![2, 8], 1)), (&format!("{f}.lora_up.weight"), t(vec![8, 2], 2))],
+    );
+    let (ok, out, err) = host(&["lora", "inspect", flux.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("base model:  flux"), "{out}");
+    assert!(err.contains("flux") && err.contains("not implemented"), "{err}");
+}

@@ -1,0 +1,223 @@
+//! LoRA files: the trained LoRA weights → core/diffusion's canonical [`LoraSet`] → each tool's
+//! layout (`lora_keys::write`), and back (`lora_keys::read` → the injected slots). No key
+//! mapping lives here: module names are diffusers module paths on both sides.
+//!
+//! | format | what `export_adapter(dir, …)` writes | loaded by |
+//! |---|---|---|
+//! | `kohya` | `<dir>/<ss_output_name>.safetensors`, `ss_*` + `modelspec.*` metadata | ComfyUI, A1111/Forge, sd-scripts, diffusers' `load_lora_weights` (via its converter) |
+//! | `diffusers` | `<dir>/pytorch_lora_weights.safetensors` (`unet.` / `text_encoder.` keys) | diffusers' `pipe.load_lora_weights(dir)` |
+//! | `peft` | `<dir>/adapter_config.json` + `adapter_model.safetensors` (the UNet's adapter; the text encoder's in `<dir>/text_encoder/`) | `PeftModel.from_pretrained(unet, dir)` — not diffusers' `load_lora_weights`, which accepts a PEFT folder and silently changes nothing |
+//!
+//! The diffusers layout has no alpha key: `lora_keys::write` folds alpha/r into lora_B, so a
+//! file re-read gives the same product (bitwise when alpha = r, the default).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use likeness_diffusion::lora_keys::{self, BaseArch, Component, LoraFormat, LoraModule, LoraSet, RawTensor};
+use likeness_diffusion::lora_meta::{kohya_metadata, TrainingInfo};
+use likeness_diffusion_torch::nn::LoraWeights;
+use likeness_diffusion_torch::Store;
+use tch::{Kind, Tensor};
+
+use crate::config::{Config, Precision};
+use crate::error::{file, input, Result, Sd15Error};
+use crate::model::Pipeline;
+
+/// The formats `export_adapter` writes.
+pub const FORMATS: [&str; 3] = ["kohya", "diffusers", "peft"];
+
+fn store_of(pipe: &Pipeline, c: Component) -> &Store {
+    match c {
+        Component::Unet => &pipe.unet_store,
+        Component::TextEncoder => pipe.text.store(),
+    }
+}
+
+fn to_tensor(t: &RawTensor, what: &str) -> Result<Tensor> {
+    use safetensors::Dtype;
+    let kind = match t.dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        other => {
+            return Err(input(format!("LoRA tensor {what} has dtype {other:?}; only float tensors are LoRA weights")))
+        }
+    };
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    Ok(Tensor::from_data_size(&t.data, &shape, kind))
+}
+
+fn raw_f32(t: &Tensor) -> RawTensor {
+    let t = t.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+    let v: Vec<f32> = Vec::<f32>::try_from(t.flatten(0, -1)).expect("f32 tensor");
+    RawTensor {
+        dtype: safetensors::Dtype::F32,
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Injects exactly the modules of the LoRA at `path` (any format `lora_keys::read` knows), with
+/// the file's ranks, alphas and values. A module the networks do not have, or whose shapes do
+/// not fit the layer, is an error naming the module.
+pub fn inject_from_file(pipe: &Pipeline, path: &Path, precision: Precision, dropout: f64) -> Result<()> {
+    let set = lora_keys::read(path)?;
+    if !matches!(set.arch, BaseArch::Sd15 | BaseArch::Unknown) {
+        return Err(file(path.display(), format!("is a LoRA for {}, not for SD1.5", set.arch)));
+    }
+    if set.modules.is_empty() {
+        return Err(file(path.display(), "holds no LoRA modules"));
+    }
+    let kind = precision.compute_kind();
+    for m in &set.modules {
+        let store = store_of(pipe, m.component);
+        let targets = store.targets();
+        let t = targets.iter().find(|t| t.path == m.path).ok_or_else(|| {
+            file(
+                path.display(),
+                format!(
+                    "LoRA module `{}` ({}) does not exist in this model's {}; is the LoRA for another base model or size?",
+                    m.path,
+                    m.component.as_str(),
+                    m.component.as_str()
+                ),
+            )
+        })?;
+        let r = m.rank() as i64;
+        let down = to_tensor(&m.down, &format!("{}.down", m.path))?;
+        let up = to_tensor(&m.up, &format!("{}.up", m.path))?;
+        let ws = &t.weight_shape;
+        let want_down: Vec<i64> = [vec![r, ws[1]], ws[2..].to_vec()].concat();
+        let want_up: Vec<i64> = if ws.len() == 4 { vec![ws[0], r, 1, 1] } else { vec![ws[0], r] };
+        if down.size() != want_down || up.size() != want_up {
+            return Err(file(
+                path.display(),
+                format!(
+                    "LoRA module `{}`: down {:?} / up {:?} do not fit the layer's weight {ws:?} (expected {want_down:?} / {want_up:?})",
+                    m.path,
+                    down.size(),
+                    up.size()
+                ),
+            ));
+        }
+        let dev = store.device;
+        *t.slot.lock().unwrap() = Some(LoraWeights {
+            down: down.to_kind(kind).to_device(dev).set_requires_grad(true),
+            up: up.to_kind(kind).to_device(dev).set_requires_grad(true),
+            alpha_over_r: m.alpha / r as f64,
+            adapter_scale: 1.0,
+            dropout,
+            training: false,
+        });
+    }
+    Ok(())
+}
+
+/// `precision = fp64`: the LoRA weights in f64 too, so the whole chain is f64.
+pub fn lora_to_f64(store: &Store) {
+    for t in store.targets() {
+        if let Some(l) = &mut *t.slot.lock().unwrap() {
+            l.down = l.down.detach().to_kind(Kind::Double).set_requires_grad(true);
+            l.up = l.up.detach().to_kind(Kind::Double).set_requires_grad(true);
+        }
+    }
+}
+
+/// The injected LoRA weights as a canonical set (f32 tensors).
+pub fn lora_set(pipe: &Pipeline, metadata: BTreeMap<String, String>) -> LoraSet {
+    let mut modules = Vec::new();
+    for c in [Component::Unet, Component::TextEncoder] {
+        for t in store_of(pipe, c).targets() {
+            if let Some(l) = &*t.slot.lock().unwrap() {
+                let r = l.down.size()[0] as f64;
+                modules.push(LoraModule {
+                    component: c,
+                    path: t.path.clone(),
+                    down: raw_f32(&l.down),
+                    up: raw_f32(&l.up),
+                    alpha: l.alpha_over_r * r,
+                });
+            }
+        }
+    }
+    LoraSet { format: LoraFormat::Diffusers, arch: BaseArch::Sd15, modules, metadata }
+}
+
+/// The caller's metadata as strings (non-string JSON values as JSON text).
+fn string_metadata(meta: &serde_json::Map<String, serde_json::Value>) -> BTreeMap<String, String> {
+    meta.iter()
+        .map(|(k, v)| {
+            let s = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), s)
+        })
+        .collect()
+}
+
+/// Writes the adapter into the existing directory `dir` in `format`; returns the files written.
+pub fn export(
+    pipe: &Pipeline,
+    c: &Config,
+    dir: &Path,
+    format: &str,
+    meta: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Vec<PathBuf>> {
+    if !FORMATS.contains(&format) {
+        return Err(input(format!(
+            "cannot export an adapter in format `{format}`; valid formats: {}",
+            FORMATS.join(", ")
+        )));
+    }
+    if !dir.is_dir() {
+        return Err(file(dir.display(), "the adapter directory does not exist"));
+    }
+    let given = string_metadata(meta);
+    let num = |k: &str| given.get(k).and_then(|v| v.parse::<f64>().ok());
+    let mut set = lora_set(pipe, BTreeMap::new());
+    if set.modules.is_empty() {
+        return Err(Sd15Error::Input("the model has no LoRA modules to export".into()));
+    }
+    let rank = set.modules.iter().map(|m| m.rank()).max().unwrap_or(0);
+    let alpha = set.modules.iter().find(|m| m.rank() == rank).map(|m| m.alpha).unwrap_or(rank as f64);
+    let title = given
+        .get("modelspec.title")
+        .or_else(|| given.get("ss_output_name"))
+        .cloned()
+        .unwrap_or_else(|| "likeness".into());
+    let info = TrainingInfo {
+        arch: BaseArch::Sd15,
+        rank,
+        alpha,
+        title: title.clone(),
+        resolution: (c.resolution, c.resolution),
+        base_model: c.pretrained.clone(),
+        steps: num("ss_steps").unwrap_or(0.0) as u64,
+        epochs: num("ss_epoch").unwrap_or(0.0) as u64,
+        learning_rate: num("ss_learning_rate").unwrap_or(0.0),
+        // Deterministic bytes: a start time only when the trainer gives one.
+        started_at_unix: num("ss_training_started_at").unwrap_or(0.0) as u64,
+        extra: given.clone(),
+    };
+    let files = match format {
+        "kohya" => {
+            set.metadata = kohya_metadata(&info);
+            let name: String =
+                title.chars().map(|ch| if ch.is_alphanumeric() || "-_.".contains(ch) { ch } else { '_' }).collect();
+            lora_keys::write(&set, LoraFormat::Kohya, &dir.join(format!("{name}.safetensors")))?
+        }
+        "diffusers" => {
+            set.metadata = given;
+            lora_keys::write(&set, LoraFormat::Diffusers, dir)?
+        }
+        _ => {
+            set.metadata = given;
+            // The UNet's adapter at `<dir>/`, the text encoder's (if any) at `<dir>/text_encoder/`.
+            lora_keys::write(&set, LoraFormat::Peft, dir)?
+        }
+    };
+    Ok(files)
+}

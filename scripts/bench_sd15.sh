@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The SD1.5 bench (issue 8): our `host train --plugin sd15-lora` / `host generate` (the real
+# binary and plugin, whole processes) against diffusers 0.42.1 + peft 0.21.2
+# (tests/python/bench_sd15.py) on the same model folder, in one run, as ratios:
+#   training  median step time, fp32 vs fp32 and bf16 vs bf16 (ours: base weights bf16, LoRA
+#             fp32; diffusers: torch.autocast bf16 over fp32 weights, the issue's measurement)
+#   sampling  seconds per image (DDIM, same steps, size and guidance)
+#   memory    peak RSS of each process (/usr/bin/time -v for ours, ru_maxrss for Python)
+#   scripts/bench_sd15.sh [OUT_DIR]   (default runs/bench-sd15)
+# Env: LIKENESS_BENCH_STEPS (timed training steps, default 5, after 2 untimed),
+#      LIKENESS_BENCH_THREADS (default 2, the issue's), LIKENESS_BENCH_SAMPLE_STEPS (default 10).
+# The model: make_tiny_sd15.py --preset half (SD1.5's UNet widths halved 160/320/640/640,
+# cross-attention 768, 2 layers per block; a small VAE of factor 8), 256×256 images → 32×32
+# latents, batch 2, LoRA rank 16 on to_q/to_k/to_v/to_out.0, AdamW. Ours trains on cached
+# latents and text embeddings (cache on, decode_pixels = false: the diffusion loss only), which
+# is the Python loop's "fixed latents and text embeddings". Ours' step time is read from
+# metrics.jsonl's it_s (the optimizer step, host-measured), Python's from perf_counter around
+# the step. The machine's other load moves every absolute number; compare ratios from one run.
+# Needs the set-up (scripts/setup.sh) and the built plugins (scripts/build.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+[[ -x "$LIKENESS_PYTHON" ]] || { log "error: $LIKENESS_PYTHON is missing: run bash scripts/setup.sh"; exit 1; }
+cd "$REPO"
+out=$(realpath -m "${1:-runs/bench-sd15}")
+steps=${LIKENESS_BENCH_STEPS:-5}
+warmup=2
+threads=${LIKENESS_BENCH_THREADS:-2}
+sample_steps=${LIKENESS_BENCH_SAMPLE_STEPS:-10}
+host="${CARGO_TARGET_DIR:-$REPO/target}/release/host"
+plugins="${CARGO_TARGET_DIR:-$REPO/target}/release/plugins"
+[[ -x "$host" && -d "$plugins/sd15-lora" ]] || {
+    log "error: $host or the staged sd15-lora plugin is missing: run bash scripts/build.sh"; exit 1; }
+mkdir -p "$out"
+model="$out/half-sd15"
+"$LIKENESS_PYTHON" tests/python/make_tiny_sd15.py --out "$model" --preset half >"$out/make_half.log" 2>&1 ||
+    { log "error: make_tiny_sd15.py failed (see $out/make_half.log)"; exit 1; }
+# libtorch (ours and torch's) sizes its pool from OMP_NUM_THREADS; Python also calls set_num_threads.
+export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+
+# Two 256×256 examples (real photographs) in DRIP's layout: one batch of 2 per step.
+data="$out/dataset"
+rm -rf "$data"
+for i in 1 2; do
+    mkdir -p "$data/person_00$i"
+    cp "$LIKENESS_DATA/photos/face_recognition/obama.jpg" "$data/person_00$i/orig.jpg"
+    cp "$LIKENESS_DATA/photos/face_recognition/obama2.jpg" "$data/person_00$i/ref_face.jpg"
+    echo "a photo of a person $i" >"$data/person_00$i/prompt.txt"
+done
+
+ours_train() { # ours_train PRECISION
+    local run="$out/ours-train-$1"
+    rm -rf "$run"
+    /usr/bin/time -v -o "$run.time" "$host" --plugin-dir "$plugins" train --plugin sd15-lora --data_root "$data" \
+        --pretrained_model "$model" --resolution 256 --batch_size 2 --lr 1e-4 --steps $((warmup + steps)) \
+        --output "$run" --no-progress \
+        --set model.config.precision="\"$1\"" --set model.config.lora_rank=16 --set model.config.lora_alpha=16 \
+        --set model.config.decode_pixels=false --set model.config.sample_steps=1 --set train.schedule='"constant"' \
+        --set data.val_fraction=0 --set data.test_fraction=0 --set train.save_every=0 --set train.sample_count=1 \
+        --set sample.every_steps=100000 >"$run.log" 2>&1 || { log "error: ours train $1 failed"; tail -5 "$run.log"; exit 1; }
+}
+py_train() { # py_train PRECISION
+    "$LIKENESS_PYTHON" tests/python/bench_sd15.py train --model "$model" --steps "$steps" --warmup "$warmup" \
+        --precision "$1" --threads "$threads" --json "$out/py-train-$1.json" >"$out/py-train-$1.log" 2>&1 ||
+        { log "error: python train $1 failed"; tail -5 "$out/py-train-$1.log"; exit 1; }
+}
+ours_sample() {
+    rm -rf "$out/ours-sample"
+    RUST_LOG=info /usr/bin/time -v -o "$out/ours-sample.time" "$host" --plugin-dir "$plugins" generate \
+        --plugin sd15-lora --pretrained_model "$model" --prompt "a photo of a person" --prompt "a photo of a person" \
+        --prompt "a photo of a person" --steps "$sample_steps" --cfg 7.5 --width 256 --height 256 --seed 0 \
+        --output "$out/ours-sample" >"$out/ours-sample.log" 2>&1 || { log "error: ours sample failed"; tail -5 "$out/ours-sample.log"; exit 1; }
+}
+py_sample() {
+    "$LIKENESS_PYTHON" tests/python/bench_sd15.py sample --model "$model" --images 2 --steps "$sample_steps" \
+        --size 256 --cfg 7.5 --threads "$threads" --json "$out/py-sample.json" >"$out/py-sample.log" 2>&1 ||
+        { log "error: python sample failed"; tail -5 "$out/py-sample.log"; exit 1; }
+}
+t0=$(date +%s)
+for p in fp32 bf16; do
+    log "train $p: ours"; ours_train $p
+    log "train $p: diffusers + peft"; py_train $p
+done
+log "sample: ours"; ours_sample
+log "sample: diffusers"; py_sample
+log "bench finished in $(( $(date +%s) - t0 )) s"
+
+"$LIKENESS_PYTHON" - "$out" "$warmup" <<'EOF'
+import datetime, json, os, re, statistics, sys
+out, warmup = sys.argv[1], int(sys.argv[2])
+
+def rss(path):  # /usr/bin/time -v: "Maximum resident set size (kbytes): N"
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(path).read())
+    return int(m.group(1)) * 1024
+
+def ours_steps(run):
+    recs = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if l.strip()]
+    return [1.0 / r["it_s"] for r in recs if r.get("type") == "train"][warmup:]
+
+rows = []
+gb = lambda b: f"{b / 1e9:.2f} GB"
+for p in ("fp32", "bf16"):
+    o = ours_steps(os.path.join(out, f"ours-train-{p}"))
+    py = json.load(open(os.path.join(out, f"py-train-{p}.json")))
+    om, pm = statistics.median(o), py["median_step_s"]
+    ro, rp = rss(os.path.join(out, f"ours-train-{p}.time")), py["peak_rss_bytes"]
+    rows.append(f"| train {p} | {om:.3f} s/step ({len(o)} steps, {min(o):.3f}–{max(o):.3f}) | {pm:.3f} s/step "
+                f"({min(py['step_seconds']):.3f}–{max(py['step_seconds']):.3f}) | **{pm / om:.2f}×** | {gb(ro)} | {gb(rp)} | **{rp / ro:.2f}×** |")
+# ours: seconds between consecutive "generated" log lines (the first image includes no load, but
+# is warm-up as Python's first call is).
+stamps = []
+for l in open(os.path.join(out, "ours-sample.log")):
+    if "generated" in l:
+        t = re.match(r"(\S+)Z", l).group(1)
+        stamps.append(datetime.datetime.fromisoformat(t))
+o = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+py = json.load(open(os.path.join(out, "py-sample.json")))
+om, pm = statistics.median(o), py["median_image_s"]
+ro, rp = rss(os.path.join(out, "ours-sample.time")), py["peak_rss_bytes"]
+rows.append(f"| sample fp32 ({py['steps']} DDIM steps, cfg {py['cfg']}, {py['size']}²) | {om:.3f} s/image ({1 / om:.3f} img/s) "
+            f"| {pm:.3f} s/image ({1 / pm:.3f} img/s) | **{pm / om:.2f}×** | {gb(ro)} | {gb(rp)} | **{rp / ro:.2f}×** |")
+md = ("| figure | ours (host + sd15-lora) | diffusers (+ peft) | speed-up (theirs / ours) | peak RSS ours | peak RSS theirs | memory ratio (theirs / ours) |\n"
+      "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+open(os.path.join(out, "bench_sd15.md"), "w").write(md)
+print(md)
+EOF
