@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference token ids of open_clip_torch 3.3.0 for core/clip's tokenizer test.
 
-Texts: every line and every quoted string of /work/shared/seeds/*.txt (or --seeds), plus
+Texts: every line and every quoted string of ../shared/seeds/*.txt beside the repo (or --seeds), plus
 --n generated strings (fixed seed) mixing ASCII words, punctuation, numbers, emoji, CJK,
 Arabic, Cyrillic, Devanagari, precomposed and combining accents, curly quotes, ligatures,
 fullwidth forms, HTML entities, whitespace runs and over-long prompts (> 77 tokens).
@@ -50,7 +50,12 @@ def generate(n, seed):
 
 def seed_texts(pattern):
     texts = []
-    for path in sorted(glob.glob(pattern)):
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        # The seeds' prompts are part of the oracle (issue 7): a missing ../shared is an error, not
+        # a smaller test.
+        raise SystemExit(f"clip_oracle.py: no seed documents match {pattern}; pass --seeds or put shared/ beside the repo")
+    for path in paths:
         with open(path, encoding="utf-8") as f:
             content = f.read()
         texts += [line for line in content.split("\n") if line.strip()]
@@ -231,7 +236,9 @@ def photos(model_dir, paths, out_dir, prompts):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--seeds", default="/work/shared/seeds/*.txt")
+    # ../shared/seeds beside the repository (CI's layout and this machine's /work/shared).
+    ap.add_argument("--seeds", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                                                    "shared", "seeds", "*.txt"))
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--hf-dir", help="also write a transformers tokenizer folder built from the same vocab "
                     "(vocab.json + merges.txt in DIR/files, save_pretrained in DIR/saved) and its ids")
