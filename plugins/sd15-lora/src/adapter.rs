@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use likeness_diffusion::lora_keys::{self, BaseArch, Component, LoraFormat, LoraModule, LoraSet, RawTensor};
 use likeness_diffusion::lora_meta::{kohya_metadata, TrainingInfo};
+use likeness_diffusion::schedules::Prediction;
 use likeness_diffusion_torch::nn::LoraWeights;
 use likeness_diffusion_torch::Store;
 use tch::{Kind, Tensor};
@@ -145,6 +146,31 @@ pub fn lora_set(pipe: &Pipeline, metadata: BTreeMap<String, String>) -> LoraSet 
     LoraSet { format: LoraFormat::Diffusers, arch: BaseArch::Sd15, modules, metadata }
 }
 
+/// The keys only the model can fill in truly: the trainer passes generic placeholders for them
+/// (`modelspec.architecture = "<plugin id>/lora"`, `ss_base_model_version = "<plugin id>"`, the
+/// full `pretrained` path), which would otherwise overwrite `kohya_metadata`'s SD1.5 values
+/// (`stable-diffusion-v1/lora`, `sd_v1`, …) that ComfyUI / A1111 read.
+const MODEL_KEYS: [&str; 6] = [
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.sai_model_spec",
+    "modelspec.prediction_type",
+    "ss_base_model_version",
+    "ss_sd_model_name",
+];
+
+/// The trainer's run metadata (steps, epochs, lr, seed, dataset …) without [`MODEL_KEYS`], plus
+/// the prediction type as sd-scripts' model spec spells it (`epsilon` or `v`).
+fn run_metadata(given: &BTreeMap<String, String>, prediction: Prediction) -> BTreeMap<String, String> {
+    let mut extra = given.clone();
+    for k in MODEL_KEYS {
+        extra.remove(k);
+    }
+    let p = if prediction == Prediction::VPrediction { "v" } else { "epsilon" };
+    extra.insert("modelspec.prediction_type".into(), p.into());
+    extra
+}
+
 /// The caller's metadata as strings (non-string JSON values as JSON text).
 fn string_metadata(meta: &serde_json::Map<String, serde_json::Value>) -> BTreeMap<String, String> {
     meta.iter()
@@ -200,21 +226,28 @@ pub fn export(
         learning_rate: num("ss_learning_rate").unwrap_or(0.0),
         // Deterministic bytes: a start time only when the trainer gives one.
         started_at_unix: num("ss_training_started_at").unwrap_or(0.0) as u64,
-        extra: given.clone(),
+        extra: run_metadata(&given, pipe.scheduler.prediction),
     };
+    let mut metadata = kohya_metadata(&info);
+    if !given.contains_key("ss_training_started_at") {
+        // No start time from the trainer: leave the date out rather than write 1970 (the bytes
+        // stay deterministic either way).
+        metadata.remove("ss_training_started_at");
+        metadata.remove("modelspec.date");
+    }
     let files = match format {
         "kohya" => {
-            set.metadata = kohya_metadata(&info);
+            set.metadata = metadata;
             let name: String =
                 title.chars().map(|ch| if ch.is_alphanumeric() || "-_.".contains(ch) { ch } else { '_' }).collect();
             lora_keys::write(&set, LoraFormat::Kohya, &dir.join(format!("{name}.safetensors")))?
         }
         "diffusers" => {
-            set.metadata = given;
+            set.metadata = metadata;
             lora_keys::write(&set, LoraFormat::Diffusers, dir)?
         }
         _ => {
-            set.metadata = given;
+            set.metadata = metadata;
             // The UNet's adapter at `<dir>/`, the text encoder's (if any) at `<dir>/text_encoder/`.
             lora_keys::write(&set, LoraFormat::Peft, dir)?
         }

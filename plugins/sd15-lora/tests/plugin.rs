@@ -402,6 +402,10 @@ fn exported_adapters_load_back_through_lora() {
     let mut meta = serde_json::Map::new();
     meta.insert("ss_output_name".into(), "drip person".into());
     meta.insert("ss_steps".into(), "2".into());
+    // The engine's generic placeholders (core/engine/src/train/plan.rs `adapter_metadata`): the
+    // model's own SD1.5 values must win over them, and no 1970 date without a start time.
+    meta.insert("modelspec.architecture".into(), "sd15-lora/lora".into());
+    meta.insert("ss_base_model_version".into(), "sd15-lora".into());
     for format in ["kohya", "diffusers", "peft"] {
         let out = tmp.path().join(format);
         std::fs::create_dir_all(&out).unwrap();
@@ -415,6 +419,11 @@ fn exported_adapters_load_back_through_lora() {
                 assert_eq!(h.metadata.get("ss_network_module").map(String::as_str), Some("networks.lora"));
                 assert_eq!(h.metadata.get("ss_steps").map(String::as_str), Some("2"));
                 assert!(h.metadata.keys().any(|k| k.starts_with("modelspec.")), "{:?}", h.metadata.keys());
+                let get = |k: &str| h.metadata.get(k).map(String::as_str);
+                assert_eq!(get("modelspec.architecture"), Some("stable-diffusion-v1/lora"));
+                assert_eq!(get("ss_base_model_version"), Some("sd_v1"));
+                assert_eq!(get("modelspec.prediction_type"), Some("epsilon"));
+                assert_eq!(get("modelspec.date"), None, "no start time was given");
                 files[0].clone()
             }
             "diffusers" => {
