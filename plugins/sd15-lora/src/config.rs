@@ -182,6 +182,11 @@ pub struct Config {
     pub resolution: u32,
     #[serde(default = "yes")]
     pub decode_pixels: bool,
+    /// sd-scripts' / musubi-tuner's `--gradient_checkpointing`: accepted so that it gets the
+    /// toolkit's explanation (refused: tch 0.26 cannot recompute blocks in backward), not an
+    /// "unknown key" error.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl Config {
@@ -197,6 +202,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
+        likeness_diffusion_torch::training::TrainingOptions { gradient_checkpointing: self.gradient_checkpointing }
+            .validate()
+            .map_err(|e| bad("gradient_checkpointing", e.to_string()))?;
         let p = Path::new(&self.pretrained);
         if !p.exists() {
             return Err(bad("pretrained", format!("{} does not exist; give a diffusers folder (with unet/, vae/, text_encoder/, tokenizer/) or a single-file .safetensors checkpoint", self.pretrained)));
@@ -361,7 +369,9 @@ pub fn config_schema() -> serde_json::Value {
             "resolution": {"type": "integer", "minimum": 8, "multipleOf": 8, "default": 512,
                 "description": "default sample size; training images must be multiples of the VAE factor (8)"},
             "decode_pixels": {"type": "boolean", "default": true,
-                "description": "output `pixels` (x̂0 decoded through the VAE, with gradient) from forward; false saves the decode but then no pixel loss or identity term can be planned"}
+                "description": "output `pixels` (x̂0 decoded through the VAE, with gradient) from forward; false saves the decode but then no pixel loss or identity term can be planned"},
+            "gradient_checkpointing": {"type": "boolean", "default": false,
+                "description": "not available: true is refused (tch 0.26 cannot recompute blocks in backward); lower memory with a smaller batch, bf16/fp16 base weights or a lower resolution"}
         }
     })
 }
@@ -415,4 +425,24 @@ pub fn interface_for(c: &Config) -> ModelInterface {
         s = s.adapter_format(f);
     }
     s.can_sample(true).build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Users of sd-scripts / musubi-tuner set `gradient_checkpointing`; it must get the reason it
+    /// is unavailable (and the alternatives), not "unknown field".
+    #[test]
+    fn gradient_checkpointing_is_refused_with_the_reason() {
+        let e = Config::parse(r#"{"pretrained": "/nonexistent", "gradient_checkpointing": true}"#).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("gradient_checkpointing") && msg.contains("tch 0.26") && msg.contains("smaller batch"),
+            "{msg}"
+        );
+        // false is the default and passes on to the other checks (here: the missing path).
+        let e = Config::parse(r#"{"pretrained": "/nonexistent", "gradient_checkpointing": false}"#).unwrap_err();
+        assert!(e.to_string().contains("pretrained"), "{e}");
+    }
 }
