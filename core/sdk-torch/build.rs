@@ -1,6 +1,11 @@
 // Records the libtorch version torch-sys linked (for descriptors' build stamps).
 // torch-sys has `links = "tch"`, so its DEP_TCH_LIBTORCH_LIB reaches direct dependents only.
+// The rpath is for this crate's own test binary (its unit tests call libtorch); link arguments
+// of a library's build script reach only the package's linked targets, never its dependents.
+include!("build_support/rpath.rs");
+
 fn main() {
+    link_libtorch_with_rpath();
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let version = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .ok()

@@ -2,7 +2,7 @@
 folder (make_tiny_sd15.py --preset half) doing the work `host train` / `host generate` do.
 
 usage:
-  bench_sd15.py train  --model DIR --steps N --warmup W --precision fp32|bf16 --threads T --json OUT
+  bench_sd15.py train  --model DIR --steps N --warmup W --precision fp32|bf16 --threads T --json OUT [--checkpointing]
   bench_sd15.py sample --model DIR --images N --steps S --size PX --cfg G --threads T --json OUT
 
 train: SD1.5's training step as sd-scripts / DRIP run it, with fixed latents and text embeddings
@@ -10,7 +10,9 @@ train: SD1.5's training step as sd-scripts / DRIP run it, with fixed latents and
   and a uniform integer timestep per sample, scheduler.add_noise, UNet(ε) with LoRA rank 16
   (alpha 16) on to_q/to_k/to_v/to_out.0 (peft), MSE to the noise, backward, clip_grad_norm_(1.0),
   AdamW(lr 1e-4, weight decay 0.01), zero_grad. bf16 = torch.autocast("cpu", bfloat16) with fp32
-  weights (the issue's measurement); fp32 = no autocast. Reports the median step time over the
+  weights (the issue's measurement); fp32 = no autocast. --checkpointing: diffusers'
+  unet.enable_gradient_checkpointing() (torch.utils.checkpoint per resnet/transformer).
+  Reports the median step time over the
   timed steps (after `warmup` untimed ones) and the process's peak RSS.
 sample: StableDiffusionPipeline with a DDIMScheduler (the folder's betas), `steps` steps,
   classifier-free guidance `cfg`, size×size, one image per call after one warm-up call.
@@ -42,6 +44,8 @@ def train(a):
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    if a.checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     g = torch.Generator().manual_seed(1)
     side = unet.config.sample_size
@@ -63,6 +67,7 @@ def train(a):
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     return {"side": "diffusers+peft", "what": "train", "precision": a.precision, "threads": a.threads,
+            "gradient_checkpointing": a.checkpointing,
             "step_seconds": times, "median_step_s": statistics.median(times),
             "trainable": sum(p.numel() for p in params), "peak_rss_bytes": peak_rss_bytes()}
 
@@ -99,6 +104,7 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checkpointing", action="store_true", help="unet.enable_gradient_checkpointing()")
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
     r = train(a) if a.what == "train" else sample(a)

@@ -57,34 +57,42 @@ SD15_SCHEDULER = dict(
     clip_sample=False,
 )
 
+# The tiny UNet2DConditionModel and AutoencoderKL configs: the "tiny" preset below, and the
+# models of tests/python/unet_oracle.py (and, through it, lora_oracle.py), which import them from
+# here so that every tiny SD1.5 in the tests has one definition.
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[32, 64, 64],
+    layers_per_block=2,
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    block_out_channels=[32, 64],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+    scaling_factor=0.18215,
+)
+# Standard deviation of the noise added to every parameter of a tiny model (see perturb()).
+TINY_PERTURB = 0.05
+
 PRESETS = {
     "tiny": dict(
-        unet=dict(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            block_out_channels=[32, 64, 64],
-            layers_per_block=2,
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=8,
-        ),
-        vae=dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            block_out_channels=[32, 64],
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=0.18215,
-        ),
+        unet=TINY_UNET,
+        vae=TINY_VAE,
         text=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-        perturb=0.05,
+        perturb=TINY_PERTURB,
     ),
     "half": dict(
         unet=dict(
@@ -168,6 +176,8 @@ def tokenizer(tmp):
 
 
 def perturb(model, seed, scale):
+    """Adds scale·N(0, 1) (a generator seeded with `seed`) to every parameter: default init leaves
+    norms at 1/0 and some biases at 0, so a swapped or ignored tensor would not change outputs."""
     import torch
 
     g = torch.Generator().manual_seed(seed)

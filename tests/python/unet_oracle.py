@@ -13,6 +13,7 @@ usage: unet_oracle.py --out DIR   (writes DIR/{unet,unet_linear,vae}/..., DIR/*.
 import argparse
 import json
 import os
+import sys
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -21,40 +22,20 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-UNET = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[32, 64, 64],
-    layers_per_block=2,
-    cross_attention_dim=32,
-    attention_head_dim=4,
-    norm_num_groups=8,
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_tiny_sd15  # noqa: E402  (beside this file; it imports torch & co. only in main())
+
+# The tiny configs are make_tiny_sd15.py's (its "tiny" preset): one definition for every tiny
+# SD1.5 of the tests. UNET and perturb are imported from here by lora_oracle.py.
+UNET = make_tiny_sd15.TINY_UNET
 # SD2-style variant: linear projections, per-block head counts.
 UNET_LINEAR = dict(UNET, use_linear_projection=True, attention_head_dim=[2, 4, 4])
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    block_out_channels=[32, 64],
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=32,
-)
+VAE = make_tiny_sd15.TINY_VAE
 
 
 def perturb(model, seed):
-    # Default init leaves norms at 1/0 and some biases at 0; perturb every parameter so that
-    # a swapped or ignored tensor changes the output.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    # Every parameter + 0.05·N(0,1), so that a swapped or ignored tensor changes the output.
+    make_tiny_sd15.perturb(model, seed, make_tiny_sd15.TINY_PERTURB)
 
 
 def unet_to_ldm(sd, cfg):

@@ -21,12 +21,14 @@
 //!   ([`nn::Linear::forward`]);
 //! - [`sampling`]: DDIM (η = 0) and Euler with classifier-free guidance over core/diffusion's
 //!   schedules (no second copy of the scheduler maths), epsilon / v / sample prediction;
-//! - [`training`]: `add_noise`, `v_target`, `predict_x0`.
+//! - [`training`]: `add_noise`, `v_target`, `predict_x0`;
+//! - gradient checkpointing of the UNet ([`UNet2DConditionModel::forward_checkpointed`] +
+//!   [`UNetTape::backward`]): a hand-driven segment-wise recomputation, because tch 0.26 has no
+//!   `torch.utils.checkpoint`, custom autograd Function or backward hook.
 //!
 //! Deliberately absent:
-//! - gradient checkpointing: tch 0.26 has no `torch.utils.checkpoint`, custom autograd Function
-//!   or backward hook; [`training::TrainingOptions::validate`] refuses `gradient_checkpointing =
-//!   true` with that reason and the alternatives;
+//! - checkpointing of the VAE decoder and the text encoder (the UNet holds most activations of
+//!   a training step; diffusers' training scripts checkpoint the UNet too);
 //! - `CLIPTextModelWithProjection` (`text_projection`), SDXL's second encoder, PNDM/DPM samplers,
 //!   Karras sigmas, `clip_sample` / thresholding (refused by name in the scheduler config);
 //! - the tokenizer: `likeness_clip::ClipTokenizer::from_hf_folder(<model>/tokenizer)` (core/clip)
@@ -52,5 +54,5 @@ pub use error::{Error, Result};
 pub use lora::{LoraConfig, LoraInit};
 pub use sampling::{denoise, Prediction, Sampler, Schedule, SchedulerConfig};
 pub use store::{Mode, Store};
-pub use unet::UNet2DConditionModel;
+pub use unet::{UNet2DConditionModel, UNetTape};
 pub use vae::AutoencoderKL;

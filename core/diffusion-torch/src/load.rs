@@ -11,21 +11,137 @@ use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-fn read_st(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    Tensor::read_safetensors(path).map_err(|e| Error::Safetensors { path: path.into(), msg: e.to_string() })
+/// A tensor of a safetensors file, known by its header and read only when [`apply`] copies it
+/// into the model: loading then never holds a second copy of the weights (a whole-file read
+/// would double a component's memory until the copies end; that transient was most of the
+/// training process's peak RSS above diffusers', which loads the same way).
+pub struct Stored {
+    shape: Vec<i64>,
+    src: Src,
+}
+
+enum Src {
+    File { file: Arc<std::fs::File>, path: Arc<PathBuf>, kind: Kind, file_shape: Vec<i64>, start: u64, len: usize },
+}
+
+impl Stored {
+    pub fn size(&self) -> Vec<i64> {
+        self.shape.clone()
+    }
+
+    pub fn dim(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// The same data viewed as `[d0, d1·d2·…]` (a 1×1 conv kernel read as a Linear weight).
+    fn flattened(self) -> Stored {
+        let rest: i64 = self.shape[1..].iter().product();
+        Stored { shape: vec![self.shape[0], rest], src: self.src }
+    }
+
+    /// Reads the bytes now.
+    pub fn load(&self) -> Result<Tensor> {
+        use std::os::unix::fs::FileExt;
+        match &self.src {
+            Src::File { file, path, kind, file_shape, start, len } => {
+                let mut bytes = vec![0u8; *len];
+                file.read_exact_at(&mut bytes, *start).map_err(|e| Error::Safetensors {
+                    path: path.as_ref().clone(),
+                    msg: format!("cannot read {len} bytes at offset {start}: {e}"),
+                })?;
+                Ok(Tensor::from_data_size(&bytes, file_shape, *kind).reshape(&self.shape))
+            }
+        }
+    }
+}
+
+fn st_kind(dtype: &str) -> Option<(Kind, usize)> {
+    Some(match dtype {
+        "F64" => (Kind::Double, 8),
+        "F32" => (Kind::Float, 4),
+        "F16" => (Kind::Half, 2),
+        "BF16" => (Kind::BFloat16, 2),
+        "I64" => (Kind::Int64, 8),
+        "I32" => (Kind::Int, 4),
+        "I16" => (Kind::Int16, 2),
+        "I8" => (Kind::Int8, 1),
+        "U8" => (Kind::Uint8, 1),
+        "BOOL" => (Kind::Bool, 1),
+        _ => return None,
+    })
+}
+
+/// The tensors of one safetensors file from its header (8 bytes + its JSON, whatever the file's
+/// size); each header entry is checked against the file's length.
+fn read_st(path: &Path) -> Result<Vec<(String, Stored)>> {
+    use std::io::Read;
+    let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
+    let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let total = f.metadata().map_err(|source| Error::Io { path: path.into(), source })?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("cannot read the header length: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    if n.saturating_add(8) > total || n > 100 << 20 {
+        return Err(bad(format!("header length {n} does not fit the file's {total} bytes: not a safetensors file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(format!("cannot read the header: {e}")))?;
+    let v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let (file, shared_path) = (Arc::new(f), Arc::new(path.to_path_buf()));
+    let data_start = 8 + n;
+    let mut out = Vec::new();
+    for (name, info) in v {
+        if name == "__metadata__" {
+            continue;
+        }
+        let shape: Vec<i64> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_i64().filter(|&d| d >= 0)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad(format!("tensor {name}: no non-negative integer `shape` in the header")))?;
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let (kind, width) =
+            st_kind(dtype).ok_or_else(|| bad(format!("tensor {name}: dtype {dtype} is not supported")))?;
+        let offsets: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
+            .filter(|o| o.len() == 2 && o[0] <= o[1])
+            .ok_or_else(|| bad(format!("tensor {name}: `data_offsets` must be [begin, end]")))?;
+        let numel: u64 = shape.iter().map(|&d| d as u64).product();
+        let len = offsets[1] - offsets[0];
+        if numel.checked_mul(width as u64) != Some(len) || data_start + offsets[1] > total {
+            return Err(bad(format!(
+                "tensor {name}: {len} bytes at {:?} do not hold {shape:?} {dtype} inside the file's {total} bytes",
+                offsets
+            )));
+        }
+        let src = Src::File {
+            file: file.clone(),
+            path: shared_path.clone(),
+            kind,
+            file_shape: shape.clone(),
+            start: data_start + offsets[0],
+            len: len as usize,
+        };
+        out.push((name, Stored { shape, src }));
+    }
+    Ok(out)
 }
 
 /// The tensors of a component folder: `diffusion_pytorch_model.safetensors`, or every shard the
 /// `diffusion_pytorch_model.safetensors.index.json` weight_map names.
-pub fn read_component_weights(dir: &Path) -> Result<Vec<(String, Tensor)>> {
+pub fn read_component_weights(dir: &Path) -> Result<Vec<(String, Stored)>> {
     read_weights(dir, "diffusion_pytorch_model")
 }
 
 /// `<stem>.safetensors`, or every shard `<stem>.safetensors.index.json` names (diffusers writes
 /// `diffusion_pytorch_model`, transformers `model`).
-pub fn read_weights(dir: &Path, stem: &str) -> Result<Vec<(String, Tensor)>> {
+pub fn read_weights(dir: &Path, stem: &str) -> Result<Vec<(String, Stored)>> {
     let single = dir.join(format!("{stem}.safetensors"));
     if single.exists() {
         return read_st(&single);
@@ -64,10 +180,12 @@ pub fn read_weights(dir: &Path, stem: &str) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-/// Copies `tensors` (diffusers names) into the store's parameters, cast to the store's dtype.
-pub fn apply(store: &Store, tensors: Vec<(String, Tensor)>, source: &str, model: &'static str) -> Result<()> {
+/// Checks `tensors` (diffusers names) against the store's parameters — every missing,
+/// unexpected and wrong-shape tensor named in one error — and, unless the store only plans,
+/// reads each one and copies it in, cast to the store's dtype (one tensor in memory at a time).
+pub fn apply(store: &Store, tensors: Vec<(String, Stored)>, source: &str, model: &'static str) -> Result<()> {
     let params: BTreeMap<String, Tensor> = store.named_parameters().into_iter().collect();
-    let mut given: HashMap<String, Tensor> = HashMap::new();
+    let mut given: HashMap<String, Stored> = HashMap::new();
     let mut unexpected = Vec::new();
     for (n, t) in tensors {
         if params.contains_key(&n) {
@@ -94,11 +212,12 @@ pub fn apply(store: &Store, tensors: Vec<(String, Tensor)>, source: &str, model:
     }
     tch::no_grad(|| {
         for (n, p) in &params {
+            let t = given.remove(n).expect("checked above").load()?;
             let mut p = p.shallow_clone();
-            p.copy_(&given[n].to_kind(store.kind).to_device(store.device));
+            p.copy_(&t.to_kind(store.kind).to_device(store.device));
         }
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 fn component(dir: &Path, name: &str) -> PathBuf {
@@ -120,9 +239,15 @@ pub fn unet_from_diffusers(dir: &Path, kind: Kind, device: Device) -> Result<(St
 }
 
 pub fn vae_from_diffusers(dir: &Path, kind: Kind, device: Device) -> Result<(Store, AutoencoderKL)> {
+    vae_from_diffusers_mode(dir, kind, device, Mode::Alloc)
+}
+
+/// `Plan`: checks names and shapes against the file headers only (no weight is read); what a
+/// loader that defers the weights calls up front, so a broken file still fails early.
+pub fn vae_from_diffusers_mode(dir: &Path, kind: Kind, device: Device, mode: Mode) -> Result<(Store, AutoencoderKL)> {
     let dir = component(dir, "vae");
     let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
-    let store = Store::new(Mode::Alloc, kind, device);
+    let store = Store::new(mode, kind, device);
     let model = AutoencoderKL::new(&store, &cfg);
     apply(&store, read_component_weights(&dir)?, &dir.display().to_string(), "AutoencoderKL")?;
     Ok((store, model))
@@ -131,7 +256,7 @@ pub fn vae_from_diffusers(dir: &Path, kind: Kind, device: Device) -> Result<(Sto
 /// transformers 5 saves `CLIPTextModel` without the `text_model.` prefix, transformers 4 (SD1.5's
 /// files) with it; the buffer `embeddings.position_ids` (persistent in transformers < 4.31) is
 /// not a parameter. Normalised to this crate's `text_model.…` names.
-fn text_encoder_names(tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+fn text_encoder_names(tensors: Vec<(String, Stored)>) -> Vec<(String, Stored)> {
     tensors
         .into_iter()
         .filter(|(n, _)| !n.ends_with("embeddings.position_ids"))
@@ -145,11 +270,22 @@ fn text_encoder_names(tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
 /// A transformers `CLIPTextModel` folder (`<model>/text_encoder` or the model root): config.json +
 /// model.safetensors (or its sharded index).
 pub fn text_encoder_from_diffusers(dir: &Path, kind: Kind, device: Device) -> Result<(Store, ClipTextModel)> {
+    text_encoder_from_diffusers_mode(dir, kind, device, Mode::Alloc)
+}
+
+/// `Plan`: the header-only check (see [`vae_from_diffusers_mode`]).
+pub fn text_encoder_from_diffusers_mode(
+    dir: &Path,
+    kind: Kind,
+    device: Device,
+    mode: Mode,
+) -> Result<(Store, ClipTextModel)> {
     let dir = component(dir, "text_encoder");
     let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-    let store = Store::new(Mode::Alloc, kind, device);
+    let store = Store::new(mode, kind, device);
     let model = ClipTextModel::new(&store, &cfg);
-    apply(&store, text_encoder_names(read_weights(&dir, "model")?), &dir.display().to_string(), "CLIPTextModel")?;
+    let tensors = text_encoder_names(read_weights(&dir, "model")?);
+    apply(&store, tensors, &dir.display().to_string(), "CLIPTextModel")?;
     Ok((store, model))
 }
 
@@ -161,7 +297,18 @@ pub fn text_encoder_from_single_file(
     kind: Kind,
     device: Device,
 ) -> Result<(Store, ClipTextModel)> {
-    let store = Store::new(Mode::Alloc, kind, device);
+    text_encoder_from_single_file_mode(file, cfg, kind, device, Mode::Alloc)
+}
+
+/// `Plan`: the header-only check (see [`vae_from_diffusers_mode`]).
+pub fn text_encoder_from_single_file_mode(
+    file: &Path,
+    cfg: &ClipTextConfig,
+    kind: Kind,
+    device: Device,
+    mode: Mode,
+) -> Result<(Store, ClipTextModel)> {
+    let store = Store::new(mode, kind, device);
     let model = ClipTextModel::new(&store, cfg);
     let tensors = read_st(file)?
         .into_iter()
@@ -189,18 +336,18 @@ fn ldm_index(
 /// Tensors under `prefix` of a single-file checkpoint, renamed to diffusers names; tensors
 /// outside the prefix (text encoder, EMA, the other network) are not this model's business.
 fn from_ldm(
-    tensors: &[(String, Tensor)],
+    tensors: Vec<(String, Stored)>,
     prefix: &str,
     idx: &HashMap<String, (String, bool)>,
-) -> Vec<(String, Tensor)> {
+) -> Vec<(String, Stored)> {
     tensors
-        .iter()
+        .into_iter()
         .filter(|(n, _)| n.starts_with(prefix))
-        .map(|(n, t)| match idx.get(n) {
-            Some((d, true)) if t.dim() == 4 => (d.clone(), t.flatten(1, -1)),
-            Some((d, _)) => (d.clone(), t.shallow_clone()),
+        .map(|(n, t)| match idx.get(&n) {
+            Some((d, true)) if t.dim() == 4 => (d.clone(), t.flattened()),
+            Some((d, _)) => (d.clone(), t),
             // Kept under its LDM name so the mismatch report shows it as unexpected.
-            None => (n.clone(), t.shallow_clone()),
+            None => (n, t),
         })
         .collect()
 }
@@ -214,7 +361,7 @@ pub fn unet_from_single_file(
     let store = Store::new(Mode::Alloc, kind, device);
     let model = UNet2DConditionModel::new(&store, cfg);
     let idx = ldm_index(&store, ldm::UNET_PREFIX, |n| ldm::unet_to_ldm(n, cfg).map(|l| (l, false)))?;
-    let tensors = from_ldm(&read_st(file)?, ldm::UNET_PREFIX, &idx);
+    let tensors = from_ldm(read_st(file)?, ldm::UNET_PREFIX, &idx);
     apply(&store, tensors, &format!("{} ({}*)", file.display(), ldm::UNET_PREFIX), "UNet2DConditionModel")?;
     Ok((store, model))
 }
@@ -225,11 +372,22 @@ pub fn vae_from_single_file(
     kind: Kind,
     device: Device,
 ) -> Result<(Store, AutoencoderKL)> {
-    let store = Store::new(Mode::Alloc, kind, device);
+    vae_from_single_file_mode(file, cfg, kind, device, Mode::Alloc)
+}
+
+/// `Plan`: the header-only check (see [`vae_from_diffusers_mode`]).
+pub fn vae_from_single_file_mode(
+    file: &Path,
+    cfg: &VaeConfig,
+    kind: Kind,
+    device: Device,
+    mode: Mode,
+) -> Result<(Store, AutoencoderKL)> {
+    let store = Store::new(mode, kind, device);
     let model = AutoencoderKL::new(&store, cfg);
     let nb = cfg.block_out_channels.len();
     let idx = ldm_index(&store, ldm::VAE_PREFIX, |n| ldm::vae_to_ldm(n, nb))?;
-    let tensors = from_ldm(&read_st(file)?, ldm::VAE_PREFIX, &idx);
+    let tensors = from_ldm(read_st(file)?, ldm::VAE_PREFIX, &idx);
     apply(&store, tensors, &format!("{} ({}*)", file.display(), ldm::VAE_PREFIX), "AutoencoderKL")?;
     Ok((store, model))
 }
@@ -247,4 +405,73 @@ pub fn ldm_shapes(
         out.push((format!("{prefix}{l}"), s));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written by libtorch's own safetensors writer, read back header-first and tensor by
+    /// tensor, gives the same tensors bitwise (every dtype the checkpoints use, a 0-d and an
+    /// empty tensor); then every truncation and a sweep of corrupted header bytes of it give an
+    /// error, never a panic or a wrong read.
+    #[test]
+    fn header_first_reading_matches_libtorch_and_refuses_damaged_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let o = (Kind::Float, Device::Cpu);
+        let tensors = vec![
+            ("a.weight".to_string(), Tensor::arange(24, o).view([2, 3, 4]) * 0.37),
+            ("b.half".to_string(), (Tensor::arange(6, o) * 1.5).to_kind(Kind::Half)),
+            ("c.bf16".to_string(), (Tensor::arange(5, o) - 2.25).to_kind(Kind::BFloat16)),
+            ("d.f64".to_string(), Tensor::arange(3, (Kind::Double, Device::Cpu)) / 3.0),
+            ("e.ids".to_string(), Tensor::arange(4, (Kind::Int64, Device::Cpu))),
+            ("f.scalar".to_string(), Tensor::from(2.5f32)),
+            ("g.empty".to_string(), Tensor::zeros([0, 4], o)),
+        ];
+        Tensor::write_safetensors(&tensors, &path).unwrap();
+        let read = read_st(&path).unwrap();
+        assert_eq!(read.len(), tensors.len());
+        for (name, t) in &tensors {
+            let (_, s) = read.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} not read"));
+            assert_eq!(s.size(), t.size(), "{name}");
+            let got = s.load().unwrap();
+            assert_eq!(got.kind(), t.kind(), "{name}");
+            assert!(bool::try_from(got.eq_tensor(t).all()).unwrap(), "{name}: values differ");
+        }
+        // A 1×1 conv kernel viewed as a Linear weight.
+        let conv = Tensor::arange(6, o).view([3, 2, 1, 1]);
+        let p2 = dir.path().join("conv.safetensors");
+        Tensor::write_safetensors(&[("k", &conv)], &p2).unwrap();
+        let (_, k) = read_st(&p2).unwrap().pop().unwrap();
+        let flat = k.flattened();
+        assert_eq!(flat.size(), vec![3, 2]);
+        assert!(bool::try_from(flat.load().unwrap().eq_tensor(&conv.view([3, 2])).all()).unwrap());
+
+        let bytes = std::fs::read(&path).unwrap();
+        let damaged = dir.path().join("damaged.safetensors");
+        let read_all = |b: &[u8]| -> Result<()> {
+            std::fs::write(&damaged, b).unwrap();
+            for (_, s) in read_st(&damaged)? {
+                let _ = s.load()?;
+            }
+            Ok(())
+        };
+        for cut in 0..bytes.len() {
+            assert!(
+                read_all(&bytes[..cut]).is_err(),
+                "a file cut at {cut} of {} bytes read without error",
+                bytes.len()
+            );
+        }
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        for i in 0..header_end {
+            for v in [0u8, b'9', b'"', 0xff] {
+                let mut b = bytes.clone();
+                b[i] = v;
+                // Either a clean error or a file that still parses: only a panic fails the test.
+                let _ = read_all(&b);
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Training-side tensor helpers: the forward process (`DDPMScheduler.add_noise`), the v target
 //! (`get_velocity`) and x̂0 from a prediction (differentiable: the identity loss decodes it), all
-//! over core/diffusion's `alphas_cumprod`; and the training options this crate refuses.
+//! over core/diffusion's `alphas_cumprod`. Gradient checkpointing is
+//! [`crate::unet::UNet2DConditionModel::forward_checkpointed`].
 
 use crate::error::{Error, Result};
 use likeness_diffusion::schedules::Prediction;
@@ -68,31 +69,4 @@ pub fn predict_x0(x_t: &Tensor, model_out: &Tensor, alpha_bar_t: &Tensor, predic
         Prediction::VPrediction => x_t * sa - model_out * sb,
         Prediction::Sample => model_out.shallow_clone(),
     })
-}
-
-/// Training options of the tch models that need more than a flag.
-#[derive(Clone, Debug, Default)]
-pub struct TrainingOptions {
-    pub gradient_checkpointing: bool,
-}
-
-impl TrainingOptions {
-    /// Gradient checkpointing is refused: tch 0.26 exposes neither `torch.utils.checkpoint` nor
-    /// custom autograd Functions nor tensor backward hooks, so a block cannot be recomputed
-    /// inside autograd's backward. (A hand-driven segmented backward — store block inputs, re-run
-    /// each block with grad, feed its output gradient with `backward` of `(y·ḡ).sum()` — is
-    /// possible for a plain chain, but the UNet's skip connections make every down block an input
-    /// of an up block, and the trainer's single `backward` over the whole graph would have to be
-    /// replaced; not done.)
-    pub fn validate(&self) -> Result<()> {
-        if self.gradient_checkpointing {
-            return Err(Error::NotImplemented(
-                "gradient_checkpointing = true: tch 0.26 has no torch.utils.checkpoint, custom autograd Function \
-                 or backward hook to recompute blocks in backward; set it to false and lower memory instead with \
-                 a smaller batch (more gradient accumulation), bf16/fp16 base weights, or a lower resolution"
-                    .into(),
-            ));
-        }
-        Ok(())
-    }
 }

@@ -256,45 +256,304 @@ impl UNet2DConditionModel {
     /// `sample` [B, C, h, w], `timestep` [B] (or a scalar tensor), `encoder_hidden_states`
     /// [B, 77, cross_attention_dim] → the noise prediction [B, out_channels, h, w].
     pub fn forward(&self, sample: &Tensor, timestep: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+        self.forward_reseeded(sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`forward`](Self::forward), with libtorch's global generator seeded to `reseed + k` before
+    /// segment `k` when `reseed` is given. LoRA dropout draws from that generator; seeding per
+    /// segment is what lets [`forward_checkpointed`](Self::forward_checkpointed)'s recomputation
+    /// draw the same masks as its forward, and makes this plain forward draw the same masks as
+    /// the checkpointed one. The caller holds whatever lock guards the global generator.
+    pub fn forward_reseeded(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        reseed: Option<i64>,
+    ) -> Tensor {
+        let (inputs, _) = self.segment_inputs(sample, timestep, encoder_hidden_states);
+        let program = self.program();
+        // Last step reading each slot, so an activation is dropped as soon as nothing reads it
+        // (autograd keeps what the backward needs; the Vec must not keep more).
+        let mut last_read = vec![usize::MAX; SLOT_FIRST_STEP + program.len()];
+        for (k, step) in program.iter().enumerate() {
+            for &s in &step.inputs {
+                last_read[s] = k;
+            }
+        }
+        let mut slots: Vec<Option<Tensor>> = inputs.into_iter().map(Some).collect();
+        for (k, step) in program.iter().enumerate() {
+            let (_, y) = self.run_step(k, step, &slots, reseed, |_, t| t.shallow_clone());
+            for &s in &step.inputs {
+                if last_read[s] == k {
+                    slots[s] = None;
+                }
+            }
+            slots.push(Some(y));
+        }
+        slots.pop().flatten().expect("the program ends with conv_out")
+    }
+
+    /// Gradient checkpointing (diffusers' `enable_gradient_checkpointing`, at its granularity:
+    /// each resnet, each transformer, each resampler). The forward runs without a graph and
+    /// keeps only the activations between segments; the returned output is a leaf that
+    /// requires grad. Whatever is computed from it (the loss, x̂0, a VAE decode) is
+    /// back-propagated as usual; then [`UNetTape::backward`] recomputes the segments in reverse,
+    /// one at a time with a graph, and pushes the output's gradient through each of them into
+    /// the LoRA weights — and into `encoder_hidden_states`' own graph (text-encoder LoRA) when
+    /// it requires grad.
+    ///
+    /// Why by hand: tch 0.26 exposes neither `torch.utils.checkpoint`, a custom autograd
+    /// Function nor a tensor hook, so the recomputation cannot run inside autograd's backward.
+    /// The UNet's skip connections make it a DAG, not a chain: a down block's output is read by
+    /// the next down block and by an up block, so its gradient is the sum over both readers,
+    /// complete once every later segment has been processed (reverse program order).
+    ///
+    /// Dropout: pass `reseed` when LoRA dropout is on (see
+    /// [`forward_reseeded`](Self::forward_reseeded)); the recomputation reseeds identically.
+    pub fn forward_checkpointed(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        reseed: Option<i64>,
+    ) -> (Tensor, UNetTape) {
+        let (inputs, ctx_graph) = self.segment_inputs(sample, timestep, encoder_hidden_states);
+        let program = self.program();
+        let mut slots: Vec<Option<Tensor>> = inputs.into_iter().map(|t| Some(t.detach())).collect();
+        tch::no_grad(|| {
+            for (k, step) in program.iter().enumerate() {
+                let (_, y) = self.run_step(k, step, &slots, reseed, |_, t| t.shallow_clone());
+                slots.push(Some(y));
+            }
+        });
+        let out =
+            slots.last().and_then(|o| o.as_ref()).expect("the program ends with conv_out").set_requires_grad(true);
+        let ctx_graph = ctx_graph.filter(|c| c.requires_grad());
+        (out.shallow_clone(), UNetTape { slots, out, ctx_graph, reseed })
+    }
+
+    /// The segment program's fixed inputs: the sample and the sinusoidal timestep embedding in
+    /// the weights' kind (no gradient) and the cross-attention context in the weights' kind
+    /// (returned a second time with its graph, for the text-encoder gradient).
+    fn segment_inputs(&self, sample: &Tensor, timestep: &Tensor, ehs: &Tensor) -> (Vec<Tensor>, Option<Tensor>) {
         let b = sample.size()[0];
         let wk = self.conv_in.weight.kind();
         let t = if timestep.dim() == 0 { timestep.expand([b], false) } else { timestep.shallow_clone() };
         let temb = self.timestep_embedding(&t).to_kind(wk);
-        let temb = self.time_2.forward(&self.time_1.forward(&temb).silu());
-        let ctx = encoder_hidden_states.to_kind(wk);
-        let mut h = self.conv_in.forward(&sample.to_kind(wk));
-        let mut skips = vec![h.shallow_clone()];
-        for blk in &self.down {
-            for (j, r) in blk.resnets.iter().enumerate() {
-                h = r.forward(&h, Some(&temb));
-                if let Some(a) = blk.attentions.get(j) {
-                    h = a.forward(&h, &ctx);
+        let ctx = ehs.to_kind(wk);
+        (vec![sample.to_kind(wk), temb, ctx.shallow_clone()], Some(ctx))
+    }
+
+    /// The forward as a list of segments over numbered activation slots (0 = sample, 1 = the
+    /// sinusoidal timestep embedding, 2 = the context; step `k` writes slot `3 + k`).
+    fn program(&self) -> Vec<Step> {
+        let mut program: Vec<Step> = Vec::new();
+        let mut push = |segment: Segment, inputs: Vec<usize>, size_of: Option<usize>| {
+            program.push(Step { segment, inputs, size_of });
+            SLOT_FIRST_STEP + program.len() - 1
+        };
+        let temb = push(Segment::Time, vec![SLOT_TEMB_IN], None);
+        let mut h = push(Segment::ConvIn, vec![SLOT_SAMPLE], None);
+        let mut skips = vec![h];
+        for (i, blk) in self.down.iter().enumerate() {
+            for j in 0..blk.resnets.len() {
+                h = push(Segment::DownResnet(i, j), vec![h, temb], None);
+                if j < blk.attentions.len() {
+                    h = push(Segment::DownAttention(i, j), vec![h, SLOT_CTX], None);
                 }
-                skips.push(h.shallow_clone());
+                skips.push(h);
             }
-            if let Some(d) = &blk.downsampler {
-                h = d.forward(&h);
-                skips.push(h.shallow_clone());
+            if blk.downsampler.is_some() {
+                h = push(Segment::Downsample(i), vec![h], None);
+                skips.push(h);
             }
         }
-        h = self.mid.resnets[0].forward(&h, Some(&temb));
-        h = self.mid.attention.forward(&h, &ctx);
-        h = self.mid.resnets[1].forward(&h, Some(&temb));
-        for blk in &self.up {
-            for (j, r) in blk.resnets.iter().enumerate() {
+        h = push(Segment::MidResnet(0), vec![h, temb], None);
+        h = push(Segment::MidAttention, vec![h, SLOT_CTX], None);
+        h = push(Segment::MidResnet(1), vec![h, temb], None);
+        for (i, blk) in self.up.iter().enumerate() {
+            for j in 0..blk.resnets.len() {
                 let skip = skips.pop().expect("one skip per up resnet");
-                h = r.forward(&Tensor::cat(&[&h, &skip], 1), Some(&temb));
-                if let Some(a) = blk.attentions.get(j) {
-                    h = a.forward(&h, &ctx);
+                h = push(Segment::UpResnet(i, j), vec![h, skip, temb], None);
+                if j < blk.attentions.len() {
+                    h = push(Segment::UpAttention(i, j), vec![h, SLOT_CTX], None);
                 }
             }
-            if let Some(u) = &blk.upsampler {
+            if blk.upsampler.is_some() {
+                let next = *skips.last().expect("a skip after each upsampler");
+                h = push(Segment::Upsample(i), vec![h], Some(next));
+            }
+        }
+        push(Segment::Out, vec![h], None);
+        program
+    }
+
+    /// Runs step `k` of the program on its input slots (each passed through `input` with its
+    /// slot number), with the generator reseeded first when `reseed` is given; returns the
+    /// inputs as passed and the output.
+    fn run_step(
+        &self,
+        k: usize,
+        step: &Step,
+        slots: &[Option<Tensor>],
+        reseed: Option<i64>,
+        input: impl Fn(usize, &Tensor) -> Tensor,
+    ) -> (Vec<Tensor>, Tensor) {
+        let slot = |s: usize| slots[s].as_ref().expect("a slot is alive while a later step reads it");
+        let x: Vec<Tensor> = step.inputs.iter().map(|&s| input(s, slot(s))).collect();
+        let size = step.size_of.map(|s| spatial(slot(s)));
+        if let Some(seed) = reseed {
+            tch::manual_seed(seed.wrapping_add(k as i64));
+        }
+        let y = self.run_segment(step.segment, &x, size);
+        (x, y)
+    }
+
+    /// Whether a segment may hold LoRA weights: exact for the time MLP and conv_in (the only
+    /// segments that usually have none), conservatively true for the rest.
+    fn segment_may_train(&self, segment: Segment) -> bool {
+        let has = |slot: &crate::nn::LoraSlot| slot.lock().map(|l| l.is_some()).unwrap_or(true);
+        match segment {
+            Segment::Time => has(&self.time_1.lora) || has(&self.time_2.lora),
+            Segment::ConvIn => has(&self.conv_in.lora),
+            _ => true,
+        }
+    }
+
+    fn run_segment(&self, segment: Segment, x: &[Tensor], size: Option<[i64; 2]>) -> Tensor {
+        match segment {
+            Segment::Time => self.time_2.forward(&self.time_1.forward(&x[0]).silu()),
+            Segment::ConvIn => self.conv_in.forward(&x[0]),
+            Segment::DownResnet(i, j) => self.down[i].resnets[j].forward(&x[0], Some(&x[1])),
+            Segment::DownAttention(i, j) => self.down[i].attentions[j].forward(&x[0], &x[1]),
+            Segment::Downsample(i) => self.down[i].downsampler.as_ref().expect("a downsampler").forward(&x[0]),
+            Segment::MidResnet(j) => self.mid.resnets[j].forward(&x[0], Some(&x[1])),
+            Segment::MidAttention => self.mid.attention.forward(&x[0], &x[1]),
+            Segment::UpResnet(i, j) => self.up[i].resnets[j].forward(&Tensor::cat(&[&x[0], &x[1]], 1), Some(&x[2])),
+            Segment::UpAttention(i, j) => self.up[i].attentions[j].forward(&x[0], &x[1]),
+            Segment::Upsample(i) => {
                 // Nearest 2× — to the next skip's size, which is what diffusers'
                 // `forward_upsample_size` does for odd sizes and equals 2× otherwise.
-                let next = skips.last().expect("a skip after each upsampler").size();
-                h = u.forward(&h.upsample_nearest2d([next[2], next[3]], None, None));
+                let [h, w] = size.expect("an upsample step names its target size");
+                let up = self.up[i].upsampler.as_ref().expect("an upsampler");
+                up.forward(&x[0].upsample_nearest2d([h, w], None, None))
+            }
+            Segment::Out => self.conv_out.forward(&self.conv_norm_out.forward(&x[0]).silu()),
+        }
+    }
+}
+
+const SLOT_SAMPLE: usize = 0;
+const SLOT_TEMB_IN: usize = 1;
+const SLOT_CTX: usize = 2;
+const SLOT_FIRST_STEP: usize = 3;
+
+/// One unit of the forward between two kept activations (the checkpointing granularity).
+#[derive(Clone, Copy, Debug)]
+enum Segment {
+    /// The time-embedding MLP: [sinusoid] → temb.
+    Time,
+    ConvIn,
+    /// [h, temb]
+    DownResnet(usize, usize),
+    /// [h, context]
+    DownAttention(usize, usize),
+    Downsample(usize),
+    MidResnet(usize),
+    MidAttention,
+    /// [h, skip, temb]
+    UpResnet(usize, usize),
+    UpAttention(usize, usize),
+    Upsample(usize),
+    Out,
+}
+
+struct Step {
+    segment: Segment,
+    inputs: Vec<usize>,
+    /// The slot whose spatial size an upsample targets.
+    size_of: Option<usize>,
+}
+
+fn spatial(t: &Tensor) -> [i64; 2] {
+    let s = t.size();
+    [s[2], s[3]]
+}
+
+/// What [`UNet2DConditionModel::forward_checkpointed`] keeps for its backward: the activation
+/// between every two segments (no graph), the output leaf and the context's graph.
+pub struct UNetTape {
+    slots: Vec<Option<Tensor>>,
+    out: Tensor,
+    ctx_graph: Option<Tensor>,
+    reseed: Option<i64>,
+}
+
+impl UNetTape {
+    /// Call after back-propagating into the output (`loss.backward()` over anything computed
+    /// from [`forward_checkpointed`]'s output). Recomputes each segment in reverse order with a
+    /// graph and back-propagates `⟨y, ∂L/∂y⟩`, whose gradient in every parameter and input of
+    /// the segment is exactly the chain rule's term; input gradients are summed per slot.
+    /// Nothing happens when the output received no gradient. Returns the number of segments
+    /// recomputed (0 or all of them that lead to a trainable parameter).
+    ///
+    /// [`forward_checkpointed`]: UNet2DConditionModel::forward_checkpointed
+    pub fn backward(mut self, unet: &UNet2DConditionModel) -> usize {
+        let g_out = self.out.grad();
+        if !g_out.defined() {
+            return 0;
+        }
+        let program = unet.program();
+        // Which slots can carry a gradient to a trainable parameter: those computed from one
+        // (the context with text-encoder LoRA) or by a segment that may hold LoRA. Without this,
+        // conv_in's full-resolution output (and temb) would get gradients autograd never
+        // computes, at the cost of the first resnet's input-gradient convolution.
+        let mut trainable = vec![false; self.slots.len()];
+        trainable[SLOT_CTX] = self.ctx_graph.is_some();
+        for (k, step) in program.iter().enumerate() {
+            trainable[SLOT_FIRST_STEP + k] =
+                unet.segment_may_train(step.segment) || step.inputs.iter().any(|&s| trainable[s]);
+        }
+        let needs_grad = |s: usize| trainable[s];
+        let mut grads: Vec<Option<Tensor>> = (0..self.slots.len()).map(|_| None).collect();
+        *grads.last_mut().expect("an output slot") = Some(g_out);
+        let mut recomputed = 0;
+        for (k, step) in program.iter().enumerate().rev() {
+            let slot = SLOT_FIRST_STEP + k;
+            self.slots[slot] = None;
+            let Some(g) = grads[slot].take() else { continue };
+            let (x, y) = tch::with_grad(|| {
+                unet.run_step(k, step, &self.slots, self.reseed, |s, t| {
+                    if needs_grad(s) {
+                        t.detach().set_requires_grad(true)
+                    } else {
+                        t.detach()
+                    }
+                })
+            });
+            if !y.requires_grad() {
+                // Nothing trainable upstream of this segment (e.g. the time MLP without LoRA).
+                continue;
+            }
+            tch::with_grad(|| (&y * &g).sum(y.kind()).backward());
+            recomputed += 1;
+            for (xi, &s) in x.iter().zip(&step.inputs) {
+                if !needs_grad(s) {
+                    continue;
+                }
+                let gi = xi.grad();
+                if gi.defined() {
+                    grads[s] = Some(match grads[s].take() {
+                        Some(acc) => acc + gi,
+                        None => gi,
+                    });
+                }
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        if let (Some(ctx), Some(g)) = (&self.ctx_graph, grads[SLOT_CTX].take()) {
+            tch::with_grad(|| (ctx * &g).sum(ctx.kind()).backward());
+        }
+        recomputed
     }
 }

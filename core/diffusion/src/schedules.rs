@@ -105,6 +105,17 @@ fn arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     (0..n).map(|i| start + i as f64 * step).collect()
 }
 
+/// A step's model output, sample and output buffer must have one length.
+fn check_lengths(model_output: usize, sample: usize, out: usize) -> Result<()> {
+    if model_output != sample || out != sample {
+        return Err(invalid(
+            "model_output",
+            format!("{model_output} values vs sample {sample} and out {out}; pass equal lengths"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_steps(train: usize, steps: usize) -> Result<()> {
     if steps == 0 || steps > train {
         return Err(invalid("num_inference_steps", format!("{steps}; must be in 1..={train} (num_train_timesteps)")));
@@ -159,17 +170,7 @@ pub fn ddim_step<T: Float>(
     if t >= train {
         return Err(invalid("timestep", format!("{t}; must be < num_train_timesteps {train}")));
     }
-    if model_output.len() != sample.len() || out.len() != sample.len() {
-        return Err(invalid(
-            "model_output",
-            format!(
-                "{} values vs sample {} and out {}; pass equal lengths",
-                model_output.len(),
-                sample.len(),
-                out.len()
-            ),
-        ));
-    }
+    check_lengths(model_output.len(), sample.len(), out.len())?;
     let prev = t as i64 - (train / steps) as i64;
     let a_t = alphas_cumprod[t];
     let a_prev = if prev >= 0 {
@@ -189,6 +190,60 @@ pub fn ddim_step<T: Float>(
             Prediction::VPrediction => (sa * x - sb * m, sa * m + sb * x),
         };
         *o = T::from_f64(sap * x0 + sbp * eps);
+    }
+    Ok(())
+}
+
+/// `EulerDiscreteScheduler.scale_model_input`'s divisor: the model sees `x / √(σ² + 1)`, the
+/// noisy sample brought back to unit variance (σ of the current step, `sigmas[i]` of
+/// [`euler_schedule`]). A divisor rather than its reciprocal because diffusers divides: one
+/// rounding, as there, instead of two.
+pub fn euler_input_std(sigma: f64) -> f64 {
+    (sigma * sigma + 1.0).sqrt()
+}
+
+/// One `EulerDiscreteScheduler.step` with no churn (`s_churn = 0`, so σ̂ = σ, no added noise),
+/// from step `i` of `sigmas` (as [`euler_schedule`] returns them, trailing 0 included) to
+/// `i + 1`: `x̂0` from the prediction — ε: `x − σ·m`; v: `m·(−σ/√(σ²+1)) + x/(σ²+1)`; sample:
+/// `m` — then `d = (x − x̂0)/σ` and `x_next = x + d·(σ_next − σ)`. Generic over f32/f64 slices
+/// like [`ddim_step`]: computed in f64 and stored in `T`. The update is linear and homogeneous
+/// in (model output, sample), so the unit pair `(m, x) = (1, 0), (0, 1)` yields its two
+/// coefficients (for ε they are exactly `σ_next − σ` and 1, as `σ/σ = 1` in floating point).
+pub fn euler_step<T: Float>(
+    sigmas: &[f64],
+    i: usize,
+    model_output: &[T],
+    sample: &[T],
+    prediction: Prediction,
+    out: &mut [T],
+) -> Result<()> {
+    if i + 1 >= sigmas.len() {
+        return Err(invalid(
+            "step",
+            format!(
+                "{i}; an Euler step goes from sigmas[i] to sigmas[i + 1], so i must be < {}",
+                sigmas.len().max(1) - 1
+            ),
+        ));
+    }
+    let (s, s_next) = (sigmas[i], sigmas[i + 1]);
+    // d divides by σ: a zero or non-finite σ (only the trailing σ = 0 is zero in a schedule)
+    // means the caller stepped from the end of the schedule or passed a broken one.
+    if !(s > 0.0 && s.is_finite() && s_next.is_finite()) {
+        return Err(invalid("sigmas", format!("step {i} goes from σ = {s} to σ = {s_next}; σ must be finite and > 0")));
+    }
+    check_lengths(model_output.len(), sample.len(), out.len())?;
+    let var = s * s + 1.0;
+    let dt = s_next - s;
+    for ((o, &m), &x) in out.iter_mut().zip(model_output).zip(sample) {
+        let (m, x) = (m.to_f64(), x.to_f64());
+        let x0 = match prediction {
+            Prediction::Epsilon => x - s * m,
+            Prediction::VPrediction => m * (-s / var.sqrt()) + x / var,
+            Prediction::Sample => m,
+        };
+        let d = (x - x0) / s;
+        *o = T::from_f64(x + d * dt);
     }
     Ok(())
 }
@@ -343,6 +398,57 @@ mod tests {
         assert_eq!(ts[0], 981);
         assert_eq!(*ts.last().unwrap(), 1);
         assert_eq!(ts.len(), 50);
+    }
+
+    /// Hand-derived updates on σ = [2, 0.5, 0] from (m, x) = (1, 3): dt = σ_next − σ = −1.5 and
+    /// dt/σ = −0.75, so x_next = x + (x − x̂0)·(−0.75) = 0.25·x + 0.75·x̂0.
+    ///  - ε: x̂0 = 3 − 2 = 1 → 0.75 + 0.75 = 1.5 (= x + m·dt).
+    ///  - v: x̂0 = −2/√5 + 3/5 → 0.75 + 0.45 − 1.5/√5 = 1.2 − 0.3·√5 ≈ 0.529180.
+    ///  - sample: x̂0 = m = 1 → 1.5.
+    ///
+    /// The last step (σ 0.5 → 0) lands on x̂0 itself: ε gives x − 0.5·m = 2.5. Both sides are at
+    /// most ~10 f64 roundings of values ≤ 3 (ε₆₄·3 ≈ 6.7e-16 each): bound 1e-14. A wrong sign or
+    /// coefficient moves a value by ≥ 0.05.
+    #[test]
+    fn euler_step_hand_derived() {
+        let sig = [2.0, 0.5, 0.0];
+        let step = |i, p, m: f64, x: f64| {
+            let mut o = [0.0f64];
+            euler_step(&sig, i, &[m], &[x], p, &mut o).unwrap();
+            o[0]
+        };
+        let close = |a: f64, b: f64| assert!((a - b).abs() <= 1e-14, "{a} vs {b}");
+        close(step(0, Prediction::Epsilon, 1.0, 3.0), 1.5);
+        close(step(0, Prediction::VPrediction, 1.0, 3.0), 1.2 - 0.3 * 5f64.sqrt());
+        close(step(0, Prediction::Sample, 1.0, 3.0), 1.5);
+        close(step(1, Prediction::Epsilon, 1.0, 3.0), 2.5);
+        // v at the last step is x̂0 = m·(−σ/√(σ²+1)) + x/(σ²+1) with σ = 0.5: −1/√5 + 2.4.
+        close(step(1, Prediction::VPrediction, 1.0, 3.0), 2.4 - 1.0 / 5f64.sqrt());
+        // The unit-pair coefficients the tch side uses: ε gives exactly (dt, 1).
+        let mut c = [0.0f64; 2];
+        euler_step(&sig, 0, &[1.0, 0.0], &[0.0, 1.0], Prediction::Epsilon, &mut c).unwrap();
+        assert_eq!(c, [-1.5, 1.0]);
+        // …and they reproduce the direct update for any (m, x): linearity, checked on v.
+        euler_step(&sig, 0, &[1.0, 0.0], &[0.0, 1.0], Prediction::VPrediction, &mut c).unwrap();
+        close(c[0] * 1.0 + c[1] * 3.0, step(0, Prediction::VPrediction, 1.0, 3.0));
+        // f32 slices: the f64 result rounded once (1.5 is exact in f32).
+        let mut o = [0.0f32];
+        euler_step(&sig, 0, &[1.0f32], &[3.0f32], Prediction::Epsilon, &mut o).unwrap();
+        assert_eq!(o[0], 1.5);
+        // The input scaling divides by √(σ²+1) = √5 at σ = 2.
+        close(euler_input_std(2.0), 5f64.sqrt());
+    }
+
+    #[test]
+    fn euler_step_refuses_the_end_of_the_schedule_and_bad_lengths() {
+        let sig = [2.0, 0.5, 0.0];
+        let mut o = [0.0f64];
+        let e = euler_step(&sig, 2, &[1.0], &[1.0], Prediction::Epsilon, &mut o).unwrap_err().to_string();
+        assert!(e.contains("`step`") && e.contains("< 2"), "{e}");
+        let e = euler_step(&[0.0, 0.0], 0, &[1.0], &[1.0], Prediction::Epsilon, &mut o).unwrap_err().to_string();
+        assert!(e.contains("`sigmas`"), "{e}");
+        let e = euler_step(&sig, 0, &[1.0, 2.0], &[1.0], Prediction::Epsilon, &mut o).unwrap_err().to_string();
+        assert!(e.contains("`model_output`"), "{e}");
     }
 
     #[test]

@@ -37,6 +37,13 @@ pub struct CheckpointState {
     pub first_identity_similarity: Option<f64>,
     #[serde(default)]
     pub last_identity_similarity: Option<f64>,
+    /// When the run first began, in Unix milliseconds: the adapters' `ss_training_started_at`
+    /// and `modelspec.date`. Carried through every checkpoint so that a resumed run keeps its
+    /// original date. Integer milliseconds rather than f64 seconds because a JSON integer reads
+    /// back exactly, so a resumed run writes the very same metadata string. `None` in
+    /// checkpoints written before it existed (the trainer then uses the time of the resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_started_at_ms: Option<u64>,
     /// Every file the model plugin wrote into the checkpoint (path relative to it, `/`
     /// separated) with its size in bytes; filled in by [`write_checkpoint`]. Empty in
     /// checkpoints written before it existed (then only their `*.safetensors` are checked).
@@ -406,7 +413,27 @@ mod tests {
             r#"{"step":5,"epoch":0,"model_plugin":"m","best_val_loss":null,"first_val_loss":null,"last_val_loss":null}"#,
         )
         .unwrap();
-        assert_eq!(check_checkpoint(&p).unwrap().step, 5);
+        let st = check_checkpoint(&p).unwrap();
+        assert_eq!(st.step, 5);
+        assert_eq!(st.training_started_at_ms, None, "an old checkpoint has no start time");
+    }
+
+    /// The run's start time goes through state.json unchanged (a resumed run keeps its date),
+    /// and a state without one writes no such key (so an old reader is not offered a new field
+    /// it would carry as null).
+    #[test]
+    fn the_start_time_round_trips_through_state_json() {
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path().join("checkpoints/step-00000007");
+        let started = 1_733_112_345_123u64;
+        let st = CheckpointState { training_started_at_ms: Some(started), ..state(7) };
+        write_checkpoint(save, &dir, &st).unwrap();
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        assert!(text.contains("\"training_started_at_ms\": 1733112345123"), "{text}");
+        assert_eq!(check_checkpoint(&dir).unwrap().training_started_at_ms, Some(started));
+        write_checkpoint(save, &dir, &state(7)).unwrap();
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        assert!(!text.contains("training_started_at"), "{text}");
     }
 
     /// Every way the newest checkpoint can be damaged: resume falls back to the previous

@@ -137,6 +137,37 @@ pub fn tensor_to_st(name: &str, t: &Tensor) -> Result<StTensor> {
     Ok(StTensor { name: name.to_string(), dtype, shape: t.size().iter().map(|&d| d as usize).collect(), bytes })
 }
 
+/// A tensor's values as a flat `Vec<f32>` in row-major order, whatever its kind (cast to f32),
+/// device (copied to the CPU), layout (a strided view is made contiguous) and autograd state
+/// (detached first, so the cast and copy record no graph). This is the one readback every
+/// plugin uses for embeddings, gradients and pixels it hands back as a [`CpuTensor`].
+///
+/// `what` names the tensor for the error message, with its owner, e.g. "metric `clip`:
+/// embeddings". Each libtorch call is the fallible `f_` variant: a failure (an undefined tensor,
+/// a kind with no f32 cast, a device that cannot be read) is an `Internal` error naming `what`,
+/// the tensor's kind, shape and device, not a panic across the plugin boundary.
+///
+/// [`CpuTensor`]: likeness_sdk::CpuTensor
+pub fn tensor_to_vec_f32(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+    if !t.defined() {
+        return Err(err::internal(format!("{what}: the tensor is undefined (it was never computed), nothing to read")));
+    }
+    let fail = |e: tch::TchError| {
+        err::internal(format!(
+            "{what}: reading the {:?} tensor of shape {:?} on {:?} back as f32 failed: {e}",
+            t.kind(),
+            t.size(),
+            t.device()
+        ))
+    };
+    let cpu = t.f_detach().and_then(|d| d.f_to_kind(Kind::Float)).and_then(|d| d.f_to_device(tch::Device::Cpu));
+    let cpu = cpu.and_then(|d| d.f_contiguous()).map_err(fail)?;
+    let numel = cpu.numel();
+    let mut out = vec![0f32; numel];
+    cpu.f_copy_data(&mut out, numel).map_err(fail)?;
+    Ok(out)
+}
+
 /// safetensors bytes as a tensor on `device`.
 pub fn st_to_tensor(t: &StTensor, device: tch::Device) -> Result<Tensor> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
@@ -296,4 +327,61 @@ pub fn load_torch_checkpoint(path: &Path) -> Result<Vec<(String, Tensor)>> {
             (name, Tensor::from_data_size(&t.data, &shape, kind(t.dtype)))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values that f32, bf16 (8 significant bits) and f64 all hold exactly, so every readback
+    /// below is compared with `==`: a cast or copy that reorders, truncates or misreads an
+    /// element shows as an exact mismatch, not as a tolerance question.
+    fn exact_values(n: i64) -> Vec<f32> {
+        (0..n).map(|i| (i - n / 2) as f32 * 0.25).collect()
+    }
+
+    #[test]
+    fn reads_a_non_contiguous_view_in_row_major_order() {
+        let v = exact_values(6);
+        let t = Tensor::from_slice(&v).reshape([2, 3]);
+        // The transpose is a strided view of `t` ([3, 2], strides [1, 3]): its row-major order
+        // is t's column-major order, which a raw copy of the storage would get wrong.
+        let tt = t.transpose(0, 1);
+        assert!(!tt.is_contiguous());
+        let want = vec![v[0], v[3], v[1], v[4], v[2], v[5]];
+        assert_eq!(tensor_to_vec_f32(&tt, "test: transpose").unwrap(), want);
+        // A narrowed slice has a storage offset: only its own elements come back.
+        assert_eq!(tensor_to_vec_f32(&t.narrow(1, 1, 2), "test: narrow").unwrap(), vec![v[1], v[2], v[4], v[5]]);
+    }
+
+    #[test]
+    fn casts_bf16_f16_f64_and_reads_graph_tensors() {
+        let v = exact_values(8);
+        let base = Tensor::from_slice(&v);
+        for kind in [Kind::BFloat16, Kind::Half, Kind::Double] {
+            let t = base.to_kind(kind);
+            assert_eq!(tensor_to_vec_f32(&t, "test: cast").unwrap(), v, "{kind:?}");
+        }
+        // An f64 value between two f32s rounds to nearest, as a cast does: 1 + 2⁻³⁰ → 1.
+        let fine = Tensor::from_slice(&[1.0f64 + 2f64.powi(-30), -3.0]);
+        assert_eq!(tensor_to_vec_f32(&fine, "test: f64 rounding").unwrap(), vec![1.0, -3.0]);
+        // A tensor in an autograd graph (what a Train embed reads back) is read as a value.
+        let leaf = base.to_kind(Kind::Float).set_requires_grad(true);
+        let y = &leaf * 2.0;
+        assert_eq!(tensor_to_vec_f32(&y, "test: graph").unwrap(), v.iter().map(|x| x * 2.0).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn empty_and_scalar_tensors() {
+        let empty = Tensor::zeros([0, 4], (Kind::BFloat16, tch::Device::Cpu));
+        assert_eq!(tensor_to_vec_f32(&empty, "test: empty").unwrap(), Vec::<f32>::new());
+        let scalar = Tensor::from(2.5f64);
+        assert_eq!(tensor_to_vec_f32(&scalar, "test: scalar").unwrap(), vec![2.5]);
+    }
+
+    #[test]
+    fn a_failure_names_what_was_read() {
+        let e = tensor_to_vec_f32(&Tensor::new(), "metric `x`: embeddings").unwrap_err();
+        assert!(e.message.contains("metric `x`: embeddings") && e.message.contains("undefined"), "{e}");
+    }
 }

@@ -67,13 +67,10 @@ impl Bf16Recognizer {
         for chunk in crops.chunks(CHUNK) {
             let blob = blob_from_crops(chunk, s, self.input_mean, self.input_std)?;
             let x = Tensor::from_slice(&blob).reshape([chunk.len() as i64, 3, s as i64, s as i64]);
-            let y = tch::no_grad(|| self.net.forward(&x))
-                .map_err(|e| err::internal(format!("bf16 recognizer: {e}")))?
-                .to_kind(Kind::Float)
-                .contiguous();
+            let y =
+                tch::no_grad(|| self.net.forward(&x)).map_err(|e| err::internal(format!("bf16 recognizer: {e}")))?;
             let d = y.size().last().copied().unwrap_or(0) as usize;
-            let v = Vec::<f32>::try_from(y.flatten(0, -1))
-                .map_err(|e| err::internal(format!("bf16 recognizer output: {e}")))?;
+            let v = likeness_sdk_torch::tensor_to_vec_f32(&y, "bf16 recognizer output")?;
             if d == 0 || v.len() != d * chunk.len() {
                 return Err(err::internal(format!(
                     "bf16 recognizer output has {} values for {} faces",

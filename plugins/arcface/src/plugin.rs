@@ -351,8 +351,7 @@ impl ArcFaceMetric {
         }
         let leaf = leaf.to_kind(Kind::Float).detach().set_requires_grad(true);
         let (b, h, w) = (shape[0] as usize, shape[2] as usize, shape[3] as usize);
-        let cpu = leaf.detach().to_device(tch::Device::Cpu).contiguous().flatten(0, -1);
-        let planes = Vec::<f32>::try_from(&cpu).map_err(|e| err::internal(format!("reading pixels: {e}")))?;
+        let planes = likeness_sdk_torch::tensor_to_vec_f32(&leaf, &format!("metric `{ID}`: pixels"))?;
         let ms = self.face_matrices(&planes, b, h, w)?;
         let faces: Vec<(usize, align::Affine)> = ms.iter().enumerate().filter_map(|(i, m)| m.map(|m| (i, m))).collect();
         let rows: Vec<i64> = faces.iter().map(|(i, _)| *i as i64).collect();
@@ -369,10 +368,7 @@ impl ArcFaceMetric {
         let mut out = vec![0f32; b * dim];
         let mut valid = vec![0u8; b];
         if let Some(e) = &emb {
-            let v = Vec::<f32>::try_from(
-                &e.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().flatten(0, -1),
-            )
-            .map_err(|e| err::internal(format!("reading embeddings: {e}")))?;
+            let v = likeness_sdk_torch::tensor_to_vec_f32(e, &format!("metric `{ID}`: embeddings"))?;
             for (k, &r) in rows.iter().enumerate() {
                 out[r as usize * dim..(r as usize + 1) * dim].copy_from_slice(&v[k * dim..(k + 1) * dim]);
                 valid[r as usize] = 1;

@@ -23,6 +23,7 @@ use likeness_sdk::{
     err, parse_config, CpuTensor, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode,
     MetricInterface, MetricOutput, MetricPlugin, PluginDescriptor, PluginError, PluginKind, Result, TensorView,
 };
+use likeness_sdk_torch::tensor_to_vec_f32;
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
@@ -225,11 +226,6 @@ impl ClipMetric {
     }
 }
 
-fn to_vec(t: &Tensor, what: &str) -> Result<Vec<f32>> {
-    let t = t.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().flatten(0, -1);
-    Vec::<f32>::try_from(&t).map_err(|e| err::internal(format!("metric `{ID}`: reading {what}: {e}")))
-}
-
 impl MetricPlugin for ClipMetric {
     fn descriptor() -> PluginDescriptor {
         DescriptorBuilder::new(ID, PluginKind::Metric, env!("CARGO_PKG_VERSION"))
@@ -284,7 +280,7 @@ impl MetricPlugin for ClipMetric {
         let (mut out, mut valid, mut rows, mut emb) = (vec![0f32; b * d], vec![0u8; b], Vec::new(), None);
         if b > 0 {
             let e = Self::embed_tensor(&self.model, &leaf)?;
-            let v = to_vec(&e, "embeddings")?;
+            let v = tensor_to_vec_f32(&e, &format!("metric `{ID}`: embeddings"))?;
             // A zero projection has no direction: NaN after the normalisation, reported invalid.
             for r in 0..b {
                 let row = &v[r * d..(r + 1) * d];
@@ -342,7 +338,7 @@ impl MetricPlugin for ClipMetric {
             }
         };
         let shape = dx.size();
-        Ok(CpuTensor::new(shape, to_vec(&dx, "d_pixels")?).into_managed())
+        Ok(CpuTensor::new(shape, tensor_to_vec_f32(&dx, &format!("metric `{ID}`: d_pixels"))?).into_managed())
     }
 
     fn embed_texts(&mut self, texts: &[&str]) -> Result<likeness_sdk::abi::ManagedTensor> {
@@ -352,6 +348,7 @@ impl MetricPlugin for ClipMetric {
             return Ok(CpuTensor::new(vec![0, d as i64], Vec::<f32>::new()).into_managed());
         }
         let t = self.embed_text_tensor(texts)?;
-        Ok(CpuTensor::new(vec![n as i64, d as i64], to_vec(&t, "text embeddings")?).into_managed())
+        let v = tensor_to_vec_f32(&t, &format!("metric `{ID}`: text embeddings"))?;
+        Ok(CpuTensor::new(vec![n as i64, d as i64], v).into_managed())
     }
 }

@@ -290,8 +290,7 @@ impl DlibMetric {
                 let sel = raw.index_select(0, &idx);
                 let n = sel.square().sum_dim_intlist(&[1i64][..], true, Kind::Float).sqrt();
                 let e = sel / n;
-                let v = Vec::<f32>::try_from(&e.detach().to_device(tch::Device::Cpu).contiguous().flatten(0, -1))
-                    .map_err(|e| err::internal(format!("metric `{ID}`: reading embeddings: {e}")))?;
+                let v = likeness_sdk_torch::tensor_to_vec_f32(&e, &format!("metric `{ID}`: embeddings"))?;
                 for (k, &r) in rows.iter().enumerate() {
                     out[r as usize * DIM..(r as usize + 1) * DIM].copy_from_slice(&v[k * DIM..(k + 1) * DIM]);
                     valid[r as usize] = 1;
@@ -314,8 +313,7 @@ impl DlibMetric {
         let _g = tch::no_grad_guard();
         let t = tch::Tensor::from_slice(chips).reshape([n as i64, 150, 150, 3]).to_device(self.device);
         let d = self.net.forward(&self.net.normalize(&t));
-        let d = d.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu).contiguous().flatten(0, -1);
-        Vec::<f32>::try_from(&d).map_err(|e| err::internal(format!("metric `{ID}`: reading descriptors: {e}")))
+        likeness_sdk_torch::tensor_to_vec_f32(&d, &format!("metric `{ID}`: descriptors"))
     }
 }
 
@@ -435,10 +433,8 @@ impl MetricPlugin for DlibMetric {
                     .ok_or_else(|| err::internal(format!("metric `{ID}`: backward returned no gradient")))?
             }
         };
-        let dx = dx.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
         let shape = dx.size();
-        let v = Vec::<f32>::try_from(&dx.flatten(0, -1))
-            .map_err(|e| err::internal(format!("metric `{ID}`: reading d_pixels: {e}")))?;
+        let v = likeness_sdk_torch::tensor_to_vec_f32(&dx, &format!("metric `{ID}`: d_pixels"))?;
         Ok(CpuTensor::new(shape, v).into_managed())
     }
 }

@@ -205,8 +205,7 @@ impl ReidMetric {
             let sel = leaf.index_select(0, &idx);
             let bx: Vec<[f64; 4]> = faced.iter().map(|&i| boxes[i as usize].expect("faced")).collect();
             let e = Self::embed_boxes(&self.net, &sel, &bx);
-            let v = Vec::<f32>::try_from(&e.detach().to_device(tch::Device::Cpu).contiguous().flatten(0, -1))
-                .map_err(|e| err::internal(format!("metric `{ID}`: reading embeddings: {e}")))?;
+            let v = likeness_sdk_torch::tensor_to_vec_f32(&e, &format!("metric `{ID}`: embeddings"))?;
             // A zero feature (every fc unit at its ReLU floor) has no direction: its row is NaN
             // after the normalisation and is reported invalid, with no gradient (`keep`).
             let mut keep = Vec::new();
@@ -316,10 +315,8 @@ impl MetricPlugin for ReidMetric {
                 grads.into_iter().next().ok_or_else(|| err::internal(format!("metric `{ID}`: no gradient")))?
             }
         };
-        let dx = dx.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
         let shape = dx.size();
-        let v = Vec::<f32>::try_from(&dx.flatten(0, -1))
-            .map_err(|e| err::internal(format!("metric `{ID}`: reading d_pixels: {e}")))?;
+        let v = likeness_sdk_torch::tensor_to_vec_f32(&dx, &format!("metric `{ID}`: d_pixels"))?;
         Ok(CpuTensor::new(shape, v).into_managed())
     }
 }

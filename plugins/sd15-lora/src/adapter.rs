@@ -28,10 +28,19 @@ use crate::model::Pipeline;
 /// The formats `export_adapter` writes.
 pub const FORMATS: [&str; 3] = ["kohya", "diffusers", "peft"];
 
-fn store_of(pipe: &Pipeline, c: Component) -> &Store {
-    match c {
+/// The component's store, loading the text encoder if a LoRA module needs it.
+fn store_of(pipe: &Pipeline, c: Component) -> Result<&Store> {
+    Ok(match c {
         Component::Unet => &pipe.unet_store,
-        Component::TextEncoder => pipe.text.store(),
+        Component::TextEncoder => pipe.text.get()?.store(),
+    })
+}
+
+/// The component's store if it is loaded (an unloaded text encoder carries no LoRA).
+fn loaded_store(pipe: &Pipeline, c: Component) -> Option<&Store> {
+    match c {
+        Component::Unet => Some(&pipe.unet_store),
+        Component::TextEncoder => pipe.text.loaded().map(|t| t.store()),
     }
 }
 
@@ -73,7 +82,7 @@ pub fn inject_from_file(pipe: &Pipeline, path: &Path, precision: Precision, drop
     }
     let kind = precision.compute_kind();
     for m in &set.modules {
-        let store = store_of(pipe, m.component);
+        let store = store_of(pipe, m.component)?;
         let targets = store.targets();
         let t = targets.iter().find(|t| t.path == m.path).ok_or_else(|| {
             file(
@@ -130,7 +139,7 @@ pub fn lora_to_f64(store: &Store) {
 pub fn lora_set(pipe: &Pipeline, metadata: BTreeMap<String, String>) -> LoraSet {
     let mut modules = Vec::new();
     for c in [Component::Unet, Component::TextEncoder] {
-        for t in store_of(pipe, c).targets() {
+        for t in loaded_store(pipe, c).map(|s| s.targets()).unwrap_or_default() {
             if let Some(l) = &*t.slot.lock().unwrap() {
                 let r = l.down.size()[0] as f64;
                 modules.push(LoraModule {

@@ -39,7 +39,7 @@ use std::sync::Mutex;
 use likeness_diffusion::timesteps::TimestepSampler;
 use likeness_diffusion::weighting::min_snr_weight;
 use likeness_diffusion_torch::sampling::{self, Sampler};
-use likeness_diffusion_torch::{lora, LoraConfig, LoraInit};
+use likeness_diffusion_torch::{lora, LoraConfig, LoraInit, UNetTape};
 use likeness_sdk::abi::ManagedTensor;
 use likeness_sdk::{
     err, DataType, DescriptorBuilder, Device, DeviceType, ErrorCode, ForwardMode, GroupHyper, Inputs, ModelInterface,
@@ -84,6 +84,9 @@ struct Pending {
     loss: Tensor,
     pixels: Option<Tensor>,
     n: i64,
+    /// With `gradient_checkpointing`: the UNet's kept activations, replayed after the backward
+    /// into its output.
+    tape: Option<UNetTape>,
 }
 
 /// The plugin instance.
@@ -151,16 +154,19 @@ impl Sd15Lora {
                         conv: false,
                         ..cfg
                     };
-                    lora::inject(pipe.text.store(), &cfg).map_err(Sd15Error::from)?;
+                    lora::inject(pipe.text.get()?.store(), &cfg).map_err(Sd15Error::from)?;
                 }
             }
         }
         if config.precision == Precision::Fp64 {
             adapter::lora_to_f64(&pipe.unet_store);
-            adapter::lora_to_f64(pipe.text.store());
+            if let Some(t) = pipe.text.loaded() {
+                adapter::lora_to_f64(t.store());
+            }
         }
         let unet_opt = AdamW::new(prefixed("unet", lora::parameters(&pipe.unet_store)));
-        let text_params = prefixed("text_encoder", lora::parameters(pipe.text.store()));
+        let text_params =
+            prefixed("text_encoder", pipe.text.loaded().map(|t| lora::parameters(t.store())).unwrap_or_default());
         // Text-encoder LoRA is a parameter group when trained, or when a loaded file has it.
         let text_opt = (!text_params.is_empty()).then(|| AdamW::new(text_params));
         Ok(Sd15Lora { config, device, compute, pipe, unet_opt, text_opt, pending: None })
@@ -184,12 +190,18 @@ impl Sd15Lora {
         v
     }
 
-    /// Every base (frozen) weight by name, `unet.` / `vae.` / `text_encoder.` prefixed.
-    pub fn base_parameters(&self) -> Vec<(String, Tensor)> {
+    /// Every base (frozen) weight by name, `unet.` / `vae.` / `text_encoder.` prefixed (loads
+    /// the VAE and the text encoder if they are not yet).
+    pub fn base_parameters(&self) -> Result<Vec<(String, Tensor)>, PluginError> {
         let mut v = prefixed("unet", self.pipe.unet_store.named_parameters());
-        v.extend(prefixed("vae", self.pipe.vae_store.named_parameters()));
-        v.extend(prefixed("text_encoder", self.pipe.text.store().named_parameters()));
-        v
+        v.extend(prefixed("vae", self.pipe.vae.get()?.store.named_parameters()));
+        v.extend(prefixed("text_encoder", self.pipe.text.get()?.store().named_parameters()));
+        Ok(v)
+    }
+
+    /// Whether the VAE and the text encoder weights are loaded (they load on first use).
+    pub fn encoders_loaded(&self) -> (bool, bool) {
+        (self.pipe.vae.loaded().is_some(), self.pipe.text.loaded().is_some())
     }
 
     /// `pixels` of the pending `forward_batch(Train)`, attached to its graph and in the compute
@@ -222,7 +234,7 @@ impl Sd15Lora {
 
     /// Scaled latents `[B, C, h, w]`: the `latents` input if given, else the encoded `target`.
     fn latents_of(&self, images: &Inputs<'_>) -> Result<Tensor, PluginError> {
-        let lc = self.pipe.vae.config.latent_channels;
+        let lc = self.pipe.vae_config.latent_channels;
         if let Some(v) = images.try_get("latents") {
             let s = shape_of(v);
             if s.len() != 4 || s[0] < 1 || s[1] != lc || s[2] < 1 || s[3] < 1 {
@@ -237,13 +249,13 @@ impl Sd15Lora {
         })?;
         self.check_images("target", &shape_of(v))?;
         let x = owned(v, self.device, self.compute)?;
-        Ok(self.pipe.encode_images(&x, self.compute))
+        Ok(self.pipe.encode_images(&x, self.compute)?)
     }
 
     /// The UNet conditioning `[B, 77, D]`: `text_embeddings` if given (frozen text encoder
     /// only), else the encoded `caption`.
     fn context_of(&self, images: &Inputs<'_>, texts: &Texts<'_>, n: i64, grad: bool) -> Result<Tensor, PluginError> {
-        let d = self.pipe.text.hidden_size();
+        let d = self.pipe.text_config.hidden_size;
         if let Some(v) = images.try_get("text_embeddings") {
             if self.trains_text() {
                 return Err(input(
@@ -278,7 +290,7 @@ impl Sd15Lora {
     fn draws(&self, seeds: &[u64], n: usize, per_sample: usize, mode: ForwardMode) -> Result<Draws, PluginError> {
         let nt = self.pipe.scheduler.num_train_timesteps;
         let c = &self.config;
-        let lc = self.pipe.vae.config.latent_channels as usize;
+        let lc = self.pipe.vae_config.latent_channels as usize;
         if seeds.len() == n {
             let mut d = Draws { t: Vec::new(), noise: Vec::new() };
             for &s in seeds {
@@ -321,14 +333,20 @@ impl Sd15Lora {
         // LoRA dropout (UNet and text encoder) draws from libtorch's global generator: seed it
         // from this batch's seeds and hold the lock for the whole forward, so a resumed run
         // drops the same units.
-        let _rng = (train && self.config.lora_dropout > 0.0).then(|| {
+        let dropout = train && self.config.lora_dropout > 0.0;
+        let batch_seed = ctx.sample_seeds.as_slice().iter().fold(0x5eed_u64, |a, &s| a.rotate_left(7) ^ s);
+        let _rng = dropout.then(|| {
             let lock = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-            let s = ctx.sample_seeds.as_slice().iter().fold(0x5eed_u64, |a, &s| a.rotate_left(7) ^ s);
-            tch::manual_seed((s >> 1) as i64);
+            tch::manual_seed((batch_seed >> 1) as i64);
             lock
         });
+        // The UNet reseeds before each of its segments, so the masks do not depend on whether
+        // its activations are checkpointed (the recomputation draws what the forward drew).
+        let unet_seed = dropout.then(|| (batch_seed.rotate_left(29) >> 1) as i64);
         lora::set_training(&self.pipe.unet_store, train);
-        lora::set_training(self.pipe.text.store(), train);
+        if let Some(t) = self.pipe.text.loaded() {
+            lora::set_training(t.store(), train);
+        }
         let z0 = self.latents_of(&images)?;
         let [n, lc, h, w]: [i64; 4] = z0.size().try_into().expect("4-d latents");
         if let Some(r) = images.try_get("reference") {
@@ -361,18 +379,27 @@ impl Sd15Lora {
         };
         let w_t = Tensor::from_slice(&weights).to_kind(self.compute).to_device(self.device);
         let decode = self.config.decode_pixels;
-        let run = || {
-            let out = self.pipe.unet.forward(&x_t, &t_in, &cond).to_kind(self.compute);
+        let checkpoint = train && self.config.gradient_checkpointing;
+        let mut tape = None;
+        let mut run = || {
+            let out = if checkpoint {
+                let (out, t) = self.pipe.unet.forward_checkpointed(&x_t, &t_in, &cond, unet_seed);
+                tape = Some(t);
+                out
+            } else {
+                self.pipe.unet.forward_reseeded(&x_t, &t_in, &cond, unet_seed)
+            };
+            let out = out.to_kind(self.compute);
             let mse = (&out - &target).square().mean_dim([1i64, 2, 3].as_slice(), false, self.compute);
             let loss = (mse * &w_t).mean(self.compute);
             let x0 = match prediction {
                 likeness_diffusion::schedules::Prediction::VPrediction => &x_t * &sa_t - &out * &sb_t,
                 _ => (&x_t - &out * &sb_t) / &sa_t,
             };
-            let pixels = decode.then(|| self.pipe.decode_latents(&x0, self.compute));
-            (loss, pixels)
+            let pixels = decode.then(|| self.pipe.decode_latents(&x0, self.compute)).transpose()?;
+            Ok::<_, Sd15Error>((loss, pixels))
         };
-        let (loss, pixels) = if train { run() } else { tch::no_grad(run) };
+        let (loss, pixels) = if train { run()? } else { tch::no_grad(run)? };
         let ts: Vec<f32> = d.t.iter().map(|&t| (t as f64 / nt) as f32).collect();
         let ws: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
         let mut outputs = Vec::new();
@@ -383,7 +410,7 @@ impl Sd15Lora {
         outputs.push(("timestep_weights".into(), tensor_to_managed(Tensor::from_slice(&ws))?));
         let value = loss.to_kind(Kind::Double).double_value(&[]);
         if train {
-            self.pending = Some(Pending { loss, pixels, n });
+            self.pending = Some(Pending { loss, pixels, n, tape });
         }
         Ok(ModelOutput { outputs, internal_loss: Some(value) })
     }
@@ -442,6 +469,13 @@ impl Sd15Lora {
             // One backward through the shared graph: the diffusion loss and the pixel
             // gradients accumulate into the LoRA weights together.
             o.backward();
+            if let Some(tape) = pending.tape {
+                // The recomputation reseeds dropout from the forward's seeds: hold the
+                // generator as the forward did.
+                let _rng =
+                    (self.config.lora_dropout > 0.0).then(|| TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner()));
+                tape.backward(&self.pipe.unet);
+            }
         }
         Ok(())
     }
@@ -474,7 +508,9 @@ impl ModelPlugin for Sd15Lora {
 
     fn parameters(&self) -> likeness_sdk::Result<ParameterInfo> {
         let trainable: i64 = self.lora_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
-        let base: i64 = self.base_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
+        // Counted by shape for the encoders, so asking does not load them.
+        let unet: i64 = self.pipe.unet_store.shapes().iter().map(|(_, s)| s.iter().product::<i64>()).sum();
+        let base = unet + self.pipe.encoder_parameter_count();
         Ok(ParameterInfo { trainable: trainable as u64, total: (trainable + base) as u64 })
     }
 
@@ -655,7 +691,7 @@ impl ModelPlugin for Sd15Lora {
         if !r.adapter_scale.is_finite() {
             return Err(input(format!("adapter_scale must be finite, got {}", r.adapter_scale)).into());
         }
-        let lc = self.pipe.vae.config.latent_channels;
+        let lc = self.pipe.vae_config.latent_channels;
         let (h, w) = ((height / f) as i64, (width / f) as i64);
         let per = (lc * h * w) as usize;
         let mut noise = Vec::with_capacity(n * per);
@@ -663,7 +699,7 @@ impl ModelPlugin for Sd15Lora {
             noise.extend(rng::noise(r.seed.wrapping_add(i as u64), per));
         }
         let uncond_texts: Vec<&str> = if negatives.is_empty() { vec![""; n] } else { negatives };
-        let stores = [&self.pipe.unet_store, self.pipe.text.store()];
+        let stores = [&self.pipe.unet_store, self.pipe.text.get()?.store()];
         for s in stores {
             lora::set_adapter_scale(s, r.adapter_scale);
             lora::set_training(s, false);
@@ -685,7 +721,7 @@ impl ModelPlugin for Sd15Lora {
                 Ok(sampling::denoise(sampler, &self.pipe.scheduler.sampling, steps, &x, guidance, unet)
                     .map_err(Sd15Error::from)?)
             })?;
-            Ok(tch::no_grad(|| self.pipe.decode_latents(&z, self.compute)).clamp(0.0, 1.0))
+            Ok(tch::no_grad(|| self.pipe.decode_latents(&z, self.compute))?.clamp(0.0, 1.0))
         })();
         for s in stores {
             lora::set_adapter_scale(s, 1.0);
@@ -713,7 +749,7 @@ impl ModelPlugin for Sd15Lora {
                 let v = images.get("target")?;
                 self.check_images("target", &shape_of(v))?;
                 let x = owned(v, self.device, self.compute)?;
-                Ok(vec![("latents".into(), managed(&self.pipe.encode_images(&x, self.compute))?)])
+                Ok(vec![("latents".into(), managed(&self.pipe.encode_images(&x, self.compute)?)?)])
             }
             "text_embeddings" if !self.trains_text() => {
                 let caps = texts.get("caption")?;

@@ -1,12 +1,24 @@
 //! The SD1.5 pipeline: UNet, VAE, text encoder, tokenizer and scheduler settings, loaded from a
 //! diffusers folder or an original single-file checkpoint.
+//!
+//! The UNet, the tokenizer and every component config load at creation, and the VAE's and the
+//! text encoder's tensor names and shapes are checked there from the file headers (a wrong
+//! folder, a renamed tensor or a mismatched component fails before training); their **weights**
+//! load on first use. A training run whose latents and text embeddings all come from the
+//! encoding cache, with `decode_pixels = false`, never needs them — sd-scripts frees them after
+//! caching for the same reason — so their memory (CLIP-L: 123 M parameters, 0.49 GB in fp32) is
+//! never taken.
 
+use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 use likeness_clip::{ClipTokenizer, Padding};
 use likeness_diffusion::schedules::Prediction;
+use likeness_diffusion_torch::clip_text::ClipTextConfig;
 use likeness_diffusion_torch::sampling::SchedulerConfig;
-use likeness_diffusion_torch::{load, AutoencoderKL, Store, UNet2DConditionModel, UNetConfig, VaeConfig};
+use likeness_diffusion_torch::{
+    load, AutoencoderKL, ClipTextModel, Mode, Store, UNet2DConditionModel, UNetConfig, VaeConfig,
+};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -64,13 +76,46 @@ impl Scheduler {
     }
 }
 
-/// The loaded networks.
+/// A component whose weights load on first use (see the module docs).
+pub struct Lazy<T> {
+    cell: OnceCell<T>,
+    load: Box<dyn Fn() -> Result<T> + Send>,
+}
+
+impl<T> Lazy<T> {
+    fn new(load: impl Fn() -> Result<T> + Send + 'static) -> Self {
+        Lazy { cell: OnceCell::new(), load: Box::new(load) }
+    }
+
+    /// The component, loading it now if this is the first use.
+    pub fn get(&self) -> Result<&T> {
+        if let Some(v) = self.cell.get() {
+            return Ok(v);
+        }
+        let v = (self.load)()?;
+        Ok(self.cell.get_or_init(|| v))
+    }
+
+    /// The component if it has been loaded.
+    pub fn loaded(&self) -> Option<&T> {
+        self.cell.get()
+    }
+}
+
+/// The VAE with its store.
+pub struct Vae {
+    pub store: Store,
+    pub model: AutoencoderKL,
+}
+
+/// The networks: the UNet loaded, the VAE and text encoder on first use.
 pub struct Pipeline {
     pub unet_store: Store,
     pub unet: UNet2DConditionModel,
-    pub vae_store: Store,
-    pub vae: AutoencoderKL,
-    pub text: TextEncoder,
+    pub vae: Lazy<Vae>,
+    pub vae_config: VaeConfig,
+    pub text: Lazy<TextEncoder>,
+    pub text_config: ClipTextConfig,
     pub tokenizer: ClipTokenizer,
     pub scheduler: Scheduler,
     /// Pixels per latent pixel: 2^(VAE blocks − 1).
@@ -124,18 +169,29 @@ fn load_tokenizer(path: &Path) -> Result<ClipTokenizer> {
 impl Pipeline {
     pub fn load(c: &Config, device: Device) -> Result<Pipeline> {
         let kind = c.precision.kind();
-        let root = Path::new(&c.pretrained);
-        let (unet_store, unet, vae_store, vae, text, sched_json) = if root.is_dir() {
-            let (us, u) = load::unet_from_diffusers(root, kind, device)?;
-            let (vs, v) = load::vae_from_diffusers(root, kind, device)?;
-            let text = TextEncoder::from_diffusers(root, kind, device)?;
+        let root = PathBuf::from(&c.pretrained);
+        type Parts = (Store, UNet2DConditionModel, Lazy<Vae>, VaeConfig, Lazy<TextEncoder>, ClipTextConfig);
+        let ((unet_store, unet, vae, vae_config, text, text_config), sched_json): (Parts, _) = if root.is_dir() {
+            let (us, u) = load::unet_from_diffusers(&root, kind, device)?;
+            let vcfg = VaeConfig::from_file(&root.join("vae").join("config.json"))?;
+            let tcfg = ClipTextConfig::from_file(&root.join("text_encoder").join("config.json"))?;
+            // Names and shapes now, from the headers alone: a broken file fails at creation.
+            load::vae_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
+            load::text_encoder_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
+            let r = root.clone();
+            let vae = Lazy::new(move || {
+                let (store, model) = load::vae_from_diffusers(&r, kind, device)?;
+                Ok(Vae { store, model })
+            });
+            let r = root.clone();
+            let text = Lazy::new(move || TextEncoder::from_diffusers(&r, kind, device));
             let p = root.join("scheduler").join("scheduler_config.json");
             let sched = if p.exists() {
                 (p.display().to_string(), read_json(&p)?)
             } else {
                 component_json(None, "scheduler", "scheduler_config.json", SD15_SCHEDULER)?
             };
-            (us, u, vs, v, text, sched)
+            ((us, u, vae, vcfg, text, tcfg), sched)
         } else {
             let cfg_dir = c.config.as_deref().map(Path::new);
             let (up, uj) = component_json(cfg_dir, "unet", "config.json", SD15_UNET)?;
@@ -143,9 +199,17 @@ impl Pipeline {
             let (tp, tj) = component_json(cfg_dir, "text_encoder", "config.json", SD15_TEXT)?;
             let ucfg = UNetConfig::from_value(Path::new(&up), uj)?;
             let vcfg = VaeConfig::from_value(Path::new(&vp), vj)?;
-            let (us, u) = load::unet_from_single_file(root, &ucfg, kind, device)?;
-            let (vs, v) = load::vae_from_single_file(root, &vcfg, kind, device)?;
-            let text = TextEncoder::from_single_file(root, &tp, &tj, kind, device)?;
+            let tcfg = ClipTextConfig::from_value(Path::new(&tp), &tj)?;
+            let (us, u) = load::unet_from_single_file(&root, &ucfg, kind, device)?;
+            load::vae_from_single_file_mode(&root, &vcfg, kind, device, Mode::Plan)?;
+            load::text_encoder_from_single_file_mode(&root, &tcfg, kind, device, Mode::Plan)?;
+            let (r, v) = (root.clone(), vcfg.clone());
+            let vae = Lazy::new(move || {
+                let (store, model) = load::vae_from_single_file(&r, &v, kind, device)?;
+                Ok(Vae { store, model })
+            });
+            let r = root.clone();
+            let text = Lazy::new(move || TextEncoder::from_single_file(&r, &tp, &tj, kind, device));
             let sched = match cfg_dir {
                 Some(d) if d.join("scheduler/scheduler_config.json").exists() => {
                     let p = d.join("scheduler/scheduler_config.json");
@@ -153,22 +217,44 @@ impl Pipeline {
                 }
                 _ => component_json(None, "scheduler", "scheduler_config.json", SD15_SCHEDULER)?,
             };
-            (us, u, vs, v, text, sched)
+            ((us, u, vae, vcfg, text, tcfg), sched)
         };
         let scheduler = Scheduler::from_value(&sched_json.0, &sched_json.1, c.prediction_type)?;
         let tokenizer = load_tokenizer(&tokenizer_path(c, c.config.as_deref().map(Path::new))?)?;
-        if unet.config.cross_attention_dim != text.hidden_size() {
+        if unet.config.cross_attention_dim != text_config.hidden_size {
             return Err(file(
                 &c.pretrained,
                 format!(
                     "the UNet's cross_attention_dim ({}) differs from the text encoder's hidden_size ({}): the components do not belong together",
-                    unet.config.cross_attention_dim,
-                    text.hidden_size()
+                    unet.config.cross_attention_dim, text_config.hidden_size
                 ),
             ));
         }
-        let vae_factor = 1i64 << (vae.config.block_out_channels.len().saturating_sub(1));
-        Ok(Pipeline { unet_store, unet, vae_store, vae, text, tokenizer, scheduler, vae_factor })
+        let vae_factor = 1i64 << (vae_config.block_out_channels.len().saturating_sub(1));
+        Ok(Pipeline { unet_store, unet, vae, vae_config, text, text_config, tokenizer, scheduler, vae_factor })
+    }
+
+    /// Parameters of the VAE and the text encoder by their configs, loaded or not (built by
+    /// shape only when not: no weights are read or allocated).
+    pub fn encoder_parameter_count(&self) -> i64 {
+        let count = |s: &Store| s.shapes().iter().map(|(_, sh)| sh.iter().product::<i64>()).sum::<i64>();
+        let vae = match self.vae.loaded() {
+            Some(v) => count(&v.store),
+            None => {
+                let s = Store::new(Mode::Plan, Kind::Float, Device::Cpu);
+                let _ = AutoencoderKL::new(&s, &self.vae_config);
+                count(&s)
+            }
+        };
+        let text = match self.text.loaded() {
+            Some(t) => count(t.store()),
+            None => {
+                let s = Store::new(Mode::Plan, Kind::Float, Device::Cpu);
+                let _ = ClipTextModel::new(&s, &self.text_config);
+                count(&s)
+            }
+        };
+        vae + text
     }
 
     /// Token ids `[n, 77]` (int64, on `device`) as SD1.5's CLIPTokenizer pads: with `<|endoftext|>`.
@@ -181,28 +267,31 @@ impl Pipeline {
     /// has trainable LoRA and `grad`).
     pub fn embed_texts(&self, texts: &[&str], clip_skip: u32, device: Device, grad: bool) -> Result<Tensor> {
         let ids = self.token_ids(texts, device)?;
+        let text = self.text.get()?;
         if grad {
-            self.text.forward(&ids, clip_skip)
+            text.forward(&ids, clip_skip)
         } else {
-            tch::no_grad(|| self.text.forward(&ids, clip_skip))
+            tch::no_grad(|| text.forward(&ids, clip_skip))
         }
     }
 
     /// `latents` of images in [0, 1] `[B, 3, H, W]`: the VAE posterior's **mean** times
     /// `scaling_factor` (sd-scripts caches the mean too; diffusers' train script samples), no graph.
-    pub fn encode_images(&self, x01: &Tensor, compute: Kind) -> Tensor {
-        tch::no_grad(|| {
-            let (mean, _logvar) = self.vae.encode(&(x01 * 2.0 - 1.0));
+    pub fn encode_images(&self, x01: &Tensor, compute: Kind) -> Result<Tensor> {
+        let vae = &self.vae.get()?.model;
+        Ok(tch::no_grad(|| {
+            let (mean, _logvar) = vae.encode(&(x01 * 2.0 - 1.0));
             // Contiguous: `mean` is a channel slice of the encoder's output, and a strided input
             // can make libtorch pick other conv kernels downstream (other rounding) than the
             // same values read back from the `latents` cache.
-            self.vae.scale_latent(&mean).to_kind(compute).contiguous()
-        })
+            vae.scale_latent(&mean).to_kind(compute).contiguous()
+        }))
     }
 
     /// Scaled latents → pixels in [0, 1] (not clamped), differentiable.
-    pub fn decode_latents(&self, z: &Tensor, compute: Kind) -> Tensor {
-        let x = self.vae.decode(&self.vae.unscale_latent(z));
-        (x.to_kind(compute) + 1.0) / 2.0
+    pub fn decode_latents(&self, z: &Tensor, compute: Kind) -> Result<Tensor> {
+        let vae = &self.vae.get()?.model;
+        let x = vae.decode(&vae.unscale_latent(z));
+        Ok((x.to_kind(compute) + 1.0) / 2.0)
     }
 }

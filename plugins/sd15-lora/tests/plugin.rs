@@ -1,11 +1,14 @@
 //! `sd15-lora` through its plugin methods, on the tiny random SD1.5 pipeline that
 //! tests/python/make_tiny_sd15.py writes with diffusers itself (a folder and the same weights as
-//! an original single file). 32×32 images → 16×16 latents (the tiny VAE has factor 2).
+//! an original single file; see [`common::tiny`]). 32×32 images → 16×16 latents (the tiny VAE
+//! has factor 2).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
+use common::{images, tiny, CAPTIONS, SIZE};
 use likeness_plugin_sd15_lora::Sd15Lora;
 use likeness_sdk::abi::{sample_seed, NamedTexts, NamedView};
 use likeness_sdk::abi_stable::std_types::{RSlice, RStr};
@@ -13,34 +16,6 @@ use likeness_sdk::{
     CpuTensor, Device, ForwardMode, Inputs, ModelPlugin, OptimizerStep, SampleRequest, ScaledView, StepContext, Texts,
 };
 use tch::Tensor;
-
-const SIZE: i64 = 32;
-const CAPTIONS: [&str; 2] = ["a photo of a person smiling", "a portrait in the rain"];
-
-/// The tiny pipeline (folder, single file), written once per machine (the script's stamp makes
-/// a rerun instant).
-fn tiny(test: &str) -> Option<&'static (PathBuf, PathBuf)> {
-    static T: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    let python = likeness_sdk::testing::python_or_skip(test)?;
-    Some(T.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sd15-lora-tiny");
-        let dir = root.join("tiny");
-        let single = root.join("tiny-single.safetensors");
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/make_tiny_sd15.py");
-        let o = Command::new(python)
-            .arg(&script)
-            .arg("--out")
-            .arg(&dir)
-            .arg("--preset")
-            .arg("tiny")
-            .arg("--single")
-            .arg(&single)
-            .output()
-            .expect("cannot start LIKENESS_PYTHON");
-        assert!(o.status.success(), "make_tiny_sd15.py failed:\n{}", String::from_utf8_lossy(&o.stderr));
-        (dir, single)
-    }))
-}
 
 fn config(pretrained: &Path, extra: serde_json::Value) -> String {
     let mut c = serde_json::json!({"pretrained": pretrained, "resolution": SIZE, "lora_rank": 4, "sample_steps": 4});
@@ -52,11 +27,6 @@ fn config(pretrained: &Path, extra: serde_json::Value) -> String {
 
 fn create(cfg: &str, seed: u64) -> Sd15Lora {
     Sd15Lora::create(cfg, Device::CPU, seed).unwrap_or_else(|e| panic!("create: {e}"))
-}
-
-fn images(n: usize, seed: u64) -> CpuTensor<f32> {
-    let data = likeness_sdk::testing::uniform_f32(seed, n * 3 * (SIZE * SIZE) as usize, 0.0, 1.0);
-    CpuTensor::new(vec![n as i64, 3, SIZE, SIZE], data)
 }
 
 fn seeds(run: u64, step: u64, n: usize) -> Vec<u64> {
@@ -130,6 +100,12 @@ fn same(a: &[f32], b: &[f32], what: &str) {
     }
 }
 
+/// Every base weight (`base_parameters` loads the VAE and the text encoder on first use, which
+/// can fail: a test panics with the plugin's message).
+fn base(m: &Sd15Lora) -> Vec<(String, Tensor)> {
+    m.base_parameters().unwrap_or_else(|e| panic!("base_parameters: {e}"))
+}
+
 fn snapshot(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
     v.into_iter().map(|(n, t)| (n, t.detach().copy())).collect()
 }
@@ -200,7 +176,7 @@ fn single_file_and_folder_give_the_same_outputs_bitwise() {
     same(&oa.get("pixels").data, &ob.get("pixels").data, "pixels");
     same(&oa.get("timesteps").data, &ob.get("timesteps").data, "timesteps");
     // Every base tensor is the same (the networks are the same names and values).
-    for ((na, ta), (nb, tb)) in a.base_parameters().iter().zip(b.base_parameters().iter()) {
+    for ((na, ta), (nb, tb)) in base(&a).iter().zip(base(&b).iter()) {
         assert_eq!(na, nb);
         assert!(bit_equal(ta, tb), "{na}");
     }
@@ -244,7 +220,7 @@ fn missing_and_unexpected_tensors_are_named() {
 fn a_train_step_changes_only_lora_weights() {
     let Some((dir, _)) = tiny("a_train_step_changes_only_lora_weights") else { return };
     let mut m = create(&config(dir, serde_json::json!({"min_snr_gamma": 5.0, "noise_offset": 0.05})), 5);
-    let base = snapshot(m.base_parameters());
+    let base0 = snapshot(base(&m));
     let lora0 = snapshot(m.lora_parameters());
     assert!(!lora0.is_empty());
     // 4 attention projections × (attn1 + attn2) × 5 transformer blocks (down 2, mid 1, up 2 … of
@@ -253,7 +229,7 @@ fn a_train_step_changes_only_lora_weights() {
         .iter()
         .all(|(n, _)| n.starts_with("unet.") && (n.ends_with("lora_A.weight") || n.ends_with("lora_B.weight"))));
     train_step(&mut m, 1);
-    for ((n, before), (_, now)) in base.iter().zip(m.base_parameters().iter()) {
+    for ((n, before), (_, now)) in base0.iter().zip(base(&m).iter()) {
         assert!(bit_equal(before, now), "base weight {n} changed");
         assert!(!now.requires_grad() && !now.grad().defined(), "base weight {n} has a gradient");
     }
@@ -487,15 +463,7 @@ fn the_identity_chain_gradient_matches_finite_differences() {
     let Some((dir, _)) = tiny("the_identity_chain_gradient_matches_finite_differences") else { return };
     let mut m = create(&config(dir, serde_json::json!({"precision": "fp64", "min_snr_gamma": 5.0})), 8);
     // Non-zero lora_B first (it starts at 0, which would make every lora_A gradient 0).
-    {
-        let _g = tch::no_grad_guard();
-        for (i, (_, mut p)) in m.lora_parameters().into_iter().enumerate() {
-            let r = Tensor::from_slice(&likeness_sdk::testing::uniform(50 + i as u64, p.numel()))
-                .view(p.size().as_slice())
-                .to_kind(p.kind());
-            let _ = p.g_add_(&((r - 0.5) * 0.2));
-        }
-    }
+    common::perturb_lora(&m, 50);
     let target = images(2, 6);
     let sd = seeds(9, 1, 2);
     let out = forward(&mut m, &[("target", &target)], Some(&CAPTIONS), &sd, ForwardMode::Train);
@@ -696,7 +664,7 @@ fn reduced_precision_bases_train_f32_lora() {
     let Some((dir, _)) = tiny("reduced_precision_bases_train_f32_lora") else { return };
     for (precision, kind) in [("bf16", tch::Kind::BFloat16), ("fp16", tch::Kind::Half)] {
         let mut m = create(&config(dir, serde_json::json!({"precision": precision})), 3);
-        assert!(m.base_parameters().iter().all(|(_, t)| t.kind() == kind), "{precision}");
+        assert!(base(&m).iter().all(|(_, t)| t.kind() == kind), "{precision}");
         let before = snapshot(m.lora_parameters());
         assert!(before.iter().all(|(_, t)| t.kind() == tch::Kind::Float), "{precision}: LoRA must be f32");
         let target = images(2, 3);
@@ -707,4 +675,86 @@ fn reduced_precision_bases_train_f32_lora() {
         let changed = before.iter().zip(m.lora_parameters().iter()).filter(|((_, a), (_, b))| !bit_equal(a, b)).count();
         assert!(changed * 2 >= before.len(), "{precision}: {changed} of {} LoRA tensors trained", before.len());
     }
+}
+
+/// `gradient_checkpointing = true` gives the plain backward's gradients, through everything a
+/// training step back-propagates: the diffusion loss with min-SNR weights, a `pixels` gradient
+/// through the VAE decode into the checkpointed UNet, text-encoder LoRA (the context gradient
+/// the tape hands back) and LoRA dropout (reseeded per UNet segment in both modes).
+///
+/// Tolerance, fp64: the two backwards differ only in how gradients read by several segments
+/// are summed (see core/diffusion-torch/tests/checkpoint.rs): ≲ 40 layers × 16 readers × ε ≈
+/// 7e-14 relative; bound 1e-11 of the largest gradient (100× margin).
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let Some((dir, _)) = tiny("gradient_checkpointing_gives_the_same_gradients") else { return };
+    let base = serde_json::json!({"precision": "fp64", "train_text_encoder": true, "lora_dropout": 0.2,
+        "min_snr_gamma": 5.0});
+    let mut with = base.clone();
+    with["gradient_checkpointing"] = true.into();
+    let grads = |extra: serde_json::Value| {
+        let mut m = create(&config(dir, extra), 4);
+        // Non-zero lora_B (it starts at 0, which would make every lora_A gradient 0), the same
+        // values in both instances.
+        common::perturb_lora(&m, 70);
+        let target = images(2, 8);
+        let sd = seeds(5, 1, 2);
+        let out = forward(&mut m, &[("target", &target)], Some(&CAPTIONS), &sd, ForwardMode::Train);
+        let px = out.get("pixels");
+        let g = CpuTensor::new(px.shape.clone(), likeness_sdk::testing::uniform_f32(31, px.data.len(), -1.0, 1.0));
+        m.backward_scaled(&[ScaledView { name: RStr::from_str("pixels"), view: g.view(), scale: 0.5 }], 1.0).unwrap();
+        let g: Vec<(String, Tensor)> = m.lora_parameters().into_iter().map(|(n, p)| (n, p.grad().copy())).collect();
+        (g, out.loss)
+    };
+    let (plain, loss_plain) = grads(base);
+    let (ckpt, loss_ckpt) = grads(with);
+    assert_eq!(loss_plain.to_bits(), loss_ckpt.to_bits(), "the checkpointed forward computes the same loss");
+    assert!(plain.iter().any(|(n, _)| n.starts_with("text_encoder.")));
+    let scale = plain.iter().map(|(_, g)| g.abs().max().double_value(&[])).fold(0f64, f64::max);
+    let mut worst = 0f64;
+    for ((n, a), (_, b)) in plain.iter().zip(ckpt.iter()) {
+        assert!(a.defined() && b.defined(), "{n}: no gradient");
+        worst = worst.max((a - b).abs().max().double_value(&[]));
+    }
+    eprintln!("gradient checkpointing: max |Δg| = {worst:.3e} (max |g| {scale:.3e}) over {} tensors", plain.len());
+    assert!(scale > 0.0 && worst <= 1e-11 * scale, "checkpointed gradients differ by {worst:e} (max |g| {scale:e})");
+}
+
+/// With every encoding given (as the engine's cache passes them) and `decode_pixels = false`, a
+/// training step never loads the VAE or the text encoder; `encode` loads them on first use, and
+/// `parameters()` counts them the same before and after.
+#[test]
+fn encoders_load_on_first_use() {
+    let Some((dir, _)) = tiny("encoders_load_on_first_use") else { return };
+    let cfg = config(dir, serde_json::json!({"decode_pixels": false}));
+    let mut source = create(&cfg, 2);
+    let target = images(2, 4);
+    let strs: Vec<RStr<'_>> = CAPTIONS.iter().map(|s| RStr::from_str(s)).collect();
+    let texts = [NamedTexts { name: RStr::from_str("caption"), texts: RSlice::from_slice(&strs) }];
+    let views = [NamedView { name: RStr::from_str("target"), view: target.view() }];
+    let mut enc = |name: &str| {
+        let o = source
+            .encode(name, Inputs::new(RSlice::from_slice(&views)), Texts::new(RSlice::from_slice(&texts)))
+            .unwrap();
+        CpuTensor::<f32>::from_managed(&o[0].1, name).unwrap()
+    };
+    let (latents, emb) = (enc("latents"), enc("text_embeddings"));
+    assert_eq!(source.encoders_loaded(), (true, true), "encode loads what it needs");
+
+    let mut m = create(&cfg, 2);
+    assert_eq!(m.encoders_loaded(), (false, false));
+    let counted = m.parameters().unwrap();
+    let sd = seeds(3, 1, 2);
+    let out = forward(&mut m, &[("latents", &latents), ("text_embeddings", &emb)], None, &sd, ForwardMode::Train);
+    assert!(out.loss.is_finite());
+    let g = grads_after_backward(&mut m);
+    assert!(g.iter().all(|(_, t)| t.defined()));
+    m.optimizer_step_groups(opt(1), &[]).unwrap();
+    assert_eq!(m.encoders_loaded(), (false, false), "a cached step must not load the VAE or the text encoder");
+    // Loading them changes no count.
+    let loaded: i64 = m.base_parameters().unwrap().iter().map(|(_, t)| t.numel() as i64).sum();
+    assert_eq!(m.encoders_loaded(), (true, true));
+    let trainable: i64 = m.lora_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
+    assert_eq!(counted.total as i64, loaded + trainable);
+    assert_eq!(m.parameters().unwrap().total, counted.total);
 }

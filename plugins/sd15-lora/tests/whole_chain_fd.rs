@@ -12,10 +12,11 @@
 //! (Plugin crates cannot share one test binary — their exported symbols clash — so the metric
 //! and the loss formula are reproduced here from the libraries they are built on.)
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+mod common;
 
+use std::path::Path;
+
+use common::{images, tiny, CAPTIONS, SIZE};
 use likeness_clip::preprocess::{resize_crop_normalize, rgb_u8_to_tensor};
 use likeness_clip::{l2_normalize, ClipConfig, ClipModel, TextConfig, VisionConfig};
 use likeness_plugin_sd15_lora::Sd15Lora;
@@ -24,33 +25,7 @@ use likeness_sdk::abi_stable::std_types::{RSlice, RStr};
 use likeness_sdk::{CpuTensor, Device, ForwardMode, Inputs, ModelPlugin, ScaledView, StepContext, Texts};
 use tch::{Kind, Tensor};
 
-const SIZE: i64 = 32;
-const CAPTIONS: [&str; 2] = ["a photo of a person smiling", "a portrait in the rain"];
 const REFERENCE_PHOTO: &str = "photos/face_recognition/obama.jpg";
-
-/// The tiny pipeline folder, written once per machine (the same folder plugin.rs uses; the
-/// script's stamp makes a rerun instant).
-fn tiny(test: &str) -> Option<&'static PathBuf> {
-    static T: OnceLock<PathBuf> = OnceLock::new();
-    let python = likeness_sdk::testing::python_or_skip(test)?;
-    Some(T.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sd15-lora-tiny");
-        let dir = root.join("tiny");
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/make_tiny_sd15.py");
-        let o = Command::new(python)
-            .arg(&script)
-            .arg("--out")
-            .arg(&dir)
-            .arg("--preset")
-            .arg("tiny")
-            .arg("--single")
-            .arg(root.join("tiny-single.safetensors"))
-            .output()
-            .expect("cannot start LIKENESS_PYTHON");
-        assert!(o.status.success(), "make_tiny_sd15.py failed:\n{}", String::from_utf8_lossy(&o.stderr));
-        dir
-    }))
-}
 
 /// A tiny CLIP (both towers, since `ClipModel::random` builds both; only the image tower is
 /// used): 24×24 images in 8×8 patches, 2 blocks of width 32, exact GELU (open_clip's default).
@@ -93,11 +68,6 @@ fn embed(clip: &ClipModel, pixels: &Tensor) -> Tensor {
 fn identity_loss(e: &Tensor, r: &Tensor, w: &Tensor) -> Tensor {
     let cos = (e * r).sum_dim_intlist([-1i64].as_slice(), false, Kind::Double);
     ((cos.neg() + 1.0) * w).mean(Kind::Double)
-}
-
-fn images(n: usize, seed: u64) -> CpuTensor<f32> {
-    let data = likeness_sdk::testing::uniform_f32(seed, n * 3 * (SIZE * SIZE) as usize, 0.0, 1.0);
-    CpuTensor::new(vec![n as i64, 3, SIZE, SIZE], data)
 }
 
 /// forward_batch(Train) on `target` with fixed per-sample seeds (hence the same t and noise at
@@ -176,7 +146,8 @@ fn analytic(m: &mut Sd15Lora, clip: &ClipModel, r: &Tensor, target: &CpuTensor<f
 #[test]
 fn the_identity_term_gradient_matches_finite_differences_through_the_whole_chain() {
     let test = "the_identity_term_gradient_matches_finite_differences_through_the_whole_chain";
-    let Some(dir) = tiny(test) else { return };
+    // The pipeline folder (the single file beside it is plugin.rs's).
+    let Some((dir, _)) = tiny(test) else { return };
     let Some(ref_path) = likeness_sdk::testing::data_path_or_skip(test, REFERENCE_PHOTO) else { return };
     let cfg = serde_json::json!({
         "pretrained": dir, "resolution": SIZE, "lora_rank": 4, "sample_steps": 4,
@@ -185,15 +156,7 @@ fn the_identity_term_gradient_matches_finite_differences_through_the_whole_chain
     .to_string();
     let mut m = Sd15Lora::create(&cfg, Device::CPU, 8).unwrap_or_else(|e| panic!("create: {e}"));
     // Non-zero lora_B first (it starts at 0, which would make every lora_A gradient 0).
-    {
-        let _g = tch::no_grad_guard();
-        for (i, (_, mut p)) in m.lora_parameters().into_iter().enumerate() {
-            let r = Tensor::from_slice(&likeness_sdk::testing::uniform(50 + i as u64, p.numel()))
-                .view(p.size().as_slice())
-                .to_kind(p.kind());
-            let _ = p.g_add_(&((r - 0.5) * 0.2));
-        }
-    }
+    common::perturb_lora(&m, 50);
     let clip = tiny_clip();
     // The reference embedding of the real photo, repeated per row; no graph (the engine embeds
     // references in Eval mode).

@@ -3,6 +3,7 @@
 
 mod abi_compat;
 mod accumulation;
+mod adapter_date;
 mod config_cli;
 mod data_layouts;
 mod drip_sd15;

@@ -188,6 +188,10 @@ pub(crate) struct Trainer<'a> {
     cfg: &'a Config,
     opts: &'a TrainOptions,
     started: Instant,
+    /// When the run first began (Unix milliseconds; on `--resume` the original run's, from its
+    /// checkpoint): the adapters' `ss_training_started_at` / `modelspec.date`. Metadata only: it
+    /// never reaches the weights, the data order or a seed.
+    started_at_ms: u64,
     lay: Layout,
     ds: DataSet,
     plan: Plan,
@@ -208,6 +212,7 @@ pub(crate) struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     fn new(cfg: &'a Config, registry: &'a Registry, opts: &'a TrainOptions) -> Result<Trainer<'a>> {
         let started = Instant::now();
+        let now_ms = unix_ms_now();
         let lay = Layout::new(&cfg.run.output);
 
         // 1. Ids first (manifests only): a misspelt plugin id is reported at once.
@@ -325,12 +330,20 @@ impl<'a> Trainer<'a> {
             last_val_loss: None,
             first_identity_similarity: None,
             last_identity_similarity: None,
+            training_started_at_ms: Some(now_ms),
             ..Default::default()
         };
         let (log, curves, resumed_from) = match &resume {
             Some((dir, st)) => {
                 model.load_state(dir)?;
                 state = st.clone();
+                if state.training_started_at_ms.is_none() {
+                    warn!(
+                        "{} has no training_started_at_ms (written before the start time was kept): the adapters' ss_training_started_at / modelspec.date are the time of this resume; the checkpoints written from now on keep it",
+                        dir.join(crate::checkpoint::STATE_FILE).display()
+                    );
+                    state.training_started_at_ms = Some(now_ms);
+                }
                 let log = MetricsLog::resume(&lay.metrics, st.step)?;
                 info!("resumed from {} (step {})", dir.display(), st.step);
                 (log, Curves::from_log(&lay.metrics)?, Some(st.step))
@@ -353,10 +366,12 @@ impl<'a> Trainer<'a> {
         let sample_examples: Vec<data::Example> =
             ds.val.iter().chain(ds.train.iter()).take(t.sample_count.max(1)).cloned().collect();
         let images = ImageCache::for_dataset(&ds);
+        let started_at_ms = state.training_started_at_ms.unwrap_or(now_ms);
         Ok(Trainer {
             cfg,
             opts,
             started,
+            started_at_ms,
             lay,
             ds,
             plan,
@@ -615,7 +630,8 @@ impl<'a> Trainer<'a> {
             Some(s) => format!("{name}-step{s:08}"),
             None => name,
         };
-        let meta = self.plan.adapter_metadata(self.cfg, &self.ds, self.state.step, self.state.epoch);
+        let meta =
+            self.plan.adapter_metadata(self.cfg, &self.ds, self.state.step, self.state.epoch, self.started_at_ms);
         let mut written = Vec::new();
         for format in self.plan.adapter_formats.clone() {
             written.push(samples::export_adapter(&mut self.parts.model, &self.lay.out, &base, &format, &meta)?);
@@ -638,7 +654,7 @@ impl Trainer<'_> {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        let meta = self.plan.adapter_metadata(self.cfg, &self.ds, self.state.step, epoch + 1);
+        let meta = self.plan.adapter_metadata(self.cfg, &self.ds, self.state.step, epoch + 1, self.started_at_ms);
         for format in self.plan.adapter_formats.clone() {
             samples::export_adapter(&mut self.parts.model, &tmp, &name, &format, &meta)?;
         }
@@ -701,6 +717,11 @@ fn progress_bar(enabled: bool, total: u64, pos: u64) -> ProgressBar {
     );
     bar.set_position(pos);
     bar
+}
+
+/// Now as Unix milliseconds (0 on a clock set before 1970, which only affects metadata).
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn write_split(path: &Path, ds: &DataSet) -> Result<()> {

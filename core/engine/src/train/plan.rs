@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use likeness_abi::{EncodingDecl, InputKind, IoDecl, MetricInterface, ModelInterface};
+use likeness_diffusion::lora_meta::{iso_datetime, py_float};
 use serde_json::{json, Value};
 
 use crate::config::{Config, IdentityWeighting};
@@ -365,11 +366,20 @@ impl Plan {
     }
 
     /// Metadata stored in every adapter file: kohya's `ss_*` and `modelspec.*` keys (all
-    /// values strings, as safetensors metadata must be).
-    pub fn adapter_metadata(&self, cfg: &Config, ds: &DataSet, step: u64, epoch: u64) -> Value {
+    /// values strings, as safetensors metadata must be). `started_at_ms` is when the run first
+    /// began (Unix milliseconds, kept across resumes): `ss_training_started_at` is sd-scripts'
+    /// `str(time.time())` of it (Python's float spelling, `1733112345.123`), `modelspec.date`
+    /// the ISO date of its whole seconds, both spelled by [`likeness_diffusion::lora_meta`] as a
+    /// model plugin's own kohya metadata spells them, so the two agree.
+    pub fn adapter_metadata(&self, cfg: &Config, ds: &DataSet, step: u64, epoch: u64, started_at_ms: u64) -> Value {
         let base = cfg.model.config.get("pretrained").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        // ms / 1000 is one correctly rounded division: the nearest f64 to the decimal
+        // `<s>.<ms>`, whose shortest round-trip spelling is that decimal again.
+        let started_s = started_at_ms as f64 / 1000.0;
         json!({
             "ss_training_comment": "trained with likeness",
+            "ss_training_started_at": py_float(started_s),
+            "modelspec.date": iso_datetime(started_at_ms / 1000),
             "ss_base_model_version": cfg.model.plugin,
             "ss_sd_model_name": base,
             "ss_output_name": cfg.run.output_name.clone().unwrap_or_else(|| "likeness".into()),
