@@ -58,79 +58,52 @@ impl Stored {
     }
 }
 
-fn st_kind(dtype: &str) -> Option<(Kind, usize)> {
+fn st_kind(dtype: safetensors::Dtype) -> Option<Kind> {
+    use safetensors::Dtype as D;
     Some(match dtype {
-        "F64" => (Kind::Double, 8),
-        "F32" => (Kind::Float, 4),
-        "F16" => (Kind::Half, 2),
-        "BF16" => (Kind::BFloat16, 2),
-        "I64" => (Kind::Int64, 8),
-        "I32" => (Kind::Int, 4),
-        "I16" => (Kind::Int16, 2),
-        "I8" => (Kind::Int8, 1),
-        "U8" => (Kind::Uint8, 1),
-        "BOOL" => (Kind::Bool, 1),
+        D::F64 => Kind::Double,
+        D::F32 => Kind::Float,
+        D::F16 => Kind::Half,
+        D::BF16 => Kind::BFloat16,
+        D::I64 => Kind::Int64,
+        D::I32 => Kind::Int,
+        D::I16 => Kind::Int16,
+        D::I8 => Kind::Int8,
+        D::U8 => Kind::Uint8,
+        D::BOOL => Kind::Bool,
         _ => return None,
     })
 }
 
-/// The tensors of one safetensors file from its header (8 bytes + its JSON, whatever the file's
-/// size); each header entry is checked against the file's length.
+/// The tensors of one safetensors file from its header (`likeness_sdk::st::read_header`: at
+/// most 8 bytes + the JSON are read, and every length is checked against the file's before use).
 fn read_st(path: &Path) -> Result<Vec<(String, Stored)>> {
-    use std::io::Read;
-    let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
-    let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
-    let total = f.metadata().map_err(|source| Error::Io { path: path.into(), source })?.len();
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| bad(format!("cannot read the header length: {e}")))?;
-    let n = u64::from_le_bytes(len);
-    if n.saturating_add(8) > total || n > 100 << 20 {
-        return Err(bad(format!("header length {n} does not fit the file's {total} bytes: not a safetensors file")));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| bad(format!("cannot read the header: {e}")))?;
-    let v: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
-    let (file, shared_path) = (Arc::new(f), Arc::new(path.to_path_buf()));
-    let data_start = 8 + n;
-    let mut out = Vec::new();
-    for (name, info) in v {
-        if name == "__metadata__" {
-            continue;
-        }
-        let shape: Vec<i64> = info
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|d| d.as_i64().filter(|&d| d >= 0)).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| bad(format!("tensor {name}: no non-negative integer `shape` in the header")))?;
-        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
-        let (kind, width) =
-            st_kind(dtype).ok_or_else(|| bad(format!("tensor {name}: dtype {dtype} is not supported")))?;
-        let offsets: Vec<u64> = info
-            .get("data_offsets")
-            .and_then(|o| o.as_array())
-            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
-            .filter(|o| o.len() == 2 && o[0] <= o[1])
-            .ok_or_else(|| bad(format!("tensor {name}: `data_offsets` must be [begin, end]")))?;
-        let numel: u64 = shape.iter().map(|&d| d as u64).product();
-        let len = offsets[1] - offsets[0];
-        if numel.checked_mul(width as u64) != Some(len) || data_start + offsets[1] > total {
-            return Err(bad(format!(
-                "tensor {name}: {len} bytes at {:?} do not hold {shape:?} {dtype} inside the file's {total} bytes",
-                offsets
-            )));
-        }
-        let src = Src::File {
-            file: file.clone(),
-            path: shared_path.clone(),
-            kind,
-            file_shape: shape.clone(),
-            start: data_start + offsets[0],
-            len: len as usize,
-        };
-        out.push((name, Stored { shape, src }));
-    }
-    Ok(out)
+    let header = likeness_sdk::st::read_header(path)
+        .map_err(|e| Error::Safetensors { path: path.into(), msg: e.to_string() })?;
+    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let (file, shared_path) = (Arc::new(file), Arc::new(path.to_path_buf()));
+    let data_start = header.data_start() as u64;
+    header
+        .tensors
+        .into_iter()
+        .map(|t| {
+            let kind = st_kind(t.dtype).ok_or_else(|| Error::Safetensors {
+                path: path.into(),
+                msg: format!("tensor {}: dtype {:?} is not supported", t.name, t.dtype),
+            })?;
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            let (begin, end) = t.data_offsets;
+            let src = Src::File {
+                file: file.clone(),
+                path: shared_path.clone(),
+                kind,
+                file_shape: shape.clone(),
+                start: data_start + begin as u64,
+                len: end - begin,
+            };
+            Ok((t.name, Stored { shape, src }))
+        })
+        .collect()
 }
 
 /// The tensors of a component folder: `diffusion_pytorch_model.safetensors`, or every shard the

@@ -271,7 +271,7 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         reseed: Option<i64>,
     ) -> Tensor {
-        let (inputs, _) = self.segment_inputs(sample, timestep, encoder_hidden_states);
+        let inputs = self.segment_inputs(sample, timestep, encoder_hidden_states);
         let program = self.program();
         // Last step reading each slot, so an activation is dropped as soon as nothing reads it
         // (autograd keeps what the backward needs; the Vec must not keep more).
@@ -318,7 +318,9 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         reseed: Option<i64>,
     ) -> (Tensor, UNetTape) {
-        let (inputs, ctx_graph) = self.segment_inputs(sample, timestep, encoder_hidden_states);
+        let inputs = self.segment_inputs(sample, timestep, encoder_hidden_states);
+        // The context keeps its graph for the text-encoder gradient; the slots keep none.
+        let ctx_graph = Some(inputs[SLOT_CTX].shallow_clone()).filter(|c| c.requires_grad());
         let program = self.program();
         let mut slots: Vec<Option<Tensor>> = inputs.into_iter().map(|t| Some(t.detach())).collect();
         tch::no_grad(|| {
@@ -329,20 +331,17 @@ impl UNet2DConditionModel {
         });
         let out =
             slots.last().and_then(|o| o.as_ref()).expect("the program ends with conv_out").set_requires_grad(true);
-        let ctx_graph = ctx_graph.filter(|c| c.requires_grad());
         (out.shallow_clone(), UNetTape { slots, out, ctx_graph, reseed })
     }
 
-    /// The segment program's fixed inputs: the sample and the sinusoidal timestep embedding in
-    /// the weights' kind (no gradient) and the cross-attention context in the weights' kind
-    /// (returned a second time with its graph, for the text-encoder gradient).
-    fn segment_inputs(&self, sample: &Tensor, timestep: &Tensor, ehs: &Tensor) -> (Vec<Tensor>, Option<Tensor>) {
+    /// The segment program's fixed inputs (slots 0–2), in the weights' kind: the sample, the
+    /// sinusoidal timestep embedding and the cross-attention context (with its graph).
+    fn segment_inputs(&self, sample: &Tensor, timestep: &Tensor, ehs: &Tensor) -> Vec<Tensor> {
         let b = sample.size()[0];
         let wk = self.conv_in.weight.kind();
         let t = if timestep.dim() == 0 { timestep.expand([b], false) } else { timestep.shallow_clone() };
         let temb = self.timestep_embedding(&t).to_kind(wk);
-        let ctx = ehs.to_kind(wk);
-        (vec![sample.to_kind(wk), temb, ctx.shallow_clone()], Some(ctx))
+        vec![sample.to_kind(wk), temb, ehs.to_kind(wk)]
     }
 
     /// The forward as a list of segments over numbered activation slots (0 = sample, 1 = the
@@ -515,7 +514,6 @@ impl UNetTape {
             trainable[SLOT_FIRST_STEP + k] =
                 unet.segment_may_train(step.segment) || step.inputs.iter().any(|&s| trainable[s]);
         }
-        let needs_grad = |s: usize| trainable[s];
         let mut grads: Vec<Option<Tensor>> = (0..self.slots.len()).map(|_| None).collect();
         *grads.last_mut().expect("an output slot") = Some(g_out);
         let mut recomputed = 0;
@@ -525,7 +523,7 @@ impl UNetTape {
             let Some(g) = grads[slot].take() else { continue };
             let (x, y) = tch::with_grad(|| {
                 unet.run_step(k, step, &self.slots, self.reseed, |s, t| {
-                    if needs_grad(s) {
+                    if trainable[s] {
                         t.detach().set_requires_grad(true)
                     } else {
                         t.detach()
@@ -539,7 +537,7 @@ impl UNetTape {
             tch::with_grad(|| (&y * &g).sum(y.kind()).backward());
             recomputed += 1;
             for (xi, &s) in x.iter().zip(&step.inputs) {
-                if !needs_grad(s) {
+                if !trainable[s] {
                     continue;
                 }
                 let gi = xi.grad();

@@ -509,8 +509,7 @@ impl ModelPlugin for Sd15Lora {
     fn parameters(&self) -> likeness_sdk::Result<ParameterInfo> {
         let trainable: i64 = self.lora_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
         // Counted by shape for the encoders, so asking does not load them.
-        let unet: i64 = self.pipe.unet_store.shapes().iter().map(|(_, s)| s.iter().product::<i64>()).sum();
-        let base = unet + self.pipe.encoder_parameter_count();
+        let base = model::parameter_count(&self.pipe.unet_store) + self.pipe.encoder_parameters;
         Ok(ParameterInfo { trainable: trainable as u64, total: (trainable + base) as u64 })
     }
 

@@ -16,9 +16,7 @@ use likeness_clip::{ClipTokenizer, Padding};
 use likeness_diffusion::schedules::Prediction;
 use likeness_diffusion_torch::clip_text::ClipTextConfig;
 use likeness_diffusion_torch::sampling::SchedulerConfig;
-use likeness_diffusion_torch::{
-    load, AutoencoderKL, ClipTextModel, Mode, Store, UNet2DConditionModel, UNetConfig, VaeConfig,
-};
+use likeness_diffusion_torch::{load, AutoencoderKL, Mode, Store, UNet2DConditionModel, UNetConfig, VaeConfig};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -116,10 +114,18 @@ pub struct Pipeline {
     pub vae_config: VaeConfig,
     pub text: Lazy<TextEncoder>,
     pub text_config: ClipTextConfig,
+    /// Parameters of the VAE and the text encoder, loaded or not (counted from their planned
+    /// stores at creation).
+    pub encoder_parameters: i64,
     pub tokenizer: ClipTokenizer,
     pub scheduler: Scheduler,
     /// Pixels per latent pixel: 2^(VAE blocks − 1).
     pub vae_factor: i64,
+}
+
+/// The number of parameters of a store, by shape (also of a planned one).
+pub fn parameter_count(store: &Store) -> i64 {
+    store.shapes().iter().map(|(_, s)| s.iter().product::<i64>()).sum()
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -170,55 +176,58 @@ impl Pipeline {
     pub fn load(c: &Config, device: Device) -> Result<Pipeline> {
         let kind = c.precision.kind();
         let root = PathBuf::from(&c.pretrained);
-        type Parts = (Store, UNet2DConditionModel, Lazy<Vae>, VaeConfig, Lazy<TextEncoder>, ClipTextConfig);
-        let ((unet_store, unet, vae, vae_config, text, text_config), sched_json): (Parts, _) = if root.is_dir() {
-            let (us, u) = load::unet_from_diffusers(&root, kind, device)?;
-            let vcfg = VaeConfig::from_file(&root.join("vae").join("config.json"))?;
-            let tcfg = ClipTextConfig::from_file(&root.join("text_encoder").join("config.json"))?;
-            // Names and shapes now, from the headers alone: a broken file fails at creation.
-            load::vae_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
-            load::text_encoder_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
-            let r = root.clone();
-            let vae = Lazy::new(move || {
-                let (store, model) = load::vae_from_diffusers(&r, kind, device)?;
-                Ok(Vae { store, model })
-            });
-            let r = root.clone();
-            let text = Lazy::new(move || TextEncoder::from_diffusers(&r, kind, device));
-            let p = root.join("scheduler").join("scheduler_config.json");
-            let sched = if p.exists() {
-                (p.display().to_string(), read_json(&p)?)
-            } else {
-                component_json(None, "scheduler", "scheduler_config.json", SD15_SCHEDULER)?
-            };
-            ((us, u, vae, vcfg, text, tcfg), sched)
-        } else {
-            let cfg_dir = c.config.as_deref().map(Path::new);
-            let (up, uj) = component_json(cfg_dir, "unet", "config.json", SD15_UNET)?;
-            let (vp, vj) = component_json(cfg_dir, "vae", "config.json", SD15_VAE)?;
-            let (tp, tj) = component_json(cfg_dir, "text_encoder", "config.json", SD15_TEXT)?;
-            let ucfg = UNetConfig::from_value(Path::new(&up), uj)?;
-            let vcfg = VaeConfig::from_value(Path::new(&vp), vj)?;
-            let tcfg = ClipTextConfig::from_value(Path::new(&tp), &tj)?;
-            let (us, u) = load::unet_from_single_file(&root, &ucfg, kind, device)?;
-            load::vae_from_single_file_mode(&root, &vcfg, kind, device, Mode::Plan)?;
-            load::text_encoder_from_single_file_mode(&root, &tcfg, kind, device, Mode::Plan)?;
-            let (r, v) = (root.clone(), vcfg.clone());
-            let vae = Lazy::new(move || {
-                let (store, model) = load::vae_from_single_file(&r, &v, kind, device)?;
-                Ok(Vae { store, model })
-            });
-            let r = root.clone();
-            let text = Lazy::new(move || TextEncoder::from_single_file(&r, &tp, &tj, kind, device));
-            let sched = match cfg_dir {
-                Some(d) if d.join("scheduler/scheduler_config.json").exists() => {
-                    let p = d.join("scheduler/scheduler_config.json");
+        // Each branch checks the VAE's and the text encoder's names and shapes now, from the
+        // headers alone (`Mode::Plan`), so a broken file fails at creation; the planned stores
+        // also give their parameter counts.
+        type Parts = (Store, UNet2DConditionModel, Lazy<Vae>, VaeConfig, Lazy<TextEncoder>, ClipTextConfig, i64);
+        let ((unet_store, unet, vae, vae_config, text, text_config, encoder_parameters), sched_json): (Parts, _) =
+            if root.is_dir() {
+                let (us, u) = load::unet_from_diffusers(&root, kind, device)?;
+                let (vs, v) = load::vae_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
+                let (ts, t) = load::text_encoder_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
+                let (vcfg, tcfg, counted) = (v.config, t.config, parameter_count(&vs) + parameter_count(&ts));
+                let r = root.clone();
+                let vae = Lazy::new(move || {
+                    let (store, model) = load::vae_from_diffusers(&r, kind, device)?;
+                    Ok(Vae { store, model })
+                });
+                let r = root.clone();
+                let text = Lazy::new(move || TextEncoder::from_diffusers(&r, kind, device));
+                let p = root.join("scheduler").join("scheduler_config.json");
+                let sched = if p.exists() {
                     (p.display().to_string(), read_json(&p)?)
-                }
-                _ => component_json(None, "scheduler", "scheduler_config.json", SD15_SCHEDULER)?,
+                } else {
+                    component_json(None, "scheduler", "scheduler_config.json", SD15_SCHEDULER)?
+                };
+                ((us, u, vae, vcfg, text, tcfg, counted), sched)
+            } else {
+                let cfg_dir = c.config.as_deref().map(Path::new);
+                let (up, uj) = component_json(cfg_dir, "unet", "config.json", SD15_UNET)?;
+                let (vp, vj) = component_json(cfg_dir, "vae", "config.json", SD15_VAE)?;
+                let (tp, tj) = component_json(cfg_dir, "text_encoder", "config.json", SD15_TEXT)?;
+                let ucfg = UNetConfig::from_value(Path::new(&up), uj)?;
+                let vcfg = VaeConfig::from_value(Path::new(&vp), vj)?;
+                let tcfg = ClipTextConfig::from_value(Path::new(&tp), &tj)?;
+                let (us, u) = load::unet_from_single_file(&root, &ucfg, kind, device)?;
+                let (vs, _) = load::vae_from_single_file_mode(&root, &vcfg, kind, device, Mode::Plan)?;
+                let (ts, _) = load::text_encoder_from_single_file_mode(&root, &tcfg, kind, device, Mode::Plan)?;
+                let counted = parameter_count(&vs) + parameter_count(&ts);
+                let (r, v) = (root.clone(), vcfg.clone());
+                let vae = Lazy::new(move || {
+                    let (store, model) = load::vae_from_single_file(&r, &v, kind, device)?;
+                    Ok(Vae { store, model })
+                });
+                let r = root.clone();
+                let text = Lazy::new(move || TextEncoder::from_single_file(&r, &tp, &tj, kind, device));
+                let sched = match cfg_dir {
+                    Some(d) if d.join("scheduler/scheduler_config.json").exists() => {
+                        let p = d.join("scheduler/scheduler_config.json");
+                        (p.display().to_string(), read_json(&p)?)
+                    }
+                    _ => component_json(None, "scheduler", "scheduler_config.json", SD15_SCHEDULER)?,
+                };
+                ((us, u, vae, vcfg, text, tcfg, counted), sched)
             };
-            ((us, u, vae, vcfg, text, tcfg), sched)
-        };
         let scheduler = Scheduler::from_value(&sched_json.0, &sched_json.1, c.prediction_type)?;
         let tokenizer = load_tokenizer(&tokenizer_path(c, c.config.as_deref().map(Path::new))?)?;
         if unet.config.cross_attention_dim != text_config.hidden_size {
@@ -231,30 +240,18 @@ impl Pipeline {
             ));
         }
         let vae_factor = 1i64 << (vae_config.block_out_channels.len().saturating_sub(1));
-        Ok(Pipeline { unet_store, unet, vae, vae_config, text, text_config, tokenizer, scheduler, vae_factor })
-    }
-
-    /// Parameters of the VAE and the text encoder by their configs, loaded or not (built by
-    /// shape only when not: no weights are read or allocated).
-    pub fn encoder_parameter_count(&self) -> i64 {
-        let count = |s: &Store| s.shapes().iter().map(|(_, sh)| sh.iter().product::<i64>()).sum::<i64>();
-        let vae = match self.vae.loaded() {
-            Some(v) => count(&v.store),
-            None => {
-                let s = Store::new(Mode::Plan, Kind::Float, Device::Cpu);
-                let _ = AutoencoderKL::new(&s, &self.vae_config);
-                count(&s)
-            }
-        };
-        let text = match self.text.loaded() {
-            Some(t) => count(t.store()),
-            None => {
-                let s = Store::new(Mode::Plan, Kind::Float, Device::Cpu);
-                let _ = ClipTextModel::new(&s, &self.text_config);
-                count(&s)
-            }
-        };
-        vae + text
+        Ok(Pipeline {
+            unet_store,
+            unet,
+            vae,
+            vae_config,
+            text,
+            text_config,
+            encoder_parameters,
+            tokenizer,
+            scheduler,
+            vae_factor,
+        })
     }
 
     /// Token ids `[n, 77]` (int64, on `device`) as SD1.5's CLIPTokenizer pads: with `<|endoftext|>`.

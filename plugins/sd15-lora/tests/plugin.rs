@@ -495,17 +495,7 @@ fn the_identity_chain_gradient_matches_finite_differences() {
         let analytic_all = p.grad().copy();
         for k in [0i64, 7] {
             let analytic = analytic_all.view([-1]).double_value(&[k]);
-            let bump = |d: f64| {
-                let _g = tch::no_grad_guard();
-                let flat = p.view([-1]);
-                let _ = flat.get(k).g_add_scalar_(d);
-            };
-            bump(h);
-            let up = objective(&mut m);
-            bump(-2.0 * h);
-            let down = objective(&mut m);
-            bump(h);
-            let fd = (up - down) / (2.0 * h);
+            let fd = common::central_difference(p, k, h, || objective(&mut m));
             eprintln!("{name}[{k}]: analytic {analytic:.10e}, fd {fd:.10e}");
             assert!(analytic != 0.0, "{name}[{k}]: zero gradient proves nothing");
             assert!(

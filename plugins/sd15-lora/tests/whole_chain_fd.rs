@@ -197,16 +197,7 @@ fn the_identity_term_gradient_matches_finite_differences_through_the_whole_chain
     let h = 1e-4;
     let mut control_excess = 0f64;
     for (((name, p, k), &analytic), &wrong) in pick.iter().zip(&grads).zip(&unweighted) {
-        let bump = |d: f64| {
-            let _g = tch::no_grad_guard();
-            let _ = p.view([-1]).get(*k).g_add_scalar_(d);
-        };
-        bump(h);
-        let up = objective(&mut m);
-        bump(-2.0 * h);
-        let down = objective(&mut m);
-        bump(h);
-        let fd = (up - down) / (2.0 * h);
+        let fd = common::central_difference(p, *k, h, || objective(&mut m));
         eprintln!(
             "{name}[{k}]: analytic {analytic:.10e}, fd {fd:.10e}, |diff| {:.3e} (bound {bound:.3e}); unweighted {wrong:.4e}, |diff| {:.3e}",
             (fd - analytic).abs(),

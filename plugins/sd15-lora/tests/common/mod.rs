@@ -59,3 +59,19 @@ pub fn perturb_lora(m: &likeness_plugin_sd15_lora::Sd15Lora, seed: u64) {
         let _ = p.g_add_(&((r - 0.5) * 0.2));
     }
 }
+
+/// The central difference (f(p + h·e_k) − f(p − h·e_k)) / 2h of `objective` in element `k` of
+/// the LoRA weight `p`, which is bumped in place and restored.
+#[allow(dead_code)] // each test binary uses its own subset of this module
+pub fn central_difference(p: &tch::Tensor, k: i64, h: f64, mut objective: impl FnMut() -> f64) -> f64 {
+    let bump = |d: f64| {
+        let _g = tch::no_grad_guard();
+        let _ = p.view([-1]).get(k).g_add_scalar_(d);
+    };
+    bump(h);
+    let up = objective();
+    bump(-2.0 * h);
+    let down = objective();
+    bump(h);
+    (up - down) / (2.0 * h)
+}
