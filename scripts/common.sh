@@ -4,7 +4,9 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LIKENESS_HOME="${LIKENESS_HOME:-$HOME/.cache/likeness}"
+# The same defaults as the binaries' (likeness_sdk::venv): LIKENESS_HOME, else
+# $XDG_CACHE_HOME/likeness, else ~/.cache/likeness; LIKENESS_DATA, else $LIKENESS_HOME/data.
+LIKENESS_HOME="${LIKENESS_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/likeness}"
 VENV="$LIKENESS_HOME/venv"
 LIKENESS_DATA="${LIKENESS_DATA:-$LIKENESS_HOME/data}"
 LIKENESS_PYTHON="$VENV/bin/python"

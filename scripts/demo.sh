@@ -48,4 +48,10 @@ printf '  %-36s %7s %7s   %s\n' "" "first" "last" ""
 printf '  %-36s %7s %7s   %s\n' "without the identity loss" "$a0" "$a1" "runs/demo-no-identity ($((t2 - t1)) s)"
 printf '  %-36s %7s %7s   %s\n' "with the identity loss (weight $weight)" "$b0" "$b1" "runs/demo ($((t3 - t2)) s)"
 echo
+# The demo exists to show these numbers: a summary without them is a failure, not a result
+# (issue 14: a fresh demo once printed n/a after the dlib metric's default detector changed).
+if [[ "$a0 $a1 $b0 $b1" == *n/a* ]]; then
+    log "error: an identity summary is n/a: the metric found no face in any validation pair of a run (see runs/demo*.log and the warnings there; the dlib metric needs detector = \"full-image\" for the demo's face-centred crops)"
+    exit 1
+fi
 log "demo finished in $(( $(date +%s) - t0 )) s (set-up and build included). Look at runs/demo/samples/*.png, runs/demo/plots/identity.png and runs/demo/plots/loss.png"

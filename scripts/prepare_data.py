@@ -376,7 +376,10 @@ def default_data_dir() -> Path:
     env = os.environ.get("LIKENESS_DATA")
     if env:
         return Path(env)
-    home = os.environ.get("LIKENESS_HOME") or os.path.join(Path.home(), ".cache", "likeness")
+    # scripts/common.sh's and likeness_sdk::venv's defaults: LIKENESS_HOME, else
+    # $XDG_CACHE_HOME/likeness, else ~/.cache/likeness.
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    home = os.environ.get("LIKENESS_HOME") or os.path.join(cache, "likeness")
     return Path(home) / "data"
 
 

@@ -150,10 +150,12 @@ def tokenizer(tmp):
     """transformers' CLIPTokenizer over open_clip's real BPE vocab (tests/python/clip_oracle.py's way)."""
     from transformers import CLIPTokenizer
 
-    data = os.environ.get("LIKENESS_DATA", os.path.expanduser("~/.cache/likeness/data"))
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    home = os.environ.get("LIKENESS_HOME") or os.path.join(cache, "likeness")
+    data = os.environ.get("LIKENESS_DATA") or os.path.join(home, "data")
     bpe = os.path.join(data, "reference", "open_clip-3.3.0", "open_clip", "bpe_simple_vocab_16e6.txt.gz")
     if not os.path.exists(bpe):
-        sys.exit(f"{bpe}: missing; run scripts/setup-data.sh (it unpacks open_clip 3.3.0 into $LIKENESS_DATA/reference)")
+        sys.exit(f"{bpe}: missing; run scripts/setup.sh (it unpacks open_clip 3.3.0 into $LIKENESS_DATA/reference)")
     sys.path.insert(0, os.path.dirname(os.path.dirname(bpe)))
     from open_clip.tokenizer import SimpleTokenizer
 

@@ -184,6 +184,18 @@ impl TestCommand {
         self
     }
 
+    /// Starts from an empty environment (then `env` adds what the test wants).
+    pub fn env_clear(&mut self) -> &mut Self {
+        self.cmd.env_clear();
+        self
+    }
+
+    /// Removes one variable from the environment the command inherits.
+    pub fn env_remove(&mut self, k: impl AsRef<std::ffi::OsStr>) -> &mut Self {
+        self.cmd.env_remove(k);
+        self
+    }
+
     pub fn current_dir(&mut self, d: impl AsRef<Path>) -> &mut Self {
         self.cmd.current_dir(d);
         self

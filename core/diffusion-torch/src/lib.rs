@@ -21,10 +21,14 @@
 //!   ([`nn::Linear::forward`]);
 //! - [`sampling`]: DDIM (η = 0) and Euler with classifier-free guidance over core/diffusion's
 //!   schedules (no second copy of the scheduler maths), epsilon / v / sample prediction;
-//! - [`training`]: `add_noise`, `v_target`, `predict_x0`;
-//! - gradient checkpointing of the UNet ([`UNet2DConditionModel::forward_checkpointed`] +
-//!   [`UNetTape::backward`]): a hand-driven segment-wise recomputation, because tch 0.26 has no
-//!   `torch.utils.checkpoint`, custom autograd Function or backward hook.
+//! - [`training`]: `add_noise`, `v_target`, `predict_x0`, `ddpm_target` and the flow-matching
+//!   `flow_add_noise`, `flow_target`, `flow_predict_x0`;
+//! - gradient checkpointing over a network's declared segment list ([`checkpoint`]; the UNet's:
+//!   [`UNet2DConditionModel::forward_checkpointed`] + [`UNetTape::backward`]): a hand-driven
+//!   segment-wise recomputation, because tch 0.26 has no `torch.utils.checkpoint`, custom
+//!   autograd Function or backward hook;
+//! - [`backbone`] + [`trainer`]: the `Backbone` trait a diffusion plugin implements and the
+//!   generic LoRA-training model (`LoraModel<B>`, a `ModelPlugin`) over it.
 //!
 //! Deliberately absent:
 //! - checkpointing of the VAE decoder and the text encoder (the UNet holds most activations of
@@ -35,6 +39,8 @@
 //!   gives transformers' `CLIPTokenizer` ids (tested here against the tiny model's folder).
 
 pub mod attention;
+pub mod backbone;
+pub mod checkpoint;
 pub mod clip_text;
 pub mod config;
 pub mod error;
@@ -42,17 +48,21 @@ pub mod ldm;
 pub mod load;
 pub mod lora;
 pub mod nn;
+pub mod rng;
 pub mod sampling;
 pub mod store;
+pub mod trainer;
 pub mod training;
 pub mod unet;
 pub mod vae;
 
+pub use backbone::{Backbone, BackboneConfig, Lazy, Objective, Replay, SampleSettings, TextEncoding, Vae};
 pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use config::{UNetConfig, VaeConfig};
 pub use error::{Error, Result};
 pub use lora::{LoraConfig, LoraInit};
 pub use sampling::{denoise, Prediction, Sampler, Schedule, SchedulerConfig};
 pub use store::{Mode, Store};
+pub use trainer::{LoraModel, ModelConfig, ModelError, TrainConfig};
 pub use unet::{UNet2DConditionModel, UNetTape};
 pub use vae::AutoencoderKL;

@@ -295,6 +295,32 @@ pub fn denoise(
     Ok(x)
 }
 
+/// A conditioned denoiser as `denoise`'s model: `denoiser(x, t [B], conditioning)` with `cond`
+/// the prompt's conditioning tensors (`[B, …]` each) and `uncond` the negative prompt's (needed
+/// when `guidance > 1`: each tensor is then `cat([uncond, cond])`, diffusers' order).
+pub fn conditioned_model<'a>(
+    denoiser: impl Fn(&Tensor, &Tensor, &[Tensor]) -> Result<Tensor> + 'a,
+    cond: &[Tensor],
+    uncond: Option<&[Tensor]>,
+    guidance: f64,
+) -> Result<impl FnMut(&Tensor, f64) -> Result<Tensor> + 'a> {
+    let ctx: Vec<Tensor> = match (guidance > 1.0, uncond) {
+        (true, Some(u)) => u.iter().zip(cond).map(|(u, c)| Tensor::cat(&[u, c], 0)).collect(),
+        (true, None) => {
+            return Err(Error::Config {
+                path: "<denoise>".into(),
+                field: "uncond".into(),
+                msg: format!("guidance {guidance} > 1 needs negative prompt embeddings (encode \"\" for none)"),
+            })
+        }
+        (false, _) => cond.iter().map(|c| c.shallow_clone()).collect(),
+    };
+    Ok(move |x: &Tensor, t: f64| {
+        let ts = Tensor::full([x.size()[0]], t, (Kind::Float, x.device()));
+        denoiser(x, &ts, &ctx)
+    })
+}
+
 /// The SD UNet as `denoise`'s model: `cond` `[B, L, C]` prompt embeddings, `uncond` the negative
 /// ones (needed when `guidance > 1`).
 pub fn unet_model<'a>(
@@ -303,21 +329,12 @@ pub fn unet_model<'a>(
     uncond: Option<&Tensor>,
     guidance: f64,
 ) -> Result<impl FnMut(&Tensor, f64) -> Result<Tensor> + 'a> {
-    let ctx = match (guidance > 1.0, uncond) {
-        (true, Some(u)) => Tensor::cat(&[u, cond], 0),
-        (true, None) => {
-            return Err(Error::Config {
-                path: "<denoise>".into(),
-                field: "uncond".into(),
-                msg: format!("guidance {guidance} > 1 needs negative prompt embeddings (encode \"\" for none)"),
-            })
-        }
-        (false, _) => cond.shallow_clone(),
-    };
-    Ok(move |x: &Tensor, t: f64| {
-        let ts = Tensor::full([x.size()[0]], t, (Kind::Float, x.device()));
-        Ok(unet.forward(x, &ts, &ctx))
-    })
+    conditioned_model(
+        move |x: &Tensor, t: &Tensor, c: &[Tensor]| Ok(unet.forward(x, t, &c[0])),
+        std::slice::from_ref(cond),
+        uncond.map(std::slice::from_ref),
+        guidance,
+    )
 }
 
 #[cfg(test)]

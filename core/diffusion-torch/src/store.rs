@@ -51,6 +51,11 @@ impl Store {
         self.params.borrow().iter().map(|(n, t)| (n.clone(), t.size())).collect()
     }
 
+    /// The number of parameters, by shape (also of a planned store).
+    pub fn parameter_count(&self) -> i64 {
+        self.params.borrow().iter().map(|(_, t)| t.size().iter().product::<i64>()).sum()
+    }
+
     pub fn targets(&self) -> Vec<Target> {
         self.targets.borrow().clone()
     }

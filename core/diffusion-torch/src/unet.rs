@@ -1,6 +1,7 @@
 //! `UNet2DConditionModel` (diffusers 0.42.1, `unet_2d_condition.py` and the blocks it uses).
 
 use crate::attention::Attention;
+use crate::checkpoint::{self, Segments, Step, Tape};
 use crate::config::UNetConfig;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::store::{Store, P};
@@ -271,27 +272,7 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         reseed: Option<i64>,
     ) -> Tensor {
-        let inputs = self.segment_inputs(sample, timestep, encoder_hidden_states);
-        let program = self.program();
-        // Last step reading each slot, so an activation is dropped as soon as nothing reads it
-        // (autograd keeps what the backward needs; the Vec must not keep more).
-        let mut last_read = vec![usize::MAX; SLOT_FIRST_STEP + program.len()];
-        for (k, step) in program.iter().enumerate() {
-            for &s in &step.inputs {
-                last_read[s] = k;
-            }
-        }
-        let mut slots: Vec<Option<Tensor>> = inputs.into_iter().map(Some).collect();
-        for (k, step) in program.iter().enumerate() {
-            let (_, y) = self.run_step(k, step, &slots, reseed, |_, t| t.shallow_clone());
-            for &s in &step.inputs {
-                if last_read[s] == k {
-                    slots[s] = None;
-                }
-            }
-            slots.push(Some(y));
-        }
-        slots.pop().flatten().expect("the program ends with conv_out")
+        checkpoint::forward(self, self.segment_inputs(sample, timestep, encoder_hidden_states), reseed)
     }
 
     /// Gradient checkpointing (diffusers' `enable_gradient_checkpointing`, at its granularity:
@@ -318,20 +299,7 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         reseed: Option<i64>,
     ) -> (Tensor, UNetTape) {
-        let inputs = self.segment_inputs(sample, timestep, encoder_hidden_states);
-        // The context keeps its graph for the text-encoder gradient; the slots keep none.
-        let ctx_graph = Some(inputs[SLOT_CTX].shallow_clone()).filter(|c| c.requires_grad());
-        let program = self.program();
-        let mut slots: Vec<Option<Tensor>> = inputs.into_iter().map(|t| Some(t.detach())).collect();
-        tch::no_grad(|| {
-            for (k, step) in program.iter().enumerate() {
-                let (_, y) = self.run_step(k, step, &slots, reseed, |_, t| t.shallow_clone());
-                slots.push(Some(y));
-            }
-        });
-        let out =
-            slots.last().and_then(|o| o.as_ref()).expect("the program ends with conv_out").set_requires_grad(true);
-        (out.shallow_clone(), UNetTape { slots, out, ctx_graph, reseed })
+        checkpoint::forward_checkpointed(self, self.segment_inputs(sample, timestep, encoder_hidden_states), reseed)
     }
 
     /// The segment program's fixed inputs (slots 0–2), in the weights' kind: the sample, the
@@ -343,13 +311,17 @@ impl UNet2DConditionModel {
         let temb = self.timestep_embedding(&t).to_kind(wk);
         vec![sample.to_kind(wk), temb, ehs.to_kind(wk)]
     }
+}
+
+impl Segments for UNet2DConditionModel {
+    type Segment = Segment;
 
     /// The forward as a list of segments over numbered activation slots (0 = sample, 1 = the
     /// sinusoidal timestep embedding, 2 = the context; step `k` writes slot `3 + k`).
-    fn program(&self) -> Vec<Step> {
-        let mut program: Vec<Step> = Vec::new();
-        let mut push = |segment: Segment, inputs: Vec<usize>, size_of: Option<usize>| {
-            program.push(Step { segment, inputs, size_of });
+    fn program(&self) -> Vec<Step<Segment>> {
+        let mut program: Vec<Step<Segment>> = Vec::new();
+        let mut push = |segment: Segment, inputs: Vec<usize>, shape_of: Option<usize>| {
+            program.push(Step { segment, inputs, shape_of });
             SLOT_FIRST_STEP + program.len() - 1
         };
         let temb = push(Segment::Time, vec![SLOT_TEMB_IN], None);
@@ -388,29 +360,8 @@ impl UNet2DConditionModel {
         program
     }
 
-    /// Runs step `k` of the program on its input slots (each passed through `input` with its
-    /// slot number), with the generator reseeded first when `reseed` is given; returns the
-    /// inputs as passed and the output.
-    fn run_step(
-        &self,
-        k: usize,
-        step: &Step,
-        slots: &[Option<Tensor>],
-        reseed: Option<i64>,
-        input: impl Fn(usize, &Tensor) -> Tensor,
-    ) -> (Vec<Tensor>, Tensor) {
-        let slot = |s: usize| slots[s].as_ref().expect("a slot is alive while a later step reads it");
-        let x: Vec<Tensor> = step.inputs.iter().map(|&s| input(s, slot(s))).collect();
-        let size = step.size_of.map(|s| spatial(slot(s)));
-        if let Some(seed) = reseed {
-            tch::manual_seed(seed.wrapping_add(k as i64));
-        }
-        let y = self.run_segment(step.segment, &x, size);
-        (x, y)
-    }
-
-    /// Whether a segment may hold LoRA weights: exact for the time MLP and conv_in (the only
-    /// segments that usually have none), conservatively true for the rest.
+    /// Exact for the time MLP and conv_in (the only segments that usually have no LoRA),
+    /// conservatively true for the rest.
     fn segment_may_train(&self, segment: Segment) -> bool {
         let has = |slot: &crate::nn::LoraSlot| slot.lock().map(|l| l.is_some()).unwrap_or(true);
         match segment {
@@ -420,7 +371,7 @@ impl UNet2DConditionModel {
         }
     }
 
-    fn run_segment(&self, segment: Segment, x: &[Tensor], size: Option<[i64; 2]>) -> Tensor {
+    fn run_segment(&self, segment: Segment, x: &[Tensor], shape: Option<Vec<i64>>) -> Tensor {
         match segment {
             Segment::Time => self.time_2.forward(&self.time_1.forward(&x[0]).silu()),
             Segment::ConvIn => self.conv_in.forward(&x[0]),
@@ -434,7 +385,8 @@ impl UNet2DConditionModel {
             Segment::Upsample(i) => {
                 // Nearest 2× — to the next skip's size, which is what diffusers'
                 // `forward_upsample_size` does for odd sizes and equals 2× otherwise.
-                let [h, w] = size.expect("an upsample step names its target size");
+                let s = shape.expect("an upsample step names its target's slot");
+                let (h, w) = (s[2], s[3]);
                 let up = self.up[i].upsampler.as_ref().expect("an upsampler");
                 up.forward(&x[0].upsample_nearest2d([h, w], None, None))
             }
@@ -450,7 +402,7 @@ const SLOT_FIRST_STEP: usize = 3;
 
 /// One unit of the forward between two kept activations (the checkpointing granularity).
 #[derive(Clone, Copy, Debug)]
-enum Segment {
+pub enum Segment {
     /// The time-embedding MLP: [sinusoid] → temb.
     Time,
     ConvIn,
@@ -468,90 +420,6 @@ enum Segment {
     Out,
 }
 
-struct Step {
-    segment: Segment,
-    inputs: Vec<usize>,
-    /// The slot whose spatial size an upsample targets.
-    size_of: Option<usize>,
-}
-
-fn spatial(t: &Tensor) -> [i64; 2] {
-    let s = t.size();
-    [s[2], s[3]]
-}
-
-/// What [`UNet2DConditionModel::forward_checkpointed`] keeps for its backward: the activation
-/// between every two segments (no graph), the output leaf and the context's graph.
-pub struct UNetTape {
-    slots: Vec<Option<Tensor>>,
-    out: Tensor,
-    ctx_graph: Option<Tensor>,
-    reseed: Option<i64>,
-}
-
-impl UNetTape {
-    /// Call after back-propagating into the output (`loss.backward()` over anything computed
-    /// from [`forward_checkpointed`]'s output). Recomputes each segment in reverse order with a
-    /// graph and back-propagates `⟨y, ∂L/∂y⟩`, whose gradient in every parameter and input of
-    /// the segment is exactly the chain rule's term; input gradients are summed per slot.
-    /// Nothing happens when the output received no gradient. Returns the number of segments
-    /// recomputed (0 or all of them that lead to a trainable parameter).
-    ///
-    /// [`forward_checkpointed`]: UNet2DConditionModel::forward_checkpointed
-    pub fn backward(mut self, unet: &UNet2DConditionModel) -> usize {
-        let g_out = self.out.grad();
-        if !g_out.defined() {
-            return 0;
-        }
-        let program = unet.program();
-        // Which slots can carry a gradient to a trainable parameter: those computed from one
-        // (the context with text-encoder LoRA) or by a segment that may hold LoRA. Without this,
-        // conv_in's full-resolution output (and temb) would get gradients autograd never
-        // computes, at the cost of the first resnet's input-gradient convolution.
-        let mut trainable = vec![false; self.slots.len()];
-        trainable[SLOT_CTX] = self.ctx_graph.is_some();
-        for (k, step) in program.iter().enumerate() {
-            trainable[SLOT_FIRST_STEP + k] =
-                unet.segment_may_train(step.segment) || step.inputs.iter().any(|&s| trainable[s]);
-        }
-        let mut grads: Vec<Option<Tensor>> = (0..self.slots.len()).map(|_| None).collect();
-        *grads.last_mut().expect("an output slot") = Some(g_out);
-        let mut recomputed = 0;
-        for (k, step) in program.iter().enumerate().rev() {
-            let slot = SLOT_FIRST_STEP + k;
-            self.slots[slot] = None;
-            let Some(g) = grads[slot].take() else { continue };
-            let (x, y) = tch::with_grad(|| {
-                unet.run_step(k, step, &self.slots, self.reseed, |s, t| {
-                    if trainable[s] {
-                        t.detach().set_requires_grad(true)
-                    } else {
-                        t.detach()
-                    }
-                })
-            });
-            if !y.requires_grad() {
-                // Nothing trainable upstream of this segment (e.g. the time MLP without LoRA).
-                continue;
-            }
-            tch::with_grad(|| (&y * &g).sum(y.kind()).backward());
-            recomputed += 1;
-            for (xi, &s) in x.iter().zip(&step.inputs) {
-                if !trainable[s] {
-                    continue;
-                }
-                let gi = xi.grad();
-                if gi.defined() {
-                    grads[s] = Some(match grads[s].take() {
-                        Some(acc) => acc + gi,
-                        None => gi,
-                    });
-                }
-            }
-        }
-        if let (Some(ctx), Some(g)) = (&self.ctx_graph, grads[SLOT_CTX].take()) {
-            tch::with_grad(|| (ctx * &g).sum(ctx.kind()).backward());
-        }
-        recomputed
-    }
-}
+/// What [`UNet2DConditionModel::forward_checkpointed`] keeps for its backward (the toolkit's
+/// generic [`Tape`]: `tape.backward(&unet)`).
+pub type UNetTape = Tape;

@@ -18,10 +18,17 @@ use crate::{EngineError, Result};
 /// torchreid face path.
 pub const DRIP_METRIC: &str = "mtcnn-reid";
 
-/// Top-level sections; environment variables for anything else are ignored (so
-/// `LIKENESS_PLUGIN_PATH` and friends never collide with config keys).
-pub const SECTIONS: &[&str] =
-    &["run", "model", "data", "loss", "metric", "text", "train", "sample", "eval", "cache", "adapter"];
+/// The model a DRIP dataset trains when no layer names one: DRIP trains Stable Diffusion 1.5 only.
+pub const DRIP_MODEL: &str = "sd15-lora";
+
+/// DRIP's `--pretrained_model` default: a hub id, resolved from the local Hugging Face cache.
+pub const DRIP_PRETRAINED: &str = "runwayml/stable-diffusion-v1-5";
+
+/// Top-level sections (the fields of [`Config`]); environment variables for anything else are
+/// ignored (so `LIKENESS_PLUGIN_PATH` and friends never collide with config keys).
+pub fn sections() -> &'static [&'static str] {
+    serde_fields::<Config>()
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -68,8 +75,10 @@ pub enum IdentityWeighting {
     TMax,
     /// The trainer's own timestep weighting of the diffusion loss (e.g. min-SNR-γ), read from
     /// the model's `timestep_weights` output (`[B]`, 1 when the model applies none), so that the
-    /// identity term weighs each sample as the diffusion loss does (issue 8).
-    Timestep,
+    /// identity term weighs each sample as the diffusion loss does (issue 8). Spelt
+    /// `"timestep"` in configs.
+    #[serde(rename = "timestep")]
+    TimestepWeights,
 }
 
 /// Samples written during training (musubi-tuner's file names, so `host eval-faces
@@ -576,153 +585,32 @@ pub struct Layered {
 }
 
 impl Layered {
-    /// File (optional) < environment < flags < `--set`.
+    /// File (optional) < environment < flags < `--set`, then the defaults that depend on what
+    /// the layers hold (joined: any layer's own value wins).
     pub fn new(file: Option<&Path>, o: &Overrides) -> Result<Layered> {
         let mut f = Figment::new();
         let mut warnings = Vec::new();
         let mut seed000 = None;
         if let Some(path) = file {
-            if !path.exists() {
-                return Err(EngineError::Config(format!(
-                    "config file {} does not exist (ready-made configs are in configs/)",
-                    path.display()
-                )));
-            }
-            let layer = if crate::seed000::is_yaml(path) {
-                let y = crate::seed000::load(path, o.model_plugin().map(|p| p.0).as_deref())?;
-                for n in &y.notes {
-                    tracing::info!("{n}");
-                }
-                let layer = y.layer.clone();
-                seed000 = Some(y);
-                Some(layer)
-            } else {
+            let (layer, yaml) = file_layer(path, o, &mut warnings)?;
+            seed000 = yaml;
+            f = match layer {
+                Some(layer) => f.merge(layer),
                 // A file that does not parse is merged as is: extract() reports it.
-                let toml = Toml::file_exact(path);
-                toml.data().ok().map(|data| FileLayer { metadata: toml.metadata(), data })
+                None => f.merge(Toml::file_exact(path)),
             };
-            match layer {
-                Some(mut layer) => {
-                    warnings.extend(layer.drop_foreign_model_config(path, o));
-                    f = f.merge(layer);
-                }
-                None => f = f.merge(Toml::file_exact(path)),
-            }
         }
-        f = f.merge(
-            Env::prefixed("LIKENESS_")
-                .split("__")
-                // Keys are still upper case here (figment lowercases after filtering). Only
-                // `LIKENESS_<SECTION>__<KEY>`: a bare `LIKENESS_DATA` (the data root of the
-                // scripts) is not the `[data]` table.
-                .filter(|k| {
-                    let k = k.as_str().to_ascii_lowercase();
-                    SECTIONS.iter().any(|s| k.starts_with(&format!("{s}.")))
-                })
-                .lowercase(true),
-        );
-        let mut flags = Dict::new();
-        let mut put = |path: &str, v: Value| insert_path(&mut flags, path, v);
-        if let Some(v) = &o.plugin {
-            put("model.plugin", Value::from(v.clone()));
-        }
-        if let Some(v) = &o.metric {
-            put("metric.plugin", Value::from(v.clone()));
-        }
-        if let Some(v) = &o.loss {
-            put("loss.plugin", Value::from(v.clone()));
-        }
-        if let Some(v) = &o.data {
-            put("data.root", Value::from(v.to_string_lossy().to_string()));
-        }
-        if let Some(v) = &o.output {
-            put("run.output", Value::from(v.to_string_lossy().to_string()));
-        }
-        if let Some(v) = o.steps {
-            put("train.steps", Value::from(v));
-        }
-        if let Some(v) = o.epochs {
-            put("train.epochs", Value::from(v));
-        }
-        if let Some(v) = o.lr {
-            put("train.lr", Value::from(v));
-        }
-        if let Some(v) = o.batch_size {
-            put("train.batch_size", Value::from(v as u64));
-        }
-        if let Some(v) = o.seed {
-            put("run.seed", Value::from(v));
-        }
-        if let Some(v) = &o.device {
-            put("run.device", Value::from(v.clone()));
-        }
-        if let Some(v) = &o.pretrained {
-            put("model.config.pretrained", Value::from(v.to_string_lossy().to_string()));
-        }
-        if let Some(v) = &o.output_name {
-            put("run.output_name", Value::from(v.clone()));
-        }
-        if let Some(v) = &o.save_dir {
-            put("adapter.save_dir", Value::from(v.to_string_lossy().to_string()));
-        }
-        if let Some(v) = &o.dataset_config {
-            put("data.layout", Value::from("musubi"));
-            put("data.dataset_config", Value::from(v.to_string_lossy().to_string()));
-        }
+        f = f.merge(env_layer());
+        let flags = flag_layer(o);
         if !flags.is_empty() {
             f = f.merge(Serialized::defaults(flags).profile(Profile::Default));
         }
-        let mut sets = Dict::new();
-        for s in &o.set {
-            let (k, v) = s.split_once('=').ok_or_else(|| {
-                EngineError::Config(format!("--set {s}: expected key=value, e.g. --set train.lr=1e-4"))
-            })?;
-            let v = parse_value(v.trim());
-            insert_path(&mut sets, k.trim(), v);
-        }
+        let sets = set_layer(&o.set)?;
         if !sets.is_empty() {
             f = f.merge(Serialized::defaults(sets));
         }
-        // musubi-tuner needs no data root beside --dataset_config; joined, so any data.root wins.
-        if let Some(v) = o.dataset_config.as_ref().filter(|_| !f.contains("data.root")) {
-            let mut d = Dict::new();
-            insert_path(&mut d, "data.root", Value::from(v.to_string_lossy().to_string()));
-            f = f.join(Serialized::defaults(d));
-        }
-        // DRIP's --save_dir is its only output flag: the run's other files go there too unless a
-        // layer names run.output (from any layer: the flag or a config's adapter.save_dir);
-        // joined, so any run.output wins.
-        if !f.contains("run.output") {
-            if let Ok(v) = f.extract_inner::<String>("adapter.save_dir") {
-                let mut d = Dict::new();
-                insert_path(&mut d, "run.output", Value::from(v));
-                f = f.join(Serialized::defaults(d));
-            }
-        }
-        // DRIP's command line names no layout: a data root of person_*/ folders is DRIP's
-        // (`host data check`'s guess); any other root keeps the `bundles` default, and any
-        // layer's data.layout wins (joined).
-        if !f.contains("data.layout") {
-            if let Ok(root) = f.extract_inner::<PathBuf>("data.root") {
-                if crate::data::guess_layout(&root) == "drip" {
-                    let mut d = Dict::new();
-                    insert_path(&mut d, "data.layout", Value::from("drip"));
-                    f = f.join(Serialized::defaults(d));
-                    tracing::info!("data.layout not set: {} holds person_*/ folders, read as `drip`", root.display());
-                }
-            }
-        }
-        // DRIP's --l_face names no metric: like [text]'s `clip` default, a metric.weight > 0 with
-        // no metric.plugin in any layer means DRIP's own face metric, `mtcnn-reid` (a weight of 0
-        // or a wrong type is left to extract(), which reports it); joined, so a metric.plugin
-        // from any layer wins.
-        let face_weight = f.extract_inner::<f64>("metric.weight").unwrap_or(0.0);
-        if face_weight > 0.0 && !f.contains("metric.plugin") {
-            let mut d = Dict::new();
-            insert_path(&mut d, "metric.plugin", Value::from(DRIP_METRIC));
-            f = f.join(Serialized::defaults(d));
-            tracing::info!("metric.weight given with no metric.plugin: using DRIP's face metric `{DRIP_METRIC}` (pass --metric ID for another)");
-        }
+        f = output_defaults(f, o);
+        f = drip_defaults(f);
         // Seed 000's face_weight is the identity-loss weight once a metric is named anywhere;
         // joined, so a metric.weight from any layer wins.
         if let Some(y) = &seed000 {
@@ -740,10 +628,31 @@ impl Layered {
 
     /// Extracts and validates the config.
     pub fn extract(&self) -> Result<Config> {
-        let mut cfg: Config = self.figment.extract().map_err(|e| explain(e, &self.figment))?;
+        // DRIP's `--l_face 0` with no metric named in any layer: `[metric]` holds only
+        // `weight = 0`, which turns the face term off, so there is no metric at all. A placeholder
+        // plugin lets the section extract (every other key keeps its source for messages); the
+        // section is then dropped. Any other metric key without a plugin stays an error.
+        let metric_off = self.metric_off();
+        let fig = match metric_off {
+            true => self.figment.clone().merge(Serialized::default("metric.plugin", "")),
+            false => self.figment.clone(),
+        };
+        let mut cfg: Config = fig.extract().map_err(|e| explain(e, &fig))?;
+        if metric_off {
+            cfg.metric = None;
+        }
         cfg.loss_given = self.figment.contains("loss");
         validate(&cfg)?;
         Ok(cfg)
+    }
+
+    /// Whether `[metric]` is only a `weight` of 0 with no `metric.plugin` in any layer.
+    fn metric_off(&self) -> bool {
+        let only_weight =
+            self.figment.find_value("metric").ok().and_then(|v| v.into_dict()).is_some_and(|d| d.len() == 1);
+        only_weight
+            && !self.figment.contains("metric.plugin")
+            && self.figment.extract_inner::<f64>("metric.weight").is_ok_and(|w| w == 0.0)
     }
 
     /// Every leaf key with its value and where it came from (`host config show`).
@@ -757,6 +666,175 @@ impl Layered {
         });
         Ok(out)
     }
+}
+
+/// The config file as a layer: seed 000's YAML translated, or TOML (`None` when it does not
+/// parse); a `model.config` written for another model than the one selected is dropped with a
+/// warning. The seed 000 translation is returned for its later, metric-dependent layer.
+fn file_layer(
+    path: &Path,
+    o: &Overrides,
+    warnings: &mut Vec<String>,
+) -> Result<(Option<FileLayer>, Option<crate::seed000::Seed000Yaml>)> {
+    if !path.exists() {
+        return Err(EngineError::Config(format!(
+            "config file {} does not exist (ready-made configs are in configs/)",
+            path.display()
+        )));
+    }
+    let (layer, yaml) = if crate::seed000::is_yaml(path) {
+        let y = crate::seed000::load(path, o.model_plugin().map(|p| p.0).as_deref())?;
+        for n in &y.notes {
+            tracing::info!("{n}");
+        }
+        (Some(y.layer.clone()), Some(y))
+    } else {
+        let toml = Toml::file_exact(path);
+        (toml.data().ok().map(|data| FileLayer { metadata: toml.metadata(), data }), None)
+    };
+    let layer = layer.map(|mut l| {
+        warnings.extend(l.drop_foreign_model_config(path, o));
+        l
+    });
+    Ok((layer, yaml))
+}
+
+/// `LIKENESS_<SECTION>__<KEY>` variables.
+fn env_layer() -> Env {
+    Env::prefixed("LIKENESS_")
+        .split("__")
+        // Keys are still upper case here (figment lowercases after filtering). Only
+        // `LIKENESS_<SECTION>__<KEY>`: a bare `LIKENESS_DATA` (the data root of the scripts) is
+        // not the `[data]` table.
+        .filter(|k| {
+            let k = k.as_str().to_ascii_lowercase();
+            sections().iter().any(|s| k.starts_with(&format!("{s}.")))
+        })
+        .lowercase(true)
+}
+
+/// The named flags (`--plugin`, `--steps`, DRIP's and musubi-tuner's spellings …) as keys.
+fn flag_layer(o: &Overrides) -> Dict {
+    let path = |p: &Path| Value::from(p.to_string_lossy().to_string());
+    let entries: [(&str, Option<Value>); 15] = [
+        ("model.plugin", o.plugin.clone().map(Value::from)),
+        ("metric.plugin", o.metric.clone().map(Value::from)),
+        ("loss.plugin", o.loss.clone().map(Value::from)),
+        ("data.root", o.data.as_deref().map(path)),
+        ("run.output", o.output.as_deref().map(path)),
+        ("train.steps", o.steps.map(Value::from)),
+        ("train.epochs", o.epochs.map(Value::from)),
+        ("train.lr", o.lr.map(Value::from)),
+        ("train.batch_size", o.batch_size.map(|v| Value::from(v as u64))),
+        ("run.seed", o.seed.map(Value::from)),
+        ("run.device", o.device.clone().map(Value::from)),
+        ("model.config.pretrained", o.pretrained.as_deref().map(path)),
+        ("run.output_name", o.output_name.clone().map(Value::from)),
+        ("adapter.save_dir", o.save_dir.as_deref().map(path)),
+        ("data.dataset_config", o.dataset_config.as_deref().map(path)),
+    ];
+    let mut flags = Dict::new();
+    for (key, v) in entries {
+        if let Some(v) = v {
+            insert_path(&mut flags, key, v);
+        }
+    }
+    // musubi-tuner's --dataset_config names its layout.
+    if o.dataset_config.is_some() {
+        insert_path(&mut flags, "data.layout", Value::from("musubi"));
+    }
+    flags
+}
+
+/// `--set key=value` (values parsed as TOML, else taken as strings).
+fn set_layer(sets: &[String]) -> Result<Dict> {
+    let mut d = Dict::new();
+    for s in sets {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| EngineError::Config(format!("--set {s}: expected key=value, e.g. --set train.lr=1e-4")))?;
+        insert_path(&mut d, k.trim(), parse_value(v.trim()));
+    }
+    Ok(d)
+}
+
+/// Output places that follow from other keys, joined so that any layer's own value wins:
+/// musubi-tuner needs no data root beside `--dataset_config`, and DRIP's `--save_dir` is its
+/// only output flag, so the run's other files go there too unless a layer names `run.output`.
+fn output_defaults(mut f: Figment, o: &Overrides) -> Figment {
+    let join = |f: Figment, key: &str, v: String| {
+        let mut d = Dict::new();
+        insert_path(&mut d, key, Value::from(v));
+        f.join(Serialized::defaults(d))
+    };
+    if let Some(v) = o.dataset_config.as_ref().filter(|_| !f.contains("data.root")) {
+        f = join(f, "data.root", v.to_string_lossy().to_string());
+    }
+    if !f.contains("run.output") {
+        if let Ok(v) = f.extract_inner::<String>("adapter.save_dir") {
+            f = join(f, "run.output", v);
+        }
+    }
+    f
+}
+
+/// DRIP's weight of its reconstruction (diffusion) loss, fixed in its objective (seed 002).
+pub const DRIP_RECON_WEIGHT: f64 = 0.1;
+
+/// What DRIP's command line (seed 002) leaves unsaid, each filled in only where no layer says
+/// it (joined, so any layer's value wins) and logged:
+/// - `data.layout = "drip"` for a data root of person_*/ folders (`host data check`'s guess; any
+///   other root keeps the `bundles` default);
+/// - on a DRIP dataset, `model.plugin` = [`DRIP_MODEL`] (DRIP trains SD1.5 only) and, for that
+///   model, `model.config.pretrained` = DRIP's default [`DRIP_PRETRAINED`];
+/// - `metric.plugin` = [`DRIP_METRIC`] for a `metric.weight` > 0 (DRIP's `--l_face` names no
+///   metric; like `[text]`'s `clip` default). A weight of 0 with no metric named is no metric
+///   ([`Layered::extract`]); a wrong type is left to extract(), which reports it;
+/// - for that model on a DRIP dataset, `model.loss_weight` = [`DRIP_RECON_WEIGHT`].
+fn drip_defaults(mut f: Figment) -> Figment {
+    let join = |f: Figment, key: &str, v: &str| {
+        let mut d = Dict::new();
+        insert_path(&mut d, key, Value::from(v.to_string()));
+        f.join(Serialized::defaults(d))
+    };
+    if !f.contains("data.layout") {
+        if let Ok(root) = f.extract_inner::<PathBuf>("data.root") {
+            if crate::data::guess_layout(&root) == "drip" {
+                f = join(f, "data.layout", "drip");
+                tracing::info!("data.layout not set: {} holds person_*/ folders, read as `drip`", root.display());
+            }
+        }
+    }
+    let drip = f.extract_inner::<String>("data.layout").is_ok_and(|l| l == "drip");
+    if drip && !f.contains("model.plugin") {
+        f = join(f, "model.plugin", DRIP_MODEL);
+        tracing::info!(
+            "model.plugin not set: a DRIP dataset trains Stable Diffusion 1.5, as DRIP does: using `{DRIP_MODEL}` (pass --plugin ID for another)"
+        );
+    }
+    let sd15 = f.extract_inner::<String>("model.plugin").is_ok_and(|p| p == DRIP_MODEL);
+    if drip && sd15 && !f.contains("model.config.pretrained") {
+        f = join(f, "model.config.pretrained", DRIP_PRETRAINED);
+        tracing::info!(
+            "model.config.pretrained not set: DRIP's default --pretrained_model `{DRIP_PRETRAINED}`, resolved from the local Hugging Face cache (pass --pretrained_model PATH_OR_ID for another)"
+        );
+    }
+    if drip && sd15 && !f.contains("model.loss_weight") {
+        // DRIP's objective is L = λ₁·L_face + λ₂·L_text + 0.1·L_recon with the 0.1 fixed (seed
+        // 002): its command as written trains that, as configs/drip-sd15.toml does.
+        let mut d = Dict::new();
+        insert_path(&mut d, "model.loss_weight", Value::from(DRIP_RECON_WEIGHT));
+        f = f.join(Serialized::defaults(d));
+        tracing::info!(
+            "model.loss_weight not set: DRIP's fixed {DRIP_RECON_WEIGHT} on the diffusion loss (L_recon); --l_recon W for another"
+        );
+    }
+    let face_weight = f.extract_inner::<f64>("metric.weight").unwrap_or(0.0);
+    if face_weight > 0.0 && !f.contains("metric.plugin") {
+        f = join(f, "metric.plugin", DRIP_METRIC);
+        tracing::info!("metric.weight given with no metric.plugin: using DRIP's face metric `{DRIP_METRIC}` (pass --metric ID for another)");
+    }
+    f
 }
 
 fn describe_source(m: &Metadata) -> String {
@@ -815,70 +893,57 @@ pub(crate) fn insert_path(dict: &mut Dict, path: &str, v: Value) {
     }
 }
 
-/// Valid keys per section, for "did you mean".
+/// Valid keys per section, for "did you mean": read from the section structs' own derived
+/// `Deserialize` (their serde field names), so a new field is a valid key the moment it exists.
 fn valid_keys(section: &str) -> &'static [&'static str] {
     match section {
-        "" => &["run", "model", "data", "loss", "metric", "text", "train", "sample", "eval", "cache", "adapter"],
-        "text" => &["plugin", "weight", "config", "prompt", "output"],
-        "run" => &["output", "seed", "device", "output_name"],
-        "model" => &["plugin", "loss_weight", "config"],
-        "loss" => &["plugin", "weight", "config"],
-        "metric" => &["plugin", "config", "weight", "loss", "loss_config", "identity_weighting", "t_max", "output"],
-        "sample" => &[
-            "every_steps",
-            "prompts",
-            "negative_prompt",
-            "width",
-            "height",
-            "steps",
-            "guidance",
-            "seed",
-            "adapter_scale",
-        ],
-        "eval" => &["every"],
-        "cache" => &["enabled", "dir"],
-        "adapter" => &["formats", "save_dir"],
-        "data" => &[
-            "layout",
-            "root",
-            "image_size",
-            "min_images_per_char",
-            "max_chars_per_bundle",
-            "min_image_side",
-            "val_fraction",
-            "test_fraction",
-            "dataset_config",
-            "attributes",
-            "source_folder",
-            "target_folder",
-            "caption_extension",
-            "enable_bucket",
-            "resolution",
-            "bucket_no_upscale",
-            "bucket_reso_steps",
-            "split",
-            "verify_decode",
-        ],
-        "train" => &[
-            "steps",
-            "epochs",
-            "batch_size",
-            "grad_accum",
-            "lr",
-            "schedule",
-            "warmup_steps",
-            "weight_decay",
-            "beta1",
-            "beta2",
-            "eps",
-            "max_grad_norm",
-            "save_every",
-            "keep_checkpoints",
-            "validate_every_epochs",
-            "sample_count",
-            "param_groups",
-        ],
+        "" => serde_fields::<Config>(),
+        "run" => serde_fields::<RunConfig>(),
+        "model" => serde_fields::<PluginSection>(),
+        "data" => serde_fields::<DataConfig>(),
+        "loss" => serde_fields::<LossSection>(),
+        "metric" => serde_fields::<MetricSection>(),
+        "text" => serde_fields::<TextSection>(),
+        "train" => serde_fields::<TrainConfig>(),
+        "sample" => serde_fields::<SampleConfig>(),
+        "eval" => serde_fields::<EvalConfig>(),
+        "cache" => serde_fields::<CacheConfig>(),
+        "adapter" => serde_fields::<AdapterConfig>(),
         _ => &[],
+    }
+}
+
+/// The field names a struct's derived `Deserialize` reads (serde's `FIELDS`: primary names,
+/// no skipped fields): [`FieldNames`] is handed them by `deserialize_struct` and stops there.
+fn serde_fields<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    let mut fields = None;
+    let _ = T::deserialize(FieldNames(&mut fields));
+    fields.unwrap_or(&[])
+}
+
+/// A deserializer that only records the field list of the struct asked of it.
+struct FieldNames<'a>(&'a mut Option<&'static [&'static str]>);
+
+impl<'de> serde::Deserializer<'de> for FieldNames<'_> {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> std::result::Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("not a struct"))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        *self.0 = Some(fields);
+        Err(serde::de::Error::custom("field names read"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+        unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
     }
 }
 
@@ -940,6 +1005,9 @@ fn validate(c: &Config) -> Result<()> {
     let bad = |k: &str, why: &str| Err(EngineError::Config(format!("`{k}` {why}")));
     if c.train.batch_size == 0 {
         return bad("train.batch_size", "must be at least 1");
+    }
+    if c.data.image_size == 0 {
+        return bad("data.image_size", "(DRIP's --resolution) must be at least 1");
     }
     if c.train.grad_accum == 0 {
         return bad("train.grad_accum", "must be at least 1");
@@ -1011,10 +1079,68 @@ pub fn model_section(
             "no model plugin: pass --plugin ID or --config FILE with a [model] section".into(),
         ));
     }
-    f.extract_inner::<PluginSection>("model").map_err(|e| explain(e, &f))
+    let mut model = f.extract_inner::<PluginSection>("model").map_err(|e| explain(e, &f))?;
+    model.resolve_pretrained()?;
+    Ok(model)
+}
+
+impl PluginSection {
+    /// `config.pretrained` as the plugin gets it (issue 19): an existing path stays as given; an
+    /// `org/name[/sub/path]` hub id becomes its folder or file in the local Hugging Face cache
+    /// (`likeness_hf_cache`: `refs/<revision>` → `snapshots/<commit>/`, offline, never a
+    /// download), logged with the id. `config.revision` (`--revision`; default `main`; a branch,
+    /// a tag or a commit hash) picks the revision and is consumed here: the plugin never sees it.
+    pub fn resolve_pretrained(&mut self) -> Result<()> {
+        let revision = match self.config.remove("revision") {
+            None => None,
+            Some(serde_json::Value::String(s)) => Some(s),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            Some(v) => {
+                return Err(EngineError::Config(format!(
+                    "`model.config.revision` is {v}; expected a branch, tag or commit name (e.g. --revision main)"
+                )))
+            }
+        };
+        let value = match self.config.get("pretrained") {
+            Some(serde_json::Value::String(v)) => v.clone(),
+            // Absent or of a wrong type: the plugin reports it in its own words.
+            _ => {
+                if let Some(r) = revision {
+                    tracing::warn!("model.config.revision = `{r}` is ignored: model.config.pretrained is not set");
+                }
+                return Ok(());
+            }
+        };
+        match likeness_hf_cache::resolve(&value, revision.as_deref()) {
+            Ok(likeness_hf_cache::Pretrained::Cached(r)) => {
+                tracing::info!(
+                    "model.config.pretrained `{value}` (revision {}, commit {}) resolved from the local Hugging Face cache: {}",
+                    r.revision,
+                    r.commit,
+                    r.path.display()
+                );
+                self.config.insert("pretrained".into(), serde_json::Value::from(r.path.to_string_lossy().into_owned()));
+            }
+            Ok(likeness_hf_cache::Pretrained::Path(_)) => {
+                if let Some(r) = revision {
+                    tracing::warn!("model.config.revision = `{r}` is ignored: model.config.pretrained `{value}` is a local path, not a hub id");
+                }
+            }
+            Err(e) => return Err(EngineError::Config(format!("model.config.pretrained: {e}"))),
+        }
+        Ok(())
+    }
 }
 
 impl Config {
+    /// This config with `model.config.pretrained` resolved ([`PluginSection::resolve_pretrained`]):
+    /// what a run hands its model plugin.
+    pub fn with_model_ids_resolved(&self) -> Result<Config> {
+        let mut c = self.clone();
+        c.model.resolve_pretrained()?;
+        Ok(c)
+    }
+
     pub fn model_config_json(&self) -> String {
         serde_json::Value::Object(self.model.config.clone()).to_string()
     }
@@ -1221,13 +1347,113 @@ mod tests {
         let o = Overrides { set: vec!["metric.weight=2.0".into()], ..Default::default() };
         let m = Layered::new(Some(&p), &o).unwrap().extract().unwrap().metric.unwrap();
         assert_eq!((m.plugin.as_str(), m.weight), (DRIP_METRIC, 2.0));
-        // A named metric wins; a weight of 0 names none (it is left to extract: metric.plugin missing).
+        // A named metric wins.
         let o =
             Overrides { metric: Some("arcface".into()), set: vec!["metric.weight=1.0".into()], ..Default::default() };
         assert_eq!(Layered::new(Some(&p), &o).unwrap().extract().unwrap().metric.unwrap().plugin, "arcface");
-        let o = Overrides { set: vec!["metric.weight=0.0".into()], ..Default::default() };
-        let e = Layered::new(Some(&p), &o).unwrap().extract().unwrap_err().to_string();
-        assert!(e.contains("metric.plugin"), "{e}");
+    }
+
+    /// Issue 14, part 3: `--l_face 0` (and `--l_text 0`) turn their term off; with no metric named
+    /// anywhere `--l_face 0` means no metric at all (it was "missing key `metric.plugin`").
+    #[test]
+    fn issue_14_drip_weights_at_zero_turn_their_term_off() {
+        let d = tempfile::tempdir().unwrap();
+        let extract = |file: &str, set: &[&str]| {
+            let p = write(d.path(), file);
+            let o = Overrides { set: set.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+            Layered::new(Some(&p), &o).unwrap().extract()
+        };
+        // What `--l_face 0 --l_text 0`, `--l_face 0` and `--l_face 0.0` pass.
+        for set in [&["metric.weight=0.0", "text.weight=0.0"][..], &["metric.weight=0.0"], &["metric.weight=0"]] {
+            let c = extract(BASE, set).unwrap_or_else(|e| panic!("{set:?}: {e}"));
+            assert_eq!(c.metric, None, "{set:?}");
+        }
+        let c = extract(BASE, &["metric.weight=0.0", "text.weight=0.0"]).unwrap();
+        assert_eq!(c.text.map(|t| t.weight), Some(0.0), "text.weight = 0: the term is off (the trainer skips it)");
+        // A file's [metric] weight with no plugin, and the flag at 0 above it: still no metric.
+        let c = extract(&format!("{BASE}[metric]\nweight = 1.0\n"), &["metric.weight=0.0"]).unwrap();
+        assert_eq!(c.metric, None);
+        // A named metric at weight 0 is measured, not trained.
+        let c =
+            extract(&format!("{BASE}[metric]\nplugin = 'arcface'\nweight = 1.0\n"), &["metric.weight=0.0"]).unwrap();
+        assert_eq!(c.metric.map(|m| (m.plugin, m.weight)), Some(("arcface".into(), 0.0)));
+        // Other metric keys with no plugin are still an error naming the missing key.
+        let e = extract(BASE, &["metric.weight=0.0", "metric.config.arch='osnet_x0_25'"]).unwrap_err().to_string();
+        assert!(e.contains("missing key `metric.plugin`"), "{e}");
+        // At their defaults (DRIP's 1.0): DRIP's metric and CLIP.
+        let c = extract(BASE, &["metric.weight=1.0", "text.weight=1.0"]).unwrap();
+        assert_eq!(c.metric.map(|m| (m.plugin, m.weight)), Some((DRIP_METRIC.into(), 1.0)));
+        assert_eq!(c.text.map(|t| (t.plugin, t.weight)), Some(("clip".into(), 1.0)));
+    }
+
+    /// Issue 14, part 3: DRIP's other flags at 0 fail with the key and the fix; at DRIP's defaults
+    /// they extract to DRIP's values.
+    #[test]
+    fn issue_14_drip_flags_at_zero_are_clear_errors_and_at_default_drips_values() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), BASE);
+        let extract = |set: &[&str]| {
+            let o = Overrides { set: set.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+            Layered::new(Some(&p), &o).unwrap().extract()
+        };
+        for (flag, want) in [
+            ("train.batch_size=0", "`train.batch_size` must be at least 1"),
+            ("train.lr=0.0", "`train.lr` must be a positive number"),
+            ("train.epochs=0", "`train.steps` and `train.epochs` are both 0"),
+            ("data.image_size=0", "`data.image_size` (DRIP's --resolution) must be at least 1"),
+        ] {
+            let e = extract(&[flag]).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(want), "{flag}: {e}");
+        }
+        let c = extract(&["train.batch_size=2", "train.lr=1e-4", "train.epochs=3", "data.image_size=512"]).unwrap();
+        assert_eq!((c.train.batch_size, c.train.lr, c.train.epochs, c.data.image_size), (2, 1e-4, 3, 512));
+    }
+
+    /// Issue 19, part 2: a DRIP dataset with no model named is SD1.5 with DRIP's default base model
+    /// (an id, resolved when the run starts); any layer's model or pretrained wins.
+    #[test]
+    fn issue_19_a_drip_dataset_defaults_to_sd15_and_drips_pretrained_id() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("dataset/person_001")).unwrap();
+        let data = Some(d.path().join("dataset"));
+        let layered =
+            |o: Overrides| Layered::new(None, &Overrides { data: data.clone(), ..o }).unwrap().extract().unwrap();
+        let c = layered(Overrides::default());
+        assert_eq!((c.data.layout.as_str(), c.model.plugin.as_str()), ("drip", DRIP_MODEL));
+        assert_eq!(c.model.config["pretrained"], serde_json::json!(DRIP_PRETRAINED));
+        // DRIP's objective: 0.1 on L_recon, unless --l_recon says otherwise.
+        assert_eq!(c.model.loss_weight, DRIP_RECON_WEIGHT);
+        let c = layered(Overrides { set: vec!["model.loss_weight=0.5".into()], ..Default::default() });
+        assert_eq!(c.model.loss_weight, 0.5);
+        let c = layered(Overrides { pretrained: Some("/models/sd15".into()), ..Default::default() });
+        assert_eq!(c.model.config["pretrained"], serde_json::json!("/models/sd15"));
+        let c = layered(Overrides { plugin: Some("testing-flow".into()), ..Default::default() });
+        assert_eq!((c.model.plugin.as_str(), c.model.config.get("pretrained")), ("testing-flow", None));
+        // Not a DRIP dataset: no model is guessed.
+        std::fs::create_dir_all(d.path().join("bundles/b/char_0")).unwrap();
+        let o = Overrides { data: Some(d.path().join("bundles")), ..Default::default() };
+        let e = Layered::new(None, &o).unwrap().extract().unwrap_err().to_string();
+        assert!(e.contains("missing key `model`"), "{e}");
+    }
+
+    /// Issue 19: `model.config.pretrained` ids resolve from the cache and `revision` is consumed;
+    /// a path is left alone.
+    #[test]
+    fn issue_19_pretrained_paths_stay_and_revision_is_consumed() {
+        let mut m: PluginSection = serde_json::from_value(serde_json::json!({
+            "plugin": "sd15-lora", "config": {"pretrained": "/models/sd15", "revision": "fp16", "lora_rank": 4}
+        }))
+        .unwrap();
+        m.resolve_pretrained().unwrap();
+        assert_eq!(
+            serde_json::Value::Object(m.config),
+            serde_json::json!({"pretrained": "/models/sd15", "lora_rank": 4})
+        );
+        let mut m: PluginSection =
+            serde_json::from_value(serde_json::json!({"plugin": "x", "config": {"pretrained": "a/b", "revision": []}}))
+                .unwrap();
+        let e = m.resolve_pretrained().unwrap_err().to_string();
+        assert!(e.contains("model.config.revision"), "{e}");
     }
 
     #[test]
@@ -1240,7 +1466,7 @@ mod tests {
         assert_eq!((c.model.plugin.as_str(), c.model.loss_weight), ("sd15-lora", 0.1));
         assert_eq!(
             (m.plugin.as_str(), m.weight, m.identity_weighting),
-            (DRIP_METRIC, 1.0, IdentityWeighting::Timestep)
+            (DRIP_METRIC, 1.0, IdentityWeighting::TimestepWeights)
         );
         assert_eq!((t.plugin.as_str(), t.weight, t.prompt.as_str()), ("clip", 1.0, "caption"));
         assert_eq!((c.data.layout.as_str(), c.data.image_size), ("drip", 512));
@@ -1249,12 +1475,34 @@ mod tests {
         assert_eq!(c.run.output, PathBuf::from("lora_out"));
     }
 
+    /// Issue 14, part 5: the keys "did you mean" offers are the structs' own fields, not a
+    /// hand-kept copy (the old list lacked nothing yet, but had to be edited with every field).
+    #[test]
+    fn issue_14_valid_keys_come_from_the_structs() {
+        assert_eq!(
+            sections(),
+            ["run", "model", "data", "loss", "metric", "text", "train", "sample", "eval", "cache", "adapter"]
+        );
+        assert!(valid_keys("data").contains(&"verify_decode") && valid_keys("train").contains(&"param_groups"));
+        assert!(!valid_keys("").contains(&"loss_given"), "a skipped field is no key");
+        for s in sections() {
+            assert!(!valid_keys(s).is_empty(), "section {s} has no keys");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), &format!("{BASE}[train]\nverify_decod = true\n"));
+        let e = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap_err().to_string();
+        assert!(e.contains("train.verify_decod"), "{e}");
+        let p = write(d.path(), &format!("{BASE}[train]\nbatch_sise = 2\n"));
+        let e = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap_err().to_string();
+        assert!(e.contains("batch_size"), "the closest key is offered: {e}");
+    }
+
     #[test]
     fn identity_weighting_timestep_parses() {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), &format!("{BASE}[metric]\nplugin = 'x'\nidentity_weighting = 'timestep'\n"));
         let m = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap().metric.unwrap();
-        assert_eq!(m.identity_weighting, IdentityWeighting::Timestep);
+        assert_eq!(m.identity_weighting, IdentityWeighting::TimestepWeights);
     }
 
     #[test]

@@ -9,17 +9,16 @@
 //! `by_step{step:{count,mean,std,min,max}}`, std = numpy's default population std), with
 //! everything else under `"likeness"`.
 //!
-//! Also home of the one cosine / batch-embedding implementation the training driver's
-//! validation uses ([`cosine`], [`embed_rows`], [`identity_similarities`]).
+//! The cosine and batch embedding it shares with the trainer's validation live in
+//! [`crate::similarity`] (re-exported here).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::sync_channel;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use likeness_abi::{CpuTensor, ForwardMode};
+use likeness_abi::CpuTensor;
 use serde::ser::SerializeMap;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -27,78 +26,13 @@ use serde_json::{json, Value};
 use crate::config::parse_device;
 use crate::plots::{plot_band, BandPoint};
 use crate::plugins::{Metric, Registry};
+pub use crate::similarity::{cosine, embed_rows, identity_similarities};
 use crate::{write_atomic, EngineError, Result};
 
 /// Image file extensions considered: the engine's one list (it holds seed 004's png, jpg,
 /// jpeg, webp); a listed file this build cannot decode is reported per pair.
 pub use crate::data::image_io::IMAGE_EXTENSIONS;
 use crate::data::image_io::{self, Fit};
-
-// ---------------------------------------------------------------------------------------------
-// Similarity (shared with the training driver's validation)
-
-/// Cosine similarity in f64; 0 when either vector is all zeros.
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na * nb)
-    }
-}
-
-/// Embeds a batch `[B, 3, H, W]` (no gradient); one row per sample, `None` where the metric
-/// found no face.
-pub fn embed_rows(metric: &mut Metric, pixels: &CpuTensor<f32>) -> Result<Vec<Option<Vec<f32>>>> {
-    let plugin_err = |id: &str, e: likeness_abi::PluginError| EngineError::Plugin {
-        plugin: id.to_string(),
-        message: e.message.to_string(),
-    };
-    let out = metric.embed(pixels.view(), ForwardMode::Eval)?;
-    let emb = CpuTensor::<f32>::from_managed(&out.embeddings, "embeddings").map_err(|e| plugin_err(&metric.id, e))?;
-    let valid = CpuTensor::<u8>::from_managed(&out.valid, "valid").map_err(|e| plugin_err(&metric.id, e))?;
-    let b = pixels.shape.first().copied().unwrap_or(0) as usize;
-    if emb.shape.len() != 2 || emb.shape[0] as usize != b || valid.numel() != b {
-        return Err(EngineError::Plugin {
-            plugin: metric.id.clone(),
-            message: format!("embed returned embeddings {:?} / valid {:?} for a batch of {b}", emb.shape, valid.shape),
-        });
-    }
-    let d = emb.shape[1] as usize;
-    Ok((0..b).map(|i| (valid.data[i] != 0).then(|| emb.data[i * d..(i + 1) * d].to_vec())).collect())
-}
-
-/// Similarities of one batch: `None` for pairs where either side has no face.
-pub fn identity_similarities(
-    metric: &mut Metric,
-    generated: &CpuTensor<f32>,
-    reference: &CpuTensor<f32>,
-) -> Result<Vec<Option<f64>>> {
-    let g = embed_rows(metric, generated)?;
-    let r = embed_rows(metric, reference)?;
-    if g.len() != r.len() {
-        return Err(EngineError::Plugin {
-            plugin: metric.id.clone(),
-            message: format!("embed returned {} generated and {} reference rows for equal batches", g.len(), r.len()),
-        });
-    }
-    let mut out = Vec::with_capacity(g.len());
-    for (a, b) in g.iter().zip(&r) {
-        out.push(match (a, b) {
-            (Some(a), Some(b)) if a.len() == b.len() => Some(cosine(a, b)),
-            (Some(a), Some(b)) => {
-                return Err(EngineError::Plugin {
-                    plugin: metric.id.clone(),
-                    message: format!("embed returned {}-d and {}-d embeddings for two batches", a.len(), b.len()),
-                })
-            }
-            _ => None,
-        });
-    }
-    Ok(out)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Steps and file-name rules
@@ -617,33 +551,7 @@ fn evaluate(source: MetricSource<'_>, opts: &EvalFacesOptions, only_step: Option
     if opts.image_size == 0 {
         return Err(EngineError::Config("--image-size must be at least 1".into()));
     }
-    let mut matching = match &opts.inputs {
-        EvalInputs::SampleDir(d) => find_sample_pairs(d)?,
-        EvalInputs::Dirs { control, generated } => find_dir_pairs(control, generated)?,
-    };
-    if let Some(step) = only_step {
-        matching.pairs.retain(|p| p.step.key() == step);
-    }
-    for (g, why) in &matching.unmatched {
-        tracing::debug!("unmatched generated image {}: {why}", g.display());
-    }
-    if matching.pairs.is_empty() {
-        let rule = match &opts.inputs {
-            EvalInputs::SampleDir(d) => format!(
-                "in {}: control images must be named control_image_<idx>.png and generated samples end in _<idx> or follow musubi-tuner's <name>_<step>_<idx>_<YYYYMMDDHHMMSS>_<seed>.png",
-                d.display()
-            ),
-            EvalInputs::Dirs { control, generated } => format!(
-                "between {} and {}: a generated image needs a control image with the same stem, or one whose stem prefixes it followed by _ - or .",
-                control.display(),
-                generated.display()
-            ),
-        };
-        return Err(EngineError::Config(format!(
-            "no image pairs found {rule} ({} unmatched generated image(s); see `host eval-faces --help`)",
-            matching.unmatched.len()
-        )));
-    }
+    let matching = find_pairs(opts, only_step)?;
 
     let mut opened;
     let (metric, config): (&mut Metric, Value) = match source {
@@ -671,34 +579,7 @@ fn evaluate(source: MetricSource<'_>, opts: &EvalFacesOptions, only_step: Option
     }
     let bands = Bands::for_metric(&metric.id, metric.same_person_threshold());
     let states = embed_all(metric, &paths, opts)?;
-
-    let mut results = Vec::with_capacity(matching.pairs.len());
-    for p in &matching.pairs {
-        let (c, g) = (&states[index[&p.control]], &states[index[&p.generated]]);
-        let (similarity, reason) = match (c, g) {
-            (ImageState::Failed(e), _) => (None, format!("control image: {e}")),
-            (_, ImageState::Failed(e)) => (None, format!("generated image: {e}")),
-            (ImageState::NoFace, ImageState::NoFace) => (None, "no face found in either image".to_string()),
-            (ImageState::NoFace, _) => (None, "no face found in the control image".to_string()),
-            (_, ImageState::NoFace) => (None, "no face found in the generated image".to_string()),
-            (ImageState::Embedded(a), ImageState::Embedded(b)) => {
-                if a.len() != b.len() {
-                    return Err(EngineError::Plugin {
-                        plugin: metric.id.clone(),
-                        message: format!("returned {}-d and {}-d embeddings", a.len(), b.len()),
-                    });
-                }
-                let s = cosine(a, b);
-                if s.is_finite() {
-                    (Some(s), String::new())
-                } else {
-                    (None, format!("non-finite similarity ({s})"))
-                }
-            }
-            _ => (None, "not embedded".to_string()),
-        };
-        results.push(PairResult { pair: p.clone(), similarity, reason });
-    }
+    let results = score_pairs(&metric.id, &matching.pairs, |p| &states[index[p]])?;
 
     let valid: Vec<f64> = results.iter().filter_map(|r| r.similarity).collect();
     let overall = stats(&valid);
@@ -718,87 +599,9 @@ fn evaluate(source: MetricSource<'_>, opts: &EvalFacesOptions, only_step: Option
             std::fs::create_dir_all(d).map_err(|e| EngineError::io(d, format!("cannot create directory: {e}")))?;
         }
     }
-
-    // CSV.
-    let mut csv = String::from("control,generated,step,similarity,valid,reason\n");
-    for r in &results {
-        let _ = writeln!(
-            csv,
-            "{},{},{},{},{},{}",
-            csv_field(&r.pair.control.to_string_lossy()),
-            csv_field(&r.pair.generated.to_string_lossy()),
-            csv_field(&r.pair.step.key()),
-            r.similarity.map(|s| format!("{s}")).unwrap_or_default(),
-            r.similarity.is_some() as u8,
-            csv_field(&r.reason)
-        );
-    }
-    write_atomic(&csv_path, csv.as_bytes())?;
-
-    // Plot: numeric steps; epochs only when there are no steps (the two axes do not mix).
-    let has_steps = by_step.iter().any(|(k, _)| matches!(k, StepKey::Step(_)));
-    let pts: Vec<BandPoint> = by_step
-        .iter()
-        .filter(|(k, _)| if has_steps { matches!(k, StepKey::Step(_)) } else { matches!(k, StepKey::Epoch(_)) })
-        .filter_map(|(k, s)| k.x().map(|x| BandPoint { x, mean: s.mean, min: s.min, max: s.max }))
-        .collect();
-    let x_label = if has_steps || pts.is_empty() { "training step" } else { "epoch" };
-    plot_band(
-        &plot_path,
-        &format!("face similarity ({}), generated vs control", opts.metric),
-        x_label,
-        "cosine similarity (mean, min–max)",
-        &pts,
-    )?;
-
-    // JSON.
-    let (mode, inputs) = match &opts.inputs {
-        EvalInputs::SampleDir(d) => ("sample_dir", json!({"sample_dir": d})),
-        EvalInputs::Dirs { control, generated } => {
-            ("control_generated_dirs", json!({"control_dir": control, "generated_dir": generated}))
-        }
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    let mut likeness = json!({
-        "metric": opts.metric,
-        "metric_config": config,
-        "model_name": opts.model_name,
-        "det_size": opts.det_size,
-        "device": opts.device,
-        "image_size": opts.image_size,
-        "mode": mode,
-        "inputs": inputs,
-        "images": paths.len(),
-        "per_pair_csv": csv_path,
-        "plot": plot_path,
-        "invalid_pairs": results.iter().filter(|r| r.similarity.is_none()).map(|r| json!({"control": r.pair.control, "generated": r.pair.generated, "reason": r.reason})).collect::<Vec<_>>(),
-        "unmatched_generated": matching.unmatched.iter().map(|(p, why)| json!({"generated": p, "reason": why})).collect::<Vec<_>>(),
-        "unused_controls": matching.unused_controls,
-        "seconds": seconds,
-        // Added to seed 004's schema: the bands used and the threshold behind the verdicts.
-        "bands": bands.name(),
-        "same_person_threshold": bands.threshold(),
-        "declared_same_person_threshold": metric.same_person_threshold(),
-        "verdict": overall.and_then(|o| bands.verdict(o.mean)),
-    });
-    if valid.is_empty() {
-        likeness["error"] = json!("No valid face pairs detected");
-    }
-    let report = ReportJson {
-        total_pairs: results.len(),
-        valid_pairs: valid.len(),
-        overall_mean: overall.map(|s| s.mean),
-        overall_std: overall.map(|s| s.std),
-        overall_min: overall.map(|s| s.min),
-        overall_max: overall.map(|s| s.max),
-        by_step: ByStep(&by_step),
-        likeness,
-    };
-    let text = serde_json::to_string_pretty(&report)
-        .map_err(|e| EngineError::Other(format!("cannot serialise the report: {e}")))?;
-    write_atomic(&json_path, format!("{text}\n").as_bytes())?;
-
-    Ok(EvalFacesReport {
+    write_csv(&csv_path, &results)?;
+    write_plot(&plot_path, &opts.metric, &by_step)?;
+    let mut report = EvalFacesReport {
         metric: opts.metric.clone(),
         bands,
         total_pairs: results.len(),
@@ -812,24 +615,171 @@ fn evaluate(source: MetricSource<'_>, opts: &EvalFacesOptions, only_step: Option
         csv: csv_path,
         plot: plot_path,
         images: paths.len(),
-        seconds,
-    })
+        seconds: 0.0,
+    };
+    report.seconds = started.elapsed().as_secs_f64();
+    write_json(&report, opts, &config, metric.same_person_threshold())?;
+    Ok(report)
 }
 
-/// Decodes `paths` on worker threads (bounded queue) while this thread embeds full batches.
-fn embed_all(metric: &mut Metric, paths: &[PathBuf], opts: &EvalFacesOptions) -> Result<Vec<ImageState>> {
-    let n = paths.len();
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        opts.threads
+/// The pairs `opts.inputs` names (only those of step `only_step` when given); an error saying
+/// the naming rule when there is none.
+fn find_pairs(opts: &EvalFacesOptions, only_step: Option<&str>) -> Result<Matching> {
+    let mut matching = match &opts.inputs {
+        EvalInputs::SampleDir(d) => find_sample_pairs(d)?,
+        EvalInputs::Dirs { control, generated } => find_dir_pairs(control, generated)?,
+    };
+    if let Some(step) = only_step {
+        matching.pairs.retain(|p| p.step.key() == step);
     }
-    .clamp(1, n.max(1));
-    let bs = opts.batch_size;
-    let size = opts.image_size;
+    for (g, why) in &matching.unmatched {
+        tracing::debug!("unmatched generated image {}: {why}", g.display());
+    }
+    if matching.pairs.is_empty() {
+        let rule = match &opts.inputs {
+            EvalInputs::SampleDir(d) => format!(
+                "in {}: control images must be named control_image_<idx>.png and generated samples end in _<idx> or follow musubi-tuner's <name>_<step>_<idx>_<YYYYMMDDHHMMSS>_<seed>.png",
+                d.display()
+            ),
+            EvalInputs::Dirs { control, generated } => format!(
+                "between {} and {}: a generated image needs a control image with the same stem, or one whose stem prefixes it followed by _ - or .",
+                control.display(),
+                generated.display()
+            ),
+        };
+        return Err(EngineError::Config(format!(
+            "no image pairs found {rule} ({} unmatched generated image(s); see `host eval-faces --help`)",
+            matching.unmatched.len()
+        )));
+    }
+    Ok(matching)
+}
+
+/// Each pair's similarity, or why it has none; `state` gives an image's embedding state.
+fn score_pairs<'s>(
+    metric_id: &str,
+    pairs: &[FacePair],
+    state: impl Fn(&PathBuf) -> &'s ImageState,
+) -> Result<Vec<PairResult>> {
+    let mut results = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        let (c, g) = (state(&p.control), state(&p.generated));
+        let (similarity, reason) = match (c, g) {
+            (ImageState::Failed(e), _) => (None, format!("control image: {e}")),
+            (_, ImageState::Failed(e)) => (None, format!("generated image: {e}")),
+            (ImageState::NoFace, ImageState::NoFace) => (None, "no face found in either image".to_string()),
+            (ImageState::NoFace, _) => (None, "no face found in the control image".to_string()),
+            (_, ImageState::NoFace) => (None, "no face found in the generated image".to_string()),
+            (ImageState::Embedded(a), ImageState::Embedded(b)) => {
+                if a.len() != b.len() {
+                    return Err(EngineError::Plugin {
+                        plugin: metric_id.to_string(),
+                        message: format!("returned {}-d and {}-d embeddings", a.len(), b.len()),
+                    });
+                }
+                let s = cosine(a, b);
+                if s.is_finite() {
+                    (Some(s), String::new())
+                } else {
+                    (None, format!("non-finite similarity ({s})"))
+                }
+            }
+            _ => (None, "not embedded".to_string()),
+        };
+        results.push(PairResult { pair: p.clone(), similarity, reason });
+    }
+    Ok(results)
+}
+
+/// The per-pair CSV.
+fn write_csv(path: &Path, results: &[PairResult]) -> Result<()> {
+    let mut csv = String::from("control,generated,step,similarity,valid,reason\n");
+    for r in results {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{}",
+            csv_field(&r.pair.control.to_string_lossy()),
+            csv_field(&r.pair.generated.to_string_lossy()),
+            csv_field(&r.pair.step.key()),
+            r.similarity.map(|s| format!("{s}")).unwrap_or_default(),
+            r.similarity.is_some() as u8,
+            csv_field(&r.reason)
+        );
+    }
+    write_atomic(path, csv.as_bytes())
+}
+
+/// The band plot: numeric steps; epochs only when there are no steps (the two axes do not mix).
+fn write_plot(path: &Path, metric: &str, by_step: &[(StepKey, Stats)]) -> Result<()> {
+    let has_steps = by_step.iter().any(|(k, _)| matches!(k, StepKey::Step(_)));
+    let pts: Vec<BandPoint> = by_step
+        .iter()
+        .filter(|(k, _)| if has_steps { matches!(k, StepKey::Step(_)) } else { matches!(k, StepKey::Epoch(_)) })
+        .filter_map(|(k, s)| k.x().map(|x| BandPoint { x, mean: s.mean, min: s.min, max: s.max }))
+        .collect();
+    let x_label = if has_steps || pts.is_empty() { "training step" } else { "epoch" };
+    plot_band(
+        path,
+        &format!("face similarity ({metric}), generated vs control"),
+        x_label,
+        "cosine similarity (mean, min–max)",
+        &pts,
+    )
+}
+
+/// Seed 004's JSON of `r`, with this evaluator's own fields under `likeness`.
+fn write_json(r: &EvalFacesReport, opts: &EvalFacesOptions, config: &Value, declared: Option<f64>) -> Result<()> {
+    let (mode, inputs) = match &opts.inputs {
+        EvalInputs::SampleDir(d) => ("sample_dir", json!({"sample_dir": d})),
+        EvalInputs::Dirs { control, generated } => {
+            ("control_generated_dirs", json!({"control_dir": control, "generated_dir": generated}))
+        }
+    };
+    let mut likeness = json!({
+        "metric": opts.metric,
+        "metric_config": config,
+        "model_name": opts.model_name,
+        "det_size": opts.det_size,
+        "device": opts.device,
+        "image_size": opts.image_size,
+        "mode": mode,
+        "inputs": inputs,
+        "images": r.images,
+        "per_pair_csv": r.csv,
+        "plot": r.plot,
+        "invalid_pairs": r.pairs.iter().filter(|r| r.similarity.is_none()).map(|r| json!({"control": r.pair.control, "generated": r.pair.generated, "reason": r.reason})).collect::<Vec<_>>(),
+        "unmatched_generated": r.unmatched.iter().map(|(p, why)| json!({"generated": p, "reason": why})).collect::<Vec<_>>(),
+        "unused_controls": r.unused_controls,
+        "seconds": r.seconds,
+        // Added to seed 004's schema: the bands used and the threshold behind the verdicts.
+        "bands": r.bands.name(),
+        "same_person_threshold": r.bands.threshold(),
+        "declared_same_person_threshold": declared,
+        "verdict": r.overall.and_then(|o| r.bands.verdict(o.mean)),
+    });
+    if r.valid_pairs == 0 {
+        likeness["error"] = json!("No valid face pairs detected");
+    }
+    let report = ReportJson {
+        total_pairs: r.total_pairs,
+        valid_pairs: r.valid_pairs,
+        overall_mean: r.overall.map(|s| s.mean),
+        overall_std: r.overall.map(|s| s.std),
+        overall_min: r.overall.map(|s| s.min),
+        overall_max: r.overall.map(|s| s.max),
+        by_step: ByStep(&r.by_step),
+        likeness,
+    };
+    let text = serde_json::to_string_pretty(&report)
+        .map_err(|e| EngineError::Other(format!("cannot serialise the report: {e}")))?;
+    write_atomic(&r.json, format!("{text}\n").as_bytes())
+}
+
+/// The progress bar of [`embed_all`] (hidden unless `progress`).
+fn image_bar(n: usize, progress: bool) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
         Some(n as u64),
-        if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+        if progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
         ProgressStyle::with_template(
@@ -837,67 +787,89 @@ fn embed_all(metric: &mut Metric, paths: &[PathBuf], opts: &EvalFacesOptions) ->
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    bar
+}
+
+/// Decodes and embeds `paths` in batches of `batch_size`: each batch is first decoded on
+/// `threads` workers, then embedded, one phase after the other. Overlapping the two (decoders
+/// feeding a queue while the metric runs) was slower: the decoders take cores from ONNX
+/// Runtime's / libtorch's intra-op pool, whose parallel loops wait for their slowest worker, so
+/// on 2 cores a little decoding stalled whole convolutions (issue 14, part 6: scripts/bench.sh).
+/// Decoding is a few percent of the work, so running it alone costs less than it stole.
+fn embed_all(metric: &mut Metric, paths: &[PathBuf], opts: &EvalFacesOptions) -> Result<Vec<ImageState>> {
+    let n = paths.len();
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        opts.threads
+    };
+    let (bs, size) = (opts.batch_size, opts.image_size);
+    let bar = image_bar(n, opts.progress);
     let mut states: Vec<ImageState> = (0..n).map(|_| ImageState::Pending).collect();
-    let next = AtomicUsize::new(0);
-    let (tx, rx) = sync_channel::<(usize, std::result::Result<Vec<f32>, String>)>(2 * bs + threads);
-    let result = std::thread::scope(|s| -> Result<()> {
-        for _ in 0..threads {
-            let tx = tx.clone();
-            let next = &next;
-            s.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
+    for (c, chunk) in paths.chunks(bs).enumerate() {
+        let mut data = Vec::with_capacity(chunk.len() * 3 * (size as usize).pow(2));
+        let mut rows_of = Vec::with_capacity(chunk.len());
+        for (k, decoded) in decode_all(chunk, size, threads).into_iter().enumerate() {
+            match decoded {
+                Ok(px) => {
+                    data.extend_from_slice(&px);
+                    rows_of.push(c * bs + k);
                 }
-                if tx.send((i, load_image(&paths[i], size))).is_err() {
-                    break;
-                }
-            });
+                Err(e) => states[c * bs + k] = ImageState::Failed(e),
+            }
         }
-        drop(tx);
-        let mut batch: Vec<(usize, Vec<f32>)> = Vec::with_capacity(bs);
-        let mut flush = |batch: &mut Vec<(usize, Vec<f32>)>, states: &mut Vec<ImageState>| -> Result<()> {
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let b = batch.len();
-            let mut data = Vec::with_capacity(b * 3 * (size as usize).pow(2));
-            for (_, px) in batch.iter() {
-                data.extend_from_slice(px);
-            }
-            let t = CpuTensor::new(vec![b as i64, 3, size as i64, size as i64], data);
-            let rows = embed_rows(metric, &t)?;
-            for ((i, _), row) in batch.drain(..).zip(rows) {
+        if !rows_of.is_empty() {
+            let t = CpuTensor::new(vec![rows_of.len() as i64, 3, size as i64, size as i64], data);
+            for (i, row) in rows_of.into_iter().zip(embed_rows(metric, &t)?) {
                 states[i] = match row {
                     Some(e) => ImageState::Embedded(e),
                     None => ImageState::NoFace,
                 };
             }
-            bar.inc(b as u64);
-            Ok(())
-        };
-        for (i, r) in rx {
-            match r {
-                Ok(px) => batch.push((i, px)),
-                Err(e) => {
-                    states[i] = ImageState::Failed(e);
-                    bar.inc(1);
-                }
-            }
-            if batch.len() >= bs {
-                flush(&mut batch, &mut states)?;
-            }
         }
-        flush(&mut batch, &mut states)
-    });
+        bar.inc(chunk.len() as u64);
+    }
     bar.finish_and_clear();
-    result?;
     for (p, s) in paths.iter().zip(&states) {
         if let ImageState::Failed(e) = s {
             tracing::warn!("{}: {e}", p.display());
         }
     }
     Ok(states)
+}
+
+/// One decoded image (CHW f32 in [0, 1]) or why it could not be read.
+type Decoded = std::result::Result<Vec<f32>, String>;
+
+/// Decodes `paths` (fitted into `size`×`size`) on up to `threads` scoped workers, in order.
+fn decode_all(paths: &[PathBuf], size: u32, threads: usize) -> Vec<Decoded> {
+    let threads = threads.clamp(1, paths.len().max(1));
+    if threads == 1 {
+        return paths.iter().map(|p| load_image(p, size)).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut out: Vec<Option<Decoded>> = (0..paths.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Decoded)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= paths.len() {
+                            return mine;
+                        }
+                        mine.push((i, load_image(&paths[i], size)));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
+    });
+    for (i, r) in done.into_iter().flatten() {
+        out[i] = Some(r);
+    }
+    out.into_iter().map(|r| r.unwrap_or_else(|| Err("the decoding thread panicked".into()))).collect()
 }
 
 /// Seed 004's troubleshooting for `valid_pairs: 0`.
@@ -917,56 +889,67 @@ pub fn summary_text(r: &EvalFacesReport) -> String {
         r.metric, r.total_pairs, r.valid_pairs, r.images, r.seconds
     );
     if let Some(o) = r.overall {
-        let _ = writeln!(s, "  overall: mean {:.4} ± {:.4}  range [{:.4}, {:.4}]", o.mean, o.std, o.min, o.max);
-        match r.bands.verdict(o.mean) {
-            Some(v) => {
-                let _ = writeln!(s, "  similarity: {v}");
-            }
-            None => {
-                let _ =
-                    writeln!(s, "  similarity: no verdict (metric `{}` declares no same-person threshold)", r.metric);
-            }
+        summary_overall(&mut s, r, o);
+    }
+    summary_warnings(&mut s, r);
+    let _ = writeln!(s, "  report: {}", r.json.display());
+    let _ = writeln!(s, "  pairs:  {}", r.csv.display());
+    let _ = writeln!(s, "  plot:   {}", r.plot.display());
+    s
+}
+
+/// The overall, per-step and band lines of [`summary_text`].
+fn summary_overall(s: &mut String, r: &EvalFacesReport, o: Stats) {
+    let _ = writeln!(s, "  overall: mean {:.4} ± {:.4}  range [{:.4}, {:.4}]", o.mean, o.std, o.min, o.max);
+    match r.bands.verdict(o.mean) {
+        Some(v) => {
+            let _ = writeln!(s, "  similarity: {v}");
         }
-        if r.bands == Bands::Seed004 {
-            let _ = writeln!(s, "  target: {}", target_verdict(o.mean));
-        }
-        if !r.by_step.is_empty() {
-            let _ = writeln!(s, "  by step:");
-            let _ =
-                writeln!(s, "    {:>10} {:>5} {:>8} {:>8} {:>8} {:>8}  band", "step", "n", "mean", "std", "min", "max");
-            for (k, st) in &r.by_step {
-                let _ = writeln!(
-                    s,
-                    "    {:>10} {:>5} {:>8.4} {:>8.4} {:>8.4} {:>8.4}  {}",
-                    k.key(),
-                    st.count,
-                    st.mean,
-                    st.std,
-                    st.min,
-                    st.max,
-                    r.bands.verdict(st.mean).unwrap_or_else(|| "-".into())
-                );
-            }
-        }
-        match r.bands {
-            Bands::Seed004 => {
-                let _ = writeln!(
-                    s,
-                    "  bands: ≥ 0.8 very high (likely same person) · 0.6–0.8 high (possibly same person) · 0.4–0.6 moderate (different person, similar features) · < 0.4 low (different person)"
-                );
-                let _ =
-                    writeln!(s, "  targets: training target > 0.85 · good results > 0.75 · needs improvement < 0.65");
-            }
-            Bands::Threshold(t) => {
-                let _ = writeln!(
-                    s,
-                    "  bands (metric `{}`'s declared threshold): ≥ {t} same person · < {t} different person",
-                    r.metric
-                );
-            }
-            Bands::None => {}
+        None => {
+            let _ = writeln!(s, "  similarity: no verdict (metric `{}` declares no same-person threshold)", r.metric);
         }
     }
+    if r.bands == Bands::Seed004 {
+        let _ = writeln!(s, "  target: {}", target_verdict(o.mean));
+    }
+    if !r.by_step.is_empty() {
+        let _ = writeln!(s, "  by step:");
+        let _ = writeln!(s, "    {:>10} {:>5} {:>8} {:>8} {:>8} {:>8}  band", "step", "n", "mean", "std", "min", "max");
+        for (k, st) in &r.by_step {
+            let _ = writeln!(
+                s,
+                "    {:>10} {:>5} {:>8.4} {:>8.4} {:>8.4} {:>8.4}  {}",
+                k.key(),
+                st.count,
+                st.mean,
+                st.std,
+                st.min,
+                st.max,
+                r.bands.verdict(st.mean).unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    match r.bands {
+        Bands::Seed004 => {
+            let _ = writeln!(
+                s,
+                "  bands: ≥ 0.8 very high (likely same person) · 0.6–0.8 high (possibly same person) · 0.4–0.6 moderate (different person, similar features) · < 0.4 low (different person)"
+            );
+            let _ = writeln!(s, "  targets: training target > 0.85 · good results > 0.75 · needs improvement < 0.65");
+        }
+        Bands::Threshold(t) => {
+            let _ = writeln!(
+                s,
+                "  bands (metric `{}`'s declared threshold): ≥ {t} same person · < {t} different person",
+                r.metric
+            );
+        }
+        Bands::None => {}
+    }
+}
+
+/// The warnings of [`summary_text`]: invalid pairs, seed 004's troubleshooting, unmatched files.
+fn summary_warnings(s: &mut String, r: &EvalFacesReport) {
     let invalid = r.total_pairs - r.valid_pairs;
     if invalid > 0 && r.valid_pairs > 0 {
         let _ = writeln!(s, "  {invalid} invalid pair(s) (no face found or unreadable): see the CSV");
@@ -1001,10 +984,6 @@ pub fn summary_text(r: &EvalFacesReport) -> String {
     if !r.unused_controls.is_empty() {
         let _ = writeln!(s, "note: {} control image(s) matched no generated image", r.unused_controls.len());
     }
-    let _ = writeln!(s, "  report: {}", r.json.display());
-    let _ = writeln!(s, "  pairs:  {}", r.csv.display());
-    let _ = writeln!(s, "  plot:   {}", r.plot.display());
-    s
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod metrics_log;
 pub mod plots;
 pub mod plugins;
 pub mod seed000;
+pub mod similarity;
 pub mod train;
 pub mod visual;
 

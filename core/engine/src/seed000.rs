@@ -148,10 +148,39 @@ pub fn translate(path: &Path, text: &str, model_override: Option<&str>) -> Resul
             )))
         }
     };
+    let v = read_values(&file, text, &map)?;
+    if !v.use_simple_model.unwrap_or(true) && model_override.is_none() {
+        return Err(err(
+            "`use_simple_model: false` selects seed 000's DTBack Flux model (`IdentityPreservingFlux`), which has no likeness plugin yet. \
+             Set `use_simple_model: true` to train seed 000's SimpleIdentityAutoencoder (plugin `identity-autoencoder`), \
+             or choose an installed model plugin with --plugin ID (`host plugins list`)"
+                .into(),
+        ));
+    }
+    let d = layer_values(path, &v);
+    let mut notes = Vec::new();
+    for (key, n) in [("num_face_latents", v.num_face_latents), ("num_body_latents", v.num_body_latents)] {
+        if let Some(n) = n {
+            notes.push(format!(
+                "{file}: {key} = {n} is not used: it sizes IdentityPreservingFlux's identity tokens; seed 000's SimpleIdentityAutoencoder ignores it too"
+            ));
+        }
+    }
+    if let Some(w) = v.body_weight.filter(|w| *w != 0.0) {
+        notes.push(format!(
+            "{file}: body_weight = {w} is not used: there is no body-identity metric plugin yet (with seed 000's simple model the body loss is a constant with no gradient)"
+        ));
+    }
 
+    let metadata = Metadata::from("seed 000 YAML", Source::File(path.to_path_buf()));
+    Ok(Seed000Yaml { layer: FileLayer { metadata, data: default_profile(d) }, face_weight: v.face_weight, notes })
+}
+
+/// The typed values of `map`; every unknown key or bad value is reported at once, by line.
+fn read_values(file: &str, text: &str, map: &serde_yaml_ng::Mapping) -> Result<Values> {
     let mut v = Values::default();
     let mut problems = Vec::new();
-    for (k, val) in &map {
+    for (k, val) in map {
         let Some(key) = k.as_str() else {
             problems.push(format!("key {} is not a string", describe(k)));
             continue;
@@ -173,7 +202,11 @@ pub fn translate(path: &Path, text: &str, model_override: Option<&str>) -> Resul
             problems.iter().map(|p| format!("{file}: {p}")).collect::<Vec<_>>().join("\n"),
         ));
     }
+    Ok(v)
+}
 
+/// The likeness keys of seed 000's values (relative paths against the YAML's folder).
+fn layer_values(path: &Path, v: &Values) -> Dict {
     let base = path.parent().filter(|p| !p.as_os_str().is_empty());
     let resolve = |p: &str| -> String {
         let p = PathBuf::from(p);
@@ -182,22 +215,10 @@ pub fn translate(path: &Path, text: &str, model_override: Option<&str>) -> Resul
             _ => p.to_string_lossy().into_owned(),
         }
     };
-
     let mut d = Dict::new();
     let mut put = |k: &str, val: Value| insert_path(&mut d, k, val);
-    let mut notes = Vec::new();
-
-    match (v.use_simple_model.unwrap_or(true), model_override) {
-        (true, _) => put("model.plugin", Value::from(SIMPLE_MODEL_PLUGIN)),
-        (false, Some(_)) => {}
-        (false, None) => {
-            return Err(err(
-                "`use_simple_model: false` selects seed 000's DTBack Flux model (`IdentityPreservingFlux`), which has no likeness plugin yet. \
-                 Set `use_simple_model: true` to train seed 000's SimpleIdentityAutoencoder (plugin `identity-autoencoder`), \
-                 or choose an installed model plugin with --plugin ID (`host plugins list`)"
-                    .into(),
-            ))
-        }
+    if v.use_simple_model.unwrap_or(true) {
+        put("model.plugin", Value::from(SIMPLE_MODEL_PLUGIN));
     }
     put("data.layout", Value::from("bundles"));
     if let Some(p) = &v.data_dir {
@@ -240,21 +261,7 @@ pub fn translate(path: &Path, text: &str, model_override: Option<&str>) -> Resul
     if let Some(p) = &v.output_dir {
         put("run.output", Value::from(resolve(p)));
     }
-    for (key, n) in [("num_face_latents", v.num_face_latents), ("num_body_latents", v.num_body_latents)] {
-        if let Some(n) = n {
-            notes.push(format!(
-                "{file}: {key} = {n} is not used: it sizes IdentityPreservingFlux's identity tokens; seed 000's SimpleIdentityAutoencoder ignores it too"
-            ));
-        }
-    }
-    if let Some(w) = v.body_weight.filter(|w| *w != 0.0) {
-        notes.push(format!(
-            "{file}: body_weight = {w} is not used: there is no body-identity metric plugin yet (with seed 000's simple model the body loss is a constant with no gradient)"
-        ));
-    }
-
-    let metadata = Metadata::from("seed 000 YAML", Source::File(path.to_path_buf()));
-    Ok(Seed000Yaml { layer: FileLayer { metadata, data: default_profile(d) }, face_weight: v.face_weight, notes })
+    d
 }
 
 /// The typed values of the keys present.

@@ -69,6 +69,10 @@ pub struct ConvertArgs {
     /// kohya / comfyui: a .safetensors path; diffusers: a folder (or a .safetensors path); peft: a folder.
     #[arg(value_name = "OUT")]
     output: PathBuf,
+    /// Convert even when tensors hold NaN or inf (refused by default: such a LoRA turns a
+    /// model's output into NaN wherever it applies).
+    #[arg(long)]
+    allow_nonfinite: bool,
 }
 
 fn parse_format(s: &str) -> Result<LoraFormat, String> {
@@ -155,6 +159,7 @@ pub(crate) fn summary(path: &std::path::Path, set: &LoraSet) -> Value {
         "base_model": set.arch.as_str(),
         "modules": set.modules.len(),
         "parts": parts,
+        "non_finite": set.non_finite().iter().map(|b| json!({"key": b.key, "count": b.count, "numel": b.numel})).collect::<Vec<_>>(),
         "metadata": set.metadata,
     })
 }
@@ -193,6 +198,19 @@ pub(crate) fn summary_text(s: &Value, arch: BaseArch) -> String {
             o += &format!("  {name}: {} modules ({})\n", p["modules"], dtypes.join(", "));
             o += &format!("    ranks:   {}\n", ranks.join("; "));
             o += &format!("    targets: {}\n", kinds.join(", "));
+        }
+    }
+    // Every damaged tensor by key: a NaN LoRA must not look like a healthy one (issue 14, part 7).
+    let bad = s["non_finite"].as_array().cloned().unwrap_or_default();
+    if bad.is_empty() {
+        o += "  values:      all finite\n";
+    } else {
+        o += &format!(
+            "  values:      NOT FINITE in {} tensor(s) (NaN/inf: the LoRA is damaged; convert refuses it):\n",
+            bad.len()
+        );
+        for b in &bad {
+            o += &format!("    {}: {} of {} values\n", str_of(&b["key"]), b["count"], b["numel"]);
         }
     }
     let meta = s["metadata"].as_object().cloned().unwrap_or_default();
@@ -243,6 +261,21 @@ fn inspect(a: &InspectArgs) -> likeness_diffusion::Result<ExitCode> {
 
 fn convert(a: &ConvertArgs) -> likeness_diffusion::Result<ExitCode> {
     let set = lora_keys::read(&a.input)?;
+    if a.allow_nonfinite {
+        for b in set.non_finite() {
+            eprintln!("warning: {}: {b} (converted anyway: --allow-nonfinite)", a.input.display());
+        }
+    } else {
+        set.check_finite(&a.input).map_err(|e| match e {
+            likeness_diffusion::DiffusionError::LoraFile { file, why } => {
+                likeness_diffusion::DiffusionError::LoraFile {
+                    file,
+                    why: format!("{why} (--allow-nonfinite converts it anyway)"),
+                }
+            }
+            e => e,
+        })?;
+    }
     let files = lora_keys::write(&set, a.to, &a.output)?;
     println!("{} ({}, {} modules) → {} ({})", a.input.display(), set.format, set.modules.len(), a.to, a.to.loaded_by());
     for f in files {

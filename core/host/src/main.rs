@@ -11,7 +11,9 @@ use likeness_engine::config::{Layered, Overrides};
 use likeness_engine::plugins::{default_search_path, Registry};
 use likeness_engine::train::{train, TrainOptions};
 
+mod inspect;
 mod lora;
+mod plugins_cmd;
 
 const AFTER_HELP: &str = "\
 Plugins are found (manifests only, no library is opened) in this order:
@@ -29,7 +31,9 @@ Examples:
   host eval-faces --sample-dir output/sample --output-json face_metrics.json
   host generate --config runs/x/config.toml --weights runs/x/final --prompt \"a photo\" --output gen/
   host data check ~/datasets/dataset.toml
-  host plugins list";
+  host plugins list
+  host plugins new my-loss --kind loss --output ~/src/my-loss
+  host plugins manifest target/release/libmy_loss.so > plugin.toml";
 
 #[derive(Parser)]
 #[command(name = "host", version, about = "Train image generators that keep a person's identity.", long_about = None, after_help = AFTER_HELP)]
@@ -90,9 +94,13 @@ struct GenerateArgs {
     /// A config file whose [model] section (plugin, config) is used.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Base weights (`model.config.pretrained`; DRIP's --pretrained_model, musubi-tuner's --dit).
-    #[arg(long, value_name = "PATH", visible_aliases = ["pretrained_model", "dit"])]
+    /// Base weights (`model.config.pretrained`; DRIP's --pretrained_model, musubi-tuner's --dit):
+    /// a folder, a file, or a hub id read offline from the local Hugging Face cache.
+    #[arg(long, value_name = "PATH_OR_ID", visible_aliases = ["pretrained_model", "dit"])]
     pretrained: Option<PathBuf>,
+    /// Revision of a hub id in --pretrained: a branch, tag or commit hash (default main).
+    #[arg(long, value_name = "REV")]
+    revision: Option<String>,
     /// Trained state to load (a run's final/, best/ or checkpoints/step-N/).
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
@@ -234,13 +242,15 @@ enum ConfigCommand {
 enum PluginsCommand {
     /// List discovered plugins (reads manifests only; opens no library).
     List,
-    /// Open one plugin, run every check, print its descriptor and config schema.
-    Inspect {
-        /// Plugin id, e.g. identity-autoencoder.
-        id: String,
-    },
+    /// Open one plugin, run every check, print its descriptor, its config schema and (for a
+    /// model) the interface it declares for a config (--config / --pretrained / --set model.config.KEY=VALUE).
+    Inspect(inspect::InspectArgs),
     /// Open every discovered plugin and report every problem found (exit 1 if any).
     Check,
+    /// Print the plugin.toml of a built library, from its own descriptor: `host plugins manifest LIB > plugin.toml`.
+    Manifest(plugins_cmd::ManifestArgs),
+    /// Write a new plugin crate (Cargo.toml, plugin.toml, a working src/lib.rs, README.md) outside this repository.
+    New(plugins_cmd::NewArgs),
 }
 
 #[derive(Args, Clone)]
@@ -269,9 +279,14 @@ struct ConfigArgs {
     /// musubi-tuner's dataset.toml (`data.dataset_config`, with `data.layout = "musubi"`; also the data root unless --data or the config sets one).
     #[arg(long = "dataset-config", value_name = "FILE", visible_alias = "dataset_config")]
     dataset_config: Option<PathBuf>,
-    /// Base weights: a diffusers folder or a single file (`model.config.pretrained`; DRIP's --pretrained_model, musubi-tuner's --dit).
-    #[arg(long, value_name = "PATH", visible_aliases = ["pretrained_model", "dit"])]
+    /// Base weights: a diffusers folder, a single file, or a hub id (`org/name[/subfolder]`) read
+    /// offline from the local Hugging Face cache (`model.config.pretrained`; DRIP's
+    /// --pretrained_model, default `runwayml/stable-diffusion-v1-5` on a DRIP dataset; musubi-tuner's --dit).
+    #[arg(long, value_name = "PATH_OR_ID", visible_aliases = ["pretrained_model", "dit"])]
     pretrained: Option<PathBuf>,
+    /// Revision of a hub id in --pretrained: a branch, tag or commit hash (`model.config.revision`; default main).
+    #[arg(long, value_name = "REV")]
+    revision: Option<String>,
     /// Optimizer steps (`train.steps`; overrides epochs when > 0).
     #[arg(long, visible_alias = "max_train_steps")]
     steps: Option<u64>,
@@ -356,6 +371,7 @@ impl ConfigArgs {
                 self.l_text.map(|w| format!("text.weight={w:?}")),
                 self.resolution.map(|r| format!("data.image_size={r}")),
                 self.l_recon.map(|w| format!("model.loss_weight={w:?}")),
+                self.revision.as_ref().map(|r| format!("model.config.revision={}", toml_string(r))),
             ]
             .into_iter()
             .flatten()
@@ -510,88 +526,12 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plugins(PluginsCommand::Inspect { id }) => {
-            let reg = registry();
-            let d = reg.plugins.iter().find(|d| &d.manifest.id == id).ok_or_else(|| {
-                likeness_engine::EngineError::Config(format!("no plugin `{id}` found (see `host plugins list`)"))
-            })?;
-            let lib = reg
-                .check(d)
-                .map_err(|e| likeness_engine::EngineError::Plugin { plugin: id.clone(), message: e.to_string() })?;
-            let desc = &lib.descriptor;
-            println!("id:             {}", desc.id);
-            println!("kind:           {}", desc.kind.as_str());
-            println!("version:        {}", desc.version);
-            println!("abi:            {}", desc.abi);
-            println!("summary:        {}", desc.summary);
-            println!("manifest:       {}", d.manifest.path.display());
-            println!("library:        {}", lib.path.display());
-            println!("differentiable: {}", desc.capabilities.differentiable);
-            println!(
-                "devices:        {}",
-                desc.capabilities
-                    .devices
-                    .iter()
-                    .map(|d| format!("{d:?}").to_lowercase())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            println!(
-                "dtypes:         {}",
-                desc.capabilities.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ")
-            );
-            println!("built with:     {}", desc.build.rustc);
-            let opt = |o: &likeness_engine::abi_stable::std_types::ROption<
-                likeness_engine::abi_stable::std_types::RString,
-            >| { o.as_ref().map(|s| s.to_string()).into_option().unwrap_or_else(|| "-".into()) };
-            println!("libtorch:       {}", opt(&desc.build.libtorch));
-            println!("onnxruntime:    {}", opt(&desc.build.onnxruntime));
-            println!("cuda:           {}", opt(&desc.build.cuda));
-            if desc.kind == likeness_engine::abi::PluginKind::Model {
-                // What the model reads and produces with its default config (ABI 1.1; a 1.0
-                // plugin has the 1.0 contract).
-                let i = reg.open_model_library(id)?.interface("{}")?;
-                let decls = |v: &[likeness_engine::abi::IoDecl]| {
-                    if v.is_empty() {
-                        return "-".to_string();
-                    }
-                    v.iter()
-                        .map(|d| format!("{}{}", d.name, if d.required { "" } else { " (optional)" }))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                let names = |v: &[likeness_engine::abi_stable::std_types::RString]| {
-                    if v.is_empty() {
-                        "-".to_string()
-                    } else {
-                        v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
-                    }
-                };
-                println!("images in:      {}", decls(&i.images));
-                println!("texts in:       {}", decls(&i.texts));
-                println!("outputs:        {}", decls(&i.outputs));
-                println!("own loss:       {}", i.internal_loss);
-                println!(
-                    "encodings:      {}",
-                    if i.encodings.is_empty() {
-                        "-".to_string()
-                    } else {
-                        i.encodings
-                            .iter()
-                            .map(|e| format!("{} (of {})", e.name, e.source))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    }
-                );
-                println!("param groups:   {}", names(&i.param_groups));
-                println!("adapters:       {}", names(&i.adapter_formats));
-                println!("can sample:     {}", i.can_sample);
-            }
-            let schema: serde_json::Value =
-                serde_json::from_str(&desc.config_schema).unwrap_or(serde_json::Value::Null);
-            println!("config schema:\n{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
+        Command::Plugins(PluginsCommand::Inspect(a)) => {
+            inspect::run(&registry(), a)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Plugins(PluginsCommand::Manifest(a)) => plugins_cmd::manifest(a),
+        Command::Plugins(PluginsCommand::New(a)) => plugins_cmd::new(a),
         Command::Plugins(PluginsCommand::Check) => {
             let reg = registry();
             let mut problems = 0;
@@ -694,6 +634,7 @@ fn cmd_generate(a: &GenerateArgs, reg: &Registry) -> likeness_engine::Result<Exi
         .lora
         .iter()
         .map(|l| format!("model.config.lora={}", toml_string(&l.to_string_lossy())))
+        .chain(a.revision.iter().map(|r| format!("model.config.revision={}", toml_string(r))))
         .chain(a.set.iter().cloned())
         .collect();
     let model = likeness_engine::config::model_section(

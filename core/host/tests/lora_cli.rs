@@ -168,3 +168,47 @@ fn errors_name_the_key_and_leave_no_output() {
     assert!(out.contains("base model:  flux"), "{out}");
     assert!(err.contains("flux") && err.contains("not implemented"), "{err}");
 }
+
+/// Issue 14, part 7: a LoRA whose weights hold NaN converted and inspected without a word.
+/// Now `inspect` names every damaged tensor, `convert` refuses (unless --allow-nonfinite).
+#[test]
+fn issue_14_nonfinite_lora_is_reported_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut set = sample();
+    let mut v = set.modules[1].up.to_f32().unwrap();
+    v[3] = f32::NAN;
+    v[7] = f32::INFINITY;
+    set.modules[1].up = RawTensor::from_f32(safetensors::Dtype::F32, set.modules[1].up.shape.clone(), &v).unwrap();
+    let file = dir.path().join("nan.safetensors");
+    lora_keys::write(&set, LoraFormat::Kohya, &file).unwrap();
+    let key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.up";
+
+    let (ok, out, err) = host(&["lora", "inspect", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("NOT FINITE in 1 tensor(s)") && out.contains(&format!("{key}: 2 of 128 values")), "{out}");
+    let (ok, out, _) = host(&["lora", "inspect", "--json", file.to_str().unwrap()]);
+    assert!(ok);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["non_finite"], serde_json::json!([{"key": key, "count": 2, "numel": 128}]), "{out}");
+
+    let conv = dir.path().join("conv.safetensors");
+    let (ok, _, err) = host(&["lora", "convert", "--to", "diffusers", file.to_str().unwrap(), conv.to_str().unwrap()]);
+    assert!(!ok && err.contains(key) && err.contains("--allow-nonfinite"), "{err}");
+    assert!(!conv.exists(), "nothing written when refused");
+    let (ok, _, err) = host(&[
+        "lora",
+        "convert",
+        "--allow-nonfinite",
+        "--to",
+        "diffusers",
+        file.to_str().unwrap(),
+        conv.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("warning") && conv.exists(), "{err}");
+
+    // A healthy LoRA says so.
+    let good = dir.path().join("good.safetensors");
+    lora_keys::write(&sample(), LoraFormat::Kohya, &good).unwrap();
+    let (ok, out, _) = host(&["lora", "inspect", good.to_str().unwrap()]);
+    assert!(ok && out.contains("values:      all finite"), "{out}");
+}

@@ -158,9 +158,10 @@ impl Default for MtcnnConfig {
 pub const DEFAULT_WEIGHTS_SUBDIR: &str = "reference/facenet_pytorch-2.6.0/facenet_pytorch/data";
 
 /// `$LIKENESS_DATA/reference/facenet_pytorch-2.6.0/facenet_pytorch/data`, where scripts/setup.sh
-/// unpacks the wheel's weights; `None` without `LIKENESS_DATA`.
+/// unpacks the wheel's weights, with `LIKENESS_DATA` defaulting as scripts/common.sh does
+/// ([`likeness_sdk::venv::likeness_data`]); `None` only when no home folder is known at all.
 pub fn default_weights_dir() -> Option<PathBuf> {
-    std::env::var_os("LIKENESS_DATA").filter(|v| !v.is_empty()).map(|d| PathBuf::from(d).join(DEFAULT_WEIGHTS_SUBDIR))
+    likeness_sdk::venv::likeness_data().map(|d| d.join(DEFAULT_WEIGHTS_SUBDIR))
 }
 
 /// Reads one network's state dict from `folder/<net>.pt` (the wheel's legacy torch pickle,
@@ -297,11 +298,17 @@ impl Mtcnn {
             |problem: String| MtcnnError::NotConfigured { plugin: plugin_id.into(), key: config_key.into(), problem };
         let (dir, what) = match (explicit, default_weights_dir()) {
             (Some(d), _) => (d.to_path_buf(), "is".to_string()),
-            (None, Some(d)) => (d, format!("is not set and the default folder $LIKENESS_DATA/{DEFAULT_WEIGHTS_SUBDIR} =")),
+            (None, Some(d)) => (
+                d,
+                format!(
+                    "is not set and the default folder $LIKENESS_DATA/{DEFAULT_WEIGHTS_SUBDIR} ({}) =",
+                    likeness_sdk::venv::describe_data_dir()
+                ),
+            ),
             (None, None) => {
                 return Err(not_configured(format!(
-                    "is not set and LIKENESS_DATA is unset, so the default folder \
-                     $LIKENESS_DATA/{DEFAULT_WEIGHTS_SUBDIR} could not be searched (scripts/common.sh sets LIKENESS_DATA)"
+                    "is not set and neither LIKENESS_DATA, LIKENESS_HOME, XDG_CACHE_HOME nor HOME is set, so the \
+                     default folder $LIKENESS_DATA/{DEFAULT_WEIGHTS_SUBDIR} could not be searched"
                 )))
             }
         };

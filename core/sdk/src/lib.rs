@@ -24,6 +24,9 @@ pub use likeness_abi::{
     ModelInterface, OptimizerStep, ParameterInfo, PluginDescriptor, PluginError, PluginKind, SampleRequest, ScaledView,
     StepContext, StepReport, TensorView,
 };
+/// Model ids (`org/name`) resolved offline from the local Hugging Face cache, as the host
+/// resolves `model.config.pretrained`: for a plugin that takes more model ids of its own.
+pub use likeness_hf_cache as hf_cache;
 pub use serde_json;
 
 pub mod descriptor;

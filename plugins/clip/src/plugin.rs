@@ -172,8 +172,9 @@ pub fn resolve_tokenizer(c: &Config) -> Result<(ClipTokenizer, Padding)> {
             return load(dir);
         }
     }
-    match std::env::var_os("LIKENESS_DATA").filter(|v| !v.is_empty()) {
-        Some(d) if PathBuf::from(&d).join(OPEN_CLIP_VOCAB).is_file() => load(&PathBuf::from(d).join(OPEN_CLIP_VOCAB)),
+    // LIKENESS_DATA defaults as scripts/common.sh's does, so `host` finds it outside the scripts.
+    match likeness_sdk::venv::likeness_data() {
+        Some(d) if d.join(OPEN_CLIP_VOCAB).is_file() => load(&d.join(OPEN_CLIP_VOCAB)),
         _ => Err(cfg_err(
             "tokenizer",
             format!(

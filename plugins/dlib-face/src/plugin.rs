@@ -14,8 +14,11 @@
 //! different, tighter and squarer box than MTCNN's (whose top reaches the forehead); the 5-point
 //! cascade starts from the mean shape placed in that box, so landmarks and hence descriptors
 //! move a little against dlib's full pipeline (measured in tests/mtcnn_whole_photos.rs), well
-//! inside the genuine/impostor margin. `detector = "none"`: the whole image is the face
-//! rectangle (`rect = "full-image"`), for face-centred crops (the face filling the frame).
+//! inside the genuine/impostor margin. `detector = "full-image"` (also spelled `"none"`): the
+//! whole image is the face rectangle, for face-centred crops (the face filling the frame), e.g.
+//! the demo's 64-px autoencoder outputs, in which MTCNN finds no face. `rect = "full-image"`, the
+//! key of the time before the detector, is the same setting under its old name (one key decides:
+//! giving both is an error).
 //!
 //! **Embeddings and threshold.** dlib's descriptors are *not* L2-normalised, and dlib's
 //! same-person threshold (Euclidean distance < 0.6) applies to those raw descriptors. For the
@@ -64,23 +67,16 @@ pub const DLIB_TYPICAL_NORM: f64 = 1.4;
 /// r = 1.4 (see the module comment), given to three digits since r itself is a two-digit median.
 pub const SAME_PERSON_COSINE: f64 = 0.908;
 
-/// Where faces are found.
+/// Where the face rectangle handed to the shape predictor comes from (config key `detector`,
+/// or its old name `rect`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Detector {
     /// facenet-pytorch's MTCNN; the largest face is used.
     #[default]
     Mtcnn,
-    /// No detection: `rect` decides (the whole image).
-    None,
-}
-
-/// Where the face rectangle handed to the shape predictor comes from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RectStrategy {
-    /// The whole image (images must be roughly face-centred crops).
-    #[default]
+    /// No detection: the whole image is the face (images must be roughly face-centred crops).
+    #[serde(alias = "none")]
     FullImage,
 }
 
@@ -98,9 +94,8 @@ pub struct Config {
     /// Explicit `shape_predictor_5_face_landmarks.dat` (overrides `model_dir`).
     #[serde(default)]
     pub shape_predictor: Option<PathBuf>,
-    #[serde(default)]
-    pub rect: RectStrategy,
-    #[serde(default)]
+    /// `rect` is the same setting's old name (`rect = "full-image"`).
+    #[serde(default, alias = "rect")]
     pub detector: Detector,
     /// The folder with facenet-pytorch's `pnet.pt`, `rnet.pt`, `onet.pt` (default:
     /// `$LIKENESS_DATA/reference/facenet_pytorch-2.6.0/facenet_pytorch/data`).
@@ -116,8 +111,11 @@ fn schema() -> likeness_sdk::serde_json::Value {
             "model_dir": {"type": "string"},
             "recognition_model": {"type": "string"},
             "shape_predictor": {"type": "string"},
-            "rect": {"type": "string", "enum": ["full-image"], "default": "full-image"},
-            "detector": {"type": "string", "enum": ["mtcnn", "none"], "default": "mtcnn"},
+            "detector": {
+                "type": "string", "enum": ["mtcnn", "full-image", "none"], "default": "mtcnn",
+                "description": "where the face is: MTCNN's largest face, or the whole image (\"full-image\", also \"none\") for face-centred crops"
+            },
+            "rect": {"type": "string", "enum": ["full-image"], "description": "old name of `detector`: rect = \"full-image\" is detector = \"full-image\""},
             "mtcnn_weights": {"type": "string"}
         }
     })
@@ -159,15 +157,24 @@ pub fn resolve(explicit: Option<&Path>, model_dir: Option<&Path>, file: &str) ->
     ))
 }
 
-/// The config, with a message that names the field for a bad `detector` (serde's own says only
-/// "unknown variant").
-fn parse(config_json: &str) -> Result<Config> {
+/// The config, with messages that name the field for a bad `detector` / `rect` (serde's own
+/// says only "unknown variant" or "duplicate field").
+pub fn parse(config_json: &str) -> Result<Config> {
     parse_config(ID, config_json).map_err(|e| {
         let v: Option<likeness_sdk::serde_json::Value> = likeness_sdk::serde_json::from_str(config_json).ok();
-        match v.as_ref().and_then(|v| v.get("detector")) {
-            Some(d) if !matches!(d.as_str(), Some("mtcnn" | "none")) => err::config(format!(
+        let get = |k: &str| v.as_ref().and_then(|v| v.get(k));
+        match (get("detector"), get("rect")) {
+            (Some(d), Some(r)) => err::config(format!(
+                "config of plugin `{ID}`: both `detector` = {d} and `rect` = {r} are set, but they are one setting \
+                 (`rect` is the old name of `detector`): keep `detector` only"
+            )),
+            (Some(d), None) if !matches!(d.as_str(), Some("mtcnn" | "full-image" | "none")) => err::config(format!(
                 "config of plugin `{ID}`: `detector` = {d} is not one of \"mtcnn\" (find the face, the default) or \
-                 \"none\" (the whole image is the face: face-centred crops)"
+                 \"full-image\" (also \"none\": the whole image is the face, for face-centred crops)"
+            )),
+            (None, Some(r)) if r.as_str() != Some("full-image") => err::config(format!(
+                "config of plugin `{ID}`: `rect` = {r} is not \"full-image\" (`rect` is the old name of `detector`; \
+                 use detector = \"mtcnn\" or \"full-image\")"
             )),
             _ => e,
         }
@@ -176,7 +183,7 @@ fn parse(config_json: &str) -> Result<Config> {
 
 /// The MTCNN detector of `detector = "mtcnn"`, from `mtcnn_weights` or the set-up's default.
 fn load_detector(config: &Config, device: tch::Device) -> Result<Option<Mtcnn>> {
-    if config.detector == Detector::None {
+    if config.detector == Detector::FullImage {
         return Ok(None);
     }
     Mtcnn::load_configured(config.mtcnn_weights.as_deref(), ID, "mtcnn_weights", MtcnnConfig::default(), device)
@@ -185,7 +192,7 @@ fn load_detector(config: &Config, device: tch::Device) -> Result<Option<Mtcnn>> 
             // The shared message names this plugin, the key, the folder searched and the fix;
             // only the alternative for face-centred crops is ours to add.
             MtcnnError::NotConfigured { .. } => {
-                err::config(format!("{e}; for face-centred crops, detector = \"none\" uses the whole image"))
+                err::config(format!("{e}; for face-centred crops, detector = \"full-image\" uses the whole image"))
             }
             e => err::io(format!("plugin `{ID}` (`mtcnn_weights`): {e}")),
         })
@@ -232,12 +239,10 @@ impl DlibMetric {
     }
 
     /// The face rectangle handed to the shape predictor: MTCNN's largest face, or the whole
-    /// image with `detector = "none"`; `None` when MTCNN finds no face. No gradient.
+    /// image with `detector = "full-image"`; `None` when MTCNN finds no face. No gradient.
     pub fn face_rect(&self, rgb: &[u8], w: usize, h: usize) -> Result<Option<Rect>> {
         let Some(det) = &self.detector else {
-            return Ok(Some(match self.config.rect {
-                RectStrategy::FullImage => Rect { left: 0, top: 0, right: w as i64 - 1, bottom: h as i64 - 1 },
-            }));
+            return Ok(Some(Rect { left: 0, top: 0, right: w as i64 - 1, bottom: h as i64 - 1 }));
         };
         let img = Tensor::from_slice(rgb).reshape([h as i64, w as i64, 3]);
         let faces = det.detect(&img).map_err(|e| err::internal(format!("metric `{ID}`: MTCNN: {e}")))?;
@@ -436,5 +441,26 @@ impl MetricPlugin for DlibMetric {
         let shape = dx.size();
         let v = likeness_sdk_torch::tensor_to_vec_f32(&dx, &format!("metric `{ID}`: d_pixels"))?;
         Ok(CpuTensor::new(shape, v).into_managed())
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    /// Issue 14, part 1: `rect` and `detector` are one setting. `rect = "full-image"` (the demo's
+    /// old spelling) must mean "no detector"; before the fix it parsed but MTCNN still ran.
+    #[test]
+    fn issue14_rect_and_detector_are_one_setting() {
+        assert_eq!(parse("{}").unwrap().detector, Detector::Mtcnn);
+        for c in [r#"{"rect": "full-image"}"#, r#"{"detector": "full-image"}"#, r#"{"detector": "none"}"#] {
+            assert_eq!(parse(c).unwrap().detector, Detector::FullImage, "{c}");
+        }
+        let both = parse(r#"{"rect": "full-image", "detector": "mtcnn"}"#).unwrap_err().to_string();
+        assert!(both.contains("`rect` is the old name of `detector`"), "{both}");
+        let bad = parse(r#"{"detector": "hog"}"#).unwrap_err().to_string();
+        assert!(bad.contains("`detector` = \"hog\"") && bad.contains("full-image"), "{bad}");
+        let bad_rect = parse(r#"{"rect": "centre"}"#).unwrap_err().to_string();
+        assert!(bad_rect.contains("`rect` = \"centre\""), "{bad_rect}");
     }
 }

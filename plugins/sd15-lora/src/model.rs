@@ -9,19 +9,17 @@
 //! caching for the same reason — so their memory (CLIP-L: 123 M parameters, 0.49 GB in fp32) is
 //! never taken.
 
-use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 use likeness_clip::{ClipTokenizer, Padding};
-use likeness_diffusion::schedules::Prediction;
 use likeness_diffusion_torch::clip_text::ClipTextConfig;
 use likeness_diffusion_torch::sampling::SchedulerConfig;
-use likeness_diffusion_torch::{load, AutoencoderKL, Mode, Store, UNet2DConditionModel, UNetConfig, VaeConfig};
+use likeness_diffusion_torch::trainer::{bad_config as bad, file, ModelError, Result};
+use likeness_diffusion_torch::{load, Lazy, Mode, Objective, Store, UNet2DConditionModel, UNetConfig, Vae, VaeConfig};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{Config, PredictionName};
-use crate::error::{config as bad, file, Result};
+use crate::config::Sd15Config;
 use crate::text::TextEncoder;
 
 const SD15_UNET: &str = include_str!("presets/unet_config.json");
@@ -31,80 +29,6 @@ const SD15_SCHEDULER: &str = include_str!("presets/scheduler_config.json");
 
 /// The text context length of SD1.5's tokenizer (`model_max_length`).
 pub const CONTEXT_LENGTH: usize = 77;
-
-/// diffusers' scheduler_config.json as the toolkit reads it (`likeness_diffusion_torch::sampling::
-/// SchedulerConfig`: the same parser, defaults and refusals the samplers use), plus what the
-/// training objective needs: ᾱ_t and the prediction type (the plugin's `prediction_type`
-/// overrides the file's).
-#[derive(Debug, Clone)]
-pub struct Scheduler {
-    pub num_train_timesteps: usize,
-    pub prediction: Prediction,
-    /// ᾱ_t in f64 (`cumprod(1 − β)`).
-    pub alphas_cumprod: Vec<f64>,
-    /// What `sampling::denoise` reads.
-    pub sampling: SchedulerConfig,
-}
-
-impl Scheduler {
-    fn from_value(path: &str, v: &Value, override_prediction: Option<PredictionName>) -> Result<Self> {
-        let mut sampling = SchedulerConfig::from_value(Path::new(path), v)?;
-        if let Some(p) = override_prediction {
-            sampling.prediction = p.prediction();
-        }
-        if sampling.prediction == Prediction::Sample {
-            return Err(file(
-                path,
-                "field `prediction_type`: `sample` is not supported for training (epsilon, v_prediction); set the plugin's `prediction_type`",
-            ));
-        }
-        let alphas_cumprod = sampling.alphas_cumprod()?;
-        Ok(Scheduler {
-            num_train_timesteps: sampling.num_train_timesteps,
-            prediction: sampling.prediction,
-            alphas_cumprod,
-            sampling,
-        })
-    }
-
-    /// SNR(t) = ᾱ / (1 − ᾱ).
-    pub fn snr(&self, t: usize) -> f64 {
-        let a = self.alphas_cumprod[t];
-        a / (1.0 - a)
-    }
-}
-
-/// A component whose weights load on first use (see the module docs).
-pub struct Lazy<T> {
-    cell: OnceCell<T>,
-    load: Box<dyn Fn() -> Result<T> + Send>,
-}
-
-impl<T> Lazy<T> {
-    fn new(load: impl Fn() -> Result<T> + Send + 'static) -> Self {
-        Lazy { cell: OnceCell::new(), load: Box::new(load) }
-    }
-
-    /// The component, loading it now if this is the first use.
-    pub fn get(&self) -> Result<&T> {
-        if let Some(v) = self.cell.get() {
-            return Ok(v);
-        }
-        let v = (self.load)()?;
-        Ok(self.cell.get_or_init(|| v))
-    }
-
-    /// The component if it has been loaded.
-    pub fn loaded(&self) -> Option<&T> {
-        self.cell.get()
-    }
-}
-
-/// The VAE with its store.
-pub struct Vae {
-    pub store: Store,
-    pub model: AutoencoderKL,
-}
 
 /// The networks: the UNet loaded, the VAE and text encoder on first use.
 pub struct Pipeline {
@@ -118,14 +42,11 @@ pub struct Pipeline {
     /// stores at creation).
     pub encoder_parameters: i64,
     pub tokenizer: ClipTokenizer,
-    pub scheduler: Scheduler,
-    /// Pixels per latent pixel: 2^(VAE blocks − 1).
-    pub vae_factor: i64,
-}
-
-/// The number of parameters of a store, by shape (also of a planned one).
-pub fn parameter_count(store: &Store) -> i64 {
-    store.shapes().iter().map(|(_, s)| s.iter().product::<i64>()).sum()
+    /// diffusers' scheduler_config.json as the toolkit's samplers read it (the plugin's
+    /// `prediction_type` overrides the file's).
+    pub scheduler: SchedulerConfig,
+    /// The training objective of that scheduler (ᾱ_t and the prediction type).
+    pub objective: Objective,
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -147,7 +68,7 @@ fn component_json(dir: Option<&Path>, sub: &str, name: &str, builtin: &str) -> R
     }
 }
 
-fn tokenizer_path(c: &Config, config_dir: Option<&Path>) -> Result<PathBuf> {
+fn tokenizer_path(c: &Sd15Config, config_dir: Option<&Path>) -> Result<PathBuf> {
     if let Some(t) = &c.tokenizer {
         return Ok(PathBuf::from(t));
     }
@@ -169,12 +90,12 @@ fn tokenizer_path(c: &Config, config_dir: Option<&Path>) -> Result<PathBuf> {
 }
 
 fn load_tokenizer(path: &Path) -> Result<ClipTokenizer> {
-    Ok(if path.is_dir() { ClipTokenizer::from_hf_folder(path)? } else { ClipTokenizer::from_open_clip_vocab(path)? })
+    if path.is_dir() { ClipTokenizer::from_hf_folder(path) } else { ClipTokenizer::from_open_clip_vocab(path) }
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))
 }
 
 impl Pipeline {
-    pub fn load(c: &Config, device: Device) -> Result<Pipeline> {
-        let kind = c.precision.kind();
+    pub fn load(c: &Sd15Config, kind: Kind, device: Device) -> Result<Pipeline> {
         let root = PathBuf::from(&c.pretrained);
         // Each branch checks the VAE's and the text encoder's names and shapes now, from the
         // headers alone (`Mode::Plan`), so a broken file fails at creation; the planned stores
@@ -185,7 +106,7 @@ impl Pipeline {
                 let (us, u) = load::unet_from_diffusers(&root, kind, device)?;
                 let (vs, v) = load::vae_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
                 let (ts, t) = load::text_encoder_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
-                let (vcfg, tcfg, counted) = (v.config, t.config, parameter_count(&vs) + parameter_count(&ts));
+                let (vcfg, tcfg, counted) = (v.config, t.config, vs.parameter_count() + ts.parameter_count());
                 let r = root.clone();
                 let vae = Lazy::new(move || {
                     let (store, model) = load::vae_from_diffusers(&r, kind, device)?;
@@ -211,7 +132,7 @@ impl Pipeline {
                 let (us, u) = load::unet_from_single_file(&root, &ucfg, kind, device)?;
                 let (vs, _) = load::vae_from_single_file_mode(&root, &vcfg, kind, device, Mode::Plan)?;
                 let (ts, _) = load::text_encoder_from_single_file_mode(&root, &tcfg, kind, device, Mode::Plan)?;
-                let counted = parameter_count(&vs) + parameter_count(&ts);
+                let counted = vs.parameter_count() + ts.parameter_count();
                 let (r, v) = (root.clone(), vcfg.clone());
                 let vae = Lazy::new(move || {
                     let (store, model) = load::vae_from_single_file(&r, &v, kind, device)?;
@@ -228,7 +149,11 @@ impl Pipeline {
                 };
                 ((us, u, vae, vcfg, text, tcfg, counted), sched)
             };
-        let scheduler = Scheduler::from_value(&sched_json.0, &sched_json.1, c.prediction_type)?;
+        let mut scheduler = SchedulerConfig::from_value(Path::new(&sched_json.0), &sched_json.1)?;
+        if let Some(p) = c.prediction_type {
+            scheduler.prediction = p.prediction();
+        }
+        let objective = Objective::ddpm(&sched_json.0, &scheduler)?;
         let tokenizer = load_tokenizer(&tokenizer_path(c, c.config.as_deref().map(Path::new))?)?;
         if unet.config.cross_attention_dim != text_config.hidden_size {
             return Err(file(
@@ -239,7 +164,6 @@ impl Pipeline {
                 ),
             ));
         }
-        let vae_factor = 1i64 << (vae_config.block_out_channels.len().saturating_sub(1));
         Ok(Pipeline {
             unet_store,
             unet,
@@ -250,13 +174,16 @@ impl Pipeline {
             encoder_parameters,
             tokenizer,
             scheduler,
-            vae_factor,
+            objective,
         })
     }
 
     /// Token ids `[n, 77]` (int64, on `device`) as SD1.5's CLIPTokenizer pads: with `<|endoftext|>`.
     pub fn token_ids(&self, texts: &[&str], device: Device) -> Result<Tensor> {
-        let e = self.tokenizer.encode(texts, CONTEXT_LENGTH, Padding::Eot)?;
+        let e = self
+            .tokenizer
+            .encode(texts, CONTEXT_LENGTH, Padding::Eot)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(Tensor::from_slice(&e.ids).view([e.batch as i64, e.context_length as i64]).to_device(device))
     }
 
@@ -270,25 +197,5 @@ impl Pipeline {
         } else {
             tch::no_grad(|| text.forward(&ids, clip_skip))
         }
-    }
-
-    /// `latents` of images in [0, 1] `[B, 3, H, W]`: the VAE posterior's **mean** times
-    /// `scaling_factor` (sd-scripts caches the mean too; diffusers' train script samples), no graph.
-    pub fn encode_images(&self, x01: &Tensor, compute: Kind) -> Result<Tensor> {
-        let vae = &self.vae.get()?.model;
-        Ok(tch::no_grad(|| {
-            let (mean, _logvar) = vae.encode(&(x01 * 2.0 - 1.0));
-            // Contiguous: `mean` is a channel slice of the encoder's output, and a strided input
-            // can make libtorch pick other conv kernels downstream (other rounding) than the
-            // same values read back from the `latents` cache.
-            vae.scale_latent(&mean).to_kind(compute).contiguous()
-        }))
-    }
-
-    /// Scaled latents → pixels in [0, 1] (not clamped), differentiable.
-    pub fn decode_latents(&self, z: &Tensor, compute: Kind) -> Result<Tensor> {
-        let vae = &self.vae.get()?.model;
-        let x = vae.decode(&vae.unscale_latent(z));
-        Ok((x.to_kind(compute) + 1.0) / 2.0)
     }
 }

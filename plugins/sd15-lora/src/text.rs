@@ -8,7 +8,7 @@ use likeness_diffusion_torch::{load, Store};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::error::Result;
+use likeness_diffusion_torch::trainer::Result;
 
 pub struct TextEncoder {
     store: Store,

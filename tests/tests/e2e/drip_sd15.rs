@@ -17,7 +17,7 @@ use likeness_tests::{built_or_skip, data_or_skip, python_or_skip, read_metrics, 
 
 /// The tiny pipeline folder, written once per build directory (the script's stamp makes a rerun
 /// instant).
-fn tiny_sd15(test: &str) -> Option<&'static PathBuf> {
+pub(crate) fn tiny_sd15(test: &str) -> Option<&'static PathBuf> {
     static T: OnceLock<PathBuf> = OnceLock::new();
     let python = python_or_skip(test)?;
     Some(T.get_or_init(|| {
@@ -38,7 +38,7 @@ fn tiny_sd15(test: &str) -> Option<&'static PathBuf> {
 /// A tiny random transformers CLIPModel (tests/python/clip_oracle.py's, 32-px vision tower) for
 /// DRIP's `--l_text` term: `model.safetensors` beside its config.json; the tokenizer is
 /// open_clip's real vocabulary from the set-up.
-fn tiny_clip(test: &str) -> Option<&'static PathBuf> {
+pub(crate) fn tiny_clip(test: &str) -> Option<&'static PathBuf> {
     static T: OnceLock<PathBuf> = OnceLock::new();
     let python = python_or_skip(test)?;
     Some(T.get_or_init(|| {
@@ -62,7 +62,7 @@ fn tiny_clip(test: &str) -> Option<&'static PathBuf> {
 
 /// DRIP's layout from the real photographs: person_*/{orig.jpg, ref_face.jpg, prompt.txt}, the
 /// reference another photo of the same person where there is one.
-fn drip_photos(dir: &Dir, data: &Path, people: usize) -> PathBuf {
+pub(crate) fn drip_photos(dir: &Dir, data: &Path, people: usize) -> PathBuf {
     let photos = data.join("photos/face_recognition");
     let rows = [
         ("obama.jpg", "obama2.jpg", "a photo of barack obama smiling"),
@@ -287,4 +287,53 @@ fn issue_8_generate_with_a_lora_writes_its_settings_and_scale_0_is_the_base_mode
     // The same computation with the LoRA's contribution scaled to 0 (x + 0·BAx): identical.
     assert_eq!(px(&zero), px(&base), "--lora-scale 0 differs from the base model");
     assert_ne!(px(&with), px(&base), "the trained LoRA at scale 1 changed nothing");
+}
+
+/// Issue 14, part 7: training on from a LoRA the user brings (`model.config.lora`), with the
+/// default encoding cache. Before the fix a LoRA with text-encoder modules failed with "declares
+/// no encoding `text_embeddings`": `create` made the text encoder train, while the interface
+/// declared before it still promised cached text embeddings. Checked with a LoRA that has
+/// text-encoder modules, the same LoRA with the UNet's modules only, and a NaN LoRA (refused by
+/// key before training).
+#[test]
+fn issue_14_training_on_from_a_users_lora_with_and_without_text_encoder_modules() {
+    const T: &str = "issue_14_training_on_from_a_users_lora";
+    let Some((data, tiny)) = setup(T) else { return };
+    let dir = Dir::new("drip-initial-lora");
+    let ds = drip_photos(&dir, &data, 2);
+    let one_epoch = ["--set", "train.epochs=1"];
+    let first = dir.join("first");
+    let te = ["--set", "model.config.train_text_encoder=true"];
+    drip_train(&dir, &ds, tiny, &first, &[&one_epoch[..], &te[..]].concat()).ok();
+    let with_te = first.join("epoch00/likeness.safetensors");
+    let (tensors, meta) = likeness_sdk::st::load(&with_te).unwrap();
+    assert!(tensors.iter().any(|t| t.name.starts_with("lora_te")), "the first run wrote no text-encoder LoRA");
+    let unet_only = dir.join("unet-only.safetensors");
+    let kept: Vec<_> = tensors.iter().filter(|t| t.name.starts_with("lora_unet_")).cloned().collect();
+    likeness_sdk::st::save(&unet_only, &kept, &meta).unwrap();
+
+    for (name, lora, trains_text) in [("te", &with_te, true), ("unet", &unet_only, false)] {
+        let out = dir.join(format!("on-{name}"));
+        let set = format!("model.config.lora={}", serde_json::Value::String(lora.display().to_string()));
+        let log = drip_train(&dir, &ds, tiny, &out, &[&one_epoch[..], &["--set", &set]].concat()).ok();
+        // The adapter trained on holds the text encoder's modules exactly when the initial
+        // LoRA had them (they are a parameter group then), and the UNet's in both cases.
+        let (after, _) = likeness_sdk::st::load(&out.join("epoch00/likeness.safetensors")).unwrap();
+        let has_te = after.iter().any(|t| t.name.starts_with("lora_te"));
+        assert_eq!(has_te, trains_text, "{name}: text-encoder modules in the result\n{log}");
+        assert!(after.iter().any(|t| t.name.starts_with("lora_unet_")), "{name}: no UNet modules\n{log}");
+        let cache = read_metrics(&out).into_iter().find(|r| r["type"] == "cache");
+        assert!(cache.is_some(), "{name}: the default encoding cache was not used\n{log}");
+    }
+
+    let mut nan = tensors.clone();
+    let up = nan.iter_mut().find(|t| t.name.ends_with("lora_up.weight")).unwrap();
+    let mut v = up.to_f32().unwrap();
+    v[0] = f32::NAN;
+    *up = likeness_sdk::st::StTensor::from_f32(&up.name, &up.shape.clone(), &v);
+    let nan_file = dir.join("nan.safetensors");
+    likeness_sdk::st::save(&nan_file, &nan, &meta).unwrap();
+    let set = format!("model.config.lora={}", serde_json::Value::String(nan_file.display().to_string()));
+    let e = drip_train(&dir, &ds, tiny, &dir.join("on-nan"), &[&one_epoch[..], &["--set", &set]].concat()).fails();
+    assert!(e.contains("nan.safetensors") && e.contains("non-finite"), "{e}");
 }

@@ -5,9 +5,9 @@
 //!   any `dlopen`; a symlink whose target lies outside the folder is refused when the library
 //!   would be opened. Symlinks that stay inside, and a plugin folder that is itself a symlink,
 //!   are fine.
-//! - The manifest's id, kind, version and summary must equal the descriptor the library
-//!   returns, and its `abi` the library's header; each error names both values and the
-//!   manifest.
+//! - The manifest's id, kind and version must equal the descriptor the library returns, and
+//!   its `abi` the library's header (an older minor, as a rebuild leaves it, and a different
+//!   summary are warnings: issue 14); each message names both values, the manifest and the fix.
 //! - A library that does not `dlopen` says why (the system's own message).
 //! - Every real plugin's manifest matches its library (`plugins check` passes on all of them).
 //!
@@ -151,6 +151,10 @@ fn issue_6_library_outside_the_manifest_folder_is_refused() {
     assert!(list.lines().any(|l| l.contains(abs.to_str().unwrap()) && l.contains("absolute path")), "{list}");
 }
 
+/// An id, version or ABI-major difference, or a manifest ABI minor newer than the library's,
+/// is an error; a different summary or an older manifest ABI minor (a plugin rebuilt against a
+/// newer SDK) is a warning (issue 14). Each names both values, the manifest and the fix
+/// `host plugins manifest LIB > plugin.toml`.
 #[test]
 fn issue_6_manifest_must_match_the_descriptor() {
     const T: &str = "issue_6_manifest_must_match_the_descriptor";
@@ -158,49 +162,78 @@ fn issue_6_manifest_must_match_the_descriptor() {
     let dir = Dir::new("manifest-descriptor");
     let staged = staged_plugins().join("pixel");
     let (version, summary) = (field(&staged, "version"), field(&staged, "summary"));
-    let v9 = copy_plugin_as(&dir, "pixel", "v9");
-    let v9m = set_field(&v9, "version", "9.0.0");
-    let s = copy_plugin_as(&dir, "pixel", "summary");
-    let sm = set_field(&s, "summary", "a summary the library does not have");
-    set_field(&s, "id", "pixel");
-    let id = copy_plugin_as(&dir, "pixel", "id");
-    let idm = set_field(&id, "id", "not-pixel");
     let abi = field(&staged, "abi");
-    let other_abi = if abi == "1.0" { "1.9" } else { "1.0" };
-    let a = copy_plugin_as(&dir, "pixel", "abi");
-    let am = set_field(&a, "abi", other_abi);
-
-    // Each alone, through `plugins inspect` (v9 and `summary` both claim id `pixel`: the
-    // first found is used, so they get separate plugin dirs).
-    for (folder, manifest, want) in [
-        (&v9, &v9m, vec!["version `0.1.0`".to_string(), "`9.0.0`".into(), "plugin.version".into()]),
+    let (major, minor) = abi.split_once('.').map(|(a, b)| (a.to_string(), b.parse::<u32>().unwrap())).unwrap();
+    let variant = |folder: &str, key: &str, value: &str| {
+        let f = copy_plugin_as(&dir, "pixel", folder);
+        let m = set_field(&f, key, value);
+        (f, m)
+    };
+    let newer = format!("{major}.{}", minor + 1);
+    let other_major = format!("{}.0", major.parse::<u32>().unwrap() + 1);
+    let mut errors = vec![
         (
-            &s,
-            &sm,
-            vec![
-                format!("summary \"{summary}\""),
-                "\"a summary the library does not have\"".into(),
-                "plugin.summary".into(),
-            ],
+            variant("v9", "version", "9.0.0"),
+            vec!["version `0.1.0`".to_string(), "`9.0.0`".into(), "plugin.version".into()],
         ),
-        (&id, &idm, vec!["id `pixel`".into(), "`not-pixel`".into()]),
-        (&a, &am, vec![format!("built for ABI {abi}"), format!("abi = \"{other_abi}\""), "plugin.abi".into()]),
-    ] {
+        (variant("id", "id", "not-pixel"), vec!["id `pixel`".into(), "`not-pixel`".into()]),
+        (
+            variant("newer", "abi", &newer),
+            vec![format!("built for ABI {abi}"), format!("abi = \"{newer}\""), "plugin.abi".into()],
+        ),
+        (
+            variant("major", "abi", &other_major),
+            vec![format!("built for ABI {abi}"), format!("abi = \"{other_major}\"")],
+        ),
+    ];
+    let mut warnings = vec![(
+        variant("summary", "summary", "a summary the library does not have"),
+        vec![
+            format!("descriptor \"{summary}\""),
+            "\"a summary the library does not have\"".into(),
+            "plugin.summary".into(),
+        ],
+    )];
+    if minor > 0 {
+        let older = format!("{major}.{}", minor - 1);
+        warnings.push((
+            variant("older", "abi", &older),
+            vec![format!("says abi = \"{older}\" but its library was built for ABI {abi}")],
+        ));
+    }
+
+    // Each alone in a plugin dir of its own (several claim id `pixel`: the first found is used).
+    let solo = |folder: &std::path::Path| {
         let solo = Dir::new("manifest-descriptor-solo");
         let dest = solo.mkdir("plugins/p");
         for e in std::fs::read_dir(folder).unwrap() {
             let e = e.unwrap();
             std::fs::copy(e.path(), dest.join(e.file_name())).unwrap();
         }
+        (solo, dest)
+    };
+    let fix = "host plugins manifest ";
+    for ((folder, manifest), want) in errors.drain(..) {
+        let (solo, dest) = solo(&folder);
         let id = field(&dest, "id");
         let out = host(&solo, &["plugins", "check"]).fails();
         let line = fail_line(&out, &format!("{id}:"));
-        for w in &want {
-            assert!(line.contains(w.as_str()), "{} wants `{w}`: {line}", manifest.display());
+        for w in want.iter().map(String::as_str).chain([fix]) {
+            assert!(line.contains(w), "{} wants `{w}`: {line}", manifest.display());
         }
         assert!(line.contains(dest.join("plugin.toml").to_str().unwrap()), "names the manifest: {line}");
         let out = host(&solo, &["plugins", "inspect", &id]).fails();
         assert!(out.contains(want[0].as_str()), "{out}");
+    }
+    for ((folder, manifest), want) in warnings {
+        let (solo, dest) = solo(&folder);
+        let out = host(&solo, &["plugins", "check"]).ok();
+        assert!(out.lines().any(|l| l.starts_with("ok    pixel ")), "{out}");
+        let line = out.lines().find(|l| l.contains("WARN")).unwrap_or_else(|| panic!("no warning:\n{out}"));
+        for w in want.iter().map(String::as_str).chain([fix, dest.join("plugin.toml").to_str().unwrap()]) {
+            assert!(line.contains(w), "{} wants `{w}`: {line}", manifest.display());
+        }
+        host(&solo, &["plugins", "inspect", "pixel"]).ok();
     }
     assert_eq!(version, "0.1.0", "pixel's own manifest");
 }

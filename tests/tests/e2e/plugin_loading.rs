@@ -293,7 +293,10 @@ fn issue_2_missing_library_and_lying_kind() {
     std::fs::write(pixel.join("plugin.toml"), lying).unwrap();
     let out = host(&dir, &["plugins", "inspect", "pixel"]).fails();
     let msg = error_message(&out);
-    assert!(msg.contains("is a loss plugin") && msg.contains("fix `plugin.kind`"), "{out}");
+    assert!(
+        msg.contains("is a loss plugin") && msg.contains("(`plugin.kind`)") && msg.contains("host plugins manifest "),
+        "{out}"
+    );
     assert!(msg.contains(pixel.join("plugin.toml").to_str().unwrap()), "names the manifest:\n{out}");
 }
 

@@ -272,6 +272,81 @@ impl LoraFormat {
     }
 }
 
+/// Where a LoRA holds values that are not finite (NaN or ±inf): one entry per tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonFinite {
+    /// `<component>.<module path>.<down|up|alpha>` (canonical names, as `host lora inspect` prints).
+    pub key: String,
+    /// How many of the tensor's values are NaN or infinite.
+    pub count: usize,
+    pub numel: usize,
+}
+
+impl fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({} of {} values NaN/inf)", self.key, self.count, self.numel)
+    }
+}
+
+impl RawTensor {
+    /// How many values are NaN or infinite (exact in the tensor's own dtype: F64 is checked as
+    /// F64; F16/BF16 widen to F32 exactly, so their inf/NaN stay inf/NaN).
+    pub fn non_finite_count(&self) -> usize {
+        if self.dtype == safetensors::Dtype::F64 {
+            return self
+                .data
+                .chunks_exact(8)
+                .filter(|c| !f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]).is_finite())
+                .count();
+        }
+        self.to_f32().map(|v| v.iter().filter(|x| !x.is_finite()).count()).unwrap_or(0)
+    }
+}
+
+impl LoraSet {
+    /// Every tensor holding NaN or ±inf, by canonical key. Such a LoRA silently turns a model's
+    /// output into NaN wherever it applies (issue 14, part 7): `host lora inspect` reports them,
+    /// `host lora convert` and an initial LoRA refuse them.
+    pub fn non_finite(&self) -> Vec<NonFinite> {
+        let mut out = Vec::new();
+        for m in &self.modules {
+            let key = |what: &str| format!("{}.{}.{what}", m.component.as_str(), m.path);
+            for (what, t) in [("down", &m.down), ("up", &m.up)] {
+                let count = t.non_finite_count();
+                if count > 0 {
+                    out.push(NonFinite { key: key(what), count, numel: t.numel() });
+                }
+            }
+            if !m.alpha.is_finite() {
+                out.push(NonFinite { key: key("alpha"), count: 1, numel: 1 });
+            }
+        }
+        out
+    }
+
+    /// `Err` naming the file and every non-finite tensor (at most 8, then a count), for the
+    /// places that must refuse such a LoRA.
+    pub fn check_finite(&self, file: &Path) -> Result<()> {
+        let bad = self.non_finite();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let mut list: Vec<String> = bad.iter().take(8).map(|b| b.to_string()).collect();
+        if bad.len() > 8 {
+            list.push(format!("and {} more", bad.len() - 8));
+        }
+        Err(DiffusionError::LoraFile {
+            file: file.to_path_buf(),
+            why: format!(
+                "holds non-finite values (NaN or inf) in {} tensor(s): {}; the LoRA is damaged (a diverged \
+                 training run?): retrain it or take an earlier checkpoint",
+                bad.len(),
+                list.join(", ")
+            ),
+        })
+    }
+}
+
 impl LoraModule {
     /// The effective weight change `alpha / r · up @ down` as a row-major `[out, in·kh·kw]`
     /// matrix, accumulated in f64 (for comparisons across formats and for merging).

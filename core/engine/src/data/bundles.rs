@@ -246,6 +246,65 @@ pub fn scan(cfg: &BundleDatasetConfig) -> Result<Dataset> {
     Ok(ds)
 }
 
+/// What a scan of characters collects besides the characters.
+struct Found<'a> {
+    skipped_images: &'a mut Vec<SkippedImage>,
+    skipped_characters: &'a mut Vec<SkippedCharacter>,
+    image_sizes: &'a mut BTreeMap<PathBuf, (u32, u32)>,
+}
+
+/// The character in `char_path` (named `name`): its alphabetically first usable image is the
+/// reference, the others its targets; `None` (reported) when it cannot be listed or has fewer
+/// than `min_images_per_char` usable images.
+fn scan_character(
+    cfg: &BundleDatasetConfig,
+    found: &mut Found<'_>,
+    bundle: &str,
+    name: String,
+    char_path: &Path,
+) -> Option<Character> {
+    let files = match image_io::list_dir(char_path) {
+        Ok(l) => {
+            for (path, reason) in l.broken.iter().filter(|(p, _)| image_io::is_image_path(p)) {
+                tracing::warn!(path = %path.display(), "skipping image: {reason}");
+                found.skipped_images.push(SkippedImage { path: path.clone(), reason: reason.clone() });
+            }
+            for (path, reason) in l.broken.iter().filter(|(p, _)| !image_io::is_image_path(p)) {
+                found.skipped_images.push(SkippedImage { path: path.clone(), reason: reason.clone() });
+            }
+            l.images().cloned().collect::<Vec<_>>()
+        }
+        Err(e) => {
+            tracing::warn!(path = %char_path.display(), "skipping character: cannot list: {e}");
+            found.skipped_characters.push(SkippedCharacter { character: name, reason: format!("cannot list: {e}") });
+            return None;
+        }
+    };
+    let checks = super::parallel_map(&files, |p| check_image(p, cfg));
+    let mut usable = Vec::with_capacity(files.len());
+    for (p, r) in files.into_iter().zip(checks) {
+        match r {
+            Ok(size) => {
+                found.image_sizes.insert(p.clone(), size);
+                usable.push(p)
+            }
+            Err(reason) => {
+                tracing::warn!(path = %p.display(), "skipping image: {reason}");
+                found.skipped_images.push(SkippedImage { path: p, reason });
+            }
+        }
+    }
+    let min_images = cfg.min_images_per_char.max(2);
+    if usable.len() < min_images {
+        let reason = format!("{} usable image(s), fewer than min_images_per_char = {min_images}", usable.len());
+        tracing::warn!(path = %char_path.display(), "skipping character: {reason}");
+        found.skipped_characters.push(SkippedCharacter { character: name, reason });
+        return None;
+    }
+    let reference = usable.remove(0);
+    Some(Character { name, bundle: bundle.to_string(), reference, targets: usable })
+}
+
 /// [`scan`] without its two last checks: an empty or wholly unusable tree is returned with
 /// what was skipped (for `host data check`). Fails only on bad settings or an unreadable root.
 pub fn scan_report(cfg: &BundleDatasetConfig) -> Result<Dataset> {
@@ -258,7 +317,6 @@ pub fn scan_report(cfg: &BundleDatasetConfig) -> Result<Dataset> {
     let mut skipped_images = Vec::new();
     let bundles =
         sorted_subdirs(root, &mut skipped_images).map_err(|e| dataset_err(root, format!("cannot list: {e}")))?;
-    let min_images = cfg.min_images_per_char.max(2);
 
     let mut bundle_names = Vec::new();
     let mut characters = Vec::new();
@@ -290,46 +348,15 @@ pub fn scan_report(cfg: &BundleDatasetConfig) -> Result<Dataset> {
                     continue;
                 }
             }
-            let files = match image_io::list_dir(char_path) {
-                Ok(l) => {
-                    for (path, reason) in l.broken.iter().filter(|(p, _)| image_io::is_image_path(p)) {
-                        tracing::warn!(path = %path.display(), "skipping image: {reason}");
-                        skipped_images.push(SkippedImage { path: path.clone(), reason: reason.clone() });
-                    }
-                    for (path, reason) in l.broken.iter().filter(|(p, _)| !image_io::is_image_path(p)) {
-                        skipped_images.push(SkippedImage { path: path.clone(), reason: reason.clone() });
-                    }
-                    l.images().cloned().collect::<Vec<_>>()
-                }
-                Err(e) => {
-                    tracing::warn!(path = %char_path.display(), "skipping character: cannot list: {e}");
-                    skipped_characters.push(SkippedCharacter { character: name, reason: format!("cannot list: {e}") });
-                    continue;
-                }
+            let mut found = Found {
+                skipped_images: &mut skipped_images,
+                skipped_characters: &mut skipped_characters,
+                image_sizes: &mut image_sizes,
             };
-            let checks = super::parallel_map(&files, |p| check_image(p, cfg));
-            let mut usable = Vec::with_capacity(files.len());
-            for (p, r) in files.into_iter().zip(checks) {
-                match r {
-                    Ok(size) => {
-                        image_sizes.insert(p.clone(), size);
-                        usable.push(p)
-                    }
-                    Err(reason) => {
-                        tracing::warn!(path = %p.display(), "skipping image: {reason}");
-                        skipped_images.push(SkippedImage { path: p, reason });
-                    }
-                }
+            if let Some(c) = scan_character(cfg, &mut found, bundle, name, char_path) {
+                kept += 1;
+                characters.push(c);
             }
-            if usable.len() < min_images {
-                let reason = format!("{} usable image(s), fewer than min_images_per_char = {min_images}", usable.len());
-                tracing::warn!(path = %char_path.display(), "skipping character: {reason}");
-                skipped_characters.push(SkippedCharacter { character: name, reason });
-                continue;
-            }
-            let reference = usable.remove(0);
-            kept += 1;
-            characters.push(Character { name, bundle: bundle.clone(), reference, targets: usable });
         }
     }
     skipped_images.sort_by(|a, b| a.path.cmp(&b.path));
@@ -450,6 +477,47 @@ pub fn make_pair_batch<P: Borrow<Pair>>(pairs: &[P], size: u32, cache: &mut Imag
 // ---------------------------------------------------------------------------------------------
 // The `bundles` layout of `crate::data`
 
+/// The historic scan's skipped images and characters as [`super::Problem`]s.
+fn report_scan<'a>(cfg: &'a DataConfig, raw: &Dataset) -> Scan<'a> {
+    let mut scan = Scan::new(cfg);
+    for s in &raw.skipped_images {
+        scan.error(&s.path, s.reason.clone());
+    }
+    for s in &raw.skipped_characters {
+        let path = cfg.root.join(&s.character);
+        if s.reason.starts_with("beyond max_chars_per_bundle") {
+            scan.warn(path, format!("character left out: {}", s.reason));
+        } else {
+            scan.error(path, format!("character left out: {}", s.reason));
+        }
+    }
+    if raw.characters.is_empty() && raw.skipped_characters.is_empty() {
+        scan.error(&cfg.root, format!("no character directories (char_*) found; {EXPECTED_LAYOUT}"));
+    }
+    scan.sizes = raw.image_sizes.clone();
+    scan
+}
+
+/// One source per bundle, with its example and character counts.
+fn sources_of<'e>(cfg: &DataConfig, raw: &Dataset, examples: impl Iterator<Item = &'e Example>) -> Vec<Source> {
+    let mut per_bundle: BTreeMap<String, usize> = BTreeMap::new();
+    for e in examples {
+        *per_bundle.entry(e.id.split('/').next().unwrap_or_default().to_string()).or_insert(0) += 1;
+    }
+    raw.bundles
+        .iter()
+        .map(|b| Source {
+            name: b.clone(),
+            path: cfg.root.join(b),
+            examples: per_bundle.get(b).copied().unwrap_or(0),
+            settings: BTreeMap::from([(
+                "characters".to_string(),
+                serde_json::json!(raw.characters.iter().filter(|c| &c.bundle == b).count()),
+            )]),
+        })
+        .collect()
+}
+
 /// Opens a bundle tree as [`Example`]s: one per (reference, target) pair of a character,
 /// id `<bundle>/<char_dir>/<target file name>`, images `target` then `reference`. The split is
 /// the historic one ([`split_pairs`], so the same seed gives the same pairs); `data.split =
@@ -470,22 +538,7 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSet> {
     let sel = super::selector_for(cfg)?;
     let raw = scan_report(&bcfg)?;
     let square_crop = !cfg.enable_bucket && cfg.resolution.is_none();
-    let mut scan = Scan::new(cfg);
-    for s in &raw.skipped_images {
-        scan.error(&s.path, s.reason.clone());
-    }
-    for s in &raw.skipped_characters {
-        let path = cfg.root.join(&s.character);
-        if s.reason.starts_with("beyond max_chars_per_bundle") {
-            scan.warn(path, format!("character left out: {}", s.reason));
-        } else {
-            scan.error(path, format!("character left out: {}", s.reason));
-        }
-    }
-    if raw.characters.is_empty() && raw.skipped_characters.is_empty() {
-        scan.error(&cfg.root, format!("no character directories (char_*) found; {EXPECTED_LAYOUT}"));
-    }
-    scan.sizes = raw.image_sizes.clone();
+    let mut scan = report_scan(cfg, &raw);
 
     let example = |p: &Pair, scan: &mut Scan<'_>| -> Option<Example> {
         let size = *raw.image_sizes.get(&p.target)?;
@@ -507,23 +560,7 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSet> {
     };
     let mut conv = |v: &[Pair]| v.iter().filter_map(|p| example(p, &mut scan)).collect::<Vec<_>>();
     let (train, val, test) = (conv(&train), conv(&val), conv(&test));
-    let mut per_bundle: BTreeMap<String, usize> = BTreeMap::new();
-    for e in train.iter().chain(&val).chain(&test) {
-        *per_bundle.entry(e.id.split('/').next().unwrap_or_default().to_string()).or_insert(0) += 1;
-    }
-    let sources = raw
-        .bundles
-        .iter()
-        .map(|b| Source {
-            name: b.clone(),
-            path: cfg.root.join(b),
-            examples: per_bundle.get(b).copied().unwrap_or(0),
-            settings: BTreeMap::from([(
-                "characters".to_string(),
-                serde_json::json!(raw.characters.iter().filter(|c| &c.bundle == b).count()),
-            )]),
-        })
-        .collect();
+    let sources = sources_of(cfg, &raw, train.iter().chain(&val).chain(&test));
     let mut ds = super::assemble(
         "bundles",
         cfg.root.clone(),

@@ -37,6 +37,54 @@ pub fn find_file(dir: &Path, stem: &str) -> Option<PathBuf> {
     found.into_iter().next().map(|(_, p)| p)
 }
 
+/// One person folder's files.
+struct Person {
+    dir: PathBuf,
+    id: String,
+    reference: PathBuf,
+    orig: PathBuf,
+    prompt: PathBuf,
+}
+
+/// The files of person folder `dir`; `None` when it is not one (a warning) or lacks one of
+/// DRIP's three files (an error). Other images in it are a warning.
+fn person(scan: &mut Scan<'_>, dir: &Path) -> Option<Person> {
+    let l = scan.list(dir).unwrap_or_default();
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let reference = find_file(dir, "ref_face");
+    let orig = find_file(dir, "orig");
+    let prompt = dir.join("prompt.txt");
+    let has_prompt = prompt.is_file();
+    if reference.is_none() && orig.is_none() && !has_prompt && !l.broken.iter().any(|(p, _)| p.ends_with("prompt.txt"))
+    {
+        scan.warn(dir, format!("ignored: no ref_face.jpg, orig.jpg or prompt.txt in {}", name(dir)));
+        return None;
+    }
+    for f in &l.files {
+        let n = name(f);
+        let known = Some(f) == reference.as_ref() || Some(f) == orig.as_ref() || n == "prompt.txt";
+        if !known && image_io::is_image_path(f) {
+            scan.warn(f, "ignored: DRIP uses only ref_face.jpg, orig.jpg and prompt.txt");
+        }
+    }
+    let mut missing = Vec::new();
+    if reference.is_none() {
+        missing.push("ref_face.jpg");
+    }
+    if orig.is_none() {
+        missing.push("orig.jpg");
+    }
+    if !has_prompt {
+        missing.push("prompt.txt");
+    }
+    if !missing.is_empty() {
+        scan.error(dir, format!("person left out: missing {} ({EXPECTED_LAYOUT})", missing.join(", ")));
+        return None;
+    }
+    let (reference, orig) = (reference.unwrap_or_default(), orig.unwrap_or_default());
+    Some(Person { dir: dir.to_path_buf(), id: name(dir), reference, orig, prompt })
+}
+
 /// Opens a DRIP dataset (see the module docs).
 pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSet> {
     let root = cfg.root.clone();
@@ -47,53 +95,11 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSet> {
     let sel = super::selector_for(cfg)?;
     let mut scan = Scan::new(cfg);
     let listing = scan.list(&root).unwrap_or_default();
-    // (person dir, ref_face, orig, prompt)
-    let mut people = Vec::new();
-    let mut candidates = Vec::new();
-    for dir in &listing.dirs {
-        let l = scan.list(dir).unwrap_or_default();
-        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let reference = find_file(dir, "ref_face");
-        let orig = find_file(dir, "orig");
-        let prompt = dir.join("prompt.txt");
-        let has_prompt = prompt.is_file();
-        if reference.is_none()
-            && orig.is_none()
-            && !has_prompt
-            && !l.broken.iter().any(|(p, _)| p.ends_with("prompt.txt"))
-        {
-            scan.warn(dir, format!("ignored: no ref_face.jpg, orig.jpg or prompt.txt in {}", name(dir)));
-            continue;
-        }
-        for f in &l.files {
-            let n = name(f);
-            let known = Some(f) == reference.as_ref() || Some(f) == orig.as_ref() || n == "prompt.txt";
-            if !known && image_io::is_image_path(f) {
-                scan.warn(f, "ignored: DRIP uses only ref_face.jpg, orig.jpg and prompt.txt");
-            }
-        }
-        let mut missing = Vec::new();
-        if reference.is_none() {
-            missing.push("ref_face.jpg");
-        }
-        if orig.is_none() {
-            missing.push("orig.jpg");
-        }
-        if !has_prompt {
-            missing.push("prompt.txt");
-        }
-        if !missing.is_empty() {
-            scan.error(dir, format!("person left out: missing {} ({EXPECTED_LAYOUT})", missing.join(", ")));
-            continue;
-        }
-        let (reference, orig) = (reference.unwrap_or_default(), orig.unwrap_or_default());
-        candidates.push(reference.clone());
-        candidates.push(orig.clone());
-        people.push((dir.clone(), name(dir), reference, orig, prompt));
-    }
+    let people: Vec<Person> = listing.dirs.iter().filter_map(|dir| person(&mut scan, dir)).collect();
+    let candidates: Vec<PathBuf> = people.iter().flat_map(|p| [p.reference.clone(), p.orig.clone()]).collect();
     scan.prefetch(&candidates);
     let mut examples = Vec::new();
-    for (dir, id, reference, orig, prompt) in people {
+    for Person { dir, id, reference, orig, prompt } in people {
         let r = scan.image(&reference);
         let o = scan.image(&orig);
         let text = scan.read_text(&prompt);

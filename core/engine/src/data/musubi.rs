@@ -161,25 +161,7 @@ pub fn read_config(path: &Path, default_caption_extension: &str) -> Result<Datas
             return Err(cerr(format!("unknown key `{k}` (the top level holds only [general] and [[datasets]]){hint}")));
         }
     }
-    let mut general = match doc.get("general") {
-        None => toml::Table::new(),
-        Some(Value::Table(t)) => t.clone(),
-        Some(v) => return Err(cerr(format!("`general` must be a table ([general]), found {}", v.type_str()))),
-    };
-    normalize(&mut general, "general", path, &mut warnings);
-    for k in general.keys() {
-        if !ASCENDABLE_KEYS.contains(&k.as_str()) {
-            let why = if IMAGE_DATASET_KEYS.contains(&k.as_str()) || VIDEO_DATASET_KEYS.contains(&k.as_str()) {
-                "; it belongs in a [[datasets]] entry".to_string()
-            } else {
-                closest(k, ASCENDABLE_KEYS).map(|c| format!("; did you mean `general.{c}`?")).unwrap_or_default()
-            };
-            return Err(cerr(format!(
-                "unknown key `general.{k}` ([general] takes {}){why}",
-                ASCENDABLE_KEYS.join(", ")
-            )));
-        }
-    }
+    let general = read_general(&doc, path, &mut warnings)?;
     let entries = match doc.get("datasets") {
         None => Vec::new(),
         Some(Value::Array(a)) => a.clone(),
@@ -193,119 +175,8 @@ pub fn read_config(path: &Path, default_caption_extension: &str) -> Result<Datas
             return Err(cerr(format!("`datasets[{i}]` must be a table ([[datasets]])")));
         };
         normalize(&mut t, &format!("datasets[{i}]"), path, &mut warnings);
-        let known: Vec<&str> = ASCENDABLE_KEYS.iter().chain(IMAGE_DATASET_KEYS).copied().collect();
-        for k in t.keys() {
-            if VIDEO_DATASET_KEYS.contains(&k.as_str()) {
-                return Err(cerr(format!(
-                    "`datasets[{i}].{k}`: video datasets are not supported (this trainer trains on images)"
-                )));
-            }
-            if !known.contains(&k.as_str()) {
-                let hint = closest(k, &known).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
-                return Err(cerr(format!("unknown key `datasets[{i}].{k}`{hint}")));
-            }
-        }
-        // Dataset value, else general, else default (musubi-tuner's `search_value`).
-        let get = |k: &str| {
-            t.get(k)
-                .map(|v| (v, format!("datasets[{i}].{k}")))
-                .or_else(|| general.get(k).map(|v| (v, format!("general.{k}"))))
-        };
-        let int = |k: &str, default: i64, min: i64| -> Result<i64> {
-            match get(k) {
-                None => Ok(default),
-                Some((Value::Integer(n), _)) if *n >= min => Ok(*n),
-                Some((Value::Integer(n), name)) => Err(cerr(format!("`{name}` is {n}; it must be at least {min}"))),
-                Some((v, name)) => Err(cerr(format!("`{name}` must be an integer, found {}", v.type_str()))),
-            }
-        };
-        let boolean = |k: &str| -> Result<bool> {
-            match get(k) {
-                None => Ok(false),
-                Some((Value::Boolean(b), _)) => Ok(*b),
-                Some((v, name)) => Err(cerr(format!("`{name}` must be true or false, found {}", v.type_str()))),
-            }
-        };
-        let string = |k: &str| -> Result<Option<String>> {
-            match get(k) {
-                None => Ok(None),
-                Some((Value::String(s), _)) => Ok(Some(s.clone())),
-                Some((v, name)) => Err(cerr(format!("`{name}` must be a string, found {}", v.type_str()))),
-            }
-        };
-        let reso = |k: &str| -> Result<Option<(u32, u32)>> {
-            let pos = |v: &Value| match v {
-                Value::Integer(n) if *n > 0 && *n <= u32::MAX as i64 => Some(*n as u32),
-                _ => None,
-            };
-            match get(k) {
-                None => Ok(None),
-                Some((v, name)) => match v {
-                    Value::Integer(_) => {
-                        pos(v).map(|s| Some((s, s))).ok_or_else(|| cerr(format!("`{name}` must be a positive integer")))
-                    }
-                    Value::Array(a) if a.len() == 2 => match (pos(&a[0]), pos(&a[1])) {
-                        (Some(w), Some(h)) => Ok(Some((w, h))),
-                        _ => Err(cerr(format!("`{name}` must be [width, height] of positive integers"))),
-                    },
-                    _ => Err(cerr(format!("`{name}` must be an integer or [width, height], found {v}"))),
-                },
-            }
-        };
-        let resolve = |s: String, warnings: &mut Vec<(PathBuf, String)>| -> PathBuf {
-            let p = PathBuf::from(&s);
-            if p.is_absolute() || p.exists() {
-                return p;
-            }
-            let q = base.join(&p);
-            if q.exists() {
-                warnings.push((q.clone(), format!("`{s}` does not exist relative to the working directory (musubi-tuner's rule); using it relative to {}", path.display())));
-                q
-            } else {
-                p
-            }
-        };
-        if boolean("multiple_target")? {
-            return Err(cerr(format!(
-                "`datasets[{i}].multiple_target = true` (Qwen-Image-Layered targets) is not supported"
-            )));
-        }
-        if boolean("no_resize_control")? {
-            return Err(cerr(format!("`datasets[{i}].no_resize_control = true` is not supported: controls are resized to the target's bucket")));
-        }
-        if get("control_resolution").is_some() {
-            reso("control_resolution")?;
-            return Err(cerr(format!(
-                "`datasets[{i}].control_resolution` is not supported: controls are resized to the target's bucket"
-            )));
-        }
-        for k in ["fp_latent_window_size", "fp_1f_clean_indices", "fp_1f_target_index", "fp_1f_no_post"] {
-            if t.contains_key(k) {
-                warnings.push((path.to_path_buf(), format!("`datasets[{i}].{k}` is FramePack-only: ignored")));
-            }
-        }
-        let image_directory = string("image_directory")?.map(|s| resolve(s, &mut warnings));
-        let image_jsonl_file = string("image_jsonl_file")?.map(|s| resolve(s, &mut warnings));
-        if image_directory.is_none() && image_jsonl_file.is_none() {
-            return Err(cerr(format!("`datasets[{i}]` needs `image_directory` or `image_jsonl_file`")));
-        }
-        let control_directory = string("control_directory")?.map(|s| resolve(s, &mut warnings));
-        let cache_directory =
-            string("cache_directory")?.map(|s| resolve(s, &mut warnings)).or_else(|| image_directory.clone());
-        let caption_extension = string("caption_extension")?.unwrap_or_else(|| default_caption_extension.to_string());
-        datasets.push(DatasetParams {
-            index: i,
-            resolution: reso("resolution")?.unwrap_or((960, 544)),
-            caption_extension,
-            batch_size: int("batch_size", 1, 1)? as usize,
-            num_repeats: int("num_repeats", 1, 0)? as usize,
-            enable_bucket: boolean("enable_bucket")?,
-            bucket_no_upscale: boolean("bucket_no_upscale")?,
-            image_directory,
-            image_jsonl_file,
-            control_directory,
-            cache_directory,
-        });
+        let entry = Entry { i, t: &t, general: &general, path, base: &base };
+        datasets.push(entry.params(default_caption_extension, &mut warnings)?);
     }
     let mut seen: HashMap<Option<PathBuf>, usize> = HashMap::new();
     for d in &datasets {
@@ -318,6 +189,189 @@ pub fn read_config(path: &Path, default_caption_extension: &str) -> Result<Datas
         }
     }
     Ok(DatasetConfig { path: path.to_path_buf(), datasets, warnings })
+}
+
+/// `[general]`, its deprecated keys renamed; a key it does not take is an error.
+fn read_general(doc: &toml::Table, path: &Path, warnings: &mut Vec<(PathBuf, String)>) -> Result<toml::Table> {
+    let cerr = |m: String| EngineError::Config(format!("{}: {m}", path.display()));
+    let mut general = match doc.get("general") {
+        None => toml::Table::new(),
+        Some(Value::Table(t)) => t.clone(),
+        Some(v) => return Err(cerr(format!("`general` must be a table ([general]), found {}", v.type_str()))),
+    };
+    normalize(&mut general, "general", path, warnings);
+    for k in general.keys() {
+        if !ASCENDABLE_KEYS.contains(&k.as_str()) {
+            let why = if IMAGE_DATASET_KEYS.contains(&k.as_str()) || VIDEO_DATASET_KEYS.contains(&k.as_str()) {
+                "; it belongs in a [[datasets]] entry".to_string()
+            } else {
+                closest(k, ASCENDABLE_KEYS).map(|c| format!("; did you mean `general.{c}`?")).unwrap_or_default()
+            };
+            return Err(cerr(format!(
+                "unknown key `general.{k}` ([general] takes {}){why}",
+                ASCENDABLE_KEYS.join(", ")
+            )));
+        }
+    }
+    Ok(general)
+}
+
+/// One `[[datasets]]` entry being read: its values, else `[general]`'s (musubi-tuner's
+/// `search_value`), each error naming the file and the key.
+struct Entry<'a> {
+    i: usize,
+    t: &'a toml::Table,
+    general: &'a toml::Table,
+    /// The `dataset.toml` and its folder.
+    path: &'a Path,
+    base: &'a Path,
+}
+
+impl Entry<'_> {
+    fn cerr(&self, m: String) -> EngineError {
+        EngineError::Config(format!("{}: {m}", self.path.display()))
+    }
+
+    /// The value of `k` and the name it was found under (`datasets[i].k` or `general.k`).
+    fn get(&self, k: &str) -> Option<(&Value, String)> {
+        let i = self.i;
+        self.t
+            .get(k)
+            .map(|v| (v, format!("datasets[{i}].{k}")))
+            .or_else(|| self.general.get(k).map(|v| (v, format!("general.{k}"))))
+    }
+
+    fn int(&self, k: &str, default: i64, min: i64) -> Result<i64> {
+        match self.get(k) {
+            None => Ok(default),
+            Some((Value::Integer(n), _)) if *n >= min => Ok(*n),
+            Some((Value::Integer(n), name)) => Err(self.cerr(format!("`{name}` is {n}; it must be at least {min}"))),
+            Some((v, name)) => Err(self.cerr(format!("`{name}` must be an integer, found {}", v.type_str()))),
+        }
+    }
+
+    fn boolean(&self, k: &str) -> Result<bool> {
+        match self.get(k) {
+            None => Ok(false),
+            Some((Value::Boolean(b), _)) => Ok(*b),
+            Some((v, name)) => Err(self.cerr(format!("`{name}` must be true or false, found {}", v.type_str()))),
+        }
+    }
+
+    fn string(&self, k: &str) -> Result<Option<String>> {
+        match self.get(k) {
+            None => Ok(None),
+            Some((Value::String(s), _)) => Ok(Some(s.clone())),
+            Some((v, name)) => Err(self.cerr(format!("`{name}` must be a string, found {}", v.type_str()))),
+        }
+    }
+
+    /// A resolution: an integer (square) or `[width, height]`.
+    fn reso(&self, k: &str) -> Result<Option<(u32, u32)>> {
+        let pos = |v: &Value| match v {
+            Value::Integer(n) if *n > 0 && *n <= u32::MAX as i64 => Some(*n as u32),
+            _ => None,
+        };
+        let Some((v, name)) = self.get(k) else { return Ok(None) };
+        match v {
+            Value::Integer(_) => {
+                pos(v).map(|s| Some((s, s))).ok_or_else(|| self.cerr(format!("`{name}` must be a positive integer")))
+            }
+            Value::Array(a) if a.len() == 2 => match (pos(&a[0]), pos(&a[1])) {
+                (Some(w), Some(h)) => Ok(Some((w, h))),
+                _ => Err(self.cerr(format!("`{name}` must be [width, height] of positive integers"))),
+            },
+            _ => Err(self.cerr(format!("`{name}` must be an integer or [width, height], found {v}"))),
+        }
+    }
+
+    /// A path key, resolved against the working directory as musubi-tuner does, else next to
+    /// the `dataset.toml` (with a warning).
+    fn path_value(&self, k: &str, warnings: &mut Vec<(PathBuf, String)>) -> Result<Option<PathBuf>> {
+        let Some(s) = self.string(k)? else { return Ok(None) };
+        let p = PathBuf::from(&s);
+        if p.is_absolute() || p.exists() {
+            return Ok(Some(p));
+        }
+        let q = self.base.join(&p);
+        if !q.exists() {
+            return Ok(Some(p));
+        }
+        warnings.push((
+            q.clone(),
+            format!(
+                "`{s}` does not exist relative to the working directory (musubi-tuner's rule); using it relative to {}",
+                self.path.display()
+            ),
+        ));
+        Ok(Some(q))
+    }
+
+    /// Keys the entry may not hold: unknown ones, video datasets, and the image keys this
+    /// trainer does not implement; FramePack-only keys are a warning.
+    fn check_keys(&self, warnings: &mut Vec<(PathBuf, String)>) -> Result<()> {
+        let i = self.i;
+        let known: Vec<&str> = ASCENDABLE_KEYS.iter().chain(IMAGE_DATASET_KEYS).copied().collect();
+        for k in self.t.keys() {
+            if VIDEO_DATASET_KEYS.contains(&k.as_str()) {
+                return Err(self.cerr(format!(
+                    "`datasets[{i}].{k}`: video datasets are not supported (this trainer trains on images)"
+                )));
+            }
+            if !known.contains(&k.as_str()) {
+                let hint = closest(k, &known).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
+                return Err(self.cerr(format!("unknown key `datasets[{i}].{k}`{hint}")));
+            }
+        }
+        if self.boolean("multiple_target")? {
+            return Err(self.cerr(format!(
+                "`datasets[{i}].multiple_target = true` (Qwen-Image-Layered targets) is not supported"
+            )));
+        }
+        if self.boolean("no_resize_control")? {
+            return Err(self.cerr(format!("`datasets[{i}].no_resize_control = true` is not supported: controls are resized to the target's bucket")));
+        }
+        if self.get("control_resolution").is_some() {
+            self.reso("control_resolution")?;
+            return Err(self.cerr(format!(
+                "`datasets[{i}].control_resolution` is not supported: controls are resized to the target's bucket"
+            )));
+        }
+        for k in ["fp_latent_window_size", "fp_1f_clean_indices", "fp_1f_target_index", "fp_1f_no_post"] {
+            if self.t.contains_key(k) {
+                warnings.push((self.path.to_path_buf(), format!("`datasets[{i}].{k}` is FramePack-only: ignored")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry with `[general]` and musubi-tuner's defaults applied.
+    fn params(&self, default_caption_extension: &str, warnings: &mut Vec<(PathBuf, String)>) -> Result<DatasetParams> {
+        let i = self.i;
+        self.check_keys(warnings)?;
+        let image_directory = self.path_value("image_directory", warnings)?;
+        let image_jsonl_file = self.path_value("image_jsonl_file", warnings)?;
+        if image_directory.is_none() && image_jsonl_file.is_none() {
+            return Err(self.cerr(format!("`datasets[{i}]` needs `image_directory` or `image_jsonl_file`")));
+        }
+        let control_directory = self.path_value("control_directory", warnings)?;
+        let cache_directory = self.path_value("cache_directory", warnings)?.or_else(|| image_directory.clone());
+        let caption_extension =
+            self.string("caption_extension")?.unwrap_or_else(|| default_caption_extension.to_string());
+        Ok(DatasetParams {
+            index: i,
+            resolution: self.reso("resolution")?.unwrap_or((960, 544)),
+            caption_extension,
+            batch_size: self.int("batch_size", 1, 1)? as usize,
+            num_repeats: self.int("num_repeats", 1, 0)? as usize,
+            enable_bucket: self.boolean("enable_bucket")?,
+            bucket_no_upscale: self.boolean("bucket_no_upscale")?,
+            image_directory,
+            image_jsonl_file,
+            control_directory,
+            cache_directory,
+        })
+    }
 }
 
 /// musubi-tuner's `glob_images` for one folder: image files directly in `dir` (no dotfiles),
@@ -470,6 +524,39 @@ fn directory_items(scan: &mut Scan<'_>, d: &DatasetParams, dir: &Path) -> Vec<It
     items
 }
 
+/// The `control_path` / `control_path_<n>` values of one JSONL line, in musubi-tuner's order;
+/// `None` (reported at `at`) when a suffix is not a number.
+fn jsonl_controls(scan: &mut Scan<'_>, at: &str, v: &serde_json::Value) -> Option<Vec<(u64, String)>> {
+    let mut ctl: Vec<(u64, String)> = Vec::new();
+    let mut bad = false;
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            let idx = if k == "control_path" {
+                Some(0)
+            } else if let Some(s) = k.strip_prefix("control_path_") {
+                match s.parse::<u64>() {
+                    Ok(i) => Some(i),
+                    Err(_) => {
+                        scan.error(at, format!("`{k}`: the suffix is not a number: left out"));
+                        bad = true;
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            if let (Some(i), Some(s)) = (idx, val.as_str()) {
+                ctl.push((i, s.to_string()));
+            }
+        }
+    }
+    if bad {
+        return None;
+    }
+    ctl.sort();
+    Some(ctl)
+}
+
 fn jsonl_items(scan: &mut Scan<'_>, d: &DatasetParams, file: &Path) -> Vec<Item> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
@@ -517,33 +604,7 @@ fn jsonl_items(scan: &mut Scan<'_>, d: &DatasetParams, file: &Path) -> Vec<Item>
             scan.error(&at, "no `caption`: left out");
             continue;
         };
-        let mut ctl: Vec<(u64, String)> = Vec::new();
-        let mut bad = false;
-        if let Some(obj) = v.as_object() {
-            for (k, val) in obj {
-                let idx = if k == "control_path" {
-                    Some(0)
-                } else if let Some(s) = k.strip_prefix("control_path_") {
-                    match s.parse::<u64>() {
-                        Ok(i) => Some(i),
-                        Err(_) => {
-                            scan.error(&at, format!("`{k}`: the suffix is not a number: left out"));
-                            bad = true;
-                            None
-                        }
-                    }
-                } else {
-                    None
-                };
-                if let (Some(i), Some(s)) = (idx, val.as_str()) {
-                    ctl.push((i, s.to_string()));
-                }
-            }
-        }
-        if bad {
-            continue;
-        }
-        ctl.sort();
+        let Some(ctl) = jsonl_controls(scan, &at, &v) else { continue };
         let target = resolve(scan, &image);
         let controls = ctl.iter().map(|(_, s)| resolve(scan, s)).collect();
         let mut id = format!("{}/{}", d.index, image_io::stem(&target));
@@ -554,6 +615,50 @@ fn jsonl_items(scan: &mut Scan<'_>, d: &DatasetParams, file: &Path) -> Vec<Item>
         items.push(Item { id, target, caption, controls });
     }
     items
+}
+
+/// The example of one image and its controls; `None` (reported) when one of them is unusable
+/// or it has no bucket.
+fn item_example(scan: &mut Scan<'_>, sel: &BucketSelector, it: Item) -> Option<Example> {
+    let t = scan.image(&it.target);
+    let cs: Vec<Option<(u32, u32)>> = it.controls.iter().map(|c| scan.image(c)).collect();
+    let tsize = t?;
+    if cs.iter().any(Option::is_none) {
+        scan.error(&it.target, "left out: one of its control images is unusable (see its problem)");
+        return None;
+    }
+    let bucket = scan.bucket(sel, &it.target, tsize)?;
+    let mut images = vec![(roles::TARGET.to_string(), it.target.clone())];
+    if let Some(c0) = it.controls.first() {
+        images.push((roles::REFERENCE.to_string(), c0.clone()));
+    }
+    for (k, c) in it.controls.iter().enumerate() {
+        images.push((roles::control(k), c.clone()));
+    }
+    Some(Example { id: it.id, images, texts: vec![(roles::CAPTION.to_string(), it.caption)], bucket })
+}
+
+/// A `[[datasets]]` entry as `host data check` shows it.
+fn source_of(d: &DatasetParams, examples: usize, buckets: BTreeMap<String, usize>) -> Source {
+    let opt = |p: &Option<PathBuf>| p.as_ref().map(|p| json!(p)).unwrap_or(serde_json::Value::Null);
+    Source {
+        name: format!("datasets[{}]", d.index),
+        path: d.image_directory.clone().or_else(|| d.image_jsonl_file.clone()).unwrap_or_default(),
+        examples,
+        settings: BTreeMap::from([
+            ("resolution".to_string(), json!([d.resolution.0, d.resolution.1])),
+            ("caption_extension".to_string(), json!(d.caption_extension)),
+            ("batch_size".to_string(), json!(d.batch_size)),
+            ("num_repeats".to_string(), json!(d.num_repeats)),
+            ("enable_bucket".to_string(), json!(d.enable_bucket)),
+            ("bucket_no_upscale".to_string(), json!(d.bucket_no_upscale)),
+            ("image_directory".to_string(), opt(&d.image_directory)),
+            ("image_jsonl_file".to_string(), opt(&d.image_jsonl_file)),
+            ("control_directory".to_string(), opt(&d.control_directory)),
+            ("cache_directory".to_string(), opt(&d.cache_directory)),
+            ("buckets".to_string(), json!(buckets)),
+        ]),
+    }
 }
 
 /// Opens a musubi-tuner dataset config (see the module docs).
@@ -590,50 +695,16 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSet> {
     let mut repeats = HashMap::new();
     let mut sources = Vec::new();
     for ((d, items), sel) in conf.datasets.iter().zip(per_dataset).zip(&selectors) {
-        let mut n = 0usize;
         let mut buckets: BTreeMap<String, usize> = BTreeMap::new();
+        let before = examples.len();
         for it in items {
-            let t = scan.image(&it.target);
-            let cs: Vec<Option<(u32, u32)>> = it.controls.iter().map(|c| scan.image(c)).collect();
-            let Some(tsize) = t else { continue };
-            if cs.iter().any(Option::is_none) {
-                scan.error(&it.target, "left out: one of its control images is unusable (see its problem)");
-                continue;
+            if let Some(e) = item_example(&mut scan, sel, it) {
+                repeats.insert(e.id.clone(), d.num_repeats);
+                *buckets.entry(format!("{}x{}", e.bucket.0, e.bucket.1)).or_insert(0) += 1;
+                examples.push(e);
             }
-            let Some(bucket) = scan.bucket(sel, &it.target, tsize) else {
-                continue;
-            };
-            let mut images = vec![(roles::TARGET.to_string(), it.target.clone())];
-            if let Some(c0) = it.controls.first() {
-                images.push((roles::REFERENCE.to_string(), c0.clone()));
-            }
-            for (k, c) in it.controls.iter().enumerate() {
-                images.push((roles::control(k), c.clone()));
-            }
-            repeats.insert(it.id.clone(), d.num_repeats);
-            *buckets.entry(format!("{}x{}", bucket.0, bucket.1)).or_insert(0) += 1;
-            n += 1;
-            examples.push(Example { id: it.id, images, texts: vec![(roles::CAPTION.to_string(), it.caption)], bucket });
         }
-        let opt = |p: &Option<PathBuf>| p.as_ref().map(|p| json!(p)).unwrap_or(serde_json::Value::Null);
-        sources.push(Source {
-            name: format!("datasets[{}]", d.index),
-            path: d.image_directory.clone().or_else(|| d.image_jsonl_file.clone()).unwrap_or_default(),
-            examples: n,
-            settings: BTreeMap::from([
-                ("resolution".to_string(), json!([d.resolution.0, d.resolution.1])),
-                ("caption_extension".to_string(), json!(d.caption_extension)),
-                ("batch_size".to_string(), json!(d.batch_size)),
-                ("num_repeats".to_string(), json!(d.num_repeats)),
-                ("enable_bucket".to_string(), json!(d.enable_bucket)),
-                ("bucket_no_upscale".to_string(), json!(d.bucket_no_upscale)),
-                ("image_directory".to_string(), opt(&d.image_directory)),
-                ("image_jsonl_file".to_string(), opt(&d.image_jsonl_file)),
-                ("control_directory".to_string(), opt(&d.control_directory)),
-                ("cache_directory".to_string(), opt(&d.cache_directory)),
-                ("buckets".to_string(), json!(buckets)),
-            ]),
-        });
+        sources.push(source_of(d, examples.len() - before, buckets));
     }
     let first = match selectors.first() {
         Some(s) => s.clone(),
@@ -693,10 +764,9 @@ mod tests {
     }
 
     #[cfg(unix)]
-    #[test]
-    fn reads_a_dataset_toml_as_musubi_does() {
-        let d = tempfile::tempdir().unwrap();
-        let r = d.path();
+    /// The `dataset.toml` of musubi-tuner's docs over two image folders (captions, controls and
+    /// every kind of bad file) under `r`.
+    fn musubi_docs_fixture(r: &Path) -> PathBuf {
         let (img, ctl, img2) = (r.join("image_dir"), r.join("control_dir"), r.join("image_dir2"));
         write_img(&img.join("image1.jpg"), 1920, 1080, 1);
         std::fs::write(img.join("image1.txt"), "a photo of alice\n").unwrap();
@@ -715,7 +785,7 @@ mod tests {
         write_img(&ctl.join("orphan.png"), 64, 64, 7);
         write_img(&img2.join("x.png"), 300, 300, 8);
         std::fs::write(img2.join("x.caption"), "x caption").unwrap();
-        let toml = write_toml(
+        write_toml(
             r,
             &format!(
                 r#"# resolution, caption_extension, batch_size, num_repeats, enable_bucket, bucket_no_upscale should be set in either general or datasets
@@ -747,7 +817,14 @@ batch_size = 2
                 r.join("cache").display(),
                 img2.display()
             ),
-        );
+        )
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn reads_a_dataset_toml_as_musubi_does() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = musubi_docs_fixture(d.path());
         let ds = inspect(&cfg_for(&toml), 1).unwrap();
         assert_eq!(ds.root, toml);
         // No split for musubi; repeats of dataset 0 only.

@@ -13,8 +13,9 @@
 //! later pair; here pairing is by stem and an unpaired file is reported and left out.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use super::bucket::BucketSelector;
 use super::image_io;
 use super::{roles, DataSet, Example, Scan, Source};
 use crate::config::DataConfig;
@@ -34,123 +35,156 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSet> {
     }
     let sel = super::selector_for(cfg)?;
     let mut scan = Scan::new(cfg);
-    let (sf, tf) = (cfg.source_folder.as_str(), cfg.target_folder.as_str());
-    let attributes: Vec<(String, PathBuf)> = if cfg.attributes.is_empty() {
-        let l = scan.list(&root).unwrap_or_default();
-        let mut v = Vec::new();
-        for d in l.dirs {
-            let name = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if d.join(sf).is_dir() || d.join(tf).is_dir() {
-                v.push((name, d));
-            } else {
-                scan.warn(&d, format!("ignored: no {sf}/ or {tf}/ folder"));
-            }
-        }
-        v
-    } else {
-        cfg.attributes.iter().map(|a| (a.clone(), root.join(a))).collect()
-    };
-
-    // (attribute, stem, source, target, caption)
-    let mut pairs: Vec<(String, String, PathBuf, PathBuf, Option<PathBuf>)> = Vec::new();
+    let attributes = attribute_folders(&mut scan, &root);
+    let mut pairs: Vec<FilePair> = Vec::new();
     let mut sources = Vec::new();
     for (attr, dir) in &attributes {
-        let (sdir, tdir) = (dir.join(sf), dir.join(tf));
-        let mut missing = Vec::new();
-        if !dir.is_dir() {
-            scan.error(dir, format!("attribute `{attr}` left out: the folder does not exist ({EXPECTED_LAYOUT})"));
-            continue;
-        }
-        for (d, n) in [(&sdir, sf), (&tdir, tf)] {
-            if !d.is_dir() {
-                missing.push(format!("{n}/"));
-            }
-        }
-        if !missing.is_empty() {
-            scan.error(dir, format!("attribute `{attr}` left out: no {} folder", missing.join(" or ")));
-            continue;
-        }
-        let by_stem = |scan: &mut Scan<'_>, d: &PathBuf| -> BTreeMap<String, Vec<PathBuf>> {
-            let mut m: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-            if let Some(l) = scan.list(d) {
-                for p in l.images() {
-                    m.entry(image_io::stem(p)).or_default().push(p.clone());
-                }
-            }
-            m
-        };
-        let (src, tgt) = (by_stem(&mut scan, &sdir), by_stem(&mut scan, &tdir));
         let start = pairs.len();
-        for (stem, s) in &src {
-            let Some(t) = tgt.get(stem) else {
-                for p in s {
-                    scan.error(p, format!("no {tf} image with the same name in {}: left out", tdir.display()));
-                }
-                continue;
-            };
-            if s.len() > 1 || t.len() > 1 {
-                for p in s.iter().chain(t) {
-                    scan.error(p, format!("ambiguous: several images named `{stem}.*` in one folder; left out"));
-                }
-                continue;
-            }
-            let ext = &cfg.caption_extension;
-            let caption = [tdir.join(format!("{stem}{ext}")), sdir.join(format!("{stem}{ext}"))]
-                .into_iter()
-                .find(|p| p.is_file());
-            pairs.push((attr.clone(), stem.clone(), s[0].clone(), t[0].clone(), caption));
+        if let Some((n_src, n_tgt)) = attribute_pairs(&mut scan, attr, dir, &mut pairs) {
+            sources.push(Source {
+                name: attr.clone(),
+                path: dir.clone(),
+                examples: pairs.len() - start,
+                settings: BTreeMap::from([
+                    ("source_images".to_string(), serde_json::json!(n_src)),
+                    ("target_images".to_string(), serde_json::json!(n_tgt)),
+                ]),
+            });
         }
-        for (stem, t) in &tgt {
-            if !src.contains_key(stem) {
-                for p in t {
-                    scan.error(p, format!("no {sf} image with the same name in {}: left out", sdir.display()));
-                }
-            }
-        }
-        sources.push(Source {
-            name: attr.clone(),
-            path: dir.clone(),
-            examples: pairs.len() - start,
-            settings: BTreeMap::from([
-                ("source_images".to_string(), serde_json::json!(src.values().map(Vec::len).sum::<usize>())),
-                ("target_images".to_string(), serde_json::json!(tgt.values().map(Vec::len).sum::<usize>())),
-            ]),
-        });
     }
     if attributes.is_empty() {
         scan.error(&root, format!("no attribute folders; {EXPECTED_LAYOUT}"));
     }
-    let all: Vec<PathBuf> = pairs.iter().flat_map(|p| [p.2.clone(), p.3.clone()]).collect();
+    let all: Vec<PathBuf> = pairs.iter().flat_map(|p| [p.source.clone(), p.target.clone()]).collect();
     scan.prefetch(&all);
     let mut examples = Vec::new();
     let mut kept: HashMap<String, usize> = HashMap::new();
-    for (attr, stem, s, t, caption) in pairs {
-        let ss = scan.image(&s);
-        let ts = scan.image(&t);
-        let text = match &caption {
-            Some(c) => scan.read_text(c),
-            None => Some(attr.clone()),
-        };
-        let (Some(_), Some(tsize), Some(text)) = (ss, ts, text) else {
-            scan.error(&t, format!("pair `{attr}/{stem}` left out: see the problems of its files"));
-            continue;
-        };
-        let Some(bucket) = scan.bucket(&sel, &t, tsize) else {
-            continue;
-        };
-        *kept.entry(attr.clone()).or_insert(0) += 1;
-        examples.push(Example {
-            id: format!("{attr}/{stem}"),
-            images: vec![(roles::TARGET.into(), t), (roles::REFERENCE.into(), s.clone()), (roles::CONTROL.into(), s)],
-            texts: vec![(roles::CAPTION.into(), text), (roles::ATTRIBUTE.into(), attr)],
-            bucket,
-        });
+    for p in pairs {
+        if let Some(e) = pair_example(&mut scan, &sel, p) {
+            *kept.entry(e.text(roles::ATTRIBUTE).unwrap_or_default().to_string()).or_insert(0) += 1;
+            examples.push(e);
+        }
     }
     for src in &mut sources {
         src.examples = kept.get(&src.name).copied().unwrap_or(0);
     }
     let split = super::uses_fractions(cfg, true);
     Ok(super::assemble("pairs", root, cfg, seed, split, examples, scan, sel, false, sources, &HashMap::new()))
+}
+
+/// A source image, its target of the same stem and its caption file, if any.
+struct FilePair {
+    attr: String,
+    stem: String,
+    source: PathBuf,
+    target: PathBuf,
+    caption: Option<PathBuf>,
+}
+
+/// `(attribute, folder)`: `data.attributes`, else every folder of `root` holding a source or
+/// target folder (others are a warning).
+fn attribute_folders(scan: &mut Scan<'_>, root: &Path) -> Vec<(String, PathBuf)> {
+    let cfg = scan.cfg;
+    if !cfg.attributes.is_empty() {
+        return cfg.attributes.iter().map(|a| (a.clone(), root.join(a))).collect();
+    }
+    let (sf, tf) = (cfg.source_folder.as_str(), cfg.target_folder.as_str());
+    let l = scan.list(root).unwrap_or_default();
+    let mut v = Vec::new();
+    for d in l.dirs {
+        let name = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if d.join(sf).is_dir() || d.join(tf).is_dir() {
+            v.push((name, d));
+        } else {
+            scan.warn(&d, format!("ignored: no {sf}/ or {tf}/ folder"));
+        }
+    }
+    v
+}
+
+/// The images of `d` by stem.
+fn by_stem(scan: &mut Scan<'_>, d: &Path) -> BTreeMap<String, Vec<PathBuf>> {
+    let mut m: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    if let Some(l) = scan.list(d) {
+        for p in l.images() {
+            m.entry(image_io::stem(p)).or_default().push(p.clone());
+        }
+    }
+    m
+}
+
+/// Pairs the source and target images of attribute folder `dir` by stem into `pairs`; returns
+/// the numbers of source and target images, or `None` (reported) when the folder or one of its
+/// two subfolders is missing.
+fn attribute_pairs(scan: &mut Scan<'_>, attr: &str, dir: &Path, pairs: &mut Vec<FilePair>) -> Option<(usize, usize)> {
+    let cfg = scan.cfg;
+    let (sf, tf) = (cfg.source_folder.as_str(), cfg.target_folder.as_str());
+    let (sdir, tdir) = (dir.join(sf), dir.join(tf));
+    if !dir.is_dir() {
+        scan.error(dir, format!("attribute `{attr}` left out: the folder does not exist ({EXPECTED_LAYOUT})"));
+        return None;
+    }
+    let missing: Vec<String> =
+        [(&sdir, sf), (&tdir, tf)].into_iter().filter(|(d, _)| !d.is_dir()).map(|(_, n)| format!("{n}/")).collect();
+    if !missing.is_empty() {
+        scan.error(dir, format!("attribute `{attr}` left out: no {} folder", missing.join(" or ")));
+        return None;
+    }
+    let (src, tgt) = (by_stem(scan, &sdir), by_stem(scan, &tdir));
+    for (stem, s) in &src {
+        let Some(t) = tgt.get(stem) else {
+            for p in s {
+                scan.error(p, format!("no {tf} image with the same name in {}: left out", tdir.display()));
+            }
+            continue;
+        };
+        if s.len() > 1 || t.len() > 1 {
+            for p in s.iter().chain(t) {
+                scan.error(p, format!("ambiguous: several images named `{stem}.*` in one folder; left out"));
+            }
+            continue;
+        }
+        let ext = &cfg.caption_extension;
+        let caption =
+            [tdir.join(format!("{stem}{ext}")), sdir.join(format!("{stem}{ext}"))].into_iter().find(|p| p.is_file());
+        pairs.push(FilePair {
+            attr: attr.to_string(),
+            stem: stem.clone(),
+            source: s[0].clone(),
+            target: t[0].clone(),
+            caption,
+        });
+    }
+    for (stem, t) in &tgt {
+        if !src.contains_key(stem) {
+            for p in t {
+                scan.error(p, format!("no {sf} image with the same name in {}: left out", sdir.display()));
+            }
+        }
+    }
+    Some((src.values().map(Vec::len).sum(), tgt.values().map(Vec::len).sum()))
+}
+
+/// The example of one pair; `None` (reported) when a file is unusable or it has no bucket.
+fn pair_example(scan: &mut Scan<'_>, sel: &BucketSelector, p: FilePair) -> Option<Example> {
+    let FilePair { attr, stem, source: s, target: t, caption } = p;
+    let ss = scan.image(&s);
+    let ts = scan.image(&t);
+    let text = match &caption {
+        Some(c) => scan.read_text(c),
+        None => Some(attr.clone()),
+    };
+    let (Some(_), Some(tsize), Some(text)) = (ss, ts, text) else {
+        scan.error(&t, format!("pair `{attr}/{stem}` left out: see the problems of its files"));
+        return None;
+    };
+    let bucket = scan.bucket(sel, &t, tsize)?;
+    Some(Example {
+        id: format!("{attr}/{stem}"),
+        images: vec![(roles::TARGET.into(), t), (roles::REFERENCE.into(), s.clone()), (roles::CONTROL.into(), s)],
+        texts: vec![(roles::CAPTION.into(), text), (roles::ATTRIBUTE.into(), attr)],
+        bucket,
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 //! 3. the manifest's `[requires]` against runtimes this process already loaded (one libtorch
 //!    and one ONNX Runtime per process);
 //! 4. abi_stable's layout check of the root module (its report, summarised);
-//! 5. the descriptor's id/kind/version/summary and the header's ABI against the manifest.
+//! 5. the descriptor's id/kind/version and the header's ABI against the manifest: errors, except
+//!    a different summary or an older manifest ABI minor (a plugin rebuilt against a newer
+//!    SDK), which are warnings; each says the fix, `host plugins manifest LIB > plugin.toml`.
 //!
 //! Before any of it the library must lie inside the manifest's folder: `Manifest::parse`
 //! refuses absolute paths and `..`, and [`contained_library`] resolves symlinks and refuses a
@@ -37,8 +39,14 @@ pub enum LoadError {
     NotAPlugin { path: PathBuf, symbol: String },
     #[error("{path} was built for plugin ABI {plugin}, this host speaks ABI {host}: {hint}")]
     AbiMismatch { path: PathBuf, plugin: AbiVersion, host: AbiVersion, hint: String },
-    #[error("{manifest} says kind = \"{manifest_kind}\", but its library {path} is a {library_kind} plugin: fix `plugin.kind` in the manifest")]
-    KindMismatch { manifest: PathBuf, path: PathBuf, manifest_kind: &'static str, library_kind: &'static str },
+    #[error("{manifest} says kind = \"{manifest_kind}\" (`plugin.kind`), but its library {path} is a {library_kind} plugin: {fix}")]
+    KindMismatch {
+        manifest: PathBuf,
+        path: PathBuf,
+        manifest_kind: &'static str,
+        library_kind: &'static str,
+        fix: String,
+    },
     #[error("{path}: {message}")]
     Requires { path: PathBuf, message: String },
     #[error("{path}: the plugin's ABI layout does not match this host's (it was built against a different likeness-abi); abi_stable's report, summarised:\n{summary}")]
@@ -54,6 +62,9 @@ pub struct LoadedLibrary {
     pub header: PluginHeader,
     pub descriptor: PluginDescriptor,
     pub(super) root: Root,
+    /// Where the manifest disagrees with the library harmlessly (logged as warnings when the
+    /// library is opened; see [`open_library`]).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -79,6 +90,11 @@ fn state() -> &'static Mutex<State> {
 pub const HOST_ABI: AbiVersion = AbiVersion { major: ABI_MAJOR, minor: ABI_MINOR };
 
 /// Opens (once per process) and checks the library a manifest names.
+///
+/// The library is the truth about itself: a manifest that disagrees with it on id, kind,
+/// version or ABI is an error, a different `summary` (or an older ABI minor, as left by a
+/// rebuild against a newer SDK) a warning; each says the one-line fix
+/// (`host plugins manifest LIB > plugin.toml`, see [`regenerate_hint`]).
 pub fn open_library(m: &Manifest) -> Result<LoadedLibrary, LoadError> {
     let path = m.library.clone();
     let mut st = state().lock().unwrap_or_else(|p| p.into_inner());
@@ -99,99 +115,178 @@ pub fn open_library(m: &Manifest) -> Result<LoadedLibrary, LoadError> {
     check_requires(&mut st, m, false)?;
 
     contained_library(m)?;
-    let raw = RawLibrary::load_at(&path)
-        .map_err(|e| LoadError::Open { path: path.clone(), message: library_error(&e, &path) })?;
+    let (header, descriptor, root) = open_at(&path, Some(m))?;
+    let bad = |message: String| LoadError::Descriptor { path: path.clone(), message };
+    let warnings = compare_with_manifest(m, &header, &descriptor).map_err(bad)?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    check_build_stamps(m, &descriptor).map_err(bad)?;
+    check_requires(&mut st, m, true)?;
+    let lib = LoadedLibrary { path: path.clone(), header, descriptor, root, warnings };
+    st.opened.insert(path, lib.clone());
+    Ok(lib)
+}
+
+/// What a library says about itself, read without a manifest (`host plugins manifest`).
+#[derive(Clone)]
+pub struct LibraryInfo {
+    pub path: PathBuf,
+    pub header: PluginHeader,
+    pub descriptor: PluginDescriptor,
+}
+
+/// Opens any library (no manifest, so no folder or `[requires]` check: meant for a process
+/// that opens this one library) and runs every check that needs no manifest: the header, the
+/// ABI, abi_stable's layout and the descriptor against the header.
+pub fn read_library(path: &Path) -> Result<LibraryInfo, LoadError> {
+    if !path.is_file() {
+        return Err(LoadError::Open {
+            path: path.to_path_buf(),
+            message: "no such file (build the plugin first: cargo build --release)".into(),
+        });
+    }
+    // dlopen searches the library path for a name without a '/': open the file meant.
+    let real = path.canonicalize().map_err(|e| LoadError::Open { path: path.to_path_buf(), message: e.to_string() })?;
+    let (header, descriptor, _) = open_at(&real, None)?;
+    Ok(LibraryInfo { path: path.to_path_buf(), header, descriptor })
+}
+
+/// dlopen, the header symbol (ABI; the kind against the manifest's, when there is one), the
+/// layout check of the root module, the descriptor (which must agree with the header).
+fn open_at(path: &Path, m: Option<&Manifest>) -> Result<(PluginHeader, PluginDescriptor, Root), LoadError> {
+    let raw = RawLibrary::load_at(path)
+        .map_err(|e| LoadError::Open { path: path.to_path_buf(), message: library_error(&e, path) })?;
     let raw: &'static RawLibrary = Box::leak(Box::new(raw));
 
     let sym = format!("{PLUGIN_HEADER_SYMBOL}\0");
     // SAFETY: the symbol's type is fixed forever (see `PluginHeaderFn`).
     let header_fn = unsafe { raw.get::<PluginHeaderFn>(sym.as_bytes()) }
-        .map_err(|_| LoadError::NotAPlugin { path: path.clone(), symbol: PLUGIN_HEADER_SYMBOL.to_string() })?;
+        .map_err(|_| LoadError::NotAPlugin { path: path.to_path_buf(), symbol: PLUGIN_HEADER_SYMBOL.to_string() })?;
     let header = header_fn();
-    check_abi(&path, header.abi)?;
-    if header.kind != m.kind {
+    check_abi(path, header.abi)?;
+    if let Some(m) = m.filter(|m| header.kind != m.kind) {
         return Err(LoadError::KindMismatch {
             manifest: m.path.clone(),
-            path: path.clone(),
+            path: path.to_path_buf(),
             manifest_kind: m.kind.as_str(),
             library_kind: header.kind.as_str(),
+            fix: regenerate_hint(m),
         });
     }
 
     // SAFETY: the library stays loaded forever (leaked above).
     let lib_header = unsafe { lib_header_from_raw_library(raw) }.map_err(|e| LoadError::NotAPlugin {
-        path: path.clone(),
-        symbol: format!("abi_stable root module ({})", library_error(&e, &path)),
+        path: path.to_path_buf(),
+        symbol: format!("abi_stable root module ({})", library_error(&e, path)),
     })?;
-    let root = match header.kind {
-        PluginKind::Model if header.abi.minor == 0 => {
-            Root::Model(init_older::<likeness_abi::v1_0::ModelPluginModRef, ModelPluginModRef>(lib_header, &path)?)
-        }
-        PluginKind::Metric if header.abi.minor == 0 => {
-            Root::Metric(init_older::<likeness_abi::v1_0::MetricPluginModRef, MetricPluginModRef>(lib_header, &path)?)
-        }
-        PluginKind::Loss if header.abi.minor == 0 => {
-            Root::Loss(init_older::<likeness_abi::v1_0::LossPluginModRef, LossPluginModRef>(lib_header, &path)?)
-        }
-        PluginKind::Model => Root::Model(init::<ModelPluginModRef>(lib_header, &path)?),
-        PluginKind::Metric => Root::Metric(init::<MetricPluginModRef>(lib_header, &path)?),
-        PluginKind::Loss => Root::Loss(init::<LossPluginModRef>(lib_header, &path)?),
-    };
+    let root = init_root(lib_header, header, path)?;
     let descriptor = match root {
         Root::Model(r) => r.descriptor()(),
         Root::Metric(r) => r.descriptor()(),
         Root::Loss(r) => r.descriptor()(),
     };
-    let bad = |message: String| LoadError::Descriptor { path: path.clone(), message };
-    // What the manifest says (and `plugins list` shows without opening anything) must be what
-    // the library is.
-    for (field, library, manifest, quote, fix) in [
-        ("id", descriptor.id.as_str(), m.id.as_str(), "`", "fix `plugin.id` in the manifest"),
-        ("kind", descriptor.kind.as_str(), m.kind.as_str(), "`", "fix `plugin.kind` in the manifest"),
-        (
-            "version",
-            descriptor.version.as_str(),
-            m.version.as_str(),
-            "`",
-            "fix `plugin.version` in the manifest (or rebuild the library)",
-        ),
-        (
-            "summary",
-            descriptor.summary.as_str(),
-            m.summary.as_str(),
-            "\"",
-            "copy the descriptor's summary into `plugin.summary`",
-        ),
+    if descriptor.abi != header.abi || descriptor.kind != header.kind {
+        return Err(LoadError::Descriptor {
+            path: path.to_path_buf(),
+            message: format!(
+                "descriptor (kind {}, ABI {}) disagrees with the library header (kind {}, ABI {})",
+                descriptor.kind.as_str(),
+                descriptor.abi,
+                header.kind.as_str(),
+                header.abi
+            ),
+        });
+    }
+    Ok((header, descriptor, root))
+}
+
+/// The root module, layout-checked against the modules of the library's own ABI minor.
+fn init_root(lib_header: &'static LibHeader, header: PluginHeader, path: &Path) -> Result<Root, LoadError> {
+    Ok(match header.kind {
+        PluginKind::Model if header.abi.minor == 0 => {
+            Root::Model(init_older::<likeness_abi::v1_0::ModelPluginModRef, ModelPluginModRef>(lib_header, path)?)
+        }
+        PluginKind::Metric if header.abi.minor == 0 => {
+            Root::Metric(init_older::<likeness_abi::v1_0::MetricPluginModRef, MetricPluginModRef>(lib_header, path)?)
+        }
+        PluginKind::Loss if header.abi.minor == 0 => {
+            Root::Loss(init_older::<likeness_abi::v1_0::LossPluginModRef, LossPluginModRef>(lib_header, path)?)
+        }
+        PluginKind::Model => Root::Model(init::<ModelPluginModRef>(lib_header, path)?),
+        PluginKind::Metric => Root::Metric(init::<MetricPluginModRef>(lib_header, path)?),
+        PluginKind::Loss => Root::Loss(init::<LossPluginModRef>(lib_header, path)?),
+    })
+}
+
+/// The one-line fix for a manifest that disagrees with its library: write it from the
+/// library. `--library` is added when the manifest names its library by a path other than
+/// its bare file name (`host plugins manifest` writes the file name for an absolute path).
+pub fn regenerate_hint(m: &Manifest) -> String {
+    let dir = m.path.parent().unwrap_or(Path::new(""));
+    let relative = m.library.strip_prefix(dir).ok().filter(|r| r.components().count() > 1);
+    let library = relative.map(|r| format!(" --library {}", shell_word(&r.to_string_lossy()))).unwrap_or_default();
+    format!(
+        "write the manifest from the library: host plugins manifest {}{library} > {}",
+        shell_word(&m.library.to_string_lossy()),
+        shell_word(&m.path.to_string_lossy())
+    )
+}
+
+/// `s` as one shell word: as is when it is made of safe characters, else single-quoted.
+fn shell_word(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// What the manifest says (and `plugins list` shows without opening anything) against what
+/// the library is. Errors: id, version, ABI major, or a manifest ABI minor newer than the
+/// library's (the library in place is older than its manifest: not the build the manifest
+/// describes). Warnings (returned): the summary, and a manifest ABI minor older than the
+/// library's (a plugin rebuilt against a newer SDK; the header check has already accepted
+/// the library's ABI). The kind was compared with the header in [`open_at`].
+fn compare_with_manifest(m: &Manifest, header: &PluginHeader, d: &PluginDescriptor) -> Result<Vec<String>, String> {
+    let fix = regenerate_hint(m);
+    let manifest = m.path.display();
+    for (field, library, claimed, extra) in [
+        ("id", d.id.as_str(), m.id.as_str(), ""),
+        ("version", d.version.as_str(), m.version.as_str(), " (or, if the manifest is right, rebuild the library)"),
     ] {
-        if library.trim() != manifest.trim() {
-            return Err(bad(format!(
-                "the library's descriptor says {field} {quote}{library}{quote} but {} says {quote}{manifest}{quote}: {fix}",
-                m.path.display()
-            )));
+        if library.trim() != claimed.trim() {
+            return Err(format!(
+                "the library's descriptor says {field} `{library}` but {manifest} says `{claimed}` (`plugin.{field}`): {fix}{extra}"
+            ));
         }
     }
-    if m.abi != header.abi {
-        return Err(bad(format!(
-            "the library was built for ABI {} but {} says abi = \"{}\": fix `plugin.abi` in the manifest",
-            header.abi,
-            m.path.display(),
-            m.abi
-        )));
+    let (lib_abi, claimed) = (header.abi, m.abi);
+    if claimed.major != lib_abi.major || claimed.minor > lib_abi.minor {
+        let why = if claimed.major == lib_abi.major {
+            " the library in place is older than its manifest says; copy the new build next to the manifest, or"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "the library was built for ABI {lib_abi} but {manifest} says abi = \"{claimed}\" (`plugin.abi`):{why} {fix}"
+        ));
     }
-    if descriptor.abi != header.abi {
-        return Err(bad(format!(
-            "descriptor (kind {}, ABI {}) disagrees with the library header (kind {}, ABI {})",
-            descriptor.kind.as_str(),
-            descriptor.abi,
-            header.kind.as_str(),
-            header.abi
-        )));
+    let mut warnings = Vec::new();
+    if claimed.minor < lib_abi.minor {
+        warnings.push(format!(
+            "{manifest} says abi = \"{claimed}\" but its library was built for ABI {lib_abi} (rebuilt against a newer likeness-sdk); this host speaks ABI {HOST_ABI} and loads it. Update the manifest: {fix}"
+        ));
     }
-    check_build_stamps(m, &descriptor).map_err(bad)?;
-    check_requires(&mut st, m, true)?;
-    let lib = LoadedLibrary { path: path.clone(), header, descriptor, root };
-    st.opened.insert(path, lib.clone());
-    Ok(lib)
+    if d.summary.trim() != m.summary.trim() {
+        warnings.push(format!(
+            "{manifest}: `plugin.summary` \"{}\" differs from the library's descriptor \"{}\" (`host plugins list` shows the manifest's). Update the manifest: {fix}",
+            m.summary.trim(),
+            d.summary.trim()
+        ));
+    }
+    Ok(warnings)
 }
 
 fn check_abi(path: &std::path::Path, plugin: AbiVersion) -> Result<(), LoadError> {
@@ -399,6 +494,76 @@ mod tests {
     fn manifest_in(dir: &Path, library: &str) -> Manifest {
         let text = format!("[plugin]\nid='x'\nkind='loss'\nversion='0.1.0'\nabi='1.0'\nlibrary='{library}'\n");
         Manifest::parse(&text, &dir.join("plugin.toml")).unwrap()
+    }
+
+    fn descriptor(id: &str, version: &str, abi: AbiVersion, summary: &str) -> PluginDescriptor {
+        use abi_stable::std_types::{ROption, RVec};
+        PluginDescriptor {
+            id: id.into(),
+            kind: PluginKind::Loss,
+            version: version.into(),
+            abi,
+            summary: summary.into(),
+            capabilities: likeness_abi::Capabilities {
+                differentiable: true,
+                devices: RVec::new(),
+                dtypes: RVec::new(),
+            },
+            config_schema: "{}".into(),
+            build: likeness_abi::BuildStamps {
+                rustc: "".into(),
+                libtorch: ROption::RNone,
+                onnxruntime: ROption::RNone,
+                cuda: ROption::RNone,
+            },
+        }
+    }
+
+    /// The library is the truth: id, version, another ABI major or a manifest ABI newer than
+    /// the library are errors; a summary or an older manifest ABI minor are warnings. Each
+    /// says the one-line fix.
+    #[test]
+    fn manifest_differences_are_errors_or_warnings_with_the_fix() {
+        let m = Manifest::parse(
+            "[plugin]\nid='x'\nkind='loss'\nversion='0.1.0'\nabi='1.0'\nlibrary='target/release/libx.so'\nsummary='old words'\n",
+            Path::new("/p/my plugin/plugin.toml"),
+        )
+        .unwrap();
+        let fix = "host plugins manifest '/p/my plugin/target/release/libx.so' --library target/release/libx.so > '/p/my plugin/plugin.toml'";
+        assert!(regenerate_hint(&m).ends_with(fix), "{}", regenerate_hint(&m));
+        let v = |major, minor| AbiVersion { major, minor };
+        let header = |abi| PluginHeader { abi, kind: PluginKind::Loss };
+        let same = compare_with_manifest(&m, &header(v(1, 0)), &descriptor("x", "0.1.0", v(1, 0), "old words"));
+        assert_eq!(same.unwrap(), Vec::<String>::new());
+        let w = compare_with_manifest(&m, &header(v(1, 1)), &descriptor("x", "0.1.0", v(1, 1), "new words")).unwrap();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("abi = \"1.0\" but its library was built for ABI 1.1") && w[0].ends_with(fix),
+            "{}",
+            w[0]
+        );
+        assert!(
+            w[1].contains("\"old words\" differs from the library's descriptor \"new words\"") && w[1].ends_with(fix)
+        );
+        for (d, h, want) in [
+            (
+                descriptor("y", "0.1.0", v(1, 0), "old words"),
+                v(1, 0),
+                "says id `y` but /p/my plugin/plugin.toml says `x`",
+            ),
+            (descriptor("x", "0.2.0", v(1, 0), "old words"), v(1, 0), "says version `0.2.0`"),
+            (descriptor("x", "0.1.0", v(2, 0), "old words"), v(2, 0), "built for ABI 2.0 but"),
+        ] {
+            let e = compare_with_manifest(&m, &header(h), &d).unwrap_err();
+            assert!(e.contains(want) && e.contains(fix), "{e}");
+        }
+        let newer = Manifest { abi: v(1, 1), ..m.clone() };
+        let e = compare_with_manifest(&newer, &header(v(1, 0)), &descriptor("x", "0.1.0", v(1, 0), "old words"));
+        let e = e.unwrap_err();
+        assert!(e.contains("older than its manifest says") && e.contains("host plugins manifest"), "{e}");
+        // A library next to its manifest needs no --library.
+        let flat = Manifest { library: PathBuf::from("/p/x/libx.so"), path: PathBuf::from("/p/x/plugin.toml"), ..m };
+        assert!(regenerate_hint(&flat).ends_with("host plugins manifest /p/x/libx.so > /p/x/plugin.toml"));
     }
 
     #[cfg(unix)]

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use likeness_abi::{AbiVersion, PluginKind};
+use likeness_abi::{AbiVersion, PluginDescriptor, PluginKind};
 use serde::Deserialize;
 
 use crate::{EngineError, Result};
@@ -108,6 +108,51 @@ impl Manifest {
     }
 }
 
+/// The complete `plugin.toml` for a library, from its own descriptor (`host plugins manifest`):
+/// the manifest repeats what the library knows so discovery need not open it, and writing it
+/// from the library means an author never keeps the two in step by hand. `library` is the
+/// value of `plugin.library` (relative to the manifest's folder, inside it; checked).
+/// `[requires]` lists the runtimes the descriptor's build stamps name (`unknown` stamps are
+/// left out: they can be compared with nothing).
+pub fn render(d: &PluginDescriptor, library: &str) -> std::result::Result<String, String> {
+    check_library_is_inside(library, Path::new("."))?;
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let line = |key: &str, value: String, comment: &str| {
+        let kv = format!("{key} = {value}");
+        if comment.is_empty() {
+            kv + "\n"
+        } else {
+            format!("{kv:<30} # {comment}\n")
+        }
+    };
+    let mut out = format!(
+        "# plugin.toml of `{id}`: what `host` reads to find this plugin without opening its library.\n\
+         # Written from the library's descriptor by `host plugins manifest {library} > plugin.toml`:\n\
+         # write it again after each rebuild instead of editing it (the host checks these fields\n\
+         # against the library when it opens it).\n[plugin]\n",
+        id = d.id.as_str().replace(['\n', '\r'], " "),
+    );
+    out += &line("id", q(d.id.as_str()), "what configs name: model.plugin / metric.plugin / loss.plugin");
+    out += &line("kind", q(d.kind.as_str()), "model | metric | loss");
+    out += &line("version", q(d.version.as_str()), "the plugin's own version");
+    out += &line("abi", q(&d.abi.to_string()), "plugin ABI major.minor the library was built for");
+    out += &line("library", q(library), "relative to this file's folder (and inside it)");
+    out += &line("summary", q(d.summary.as_str()), "");
+    let stamps = [("libtorch", &d.build.libtorch), ("onnxruntime", &d.build.onnxruntime), ("cuda", &d.build.cuda)];
+    let known: Vec<(&str, &str)> = stamps
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().into_option().map(|v| (*k, v.as_str())).filter(|(_, v)| *v != "unknown"))
+        .collect();
+    out += "\n[requires]                     # runtimes the library was built against (one of each per process)\n";
+    if known.is_empty() {
+        out += "# none: the library links no libtorch, ONNX Runtime or CUDA\n";
+    }
+    for (k, v) in known {
+        out += &line(k, q(v), "");
+    }
+    Ok(out)
+}
+
 /// `plugin.library` must name a file inside the manifest's own folder: a relative path with no
 /// root and no `..` (checked here, lexically; symlinks that leave the folder are refused when
 /// the library is opened, see `loader::contained_library`). A manifest must not be able to make
@@ -194,6 +239,52 @@ mod tests {
         assert!(e.contains("set `library = \"libm.so.6\"`"), "{e}");
         assert_eq!(parse("./lib/libx.so").unwrap().library, Path::new("/p/x/./lib/libx.so"));
         assert_eq!(parse("libx.so").unwrap().library, Path::new("/p/x/libx.so"));
+    }
+
+    fn descriptor(summary: &str, libtorch: Option<&str>) -> PluginDescriptor {
+        use abi_stable::std_types::{ROption, RVec};
+        PluginDescriptor {
+            id: "my-model".into(),
+            kind: PluginKind::Model,
+            version: "0.3.1".into(),
+            abi: AbiVersion { major: 1, minor: 1 },
+            summary: summary.into(),
+            capabilities: likeness_abi::Capabilities {
+                differentiable: true,
+                devices: RVec::new(),
+                dtypes: RVec::new(),
+            },
+            config_schema: "{}".into(),
+            build: likeness_abi::BuildStamps {
+                rustc: "rustc 1.95.0".into(),
+                libtorch: libtorch.map(|v| ROption::RSome(v.into())).unwrap_or(ROption::RNone),
+                onnxruntime: ROption::RNone,
+                cuda: ROption::RSome("unknown".into()),
+            },
+        }
+    }
+
+    /// What `render` writes parses back to the descriptor's fields, whatever the summary holds.
+    #[test]
+    fn rendered_manifest_parses_back_to_the_descriptor() {
+        for summary in
+            ["plain", "quotes \" and 'apostrophes', a \\ backslash", "two\nlines and # not a comment", "x̂0 → ✓"]
+        {
+            let d = descriptor(summary, Some("2.13.0+cu130"));
+            let text = render(&d, "target/release/libmy_model.so").unwrap();
+            let m = Manifest::parse(&text, Path::new("/p/m/plugin.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!((m.id.as_str(), m.kind, m.version.as_str()), ("my-model", PluginKind::Model, "0.3.1"), "{text}");
+            assert_eq!((m.abi.major, m.abi.minor), (1, 1));
+            assert_eq!(m.summary, summary, "{text}");
+            assert_eq!(m.library, Path::new("/p/m/target/release/libmy_model.so"));
+            assert_eq!(m.requires, Requires { libtorch: Some("2.13.0+cu130".into()), onnxruntime: None, cuda: None });
+        }
+        let text = render(&descriptor("s", None), "libx.so").unwrap();
+        assert!(text.contains("# none: the library links no libtorch"), "{text}");
+        assert_eq!(Manifest::parse(&text, Path::new("plugin.toml")).unwrap().requires, Requires::default());
+        for bad in ["/abs/libx.so", "../libx.so", ""] {
+            assert!(render(&descriptor("s", None), bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -13,5 +13,5 @@ pub use discovery::{default_search_path, Discovered, Registry, SearchDir, Search
 pub use handles::{
     legacy_interface, Loss, LossResult, Metric, MetricResult, Model, ModelLibrary, ModelResult, Outputs, TextBatch,
 };
-pub use loader::{open_library, LoadError, LoadedLibrary};
-pub use manifest::{Manifest, Requires};
+pub use loader::{open_library, read_library, regenerate_hint, LibraryInfo, LoadError, LoadedLibrary};
+pub use manifest::{render as render_manifest, Manifest, Requires};

@@ -17,7 +17,7 @@ use safetensors::tensor::{Dtype, TensorView as StView};
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
-use super::step::batch_image;
+use super::step::{batch_image, batch_texts};
 use crate::data::{Batch, Example};
 use crate::plugins::Model;
 use crate::{EngineError, Result};
@@ -107,68 +107,26 @@ impl EncodingCache {
             InputKind::Image => Some(batch_image(batch, source)?),
             InputKind::Text => None,
         };
-        let texts: Vec<String> = match decl.source_kind {
-            InputKind::Text => {
-                batch.texts.iter().find(|(r, _)| r == source).map(|(_, t)| t.clone()).unwrap_or_default()
-            }
-            InputKind::Image => Vec::new(),
+        let texts: &[String] = match decl.source_kind {
+            InputKind::Text => batch_texts(batch, source)?,
+            InputKind::Image => &[],
         };
         let row = |t: &CpuTensor<f32>, i: usize| -> Vec<f32> {
             let per = t.numel() / t.shape[0].max(1) as usize;
             t.data[i * per..(i + 1) * per].to_vec()
         };
-        let mut keys = Vec::with_capacity(n);
-        for i in 0..n {
-            let content: Vec<u8> = match (image, decl.source_kind) {
-                (Some(img), _) => row(img, i).iter().flat_map(|x| x.to_le_bytes()).collect(),
-                (None, _) => texts.get(i).map(|s| s.as_bytes().to_vec()).unwrap_or_default(),
-            };
-            keys.push(self.key(decl, &content));
-        }
+        let keys: Vec<String> = (0..n)
+            .map(|i| match image {
+                Some(img) => self.key(decl, &row(img, i).iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
+                None => self.key(decl, texts[i].as_bytes()),
+            })
+            .collect();
         let mut entries: Vec<Option<Named>> = keys.iter().map(|k| self.read(&self.path(decl, k))).collect();
         let missing: Vec<usize> = (0..n).filter(|&i| entries[i].is_none()).collect();
         self.hits += n - missing.len();
         self.misses += missing.len();
         if !missing.is_empty() {
-            let computed = match image {
-                Some(img) => {
-                    let per = img.numel() / img.shape[0].max(1) as usize;
-                    let mut shape = img.shape.clone();
-                    shape[0] = missing.len() as i64;
-                    let mut data = Vec::with_capacity(per * missing.len());
-                    for &i in &missing {
-                        data.extend_from_slice(&img.data[i * per..(i + 1) * per]);
-                    }
-                    let sub = CpuTensor::new(shape, data);
-                    model.encode(decl.name.as_str(), &[(source, sub.view())], &[])?
-                }
-                None => {
-                    let sub: Vec<String> = missing.iter().map(|&i| texts.get(i).cloned().unwrap_or_default()).collect();
-                    model.encode(decl.name.as_str(), &[], &[(source, sub.as_slice())])?
-                }
-            };
-            let outs: Vec<(String, CpuTensor<f32>)> = computed
-                .0
-                .iter()
-                .map(|(name, t)| CpuTensor::<f32>::from_managed(t, name).map(|c| (name.clone(), c)))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| EngineError::Plugin {
-                    plugin: self.plugin.clone(),
-                    message: format!("encode(`{}`): {}", decl.name, e.message),
-                })?;
-            for (name, t) in &outs {
-                if t.shape.first().copied() != Some(missing.len() as i64) {
-                    return Err(EngineError::Plugin {
-                        plugin: self.plugin.clone(),
-                        message: format!(
-                            "encode(`{}`) output `{name}` has shape {:?}, expected {} rows",
-                            decl.name,
-                            t.shape,
-                            missing.len()
-                        ),
-                    });
-                }
-            }
+            let outs = self.compute(model, decl, image, texts, &missing)?;
             for (k, &i) in missing.iter().enumerate() {
                 let per_sample: Vec<(String, CpuTensor<f32>)> = outs
                     .iter()
@@ -184,6 +142,59 @@ impl EncodingCache {
         }
         debug!(encoding = %decl.name, hits = n - missing.len(), misses = missing.len(), "encoding cache");
         stack(entries.into_iter().map(|e| e.expect("every entry read or computed")).collect())
+    }
+
+    /// The encoding `decl` of the samples `missing` of the batch (one `encode` call), each output
+    /// checked to have one row per sample.
+    fn compute(
+        &self,
+        model: &mut Model,
+        decl: &EncodingDecl,
+        image: Option<&CpuTensor<f32>>,
+        texts: &[String],
+        missing: &[usize],
+    ) -> Result<Named> {
+        let source = decl.source.as_str();
+        let computed = match image {
+            Some(img) => {
+                let per = img.numel() / img.shape[0].max(1) as usize;
+                let mut shape = img.shape.clone();
+                shape[0] = missing.len() as i64;
+                let mut data = Vec::with_capacity(per * missing.len());
+                for &i in missing {
+                    data.extend_from_slice(&img.data[i * per..(i + 1) * per]);
+                }
+                let sub = CpuTensor::new(shape, data);
+                model.encode(decl.name.as_str(), &[(source, sub.view())], &[])?
+            }
+            None => {
+                let sub: Vec<String> = missing.iter().map(|&i| texts[i].clone()).collect();
+                model.encode(decl.name.as_str(), &[], &[(source, sub.as_slice())])?
+            }
+        };
+        let outs: Named = computed
+            .0
+            .iter()
+            .map(|(name, t)| CpuTensor::<f32>::from_managed(t, name).map(|c| (name.clone(), c)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| EngineError::Plugin {
+                plugin: self.plugin.clone(),
+                message: format!("encode(`{}`): {}", decl.name, e.message),
+            })?;
+        for (name, t) in &outs {
+            if t.shape.first().copied() != Some(missing.len() as i64) {
+                return Err(EngineError::Plugin {
+                    plugin: self.plugin.clone(),
+                    message: format!(
+                        "encode(`{}`) output `{name}` has shape {:?}, expected {} rows",
+                        decl.name,
+                        t.shape,
+                        missing.len()
+                    ),
+                });
+            }
+        }
+        Ok(outs)
     }
 
     fn read(&self, path: &Path) -> Option<Vec<(String, CpuTensor<f32>)>> {

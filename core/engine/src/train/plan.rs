@@ -13,9 +13,9 @@ use crate::config::{Config, IdentityWeighting};
 use crate::data::DataSet;
 use crate::{EngineError, Result};
 
-/// The identity term.
+/// The identity term's settings (the term itself is [`super::terms::IdentityTerm`]).
 #[derive(Debug, Clone)]
-pub struct IdentityTerm {
+pub struct IdentityPlan {
     pub weight: f64,
     pub weighting: IdentityWeighting,
     pub t_max: f64,
@@ -23,13 +23,13 @@ pub struct IdentityTerm {
     pub output: String,
 }
 
-impl IdentityTerm {
+impl IdentityPlan {
     /// The model output the weighting reads (`timesteps` or `timestep_weights`), if any.
     pub fn weighting_output(&self) -> Option<&'static str> {
         match self.weighting {
             IdentityWeighting::None => None,
             IdentityWeighting::OneMinusTSquared | IdentityWeighting::TMax => Some("timesteps"),
-            IdentityWeighting::Timestep => Some("timestep_weights"),
+            IdentityWeighting::TimestepWeights => Some("timestep_weights"),
         }
     }
 
@@ -40,7 +40,7 @@ impl IdentityTerm {
         let t = v;
         match self.weighting {
             IdentityWeighting::None => 1.0,
-            IdentityWeighting::Timestep => v,
+            IdentityWeighting::TimestepWeights => v,
             IdentityWeighting::OneMinusTSquared => (1.0 - t).powi(2),
             IdentityWeighting::TMax => {
                 if t as f64 <= self.t_max {
@@ -53,13 +53,14 @@ impl IdentityTerm {
     }
 }
 
-/// The text-alignment term: `w_text · mean over valid rows of (1 − cos(e_i, t_i))`, e_i the
-/// `[text]` metric's embedding of the model output, t_i its embedding of the sample's text
-/// `prompt`. Not weighted by `metric.identity_weighting`: that weighting says how much a noisy
-/// x̂0 tells about a *face*; DRIP's text term is unweighted, and a blur's colour/layout still
-/// carries the prompt's content, so each row weighs 1.
+/// The text-alignment term's settings (`[text]`; the term itself is
+/// [`super::terms::TextAlignmentTerm`]): `w_text · mean over valid rows of (1 − cos(e_i, t_i))`,
+/// e_i the `[text]` metric's embedding of the model output, t_i its embedding of the sample's
+/// text `prompt`. Not weighted by `metric.identity_weighting`: that weighting says how much a
+/// noisy x̂0 tells about a *face*; DRIP's text term is unweighted, and a blur's colour/layout
+/// still carries the prompt's content, so each row weighs 1.
 #[derive(Debug, Clone)]
-pub struct TextTerm {
+pub struct TextAlignmentPlan {
     pub weight: f64,
     /// The text role embedded (`caption`).
     pub prompt: String,
@@ -73,20 +74,20 @@ pub struct Plan {
     /// `w_model`, when the model has its own loss and the weight is > 0.
     pub model_weight: Option<f64>,
     /// `w_content`, when the content loss is active.
-    pub content: Option<f64>,
-    pub identity: Option<IdentityTerm>,
-    pub text: Option<TextTerm>,
+    pub content_weight: Option<f64>,
+    /// The identity term, when it trains (metric.weight > 0).
+    pub identity: Option<IdentityPlan>,
+    /// The text-alignment term (`[text]` with text.weight > 0).
+    pub text_alignment: Option<TextAlignmentPlan>,
     /// Image roles passed to the model (declared by it and present in the data).
-    pub images: Vec<String>,
-    /// Text roles passed to the model.
-    pub texts: Vec<String>,
+    pub image_inputs: Vec<String>,
+    /// Text roles passed to the model (its text *inputs*; not the text-alignment term).
+    pub text_inputs: Vec<String>,
     /// Encodings computed once and cached, passed in place of their source.
     pub encodings: Vec<EncodingDecl>,
     pub param_groups: Vec<String>,
     pub adapter_formats: Vec<String>,
     pub can_sample: bool,
-    /// Whether the model outputs `timesteps`.
-    pub has_timesteps: bool,
     /// Decisions worth a log line.
     pub notes: Vec<String>,
 }
@@ -103,6 +104,214 @@ fn list(v: &BTreeSet<String>) -> String {
     }
 }
 
+/// What [`Plan::new`] checks against: the model's declared interface and the dataset's roles.
+/// Each check adds its mismatches to `problems` (reported all at once) and its decisions to
+/// `notes`.
+struct Checks<'a> {
+    cfg: &'a Config,
+    model_id: &'a str,
+    i: &'a ModelInterface,
+    outputs: Vec<&'a str>,
+    image_roles: BTreeSet<String>,
+    text_roles: BTreeSet<String>,
+    /// "the `<layout>` dataset at <root>", for messages.
+    data_desc: String,
+    problems: Vec<String>,
+    notes: Vec<String>,
+}
+
+/// Where captions come from, for messages about a missing text role.
+const CAPTIONS_FROM: &str = "captions come from prompt.txt in `drip`, caption files in `musubi` and `pairs`";
+
+impl Checks<'_> {
+    /// The declared inputs present in the data; a required one that is absent is a problem.
+    fn inputs(&mut self) -> (Vec<String>, Vec<String>) {
+        let (model_id, data_desc) = (self.model_id, &self.data_desc);
+        let mut images = Vec::new();
+        for d in self.i.images.iter() {
+            if self.image_roles.contains(d.name.as_str()) {
+                images.push(d.name.to_string());
+            } else if d.required {
+                self.problems.push(format!(
+                    "model `{model_id}` needs image `{}` ({}), but {data_desc} provides images: {}",
+                    d.name,
+                    d.doc,
+                    list(&self.image_roles)
+                ));
+            }
+        }
+        let mut texts = Vec::new();
+        for d in self.i.texts.iter() {
+            if self.text_roles.contains(d.name.as_str()) {
+                texts.push(d.name.to_string());
+            } else if d.required {
+                self.problems.push(format!(
+                    "model `{model_id}` needs text `{}` ({}), but {data_desc} provides texts: {} ({CAPTIONS_FROM})",
+                    d.name,
+                    d.doc,
+                    list(&self.text_roles)
+                ));
+            }
+        }
+        (images, texts)
+    }
+
+    /// `w_model`, when the model's own loss trains.
+    fn model_weight(&mut self) -> Option<f64> {
+        let (cfg, i, model_id) = (self.cfg, self.i, self.model_id);
+        if !i.internal_loss && cfg.model.loss_weight != 1.0 {
+            self.notes.push(format!(
+                "model.loss_weight = {} has no effect: model `{model_id}` has no loss of its own",
+                cfg.model.loss_weight
+            ));
+        }
+        (i.internal_loss && cfg.model.loss_weight > 0.0).then_some(cfg.model.loss_weight)
+    }
+
+    /// `w_content`, when the content loss is active.
+    fn content_weight(&mut self) -> Option<f64> {
+        let (cfg, i, model_id) = (self.cfg, self.i, self.model_id);
+        let wanted = cfg.loss.weight > 0.0 && cfg.loss.plugin != "none" && (cfg.loss_given || !i.internal_loss);
+        if !wanted && i.internal_loss && !cfg.loss_given {
+            self.notes.push(format!(
+                "no content loss: model `{model_id}` trains on its own loss (add a [loss] section to add one)"
+            ));
+        }
+        if !wanted {
+            return None;
+        }
+        if !self.outputs.contains(&"pixels") {
+            self.problems.push(format!(
+                "the content loss `{}` compares the model's `pixels` with the data's `target`, but model `{model_id}` outputs only: {} (set loss.weight = 0 or loss.plugin = \"none\")",
+                cfg.loss.plugin,
+                self.outputs.join(", ")
+            ));
+        }
+        if !self.image_roles.contains("target") {
+            self.problems.push(format!(
+                "the content loss needs image `target`, but {} provides images: {}",
+                self.data_desc,
+                list(&self.image_roles)
+            ));
+        }
+        Some(cfg.loss.weight)
+    }
+
+    /// The identity term (checked whenever a `[metric]` is configured: it is measured at every
+    /// validation even when it does not train).
+    fn identity(&mut self) -> Option<IdentityPlan> {
+        let (m, model_id) = (self.cfg.metric.as_ref()?, self.model_id);
+        let outputs = self.outputs.join(", ");
+        if !self.outputs.contains(&m.output.as_str()) {
+            self.problems.push(format!(
+                "metric `{}` embeds the model output `{}` (metric.output), but model `{model_id}` outputs only: {outputs}",
+                m.plugin, m.output
+            ));
+        }
+        if !self.image_roles.contains("reference") {
+            self.problems.push(format!(
+                "metric `{}` compares generated images with image `reference`, but {} provides images: {}",
+                m.plugin,
+                self.data_desc,
+                list(&self.image_roles)
+            ));
+        }
+        match m.identity_weighting {
+            IdentityWeighting::OneMinusTSquared | IdentityWeighting::TMax if !self.outputs.contains(&"timesteps") => {
+                self.problems.push(format!(
+                    "metric.identity_weighting = {:?} weights each sample by its noise level, but model `{model_id}` does not output `timesteps` (it outputs: {outputs}); use identity_weighting = \"none\"",
+                    m.identity_weighting
+                ))
+            }
+            IdentityWeighting::TimestepWeights if !self.outputs.contains(&"timestep_weights") => self.problems.push(format!(
+                "metric.identity_weighting = \"timestep\" weights each sample's identity term as the model weights its diffusion loss, but model `{model_id}` does not output `timestep_weights` (it outputs: {outputs}); use identity_weighting = \"one_minus_t_squared\" (needs `timesteps`) or \"none\""
+            )),
+            _ => {}
+        }
+        if !(0.0..=1.0).contains(&m.t_max) {
+            self.problems.push(format!("metric.t_max = {} must be in [0, 1]", m.t_max));
+        }
+        (m.weight > 0.0).then(|| IdentityPlan {
+            weight: m.weight,
+            weighting: m.identity_weighting,
+            t_max: m.t_max,
+            output: m.output.clone(),
+        })
+    }
+
+    /// The text-alignment term, when `[text]` is active.
+    fn text_alignment(&mut self, text_interface: Option<&MetricInterface>) -> Option<TextAlignmentPlan> {
+        let (t, model_id) = (self.cfg.text.as_ref().filter(|t| t.weight != 0.0)?, self.model_id);
+        if t.weight < 0.0 || !t.weight.is_finite() {
+            self.problems.push(format!("text.weight = {} must be ≥ 0 (0 turns the text term off)", t.weight));
+        }
+        match text_interface {
+            Some(ti) if !ti.embeds_texts => self.problems.push(format!(
+                "text.plugin = `{}` does not embed texts (its MetricInterface says embeds_texts = false); use a metric that does, e.g. text.plugin = \"clip\"",
+                t.plugin
+            )),
+            Some(_) => {}
+            None => self.problems.push(format!(
+                "text.plugin = `{}`: its interface was not asked (engine bug: Plan::new needs it)",
+                t.plugin
+            )),
+        }
+        if !self.text_roles.contains(t.prompt.as_str()) {
+            self.problems.push(format!(
+                "the text term aligns images with text `{}` (text.prompt), but {} provides texts: {} ({CAPTIONS_FROM}; or remove [text])",
+                t.prompt,
+                self.data_desc,
+                list(&self.text_roles)
+            ));
+        }
+        if !self.outputs.contains(&t.output.as_str()) {
+            self.problems.push(format!(
+                "the text term embeds the model output `{}` (text.output), but model `{model_id}` outputs only: {}",
+                t.output,
+                self.outputs.join(", ")
+            ));
+        }
+        Some(TextAlignmentPlan { weight: t.weight, prompt: t.prompt.clone(), output: t.output.clone() })
+    }
+
+    /// The model's parameter groups; a `train.param_groups` entry naming another is a problem.
+    fn param_groups(&mut self) -> Vec<String> {
+        let groups: Vec<String> = self.i.param_groups.iter().map(|g| g.to_string()).collect();
+        for g in self.cfg.train.param_groups.keys() {
+            if !groups.contains(g) {
+                self.problems.push(format!(
+                    "train.param_groups.{g}: model `{}` has no parameter group `{g}` (its groups: {})",
+                    self.model_id,
+                    if groups.is_empty() { "one, unnamed".to_string() } else { groups.join(", ") }
+                ));
+            }
+        }
+        groups
+    }
+
+    /// The adapter formats written: `adapter.formats`, else kohya / diffusers / peft as declared.
+    fn adapter_formats(&mut self) -> Vec<String> {
+        let declared: Vec<String> = self.i.adapter_formats.iter().map(|f| f.to_string()).collect();
+        if self.cfg.adapter.formats.is_empty() {
+            return ["kohya", "diffusers", "peft"]
+                .iter()
+                .filter(|f| declared.iter().any(|d| d == *f))
+                .map(|f| f.to_string())
+                .collect();
+        }
+        for f in &self.cfg.adapter.formats {
+            if !declared.contains(f) {
+                self.problems.push(format!(
+                    "adapter.formats: model `{}` cannot write `{f}` (it writes: {})",
+                    self.model_id,
+                    if declared.is_empty() { "no adapters".to_string() } else { declared.join(", ") }
+                ));
+            }
+        }
+        self.cfg.adapter.formats.clone()
+    }
+}
+
 impl Plan {
     /// `text_interface`: what the `[text]` metric declares (asked before anything is created),
     /// when a `[text]` section is active.
@@ -113,224 +322,63 @@ impl Plan {
         ds: &DataSet,
         text_interface: Option<&MetricInterface>,
     ) -> Result<Plan> {
-        let image_roles = ds.image_roles();
-        let text_roles = ds.text_roles();
-        let outputs = names(&i.outputs);
-        let data_desc = format!("the `{}` dataset at {}", ds.layout, ds.root.display());
-        let mut problems: Vec<String> = Vec::new();
-        let mut notes = Vec::new();
-
-        // Inputs the model declares, against what the data has.
-        let mut images = Vec::new();
-        for d in i.images.iter() {
-            if image_roles.contains(d.name.as_str()) {
-                images.push(d.name.to_string());
-            } else if d.required {
-                problems.push(format!(
-                    "model `{model_id}` needs image `{}` ({}), but {data_desc} provides images: {}",
-                    d.name,
-                    d.doc,
-                    list(&image_roles)
-                ));
-            }
-        }
-        let mut texts = Vec::new();
-        for d in i.texts.iter() {
-            if text_roles.contains(d.name.as_str()) {
-                texts.push(d.name.to_string());
-            } else if d.required {
-                problems.push(format!(
-                    "model `{model_id}` needs text `{}` ({}), but {data_desc} provides texts: {} (captions come from prompt.txt in `drip`, caption files in `musubi` and `pairs`)",
-                    d.name,
-                    d.doc,
-                    list(&text_roles)
-                ));
-            }
-        }
-
-        // The terms.
-        let model_weight = (i.internal_loss && cfg.model.loss_weight > 0.0).then_some(cfg.model.loss_weight);
-        if !i.internal_loss && cfg.model.loss_weight != 1.0 {
-            notes.push(format!(
-                "model.loss_weight = {} has no effect: model `{model_id}` has no loss of its own",
-                cfg.model.loss_weight
-            ));
-        }
-        let content_wanted = cfg.loss.weight > 0.0 && cfg.loss.plugin != "none" && (cfg.loss_given || !i.internal_loss);
-        if !content_wanted && i.internal_loss && !cfg.loss_given {
-            notes.push(format!(
-                "no content loss: model `{model_id}` trains on its own loss (add a [loss] section to add one)"
-            ));
-        }
-        let content = if content_wanted {
-            if !outputs.contains(&"pixels") {
-                problems.push(format!(
-                    "the content loss `{}` compares the model's `pixels` with the data's `target`, but model `{model_id}` outputs only: {} (set loss.weight = 0 or loss.plugin = \"none\")",
-                    cfg.loss.plugin,
-                    outputs.join(", ")
-                ));
-            }
-            if !image_roles.contains("target") {
-                problems.push(format!(
-                    "the content loss needs image `target`, but {data_desc} provides images: {}",
-                    list(&image_roles)
-                ));
-            }
-            Some(cfg.loss.weight)
-        } else {
-            None
+        let mut c = Checks {
+            cfg,
+            model_id,
+            i,
+            outputs: names(&i.outputs),
+            image_roles: ds.image_roles(),
+            text_roles: ds.text_roles(),
+            data_desc: format!("the `{}` dataset at {}", ds.layout, ds.root.display()),
+            problems: Vec::new(),
+            notes: Vec::new(),
         };
-        let identity = match &cfg.metric {
-            Some(m) => {
-                if !outputs.contains(&m.output.as_str()) {
-                    problems.push(format!(
-                        "metric `{}` embeds the model output `{}` (metric.output), but model `{model_id}` outputs only: {}",
-                        m.plugin,
-                        m.output,
-                        outputs.join(", ")
-                    ));
-                }
-                if !image_roles.contains("reference") {
-                    problems.push(format!(
-                        "metric `{}` compares generated images with image `reference`, but {data_desc} provides images: {}",
-                        m.plugin,
-                        list(&image_roles)
-                    ));
-                }
-                match m.identity_weighting {
-                    IdentityWeighting::OneMinusTSquared | IdentityWeighting::TMax
-                        if !outputs.contains(&"timesteps") =>
-                    {
-                        problems.push(format!(
-                            "metric.identity_weighting = {:?} weights each sample by its noise level, but model `{model_id}` does not output `timesteps` (it outputs: {}); use identity_weighting = \"none\"",
-                            m.identity_weighting,
-                            outputs.join(", ")
-                        ))
-                    }
-                    IdentityWeighting::Timestep if !outputs.contains(&"timestep_weights") => problems.push(format!(
-                        "metric.identity_weighting = \"timestep\" weights each sample's identity term as the model weights its diffusion loss, but model `{model_id}` does not output `timestep_weights` (it outputs: {}); use identity_weighting = \"one_minus_t_squared\" (needs `timesteps`) or \"none\"",
-                        outputs.join(", ")
-                    )),
-                    _ => {}
-                }
-                if !(0.0..=1.0).contains(&m.t_max) {
-                    problems.push(format!("metric.t_max = {} must be in [0, 1]", m.t_max));
-                }
-                (m.weight > 0.0).then(|| IdentityTerm {
-                    weight: m.weight,
-                    weighting: m.identity_weighting,
-                    t_max: m.t_max,
-                    output: m.output.clone(),
-                })
-            }
-            None => None,
-        };
-        let text = match cfg.text.as_ref().filter(|t| t.weight != 0.0) {
-            Some(t) => {
-                if t.weight < 0.0 || !t.weight.is_finite() {
-                    problems.push(format!("text.weight = {} must be ≥ 0 (0 turns the text term off)", t.weight));
-                }
-                match text_interface {
-                    Some(ti) if !ti.embeds_texts => problems.push(format!(
-                        "text.plugin = `{}` does not embed texts (its MetricInterface says embeds_texts = false); use a metric that does, e.g. text.plugin = \"clip\"",
-                        t.plugin
-                    )),
-                    Some(_) => {}
-                    None => problems.push(format!(
-                        "text.plugin = `{}`: its interface was not asked (engine bug: Plan::new needs it)",
-                        t.plugin
-                    )),
-                }
-                if !text_roles.contains(t.prompt.as_str()) {
-                    problems.push(format!(
-                        "the text term aligns images with text `{}` (text.prompt), but {data_desc} provides texts: {} (captions come from prompt.txt in `drip`, caption files in `musubi` and `pairs`; or remove [text])",
-                        t.prompt,
-                        list(&text_roles)
-                    ));
-                }
-                if !outputs.contains(&t.output.as_str()) {
-                    problems.push(format!(
-                        "the text term embeds the model output `{}` (text.output), but model `{model_id}` outputs only: {}",
-                        t.output,
-                        outputs.join(", ")
-                    ));
-                }
-                Some(TextTerm { weight: t.weight, prompt: t.prompt.clone(), output: t.output.clone() })
-            }
-            None => None,
-        };
-        if model_weight.is_none() && content.is_none() && identity.is_none() && text.is_none() {
-            problems.push(format!(
+        let (image_inputs, text_inputs) = c.inputs();
+        let model_weight = c.model_weight();
+        let content_weight = c.content_weight();
+        let identity = c.identity();
+        let text_alignment = c.text_alignment(text_interface);
+        if model_weight.is_none() && content_weight.is_none() && identity.is_none() && text_alignment.is_none() {
+            c.problems.push(format!(
                 "nothing to train: model `{model_id}` has {} loss of its own{}, no content loss is active (loss.weight = {}), no identity loss (metric.weight > 0) and no text loss (text.weight > 0)",
                 if i.internal_loss { "a" } else { "no" },
                 if i.internal_loss { format!(" but model.loss_weight = {}", cfg.model.loss_weight) } else { String::new() },
                 cfg.loss.weight
             ));
         }
-
-        // Parameter groups.
-        let param_groups: Vec<String> = i.param_groups.iter().map(|g| g.to_string()).collect();
-        for g in cfg.train.param_groups.keys() {
-            if !param_groups.contains(g) {
-                problems.push(format!(
-                    "train.param_groups.{g}: model `{model_id}` has no parameter group `{g}` (its groups: {})",
-                    if param_groups.is_empty() { "one, unnamed".to_string() } else { param_groups.join(", ") }
-                ));
-            }
-        }
-
-        // Adapter formats.
-        let declared: Vec<String> = i.adapter_formats.iter().map(|f| f.to_string()).collect();
-        let adapter_formats = if cfg.adapter.formats.is_empty() {
-            ["kohya", "diffusers", "peft"]
-                .iter()
-                .filter(|f| declared.iter().any(|d| d == *f))
-                .map(|f| f.to_string())
-                .collect()
-        } else {
-            for f in &cfg.adapter.formats {
-                if !declared.contains(f) {
-                    problems.push(format!(
-                        "adapter.formats: model `{model_id}` cannot write `{f}` (it writes: {})",
-                        if declared.is_empty() { "no adapters".to_string() } else { declared.join(", ") }
-                    ));
-                }
-            }
-            cfg.adapter.formats.clone()
-        };
-
+        let param_groups = c.param_groups();
+        let adapter_formats = c.adapter_formats();
         // Encodings whose source the model reads.
         let encodings: Vec<EncodingDecl> = i
             .encodings
             .iter()
             .filter(|e| match e.source_kind {
-                InputKind::Image => images.iter().any(|r| r == e.source.as_str()),
-                InputKind::Text => texts.iter().any(|r| r == e.source.as_str()),
+                InputKind::Image => image_inputs.iter().any(|r| r == e.source.as_str()),
+                InputKind::Text => text_inputs.iter().any(|r| r == e.source.as_str()),
             })
             .cloned()
             .collect();
         if cfg.eval.every > 0 && cfg.metric.is_none() {
-            problems.push("eval.every > 0 evaluates the samples' face consistency, which needs a [metric] (e.g. --metric arcface)".into());
+            c.problems.push("eval.every > 0 evaluates the samples' face consistency, which needs a [metric] (e.g. --metric arcface)".into());
         }
-        if !problems.is_empty() {
+        if !c.problems.is_empty() {
             return Err(EngineError::Config(format!(
                 "this run cannot start (checked before loading any weights):\n  - {}",
-                problems.join("\n  - ")
+                c.problems.join("\n  - ")
             )));
         }
         Ok(Plan {
             model_weight,
-            content,
+            content_weight,
             identity,
-            text,
-            images,
-            texts,
+            text_alignment,
+            image_inputs,
+            text_inputs,
             encodings,
             param_groups,
             adapter_formats,
             can_sample: i.can_sample,
-            has_timesteps: outputs.contains(&"timesteps"),
-            notes,
+            notes: c.notes,
         })
     }
 
@@ -340,13 +388,13 @@ impl Plan {
         if self.model_weight.is_some() {
             v.push("model");
         }
-        if self.content.is_some() {
+        if self.content_weight.is_some() {
             v.push("content");
         }
         if self.identity.is_some() {
             v.push("identity");
         }
-        if self.text.is_some() {
+        if self.text_alignment.is_some() {
             v.push("text");
         }
         v
@@ -405,8 +453,8 @@ impl Plan {
 mod tests {
     use super::*;
 
-    fn term(weighting: IdentityWeighting) -> IdentityTerm {
-        IdentityTerm { weight: 1.0, weighting, t_max: 0.5, output: "pixels".into() }
+    fn term(weighting: IdentityWeighting) -> IdentityPlan {
+        IdentityPlan { weight: 1.0, weighting, t_max: 0.5, output: "pixels".into() }
     }
 
     #[test]
@@ -414,10 +462,10 @@ mod tests {
         assert_eq!(term(IdentityWeighting::None).weighting_output(), None);
         assert_eq!(term(IdentityWeighting::OneMinusTSquared).weighting_output(), Some("timesteps"));
         assert_eq!(term(IdentityWeighting::TMax).weighting_output(), Some("timesteps"));
-        assert_eq!(term(IdentityWeighting::Timestep).weighting_output(), Some("timestep_weights"));
+        assert_eq!(term(IdentityWeighting::TimestepWeights).weighting_output(), Some("timestep_weights"));
         // `timestep` passes the model's own weight through unchanged (min-SNR-γ's min(SNR, γ)/SNR
         // is already the per-sample weight); the others map t.
-        let ts = term(IdentityWeighting::Timestep);
+        let ts = term(IdentityWeighting::TimestepWeights);
         for w in [0.0f32, 0.125, 1.0, 3.5] {
             assert_eq!(ts.sample_weight(w), w);
         }
@@ -425,5 +473,15 @@ mod tests {
         assert_eq!(term(IdentityWeighting::TMax).sample_weight(0.5), 1.0);
         assert_eq!(term(IdentityWeighting::TMax).sample_weight(0.75), 0.0);
         assert_eq!(term(IdentityWeighting::None).sample_weight(0.9), 1.0);
+    }
+
+    /// The variant is named for what it reads (`timestep_weights`); configs keep spelling it
+    /// `"timestep"`.
+    #[test]
+    fn timestep_weights_keep_their_config_spelling() {
+        let w: IdentityWeighting = serde_json::from_value(json!("timestep")).unwrap();
+        assert_eq!(w, IdentityWeighting::TimestepWeights);
+        assert_eq!(serde_json::to_value(w).unwrap(), json!("timestep"));
+        assert!(serde_json::from_value::<IdentityWeighting>(json!("timestep_weights")).is_err());
     }
 }

@@ -1,12 +1,13 @@
-//! Samples during training, their face-consistency evaluation, and adapter files.
+//! Samples during training and their face-consistency evaluation.
 //!
-//! Samples go to `<output>/sample/` under musubi-tuner's names,
+//! Samples go to `<output>/sample/` ([`super::RunDirs::musubi_samples`]) under musubi-tuner's names,
 //! `[<output_name>_]<step:06d>_<prompt:02d>_<YYYYMMDDHHMMSS>_<seed>.png`, beside
 //! `control_image_<prompt>.png` (the prompt's identity reference, seed 004's name), so `host eval-faces
 //! --sample-dir <output>/sample` reads them as it reads musubi-tuner's. A model that can
 //! `sample` generates them from prompts (`[sample] prompts`, else the sample examples'
 //! captions); any other model's `forward(Eval)` output on the sample examples is written, with
-//! the reference | target | generated grid in `samples/step-N.png` as before.
+//! the reference | target | generated grid in `samples/step-N.png` ([`super::RunDirs::grids`])
+//! as before.
 //!
 //! `[eval] every = N` evaluates the samples of every N-th step with the run's metric, as `host
 //! eval-faces` does: `eval/face_consistency_step<N:06d>.json` (seed 004's JSON for that step)
@@ -23,7 +24,6 @@ use super::Trainer;
 use crate::data::{self, Example};
 use crate::eval_faces::{eval_faces_with, EvalFacesOptions, EvalInputs};
 use crate::generate::{sample_one, SampleSettings};
-use crate::plugins::Model;
 use crate::visual::{save_chw_png, save_grid, GridRow};
 use crate::{EngineError, Result};
 
@@ -88,7 +88,7 @@ impl Trainer<'_> {
         if examples.is_empty() {
             return Ok(());
         }
-        let dir = self.lay.sample.clone();
+        let dir = self.dirs.musubi_samples.clone();
         std::fs::create_dir_all(&dir).map_err(super::io(&dir))?;
         let name = self.cfg.run.output_name.clone();
         remove_step_samples(&dir, name.as_deref(), step);
@@ -159,7 +159,7 @@ impl Trainer<'_> {
             if w == h && grid.iter().all(|g| g.3 == (w, h)) {
                 let rows: Vec<GridRow> =
                     grid.iter().map(|(r, t, g, _)| GridRow { reference: r, target: t, generated: g }).collect();
-                save_grid(&self.lay.samples.join(format!("step-{step:08}.png")), w, &rows)?;
+                save_grid(&self.dirs.grids.join(format!("step-{step:08}.png")), w, &rows)?;
             }
         }
         Ok(())
@@ -174,7 +174,8 @@ impl Trainer<'_> {
             s.prompts.iter().enumerate().map(|(i, p)| (p.clone(), examples.get(i).cloned())).collect()
         };
         // Identity references / controls the model reads, besides the target it generates.
-        let conditioning: Vec<String> = self.plan.images.iter().filter(|r| r.as_str() != "target").cloned().collect();
+        let conditioning: Vec<String> =
+            self.plan.image_inputs.iter().filter(|r| r.as_str() != "target").cloned().collect();
         for (i, (prompt, example)) in prompts.iter().enumerate() {
             let (mut w, mut h) = (s.width, s.height);
             let mut images: Vec<(String, CpuTensor<f32>)> = Vec::new();
@@ -218,13 +219,13 @@ impl Trainer<'_> {
 
     /// Seed 004's face-consistency report of the samples of `step`, and of all steps so far.
     fn evaluate_samples(&mut self, step: u64) -> Result<()> {
-        let Some(metric) = self.parts.metric.as_mut() else { return Ok(()) };
+        let Some(metric) = self.parts.terms.metric_mut() else { return Ok(()) };
         let m = self.cfg.metric.as_ref().expect("a metric section when a metric is open");
         let config = serde_json::Value::Object(m.config.clone());
         let metric_id = metric.id.clone();
-        std::fs::create_dir_all(&self.lay.eval).map_err(super::io(&self.lay.eval))?;
+        std::fs::create_dir_all(&self.dirs.eval).map_err(super::io(&self.dirs.eval))?;
         let opts = |json: PathBuf| EvalFacesOptions {
-            inputs: EvalInputs::SampleDir(self.lay.sample.clone()),
+            inputs: EvalInputs::SampleDir(self.dirs.musubi_samples.clone()),
             output_json: json,
             csv: None,
             plot: None,
@@ -238,7 +239,7 @@ impl Trainer<'_> {
             threads: 0,
             progress: false,
         };
-        let one = opts(self.lay.eval.join(format!("face_consistency_step{step:06}.json")));
+        let one = opts(self.dirs.eval.join(format!("face_consistency_step{step:06}.json")));
         let r = eval_faces_with(metric, config.clone(), &one, Some(&step.to_string()))?;
         info!(
             step,
@@ -247,67 +248,11 @@ impl Trainer<'_> {
             mean = r.overall.as_ref().map(|s| s.mean),
             "face consistency of the samples"
         );
-        let all = opts(self.lay.eval.join("face_consistency.json"));
+        let all = opts(self.dirs.eval.join("face_consistency.json"));
         let r_all = eval_faces_with(metric, config, &all, None)?;
         self.last_eval = Some(r_all.json.clone());
         Ok(())
     }
-}
-
-/// Writes the adapter in `format` into `out` under its musubi-tuner name (`<base>.safetensors`
-/// for kohya, `<base>-comfyui.safetensors`, `<base>-diffusers/`, `<base>-peft/`), atomically:
-/// the plugin writes into a temporary folder, which is renamed (folders) or whose single
-/// `.safetensors` file is renamed (files) into place.
-pub(crate) fn export_adapter(
-    model: &mut Model,
-    out: &Path,
-    base: &str,
-    format: &str,
-    metadata: &serde_json::Value,
-) -> Result<PathBuf> {
-    let tmp = out.join(format!(".{base}-{format}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(super::io(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(super::io(&tmp))?;
-    let files = model.export_adapter(&tmp, format, metadata)?;
-    let dest = match format {
-        "kohya" | "comfyui" => {
-            let st: Vec<&PathBuf> =
-                files.iter().filter(|f| f.extension().is_some_and(|e| e == "safetensors")).collect();
-            let [file] = st.as_slice() else {
-                return Err(EngineError::Plugin {
-                    plugin: model.id.clone(),
-                    message: format!(
-                        "export_adapter(`{format}`) must write exactly one .safetensors file, it wrote {files:?}"
-                    ),
-                });
-            };
-            let dest = out.join(if format == "kohya" {
-                format!("{base}.safetensors")
-            } else {
-                format!("{base}-comfyui.safetensors")
-            });
-            std::fs::rename(file, &dest).map_err(super::io(&dest))?;
-            let _ = std::fs::remove_dir_all(&tmp);
-            dest
-        }
-        _ => {
-            let dest = out.join(format!("{base}-{format}"));
-            if dest.exists() {
-                let old = out.join(format!(".{base}-{format}.old"));
-                let _ = std::fs::remove_dir_all(&old);
-                std::fs::rename(&dest, &old).map_err(super::io(&dest))?;
-                std::fs::rename(&tmp, &dest).map_err(super::io(&dest))?;
-                let _ = std::fs::remove_dir_all(&old);
-            } else {
-                std::fs::rename(&tmp, &dest).map_err(super::io(&dest))?;
-            }
-            dest
-        }
-    };
-    info!(format, path = %dest.display(), "adapter written");
-    Ok(dest)
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
-//! LoRA files: the trained LoRA weights → core/diffusion's canonical [`LoraSet`] → each tool's
+//! LoRA files: the injected LoRA weights → core/diffusion's canonical [`LoraSet`] → each tool's
 //! layout (`lora_keys::write`), and back (`lora_keys::read` → the injected slots). No key
-//! mapping lives here: module names are diffusers module paths on both sides.
+//! mapping lives here: module names are diffusers module paths on both sides, and the backbone
+//! names which [`Component`]s it has and their stores ([`Backbone::store`]).
 //!
 //! | format | what `export_adapter(dir, …)` writes | loaded by |
 //! |---|---|---|
 //! | `kohya` | `<dir>/<ss_output_name>.safetensors`, `ss_*` + `modelspec.*` metadata | ComfyUI, A1111/Forge, sd-scripts, diffusers' `load_lora_weights` (via its converter) |
-//! | `diffusers` | `<dir>/pytorch_lora_weights.safetensors` (`unet.` / `text_encoder.` keys) | diffusers' `pipe.load_lora_weights(dir)` |
-//! | `peft` | `<dir>/adapter_config.json` + `adapter_model.safetensors` (the UNet's adapter; the text encoder's in `<dir>/text_encoder/`) | `PeftModel.from_pretrained(unet, dir)` — not diffusers' `load_lora_weights`, which accepts a PEFT folder and silently changes nothing |
+//! | `diffusers` | `<dir>/pytorch_lora_weights.safetensors` (`<component>.` keys) | diffusers' `pipe.load_lora_weights(dir)` |
+//! | `peft` | `<dir>/adapter_config.json` + `adapter_model.safetensors` (the denoiser's adapter; a text encoder's in `<dir>/text_encoder/`) | `PeftModel.from_pretrained(model, dir)` — not diffusers' `load_lora_weights`, which accepts a PEFT folder and silently changes nothing |
 //!
 //! The diffusers layout has no alpha key: `lora_keys::write` folds alpha/r into lora_B, so a
 //! file re-read gives the same product (bitwise when alpha = r, the default).
@@ -16,33 +17,15 @@ use std::path::{Path, PathBuf};
 
 use likeness_diffusion::lora_keys::{self, BaseArch, Component, LoraFormat, LoraModule, LoraSet, RawTensor};
 use likeness_diffusion::lora_meta::{kohya_metadata, TrainingInfo};
-use likeness_diffusion::schedules::Prediction;
-use likeness_diffusion_torch::nn::LoraWeights;
-use likeness_diffusion_torch::Store;
 use tch::{Kind, Tensor};
 
-use crate::config::{Config, Precision};
-use crate::error::{file, input, Result, Sd15Error};
-use crate::model::Pipeline;
+use super::error::{file, input, Result};
+use crate::backbone::{Backbone, BackboneConfig};
+use crate::nn::LoraWeights;
+use crate::store::Store;
 
 /// The formats `export_adapter` writes.
 pub const FORMATS: [&str; 3] = ["kohya", "diffusers", "peft"];
-
-/// The component's store, loading the text encoder if a LoRA module needs it.
-fn store_of(pipe: &Pipeline, c: Component) -> Result<&Store> {
-    Ok(match c {
-        Component::Unet => &pipe.unet_store,
-        Component::TextEncoder => pipe.text.get()?.store(),
-    })
-}
-
-/// The component's store if it is loaded (an unloaded text encoder carries no LoRA).
-fn loaded_store(pipe: &Pipeline, c: Component) -> Option<&Store> {
-    match c {
-        Component::Unet => Some(&pipe.unet_store),
-        Component::TextEncoder => pipe.text.loaded().map(|t| t.store()),
-    }
-}
 
 fn to_tensor(t: &RawTensor, what: &str) -> Result<Tensor> {
     use safetensors::Dtype;
@@ -69,22 +52,28 @@ fn raw_f32(t: &Tensor) -> RawTensor {
     }
 }
 
-/// Injects exactly the modules of the LoRA at `path` (any format `lora_keys::read` knows), with
-/// the file's ranks, alphas and values. A module the networks do not have, or whose shapes do
-/// not fit the layer, is an error naming the module.
-pub fn inject_from_file(pipe: &Pipeline, path: &Path, precision: Precision, dropout: f64) -> Result<()> {
-    let set = lora_keys::read(path)?;
-    if !matches!(set.arch, BaseArch::Sd15 | BaseArch::Unknown) {
-        return Err(file(path.display(), format!("is a LoRA for {}, not for SD1.5", set.arch)));
+/// The architectures a file may be read as for backbone `B` (`Unknown`: no arch key).
+fn check_arch<B: Backbone>(set: &LoraSet, path: &Path) -> Result<()> {
+    if !matches!(set.arch, BaseArch::Unknown) && set.arch != B::ARCH {
+        return Err(file(path.display(), format!("is a LoRA for {}, not for {}", set.arch, B::ARCH)));
     }
+    Ok(())
+}
+
+/// Injects exactly the modules of the LoRA at `path` (any format `lora_keys::read` knows), with
+/// the file's ranks, alphas and values, as `kind`. A module the networks do not have, or whose
+/// shapes do not fit the layer, is an error naming the module.
+pub fn inject_from_file<B: Backbone>(b: &B, path: &Path, kind: Kind, dropout: f64) -> Result<()> {
+    let set = lora_keys::read(path)?;
+    check_arch::<B>(&set, path)?;
     if set.modules.is_empty() {
         return Err(file(path.display(), "holds no LoRA modules"));
     }
-    let kind = precision.compute_kind();
+    // A NaN LoRA would train on from NaN outputs (the divergence check only fires at the first
+    // step's gradient norm, after the weights are loaded): refuse it by key now.
+    set.check_finite(path)?;
     for m in &set.modules {
-        let store = store_of(pipe, m.component)?;
-        let targets = store.targets();
-        let t = targets.iter().find(|t| t.path == m.path).ok_or_else(|| {
+        let missing = || {
             file(
                 path.display(),
                 format!(
@@ -94,7 +83,10 @@ pub fn inject_from_file(pipe: &Pipeline, path: &Path, precision: Precision, drop
                     m.component.as_str()
                 ),
             )
-        })?;
+        };
+        let store = b.store(m.component, true)?.ok_or_else(missing)?;
+        let targets = store.targets();
+        let t = targets.iter().find(|t| t.path == m.path).ok_or_else(missing)?;
         let r = m.rank() as i64;
         let down = to_tensor(&m.down, &format!("{}.down", m.path))?;
         let up = to_tensor(&m.up, &format!("{}.up", m.path))?;
@@ -125,6 +117,15 @@ pub fn inject_from_file(pipe: &Pipeline, path: &Path, precision: Precision, drop
     Ok(())
 }
 
+/// Whether the LoRA at `path` has modules on a component other than `denoiser`: then `create`
+/// makes that text encoder a trained parameter group, so its texts cannot be cached, and the
+/// declared interface must say so before `create` (issue 14, part 7: the interface promised
+/// cached `text_embeddings` and the default cache then asked for them).
+pub fn file_has_text_encoder(path: &Path, denoiser: Component) -> Result<bool> {
+    let set = lora_keys::read(path)?;
+    Ok(set.modules.iter().any(|m| m.component != denoiser))
+}
+
 /// `precision = fp64`: the LoRA weights in f64 too, so the whole chain is f64.
 pub fn lora_to_f64(store: &Store) {
     for t in store.targets() {
@@ -135,11 +136,11 @@ pub fn lora_to_f64(store: &Store) {
     }
 }
 
-/// The injected LoRA weights as a canonical set (f32 tensors).
-pub fn lora_set(pipe: &Pipeline, metadata: BTreeMap<String, String>) -> LoraSet {
+/// The injected LoRA weights of every loaded component as a canonical set (f32 tensors).
+pub fn lora_set<B: Backbone>(b: &B, metadata: BTreeMap<String, String>) -> Result<LoraSet> {
     let mut modules = Vec::new();
-    for c in [Component::Unet, Component::TextEncoder] {
-        for t in loaded_store(pipe, c).map(|s| s.targets()).unwrap_or_default() {
+    for &c in B::COMPONENTS {
+        for t in b.store(c, false)?.map(|s| s.targets()).unwrap_or_default() {
             if let Some(l) = &*t.slot.lock().unwrap() {
                 let r = l.down.size()[0] as f64;
                 modules.push(LoraModule {
@@ -152,13 +153,13 @@ pub fn lora_set(pipe: &Pipeline, metadata: BTreeMap<String, String>) -> LoraSet 
             }
         }
     }
-    LoraSet { format: LoraFormat::Diffusers, arch: BaseArch::Sd15, modules, metadata }
+    Ok(LoraSet { format: LoraFormat::Diffusers, arch: B::ARCH, modules, metadata })
 }
 
 /// The keys only the model can fill in truly: the trainer passes generic placeholders for them
 /// (`modelspec.architecture = "<plugin id>/lora"`, `ss_base_model_version = "<plugin id>"`, the
-/// full `pretrained` path), which would otherwise overwrite `kohya_metadata`'s SD1.5 values
-/// (`stable-diffusion-v1/lora`, `sd_v1`, …) that ComfyUI / A1111 read.
+/// full `pretrained` path), which would otherwise overwrite `kohya_metadata`'s per-architecture
+/// values (SD1.5: `stable-diffusion-v1/lora`, `sd_v1`, …) that ComfyUI / A1111 read.
 const MODEL_KEYS: [&str; 6] = [
     "modelspec.architecture",
     "modelspec.implementation",
@@ -169,14 +170,13 @@ const MODEL_KEYS: [&str; 6] = [
 ];
 
 /// The trainer's run metadata (steps, epochs, lr, seed, dataset …) without [`MODEL_KEYS`], plus
-/// the prediction type as sd-scripts' model spec spells it (`epsilon` or `v`).
-fn run_metadata(given: &BTreeMap<String, String>, prediction: Prediction) -> BTreeMap<String, String> {
+/// the prediction type as sd-scripts' model spec spells it.
+fn run_metadata(given: &BTreeMap<String, String>, prediction: &str) -> BTreeMap<String, String> {
     let mut extra = given.clone();
     for k in MODEL_KEYS {
         extra.remove(k);
     }
-    let p = if prediction == Prediction::VPrediction { "v" } else { "epsilon" };
-    extra.insert("modelspec.prediction_type".into(), p.into());
+    extra.insert("modelspec.prediction_type".into(), prediction.into());
     extra
 }
 
@@ -194,9 +194,9 @@ fn string_metadata(meta: &serde_json::Map<String, serde_json::Value>) -> BTreeMa
 }
 
 /// Writes the adapter into the existing directory `dir` in `format`; returns the files written.
-pub fn export(
-    pipe: &Pipeline,
-    c: &Config,
+pub fn export<B: Backbone>(
+    b: &B,
+    cfg: &B::Config,
     dir: &Path,
     format: &str,
     meta: &serde_json::Map<String, serde_json::Value>,
@@ -212,9 +212,9 @@ pub fn export(
     }
     let given = string_metadata(meta);
     let num = |k: &str| given.get(k).and_then(|v| v.parse::<f64>().ok());
-    let mut set = lora_set(pipe, BTreeMap::new());
+    let mut set = lora_set(b, BTreeMap::new())?;
     if set.modules.is_empty() {
-        return Err(Sd15Error::Input("the model has no LoRA modules to export".into()));
+        return Err(input("the model has no LoRA modules to export"));
     }
     let rank = set.modules.iter().map(|m| m.rank()).max().unwrap_or(0);
     let alpha = set.modules.iter().find(|m| m.rank() == rank).map(|m| m.alpha).unwrap_or(rank as f64);
@@ -223,19 +223,20 @@ pub fn export(
         .or_else(|| given.get("ss_output_name"))
         .cloned()
         .unwrap_or_else(|| "likeness".into());
+    let res = b.sampling().resolution;
     let info = TrainingInfo {
-        arch: BaseArch::Sd15,
+        arch: B::ARCH,
         rank,
         alpha,
         title: title.clone(),
-        resolution: (c.resolution, c.resolution),
-        base_model: c.pretrained.clone(),
+        resolution: (res, res),
+        base_model: cfg.base_model().to_string(),
         steps: num("ss_steps").unwrap_or(0.0) as u64,
         epochs: num("ss_epoch").unwrap_or(0.0) as u64,
         learning_rate: num("ss_learning_rate").unwrap_or(0.0),
         // Deterministic bytes: a start time only when the trainer gives one.
         started_at_unix: num("ss_training_started_at").unwrap_or(0.0) as u64,
-        extra: run_metadata(&given, pipe.scheduler.prediction),
+        extra: run_metadata(&given, b.objective().modelspec_prediction()),
     };
     let mut metadata = kohya_metadata(&info);
     if !given.contains_key("ss_training_started_at") {
@@ -244,22 +245,16 @@ pub fn export(
         metadata.remove("ss_training_started_at");
         metadata.remove("modelspec.date");
     }
+    set.metadata = metadata;
     let files = match format {
         "kohya" => {
-            set.metadata = metadata;
             let name: String =
                 title.chars().map(|ch| if ch.is_alphanumeric() || "-_.".contains(ch) { ch } else { '_' }).collect();
             lora_keys::write(&set, LoraFormat::Kohya, &dir.join(format!("{name}.safetensors")))?
         }
-        "diffusers" => {
-            set.metadata = metadata;
-            lora_keys::write(&set, LoraFormat::Diffusers, dir)?
-        }
-        _ => {
-            set.metadata = metadata;
-            // The UNet's adapter at `<dir>/`, the text encoder's (if any) at `<dir>/text_encoder/`.
-            lora_keys::write(&set, LoraFormat::Peft, dir)?
-        }
+        "diffusers" => lora_keys::write(&set, LoraFormat::Diffusers, dir)?,
+        // The denoiser's adapter at `<dir>/`, a text encoder's (if any) at `<dir>/text_encoder/`.
+        _ => lora_keys::write(&set, LoraFormat::Peft, dir)?,
     };
     Ok(files)
 }

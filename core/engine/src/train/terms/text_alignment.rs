@@ -16,9 +16,12 @@
 
 use std::collections::HashMap;
 
-use likeness_abi::CpuTensor;
+use likeness_abi::{CpuTensor, ForwardMode};
 
+use super::{checked_pixel_grad, plugin_answer, read_valid, Gradient, LossTerm, TermBatch, ValidationBatch};
 use crate::plugins::Metric;
+use crate::train::plan::TextAlignmentPlan;
+use crate::train::step::{batch_texts, StepResult};
 use crate::{EngineError, Result};
 
 /// What the term measured on one batch.
@@ -96,6 +99,80 @@ pub fn text_embeddings(
         }
     }
     Ok(texts.iter().flat_map(|t| cache[t].iter().copied()).collect())
+}
+
+/// The text-alignment term as the trainer runs it (see the module docs): the `[text]` metric
+/// (its own instance, even when it is also the `[metric]`) and its embedding of every text
+/// seen so far (texts carry no gradient).
+pub(crate) struct TextAlignmentTerm {
+    pub plan: TextAlignmentPlan,
+    pub metric: Metric,
+    cache: HashMap<String, Vec<f32>>,
+}
+
+/// One batch measured: the alignment and the `[B, D]` shape of the image embeddings.
+struct Measured {
+    alignment: TextAlignment,
+    shape: Vec<i64>,
+}
+
+impl TextAlignmentTerm {
+    pub fn new(plan: TextAlignmentPlan, metric: Metric) -> Self {
+        TextAlignmentTerm { plan, metric, cache: HashMap::new() }
+    }
+
+    /// Embeds the generated images (`mode` = Train keeps the metric's graph) and the batch's
+    /// texts, and measures their alignment. A batch without the text role is an error naming
+    /// its examples (in training and validation alike).
+    fn measure(&mut self, b: &TermBatch<'_>, mode: ForwardMode) -> Result<Measured> {
+        let generated = b.out.outputs.require(b.model_id, &self.plan.output)?;
+        let texts = batch_texts(b.batch, &self.plan.prompt)?;
+        let t = text_embeddings(&mut self.metric, &mut self.cache, texts)?;
+        let ge = self.metric.embed(generated.view, mode)?;
+        let emb = CpuTensor::<f32>::from_managed(&ge.embeddings, "embeddings")
+            .map_err(|e| plugin_answer(&self.metric.id, e.message.into_string()))?;
+        let valid = read_valid(&self.metric.id, &ge.valid, "valid")?;
+        let n = texts.len();
+        if emb.shape.len() != 2 || emb.shape[0] as usize != n || valid.numel() != n || t.len() != emb.numel() {
+            return Err(plugin_answer(
+                &self.metric.id,
+                format!(
+                    "image embeddings have shape {:?} and valid {:?}, text embeddings {} values for {n} texts: the text term needs [B, D] both, with the same D",
+                    emb.shape,
+                    valid.shape,
+                    t.len()
+                ),
+            ));
+        }
+        let alignment = text_alignment(&emb.data, &t, &valid.data, emb.shape[1] as usize);
+        Ok(Measured { alignment, shape: emb.shape })
+    }
+}
+
+impl LossTerm for TextAlignmentTerm {
+    fn train(&mut self, b: &TermBatch<'_>, scale: f64, r: &mut StepResult) -> Result<Option<Gradient>> {
+        let Measured { alignment: a, shape } = self.measure(b, ForwardMode::Train)?;
+        let w = self.plan.weight;
+        r.loss += w * a.value;
+        r.terms.push(("text".into(), a.value));
+        r.text_similarity = a.similarity;
+        let g = CpuTensor::new(shape, a.grad.iter().map(|&v| v as f32).collect());
+        // The plugin scales by w_text / grad_accum on its device, like the identity term.
+        let d_pix = self.metric.backward_scaled(g.view(), w * scale)?;
+        let generated = b.out.outputs.require(b.model_id, &self.plan.output)?;
+        let d_pix = checked_pixel_grad(&self.metric.id, d_pix, generated)?;
+        // The model sums the gradients given for the same output (identity + text on `pixels`).
+        Ok(Some(Gradient::Output(self.plan.output.clone(), d_pix)))
+    }
+
+    fn validate(&mut self, b: &TermBatch<'_>, counts: bool, v: &mut ValidationBatch) -> Result<()> {
+        let a = self.measure(b, ForwardMode::Eval)?.alignment;
+        v.records.push(("text".into(), a.value));
+        if counts {
+            v.loss += self.plan.weight * a.value;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,225 @@
+//! What a diffusion backbone provides to the toolkit's LoRA trainer ([`crate::trainer`]): its
+//! denoiser's forward on the toolkit's [`Store`]s, its VAE, its text encoder(s), its training
+//! objective (prediction type and noise schedule), its LoRA components and their stores (the hook
+//! of core/diffusion's `lora_keys` for adapter import/export), its LoRA target presets, its
+//! checkpointing and its own config keys. Everything else — draws, targets, x̂0, the internal
+//! loss, optimizer groups, save/load, encode/cache, sampling dispatch, adapter I/O — is the
+//! trainer's, written once.
+//!
+//! A backbone plugin is `pub type MyLora = LoraModel<MyBackbone>;` plus
+//! `likeness_sdk::export_model_plugin!(MyLora);`: the trainer implements `ModelPlugin` for every
+//! `LoraModel<B: Backbone>`, so no plugin writes (or copies) the forwarding of the ABI calls.
+
+use std::cell::OnceCell;
+use std::fmt::Debug;
+
+use likeness_diffusion::lora_keys::{BaseArch, Component};
+use likeness_diffusion::schedules::{self, Prediction};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tch::{Device, Tensor};
+
+use crate::config::VaeConfig;
+use crate::sampling::{Sampler, SchedulerConfig};
+use crate::store::Store;
+use crate::trainer::{file, ModelError, Result, TrainConfig};
+use crate::vae::AutoencoderKL;
+
+/// What the denoiser is trained to predict, and over which noise process.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Objective {
+    /// DDPM: integer timesteps `0..alphas_cumprod.len()`, `x_t = √ᾱ·x0 + √(1−ᾱ)·ε`, the
+    /// network predicts ε or v (`training::add_noise`, `v_target`, `predict_x0`).
+    Ddpm { prediction: Prediction, alphas_cumprod: Vec<f64> },
+    /// Rectified flow: σ ∈ [0, 1], `x_t = (1−σ)·x0 + σ·ε`, the network predicts the velocity
+    /// `ε − x0` at timestep `σ·num_train_timesteps` (`training::flow_add_noise`, `flow_target`,
+    /// `flow_predict_x0`).
+    FlowMatching { num_train_timesteps: usize },
+}
+
+impl Objective {
+    /// The DDPM objective of a scheduler config (`prediction_type` already overridden by the
+    /// plugin's config if it has one); `sample` prediction is refused for training.
+    pub fn ddpm(path: &str, scheduler: &SchedulerConfig) -> Result<Self> {
+        if scheduler.prediction == Prediction::Sample {
+            return Err(file(
+                path,
+                "field `prediction_type`: `sample` is not supported for training (epsilon, v_prediction); set the plugin's `prediction_type`",
+            ));
+        }
+        Ok(Objective::Ddpm { prediction: scheduler.prediction, alphas_cumprod: scheduler.alphas_cumprod()? })
+    }
+
+    pub fn num_train_timesteps(&self) -> usize {
+        match self {
+            Objective::Ddpm { alphas_cumprod, .. } => alphas_cumprod.len(),
+            Objective::FlowMatching { num_train_timesteps } => *num_train_timesteps,
+        }
+    }
+
+    /// SNR(t) = ᾱ/(1 − ᾱ) of a DDPM timestep (`None` for flow matching, which has no min-SNR-γ).
+    pub fn snr(&self, t: usize) -> Option<f64> {
+        match self {
+            Objective::Ddpm { alphas_cumprod, .. } => Some(schedules::snr(&alphas_cumprod[t..=t])[0]),
+            Objective::FlowMatching { .. } => None,
+        }
+    }
+
+    /// As sd-scripts' model spec spells the prediction type.
+    pub fn modelspec_prediction(&self) -> &'static str {
+        match self {
+            Objective::Ddpm { prediction: Prediction::VPrediction, .. } => "v",
+            Objective::Ddpm { .. } => "epsilon",
+            Objective::FlowMatching { .. } => "flow",
+        }
+    }
+}
+
+/// A VAE with its store (the toolkit's `AutoencoderKL`: SD's 4 channels, Flux's 16 with a shift
+/// factor, by config).
+pub struct Vae {
+    pub store: Store,
+    pub model: AutoencoderKL,
+}
+
+/// One cacheable text encoding: its name (an input and an `encode` output) and the config keys
+/// whose change invalidates a cached value.
+#[derive(Clone, Copy, Debug)]
+pub struct TextEncoding {
+    pub name: &'static str,
+    pub keys: &'static [&'static str],
+}
+
+/// The defaults of `sample`, from the backbone's config.
+pub struct SampleSettings<'a> {
+    pub sampler: Sampler,
+    pub scheduler: &'a SchedulerConfig,
+    pub steps: u32,
+    pub guidance: f64,
+    pub resolution: u32,
+}
+
+/// The backbone's config keys, beside the toolkit's [`TrainConfig`] in one JSON object.
+pub trait BackboneConfig: Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + 'static {
+    /// JSON Schema `properties` of the backbone's keys (a key also in [`TrainConfig`]'s schema
+    /// replaces its description there, e.g. `lora_targets` with the backbone's presets).
+    fn properties() -> serde_json::Value;
+    /// The keys that must be given.
+    fn required() -> &'static [&'static str] {
+        &[]
+    }
+    /// Checks beyond the types (paths exist, ranges); every error names the key and the fix.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The base model, as written into adapter metadata (`ss_sd_model_name`).
+    fn base_model(&self) -> &str;
+}
+
+/// Called after the trainer back-propagated into a checkpointed denoiser output: recomputes the
+/// segments and pushes the gradient into the LoRA weights (see
+/// [`Backbone::denoise_checkpointed`]).
+pub type Replay<B> = Box<dyn FnOnce(&B) + Send>;
+
+/// A diffusion backbone. Required: the networks and what they are; the rest has defaults.
+pub trait Backbone: Send + Sized + 'static {
+    type Config: BackboneConfig;
+    /// The plugin id users type (also the prefix of every message).
+    const ID: &'static str;
+    /// The plugin's version (its crate's `env!("CARGO_PKG_VERSION")`, not the toolkit's).
+    const VERSION: &'static str;
+    /// The descriptor's one-line summary.
+    const SUMMARY: &'static str;
+    /// The architecture adapter files are written for and read as.
+    const ARCH: BaseArch;
+    /// The networks LoRA may patch, denoiser first; each is a parameter group named
+    /// [`Component::as_str`] and a key-map component of core/diffusion's `lora_keys`.
+    const COMPONENTS: &'static [Component];
+    /// The config keys whose change invalidates cached `latents`.
+    const LATENTS_KEYS: &'static [&'static str];
+    /// The cacheable text encodings, in the order of [`encode_texts`](Self::encode_texts).
+    const TEXT_ENCODINGS: &'static [TextEncoding];
+
+    /// Loads the networks (the denoiser now; encoders may load on first use).
+    fn load(config: &Self::Config, train: &TrainConfig, device: Device) -> Result<Self>;
+
+    fn objective(&self) -> &Objective;
+
+    /// The denoiser: `x_t` `[B, C, h, w]`, timesteps `[B]` in the model's units (DDPM: integer
+    /// t; flow: σ·num_train_timesteps), the conditioning of [`encode_texts`](Self::encode_texts)
+    /// → the prediction `[B, C, h, w]`. With `reseed`, libtorch's generator is seeded per segment
+    /// (LoRA dropout; the trainer holds the generator's lock).
+    fn denoise(&self, x_t: &Tensor, t: &Tensor, cond: &[Tensor], reseed: Option<i64>) -> crate::Result<Tensor>;
+
+    /// The denoiser with gradient checkpointing: the output is a leaf; after the backward into it
+    /// the trainer calls the returned [`Replay`]. Default: the backbone declares no segments.
+    fn denoise_checkpointed(
+        &self,
+        _x_t: &Tensor,
+        _t: &Tensor,
+        _cond: &[Tensor],
+        _reseed: Option<i64>,
+    ) -> Result<(Tensor, Replay<Self>)> {
+        Err(ModelError::NotImplemented(format!(
+            "gradient checkpointing: backbone `{}` declares no checkpointing segments; set gradient_checkpointing = false",
+            Self::ID
+        )))
+    }
+
+    /// The VAE (loading it on first use).
+    fn vae(&self) -> Result<&Vae>;
+    /// Its config (known without loading the weights).
+    fn vae_config(&self) -> &VaeConfig;
+    /// Whether the VAE weights are loaded.
+    fn vae_loaded(&self) -> bool {
+        true
+    }
+
+    /// Per-sample shape of each [`TEXT_ENCODINGS`](Self::TEXT_ENCODINGS) entry.
+    fn text_shapes(&self) -> Vec<Vec<i64>>;
+    /// The conditioning of `texts`, one tensor per text encoding (with a graph when `grad` and a
+    /// text encoder has trainable LoRA).
+    fn encode_texts(&self, texts: &[&str], grad: bool) -> Result<Vec<Tensor>>;
+
+    /// A component's store: `load` loads a lazily loaded component; without it an unloaded one
+    /// is `None` (it carries no LoRA). `None` too for a component this backbone lacks.
+    fn store(&self, c: Component, load: bool) -> Result<Option<&Store>>;
+    /// Parameters of every network, counted by shape (asking must not load the encoders).
+    fn base_parameter_count(&self) -> i64;
+
+    /// The LoRA patterns of component `c` for the config's `lora_targets` (presets expanded),
+    /// and whether convolutions are targeted (LoCon). Default: the names as given, Linear only.
+    fn lora_targets(_c: Component, targets: &[String]) -> (Vec<String>, bool) {
+        (targets.to_vec(), false)
+    }
+
+    /// `sample`'s sampler, scheduler and defaults.
+    fn sampling(&self) -> SampleSettings<'_>;
+}
+
+/// A component whose weights load on first use (a backbone's VAE and text encoders: a run on a
+/// warm encoding cache never needs them).
+pub struct Lazy<T> {
+    cell: OnceCell<T>,
+    load: Box<dyn Fn() -> Result<T> + Send>,
+}
+
+impl<T> Lazy<T> {
+    pub fn new(load: impl Fn() -> Result<T> + Send + 'static) -> Self {
+        Lazy { cell: OnceCell::new(), load: Box::new(load) }
+    }
+
+    /// The component, loading it now if this is the first use.
+    pub fn get(&self) -> Result<&T> {
+        if let Some(v) = self.cell.get() {
+            return Ok(v);
+        }
+        let v = (self.load)()?;
+        Ok(self.cell.get_or_init(|| v))
+    }
+
+    /// The component if it has been loaded.
+    pub fn loaded(&self) -> Option<&T> {
+        self.cell.get()
+    }
+}

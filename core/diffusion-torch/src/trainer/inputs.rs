@@ -1,0 +1,226 @@
+//! Inputs as tensors or as their cached encodings (`latents`, the backbone's text encodings),
+//! `encode` (what the engine caches) and `sample` (the toolkit's denoising loop over the
+//! backbone's denoiser, with the adapter scale).
+
+use likeness_sdk::abi::ManagedTensor;
+use likeness_sdk::{DeviceType, Inputs, SampleRequest, TensorView, Texts};
+use likeness_sdk_torch::{tensor_to_managed, view_to_tensor};
+use tch::{Kind, Tensor};
+
+use super::error::{input, Result};
+use super::LoraModel;
+use crate::backbone::Backbone;
+use crate::{lora, rng, sampling};
+
+pub(super) fn shape_of(v: &TensorView) -> Vec<i64> {
+    // SAFETY: views handed to a plugin method are valid for the call.
+    unsafe { v.shape() }.to_vec()
+}
+
+/// A borrowed view copied onto `device` as `kind` (the graph must not point into host memory
+/// the host reuses after the call).
+pub(super) fn owned(v: &TensorView, device: tch::Device, kind: Kind) -> Result<Tensor> {
+    if v.device.device_type == DeviceType::Cuda && v.stream != 0 {
+        tch::Cuda::synchronize(v.device.device_id as i64);
+    }
+    Ok(view_to_tensor(v)?.to_device(device).to_kind(kind).copy())
+}
+
+pub(super) fn managed(t: &Tensor) -> Result<ManagedTensor> {
+    // A detached f32 copy: the host may write into what it receives.
+    Ok(tensor_to_managed(t.detach().to_kind(Kind::Float).copy())?)
+}
+
+impl<B: Backbone> LoraModel<B> {
+    /// Pixels per latent pixel: 2^(VAE blocks − 1).
+    pub(super) fn vae_factor(&self) -> i64 {
+        1i64 << (self.backbone.vae_config().block_out_channels.len().saturating_sub(1))
+    }
+
+    fn check_images(&self, what: &str, shape: &[i64]) -> Result<()> {
+        let f = self.vae_factor();
+        if shape.len() != 4 || shape[0] < 1 || shape[1] != 3 || shape[2] % f != 0 || shape[3] % f != 0 || shape[2] < f {
+            return Err(input(format!(
+                "`{what}` must be f32 [B, 3, H, W] in [0, 1] with H and W positive multiples of {f} (the VAE factor), got {shape:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `latents` of images in [0, 1] `[B, 3, H, W]`: the VAE posterior's **mean**, scaled (sd-scripts
+    /// caches the mean too; diffusers' train script samples), no graph.
+    fn encode_images(&self, x01: &Tensor) -> Result<Tensor> {
+        let vae = &self.backbone.vae()?.model;
+        Ok(tch::no_grad(|| {
+            let (mean, _logvar) = vae.encode(&(x01 * 2.0 - 1.0));
+            // Contiguous: `mean` is a channel slice of the encoder's output, and a strided input
+            // can make libtorch pick other conv kernels downstream (other rounding) than the
+            // same values read back from the `latents` cache.
+            vae.scale_latent(&mean).to_kind(self.compute).contiguous()
+        }))
+    }
+
+    /// Scaled latents → pixels in [0, 1] (not clamped), differentiable.
+    pub(super) fn decode_latents(&self, z: &Tensor) -> Result<Tensor> {
+        let vae = &self.backbone.vae()?.model;
+        let x = vae.decode(&vae.unscale_latent(z));
+        Ok((x.to_kind(self.compute) + 1.0) / 2.0)
+    }
+
+    /// Scaled latents `[B, C, h, w]`: the `latents` input if given, else the encoded `target`.
+    pub(super) fn latents_of(&self, images: &Inputs<'_>) -> Result<Tensor> {
+        let lc = self.backbone.vae_config().latent_channels;
+        if let Some(v) = images.try_get("latents") {
+            let s = shape_of(v);
+            if s.len() != 4 || s[0] < 1 || s[1] != lc || s[2] < 1 || s[3] < 1 {
+                return Err(input(format!("`latents` must be [B, {lc}, h, w] (the `latents` encoding), got {s:?}")));
+            }
+            return owned(v, self.device, self.compute);
+        }
+        let v = images.try_get("target").ok_or_else(|| {
+            input(format!("needs image `target` or its encoding `latents` (got: {})", images.names().join(", ")))
+        })?;
+        self.check_images("target", &shape_of(v))?;
+        let x = owned(v, self.device, self.compute)?;
+        self.encode_images(&x)
+    }
+
+    /// The conditioning, one tensor per text encoding: the encodings if given (frozen text
+    /// encoders only), else the encoded `caption`.
+    pub(super) fn context_of(&self, images: &Inputs<'_>, texts: &Texts<'_>, n: i64, grad: bool) -> Result<Vec<Tensor>> {
+        let encodings = B::TEXT_ENCODINGS;
+        if encodings.iter().any(|e| images.try_get(e.name).is_some()) {
+            return encodings
+                .iter()
+                .zip(self.backbone.text_shapes())
+                .map(|(e, per)| self.cached_text(images, e.name, n, &per))
+                .collect();
+        }
+        let names: Vec<&str> = encodings.iter().map(|e| e.name).collect();
+        let caps = texts.try_get("caption").ok_or_else(|| {
+            input(format!(
+                "needs text `caption` or its encoding `{}` (got texts: {}; images: {})",
+                names.join("`, `"),
+                texts.names().join(", "),
+                images.names().join(", ")
+            ))
+        })?;
+        if caps.len() as i64 != n {
+            return Err(input(format!("{} captions for a batch of {n}", caps.len())));
+        }
+        self.embed(&caps, grad)
+    }
+
+    /// One cached text encoding `[n, …per]`.
+    fn cached_text(&self, images: &Inputs<'_>, name: &str, n: i64, per: &[i64]) -> Result<Tensor> {
+        let v = images.try_get(name).ok_or_else(|| input(format!("needs its text encoding `{name}` too")))?;
+        if self.trains_text() {
+            return Err(input(format!(
+                "`{name}` were given but the text encoder has LoRA (train_text_encoder): pass `caption` (the engine must not cache texts for this config)"
+            )));
+        }
+        let want: Vec<i64> = [vec![n], per.to_vec()].concat();
+        let s = shape_of(v);
+        if s != want {
+            return Err(input(format!("`{name}` must be {want:?} (the `{name}` encoding), got {s:?}")));
+        }
+        owned(v, self.device, self.compute)
+    }
+
+    /// The backbone's text encodings of `texts`, in the compute kind.
+    fn embed(&self, texts: &[&str], grad: bool) -> Result<Vec<Tensor>> {
+        Ok(self.backbone.encode_texts(texts, grad)?.into_iter().map(|t| t.to_kind(self.compute)).collect())
+    }
+
+    pub(super) fn encode_impl(
+        &mut self,
+        name: &str,
+        images: Inputs<'_>,
+        texts: Texts<'_>,
+    ) -> Result<Vec<(String, ManagedTensor)>> {
+        let text_names: Vec<&str> = B::TEXT_ENCODINGS.iter().map(|e| e.name).collect();
+        if name == "latents" {
+            let v = images.get("target")?;
+            self.check_images("target", &shape_of(v))?;
+            let x = owned(v, self.device, self.compute)?;
+            return Ok(vec![("latents".into(), managed(&self.encode_images(&x)?)?)]);
+        }
+        if text_names.contains(&name) && !self.trains_text() {
+            let caps = texts.get("caption")?;
+            // One call encodes every text encoding; the engine asks by name.
+            let all = self.embed(&caps, false)?;
+            let out = text_names.iter().zip(all).find(|(n, _)| **n == name).map(|(_, t)| t).expect("listed");
+            return Ok(vec![(name.to_string(), managed(&out)?)]);
+        }
+        Err(input(format!(
+            "declares no encoding `{name}` (it has: {})",
+            if self.trains_text() {
+                "latents; texts are not cached while the text encoder trains".to_string()
+            } else {
+                ["latents"].iter().chain(&text_names).copied().collect::<Vec<_>>().join(", ")
+            }
+        )))
+    }
+
+    pub(super) fn sample_impl(&mut self, r: &SampleRequest<'_>) -> Result<ManagedTensor> {
+        let prompts: Vec<&str> = r.prompts.as_slice().iter().map(|s| s.as_str()).collect();
+        let n = prompts.len();
+        if n == 0 {
+            return Err(input("sample needs at least one prompt"));
+        }
+        let negatives: Vec<&str> = r.negative_prompts.as_slice().iter().map(|s| s.as_str()).collect();
+        if !negatives.is_empty() && negatives.len() != n {
+            return Err(input(format!("{} negative prompts for {n} prompts", negatives.len())));
+        }
+        let set = self.backbone.sampling();
+        let res = set.resolution;
+        let (width, height) = (if r.width == 0 { res } else { r.width }, if r.height == 0 { res } else { r.height });
+        let f = self.vae_factor() as u32;
+        if width % f != 0 || height % f != 0 {
+            return Err(input(format!("sample size {width}×{height} must be a multiple of {f} (the VAE factor)")));
+        }
+        let steps = if r.steps == 0 { set.steps } else { r.steps } as usize;
+        let guidance = if r.guidance <= 0.0 { set.guidance } else { r.guidance };
+        if !r.adapter_scale.is_finite() {
+            return Err(input(format!("adapter_scale must be finite, got {}", r.adapter_scale)));
+        }
+        let lc = self.backbone.vae_config().latent_channels;
+        let (h, w) = ((height / f) as i64, (width / f) as i64);
+        let per = (lc * h * w) as usize;
+        let mut noise = Vec::with_capacity(n * per);
+        for i in 0..n {
+            noise.extend(rng::noise(r.seed.wrapping_add(i as u64), per));
+        }
+        let uncond_texts: Vec<&str> = if negatives.is_empty() { vec![""; n] } else { negatives };
+        // Every store the adapters live in (loading the text encoders: sampling encodes prompts).
+        let mut stores = Vec::new();
+        for &c in B::COMPONENTS {
+            stores.extend(self.backbone.store(c, true)?);
+        }
+        for s in &stores {
+            lora::set_adapter_scale(s, r.adapter_scale);
+            lora::set_training(s, false);
+        }
+        let result = (|| -> Result<Tensor> {
+            let cond = self.embed(&prompts, false)?;
+            let uncond = self.embed(&uncond_texts, false)?;
+            let x = Tensor::from_slice(&noise).to_kind(self.compute).to_device(self.device).view([n as i64, lc, h, w]);
+            // The toolkit's loop (checked against diffusers' pipeline); no graph.
+            let z = tch::no_grad(|| -> Result<Tensor> {
+                let b = &self.backbone;
+                let model = sampling::conditioned_model(
+                    |x: &Tensor, t: &Tensor, c: &[Tensor]| b.denoise(x, t, c, None),
+                    &cond,
+                    Some(&uncond),
+                    guidance,
+                )?;
+                Ok(sampling::denoise(set.sampler, set.scheduler, steps, &x, guidance, model)?)
+            })?;
+            Ok(tch::no_grad(|| self.decode_latents(&z))?.clamp(0.0, 1.0))
+        })();
+        for s in &stores {
+            lora::set_adapter_scale(s, 1.0);
+        }
+        managed(&result?)
+    }
+}
