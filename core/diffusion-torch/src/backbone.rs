@@ -20,7 +20,7 @@ use serde::Serialize;
 use tch::{Device, Tensor};
 
 use crate::config::VaeConfig;
-use crate::sampling::{Sampler, SchedulerConfig};
+use crate::sampling::{FlowMatchConfig, Guidance, Sampler, SchedulerConfig};
 use crate::store::Store;
 use crate::trainer::{file, ModelError, Result, TrainConfig};
 use crate::vae::AutoencoderKL;
@@ -57,6 +57,15 @@ impl Objective {
         }
     }
 
+    /// The timestep of an `Eval` forward without seeds, the middle of the training schedule:
+    /// DDPM `num_train_timesteps / 2` (t = 500 for SD's 1000), flow σ = ½ (timestep T/2).
+    pub fn eval_timestep(&self) -> f64 {
+        match self {
+            Objective::Ddpm { .. } => (self.num_train_timesteps() / 2) as f64,
+            Objective::FlowMatching { .. } => 0.5,
+        }
+    }
+
     /// SNR(t) = ᾱ/(1 − ᾱ) of a DDPM timestep (`None` for flow matching, which has no min-SNR-γ).
     pub fn snr(&self, t: usize) -> Option<f64> {
         match self {
@@ -80,6 +89,17 @@ impl Objective {
 pub struct Vae {
     pub store: Store,
     pub model: AutoencoderKL,
+}
+
+impl Vae {
+    /// The VAE of a diffusers pipeline folder (`<root>/vae`), loaded on first use.
+    pub fn lazy_from_diffusers(root: &std::path::Path, kind: tch::Kind, device: Device) -> Lazy<Vae> {
+        let root = root.to_path_buf();
+        Lazy::new(move || {
+            let (store, model) = crate::load::vae_from_diffusers(&root, kind, device)?;
+            Ok(Vae { store, model })
+        })
+    }
 }
 
 /// One cacheable text encoding: its name (an input and an `encode` output) and the config keys
@@ -166,13 +186,17 @@ pub trait Backbone: Send + Sized + 'static {
         )))
     }
 
-    /// The VAE (loading it on first use).
-    fn vae(&self) -> Result<&Vae>;
+    /// The VAE, loaded on first use (the trainer reaches it through [`vae`](Self::vae)).
+    fn lazy_vae(&self) -> &Lazy<Vae>;
     /// Its config (known without loading the weights).
     fn vae_config(&self) -> &VaeConfig;
+    /// The VAE (loading it now if this is its first use).
+    fn vae(&self) -> Result<&Vae> {
+        self.lazy_vae().get()
+    }
     /// Whether the VAE weights are loaded.
     fn vae_loaded(&self) -> bool {
-        true
+        self.lazy_vae().loaded().is_some()
     }
 
     /// Per-sample shape of each [`TEXT_ENCODINGS`](Self::TEXT_ENCODINGS) entry.
@@ -195,6 +219,47 @@ pub trait Backbone: Send + Sized + 'static {
 
     /// `sample`'s sampler, scheduler and defaults.
     fn sampling(&self) -> SampleSettings<'_>;
+
+    /// The flow-matching scheduler `sample` runs (FluxPipeline's Euler loop) instead of
+    /// `sampling()`'s DDPM-family sampler and scheduler. Default: none (SD's DDIM/Euler).
+    fn flow_scheduler(&self) -> Option<&FlowMatchConfig> {
+        None
+    }
+
+    /// Image tokens of a `[h, w]` latent, the dynamic shift's `image_seq_len` (FluxPipeline:
+    /// `latents.shape[1]` after its 2×2 packing, h·w/4). Default: h·w.
+    fn image_seq_len(&self, h: i64, w: i64) -> usize {
+        (h * w) as usize
+    }
+
+    /// How `sample` applies a guidance scale (the request's, else `sampling().guidance`).
+    /// Default: classifier-free guidance when > 1 ([`Guidance::cfg`], StableDiffusionPipeline's
+    /// rule). A guidance-distilled model (FLUX.1-dev) returns `Guidance::Embedded(scale)`.
+    fn guidance(&self, scale: f64) -> Guidance {
+        Guidance::cfg(scale)
+    }
+
+    /// The denoiser as `sample` calls it: [`denoise`](Self::denoise) plus the embedded guidance
+    /// scale `[B]` (f32) when [`guidance`](Self::guidance) is `Embedded` or `TrueCfg { embedded:
+    /// Some(_) }`. Default: `denoise`, refusing a scale (the model has no guidance input).
+    fn denoise_guided(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        guidance: Option<&Tensor>,
+        cond: &[Tensor],
+        reseed: Option<i64>,
+    ) -> crate::Result<Tensor> {
+        if guidance.is_some() {
+            return Err(crate::Error::Config {
+                path: Self::ID.into(),
+                field: "guidance".into(),
+                msg: "this backbone's denoiser has no guidance input; override denoise_guided or return CFG from guidance()"
+                    .into(),
+            });
+        }
+        self.denoise(x_t, t, cond, reseed)
+    }
 }
 
 /// A component whose weights load on first use (a backbone's VAE and text encoders: a run on a

@@ -33,6 +33,29 @@ pub struct Step<S> {
     pub shape_of: Option<usize>,
 }
 
+/// Builds a segment program: step `k` writes slot `first + k` (`first` = the number of input
+/// slots), which [`push`](Self::push) returns for later steps to read.
+pub struct Program<S> {
+    first: usize,
+    steps: Vec<Step<S>>,
+}
+
+impl<S> Program<S> {
+    pub fn new(input_slots: usize) -> Self {
+        Program { first: input_slots, steps: Vec::new() }
+    }
+
+    /// Appends a step reading `inputs` (and the shape of `shape_of`); returns its output slot.
+    pub fn push(&mut self, segment: S, inputs: Vec<usize>, shape_of: Option<usize>) -> usize {
+        self.steps.push(Step { segment, inputs, shape_of });
+        self.first + self.steps.len() - 1
+    }
+
+    pub fn steps(self) -> Vec<Step<S>> {
+        self.steps
+    }
+}
+
 /// A network whose forward is a list of segments (the checkpointing granularity).
 pub trait Segments {
     type Segment: Copy;

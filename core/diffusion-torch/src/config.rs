@@ -121,6 +121,14 @@ pub struct VaeConfig {
     pub norm_num_groups: i64,
     #[serde(default = "d_scaling")]
     pub scaling_factor: f64,
+    /// Flux's VAE centres its latents: the denoiser sees `(z − shift_factor) · scaling_factor`.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// false in the Flux VAE (no 1×1 convs around the latent).
+    #[serde(default = "d_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "d_true")]
+    pub use_post_quant_conv: bool,
     #[serde(default)]
     pub down_block_types: Vec<String>,
     #[serde(default)]
@@ -129,12 +137,12 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
     serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })
 }
 
-fn cfg_err(path: &Path, field: &str, msg: impl Into<String>) -> Error {
+pub(crate) fn cfg_err(path: &Path, field: &str, msg: impl Into<String>) -> Error {
     Error::Config { path: path.into(), field: field.into(), msg: msg.into() }
 }
 
@@ -230,6 +238,11 @@ impl UNetConfig {
 }
 
 impl VaeConfig {
+    /// The spatial downscale factor, 2^(blocks − 1): 8 for SD1.5's and Flux's VAEs.
+    pub fn downscale_factor(&self) -> i64 {
+        1i64 << self.block_out_channels.len().saturating_sub(1)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let v = read_json(path)?;
         Self::from_value(path, v)
@@ -237,17 +250,7 @@ impl VaeConfig {
 
     pub fn from_value(path: &Path, v: Value) -> Result<Self> {
         use serde_json::json;
-        refuse(
-            path,
-            &v,
-            &[
-                ("act_fn", json!("silu")),
-                ("use_quant_conv", json!(true)),
-                ("use_post_quant_conv", json!(true)),
-                ("force_upcast", json!(true)),
-            ],
-        )
-        .or_else(|e| match &e {
+        refuse(path, &v, &[("act_fn", json!("silu")), ("force_upcast", json!(true))]).or_else(|e| match &e {
             // force_upcast only matters in fp16 pipelines; accepting false is harmless.
             Error::Config { field, .. } if field == "force_upcast" => Ok(()),
             _ => Err(e),

@@ -1,4 +1,5 @@
-//! The tch half of the shared diffusion toolkit: SD1.5's `UNet2DConditionModel`, `AutoencoderKL`
+//! The tch half of the shared diffusion toolkit: SD1.5's `UNet2DConditionModel`, Flux.1's
+//! `FluxTransformer2DModel`, `AutoencoderKL`
 //! (numerically diffusers 0.42.1) and CLIP text encoder (transformers 5.24's `CLIPTextModel`),
 //! each one module tree whose parameter names are the reference state-dict names; loading from a
 //! diffusers folder (sharded or not) or the original single-file (LDM) checkpoint; LoRA/LoCon
@@ -14,13 +15,22 @@
 //! - [`unet`], [`vae`], [`clip_text`] ([`ClipTextModel`]: causal mask, last hidden state, the
 //!   penultimate hidden state for clip skip, the pooled EOT token by transformers 5's rule);
 //! - [`load`]: diffusers/transformers folders, single files (`model.diffusion_model.*`,
-//!   `first_stage_model.*`, `cond_stage_model.transformer.*`); every mismatch named;
+//!   `first_stage_model.*`, `cond_stage_model.transformer.*`); every mismatch named; row slices
+//!   of fused tensors read on their own (`Stored::rows`), fp8 e4m3fn/e5m2 storage with ComfyUI's
+//!   per-tensor scales (`fold_fp8_scales`);
 //! - [`lora`]: inject / parameters / adapter scale / peft load / merge;
 //! - precision: a [`Store`]'s kind (fp32 / bf16 / fp16) is the base weights'; LoRA weights are
 //!   always fp32 and the low-rank path runs in fp32, cast back at the layer's output
 //!   ([`nn::Linear::forward`]);
-//! - [`sampling`]: DDIM (η = 0) and Euler with classifier-free guidance over core/diffusion's
-//!   schedules (no second copy of the scheduler maths), epsilon / v / sample prediction;
+//! - [`sampling`]: one loop (`run`) over DDIM/Euler (betas) or flow-matching Euler
+//!   (`FlowSchedule`: FluxPipeline's sigmas and μ), over core/diffusion's schedules (no second
+//!   copy of the scheduler maths); guidance as `Guidance::{None, Embedded, Cfg, TrueCfg}` through
+//!   `guided_model`; scheduler configs read by `_class_name` (`AnySchedulerConfig`), an
+//!   unimplemented class refused; epsilon / v / sample / velocity prediction;
+//! - [`flux`]: Flux.1's `FluxTransformer2DModel` (double/single blocks, RoPE, guidance
+//!   embedding; one checkpointing segment per block), 2×2 latent packing, the BFL single-file
+//!   map, fp8 block weights with per-tensor scales; [`t5`]: transformers' T5 encoder (Flux's
+//!   `text_encoder_2`);
 //! - [`training`]: `add_noise`, `v_target`, `predict_x0`, `ddpm_target` and the flow-matching
 //!   `flow_add_noise`, `flow_target`, `flow_predict_x0`;
 //! - gradient checkpointing over a network's declared segment list ([`checkpoint`]; the UNet's:
@@ -44,6 +54,7 @@ pub mod checkpoint;
 pub mod clip_text;
 pub mod config;
 pub mod error;
+pub mod flux;
 pub mod ldm;
 pub mod load;
 pub mod lora;
@@ -51,6 +62,7 @@ pub mod nn;
 pub mod rng;
 pub mod sampling;
 pub mod store;
+pub mod t5;
 pub mod trainer;
 pub mod training;
 pub mod unet;

@@ -177,6 +177,11 @@ pub fn merged_weight(store: &Store, path: &str) -> Result<Tensor> {
         .find(|(n, _)| *n == format!("{path}.weight"))
         .map(|(_, w)| w)
         .ok_or_else(|| Error::Lora(format!("no weight for {path}")))?;
+    if store.fp8_scale(&format!("{path}.weight")).is_some() {
+        return Err(Error::NotImplemented(format!(
+            "merging a LoRA into the fp8-stored weight of {path}: load the base in bf16/fp32 to merge"
+        )));
+    }
     let guard = t.slot.lock().unwrap();
     let l = guard.as_ref().ok_or_else(|| Error::Lora(format!("{path} has no adapter")))?;
     let delta = if is_conv(&t) {

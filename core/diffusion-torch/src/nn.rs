@@ -42,11 +42,14 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: LoraSlot,
+    /// For an fp8-stored weight: its per-tensor scale (`w = fp8 · scale`, dequantised to the
+    /// input's kind in each forward).
+    pub fp8_scale: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(p: &P, inp: i64, out: i64, bias: bool) -> Self {
-        let weight = p.param("weight", &[out, inp]);
+        let (weight, fp8_scale) = p.linear_weight(&[out, inp]);
         let bias = bias.then(|| p.param("bias", &[out]));
         let lora: LoraSlot = Arc::new(Mutex::new(None));
         p.add_target(Target {
@@ -56,11 +59,16 @@ impl Linear {
             padding: 0,
             slot: lora.clone(),
         });
-        Linear { weight, bias, lora }
+        Linear { weight, bias, lora, fp8_scale }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let y = match &self.fp8_scale {
+            // Dequantised for this call only (a transient copy of one layer), in f32 then the
+            // input's kind, as ComfyUI's and musubi-tuner's fp8 layers compute.
+            Some(s) => x.linear(&(self.weight.to_kind(Kind::Float) * s).to_kind(x.kind()), self.bias.as_ref()),
+            None => x.linear(&self.weight, self.bias.as_ref()),
+        };
         match &*self.lora.lock().unwrap() {
             None => y,
             Some(l) => {
@@ -143,6 +151,38 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let c = *x.size().last().unwrap();
         x.layer_norm([c], Some(&self.weight), Some(&self.bias), self.eps, false)
+    }
+}
+
+/// torch's `RMSNorm` over the last dimension (`x / sqrt(mean(x²) + eps) · weight`), through
+/// libtorch's own `rms_norm` so the rounding is torch's.
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(p: &P, c: i64, eps: f64) -> Self {
+        RmsNorm { weight: p.param("weight", &[c]), eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let c = *x.size().last().unwrap();
+        x.rms_norm([c], Some(&self.weight), self.eps)
+    }
+}
+
+/// diffusers' `get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift)` in fp32
+/// (as diffusers computes it before casting): `[B]` → `[B, dim]`.
+pub fn sinusoidal_embedding(t: &Tensor, dim: i64, flip_sin_to_cos: bool, freq_shift: f64) -> Tensor {
+    let half = dim / 2;
+    let exponent = Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln())) / (half as f64 - freq_shift);
+    let emb = t.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
+    let (s, c) = (emb.sin(), emb.cos());
+    if flip_sin_to_cos {
+        Tensor::cat(&[c, s], -1)
+    } else {
+        Tensor::cat(&[s, c], -1)
     }
 }
 

@@ -30,11 +30,45 @@ pub struct Store {
     pub device: Device,
     params: RefCell<Vec<(String, Tensor)>>,
     targets: RefCell<Vec<Target>>,
+    /// Module-path prefixes whose Linear weights are stored in fp8 (e4m3fn) with a per-tensor
+    /// scale (musubi-tuner's `--fp8_base`): 1 byte per weight instead of 2, dequantised to the
+    /// store's kind in each forward.
+    fp8_prefixes: Vec<String>,
+    /// The per-tensor scales of those weights, by parameter name (`w ≈ fp8 · scale`).
+    scales: RefCell<Vec<(String, Tensor)>>,
 }
+
+/// The largest finite float8_e4m3fn value: a weight's scale maps its max |w| onto it.
+pub const FP8_E4M3_MAX: f64 = 448.0;
 
 impl Store {
     pub fn new(mode: Mode, kind: Kind, device: Device) -> Self {
-        Store { mode, kind, device, params: RefCell::new(Vec::new()), targets: RefCell::new(Vec::new()) }
+        Store {
+            mode,
+            kind,
+            device,
+            params: RefCell::new(Vec::new()),
+            targets: RefCell::new(Vec::new()),
+            fp8_prefixes: Vec::new(),
+            scales: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Stores the Linear weights under these module-path prefixes in fp8 (call before building
+    /// the network). `kind` stays the compute dtype of everything else and of the dequantised
+    /// weights.
+    pub fn with_fp8_linears(mut self, prefixes: &[&str]) -> Self {
+        self.fp8_prefixes = prefixes.iter().map(|p| p.to_string()).collect();
+        self
+    }
+
+    fn fp8_linear(&self, path: &str) -> bool {
+        self.fp8_prefixes.iter().any(|p| path.starts_with(p.as_str()))
+    }
+
+    /// The scale of an fp8-stored parameter (None for any other).
+    pub fn fp8_scale(&self, name: &str) -> Option<Tensor> {
+        self.scales.borrow().iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone())
     }
 
     pub fn root(&self) -> P<'_> {
@@ -61,14 +95,16 @@ impl Store {
     }
 
     fn param(&self, name: String, shape: &[i64]) -> Tensor {
+        self.param_of_kind(name, shape, self.kind)
+    }
+
+    fn param_of_kind(&self, name: String, shape: &[i64], kind: Kind) -> Tensor {
         let t = match self.mode {
             // Zeros, not uninitialised memory: a weight the loader does not fill is reported as
             // missing anyway, but a stray read must not see garbage.
-            Mode::Alloc => Tensor::zeros(shape, (self.kind, self.device)),
+            Mode::Alloc => Tensor::zeros(shape, (kind, self.device)),
             // One element expanded with stride 0: the right size() for any shape at no cost.
-            Mode::Plan => {
-                Tensor::zeros([1], (self.kind, Device::Cpu)).reshape(vec![1; shape.len()]).expand(shape, false)
-            }
+            Mode::Plan => Tensor::zeros([1], (kind, Device::Cpu)).reshape(vec![1; shape.len()]).expand(shape, false),
         };
         self.params.borrow_mut().push((name, t.shallow_clone()));
         t
@@ -94,6 +130,19 @@ impl<'a> P<'a> {
 
     pub fn param(&self, name: &str, shape: &[i64]) -> Tensor {
         self.store.param(self.sub(name).prefix, shape)
+    }
+
+    /// A Linear's `weight`: fp8 with its scale when the store keeps this module in fp8
+    /// ([`Store::with_fp8_linears`]), else as [`param`](Self::param).
+    pub fn linear_weight(&self, shape: &[i64]) -> (Tensor, Option<Tensor>) {
+        if !self.store.fp8_linear(&self.prefix) {
+            return (self.param("weight", shape), None);
+        }
+        let name = self.sub("weight").prefix;
+        let w = self.store.param_of_kind(name.clone(), shape, Kind::Float8e4m3fn);
+        let scale = Tensor::ones([], (Kind::Float, self.store.device));
+        self.store.scales.borrow_mut().push((name, scale.shallow_clone()));
+        (w, Some(scale))
     }
 
     pub fn add_target(&self, t: Target) {

@@ -1,11 +1,11 @@
 //! `UNet2DConditionModel` (diffusers 0.42.1, `unet_2d_condition.py` and the blocks it uses).
 
 use crate::attention::Attention;
-use crate::checkpoint::{self, Segments, Step, Tape};
+use crate::checkpoint::{self, Program, Segments, Step, Tape};
 use crate::config::UNetConfig;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::store::{Store, P};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// diffusers' `ResnetBlock2D` (also the VAE's, with `temb_channels = None`).
 pub struct ResnetBlock2D {
@@ -241,17 +241,8 @@ impl UNet2DConditionModel {
 
     /// diffusers' `get_timestep_embedding` (fp32, as diffusers computes it before casting).
     pub fn timestep_embedding(&self, t: &Tensor) -> Tensor {
-        let dim = self.config.block_out_channels[0];
-        let half = dim / 2;
-        let shift = self.config.freq_shift as f64;
-        let exponent = Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln())) / (half as f64 - shift);
-        let emb = t.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
-        let (s, c) = (emb.sin(), emb.cos());
-        if self.config.flip_sin_to_cos {
-            Tensor::cat(&[c, s], -1)
-        } else {
-            Tensor::cat(&[s, c], -1)
-        }
+        let c = &self.config;
+        crate::nn::sinusoidal_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift as f64)
     }
 
     /// `sample` [B, C, h, w], `timestep` [B] (or a scalar tensor), `encoder_hidden_states`
@@ -319,11 +310,9 @@ impl Segments for UNet2DConditionModel {
     /// The forward as a list of segments over numbered activation slots (0 = sample, 1 = the
     /// sinusoidal timestep embedding, 2 = the context; step `k` writes slot `3 + k`).
     fn program(&self) -> Vec<Step<Segment>> {
-        let mut program: Vec<Step<Segment>> = Vec::new();
-        let mut push = |segment: Segment, inputs: Vec<usize>, shape_of: Option<usize>| {
-            program.push(Step { segment, inputs, shape_of });
-            SLOT_FIRST_STEP + program.len() - 1
-        };
+        let mut program = Program::new(SLOT_FIRST_STEP);
+        let mut push =
+            |segment: Segment, inputs: Vec<usize>, shape_of: Option<usize>| program.push(segment, inputs, shape_of);
         let temb = push(Segment::Time, vec![SLOT_TEMB_IN], None);
         let mut h = push(Segment::ConvIn, vec![SLOT_SAMPLE], None);
         let mut skips = vec![h];
@@ -357,7 +346,7 @@ impl Segments for UNet2DConditionModel {
             }
         }
         push(Segment::Out, vec![h], None);
-        program
+        program.steps()
     }
 
     /// Exact for the time MLP and conv_in (the only segments that usually have no LoRA),

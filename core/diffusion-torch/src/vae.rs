@@ -55,8 +55,8 @@ pub struct AutoencoderKL {
     pub config: VaeConfig,
     pub encoder: Encoder,
     pub decoder: Decoder,
-    quant_conv: Conv2d,
-    post_quant_conv: Conv2d,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
 }
 
 impl Encoder {
@@ -157,16 +157,20 @@ impl AutoencoderKL {
             config: config.clone(),
             encoder: Encoder::new(&p.sub("encoder"), config),
             decoder: Decoder::new(&p.sub("decoder"), config),
-            quant_conv: Conv2d::new(&p.sub("quant_conv"), l2, l2, 1, 1, 0),
-            post_quant_conv: Conv2d::new(&p.sub("post_quant_conv"), l, l, 1, 1, 0),
+            quant_conv: config.use_quant_conv.then(|| Conv2d::new(&p.sub("quant_conv"), l2, l2, 1, 1, 0)),
+            post_quant_conv: config.use_post_quant_conv.then(|| Conv2d::new(&p.sub("post_quant_conv"), l, l, 1, 1, 0)),
         }
     }
 
     /// image [B, 3, H, W] in [-1, 1] → the latent distribution's (mean, logvar), unscaled;
     /// logvar clamped to [-30, 20] as DiagonalGaussianDistribution does.
     pub fn encode(&self, image: &Tensor) -> (Tensor, Tensor) {
-        let x = image.to_kind(self.quant_conv.weight.kind());
-        let m = self.quant_conv.forward(&self.encoder.forward(&x));
+        let x = image.to_kind(self.encoder.conv_in.weight.kind());
+        let h = self.encoder.forward(&x);
+        let m = match &self.quant_conv {
+            Some(q) => q.forward(&h),
+            None => h,
+        };
         let parts = m.chunk(2, 1);
         (parts[0].shallow_clone(), parts[1].clamp(-30.0, 20.0))
     }
@@ -178,16 +182,26 @@ impl AutoencoderKL {
 
     /// Unscaled latent z [B, latent, h, w] → image [B, 3, 8h, 8w]; differentiable in z.
     pub fn decode(&self, z: &Tensor) -> Tensor {
-        let z = z.to_kind(self.post_quant_conv.weight.kind());
-        self.decoder.forward(&self.post_quant_conv.forward(&z))
+        let z = z.to_kind(self.decoder.conv_in.weight.kind());
+        match &self.post_quant_conv {
+            Some(q) => self.decoder.forward(&q.forward(&z)),
+            None => self.decoder.forward(&z),
+        }
     }
 
-    /// The latent the UNet sees: `z · scaling_factor` (0.18215 for SD1.5, from config.json).
+    /// The latent the denoiser sees: `(z − shift_factor) · scaling_factor` (SD1.5: no shift,
+    /// 0.18215; Flux: 0.1159 and 0.3611; from config.json).
     pub fn scale_latent(&self, z: &Tensor) -> Tensor {
-        z * self.config.scaling_factor
+        match self.config.shift_factor {
+            Some(s) => (z - s) * self.config.scaling_factor,
+            None => z * self.config.scaling_factor,
+        }
     }
 
     pub fn unscale_latent(&self, z: &Tensor) -> Tensor {
-        z / self.config.scaling_factor
+        match self.config.shift_factor {
+            Some(s) => z / self.config.scaling_factor + s,
+            None => z / self.config.scaling_factor,
+        }
     }
 }

@@ -17,6 +17,9 @@
 //! largest |gradient| (100× margin, for reductions split differently on another ISA or thread
 //! count). Measured here: printed by the test.
 
+mod common;
+
+use common::{grads, rel_diff, zero};
 use likeness_diffusion_torch::{lora, LoraConfig, LoraInit, Mode, Store, UNet2DConditionModel, UNetConfig};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -91,37 +94,6 @@ fn inputs() -> Inputs {
 /// A nonlinear objective of the output, as the trainer's loss + identity term are.
 fn objective(out: &Tensor, w: &Tensor) -> Tensor {
     (out * w).sum(Kind::Double) + out.square().sum(Kind::Double) * 0.1
-}
-
-fn grads(store: &Store, ctx: &Tensor) -> Vec<Tensor> {
-    let mut g: Vec<Tensor> = lora::parameters(store).iter().map(|(_, p)| p.grad().copy()).collect();
-    g.push(ctx.grad().copy());
-    g
-}
-
-fn zero(store: &Store, ctx: &Tensor) {
-    for (_, p) in lora::parameters(store) {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    }
-    let mut g = ctx.grad();
-    if g.defined() {
-        let _ = g.zero_();
-    }
-}
-
-/// max |a − b| / max |a| over all tensors, and max |a|.
-fn rel_diff(a: &[Tensor], b: &[Tensor]) -> (f64, f64) {
-    let mut diff = 0f64;
-    let mut scale = 0f64;
-    for (x, y) in a.iter().zip(b) {
-        assert!(x.defined() && y.defined(), "a gradient is missing");
-        diff = diff.max((x - y).abs().max().double_value(&[]));
-        scale = scale.max(x.abs().max().double_value(&[]));
-    }
-    (diff / scale, scale)
 }
 
 fn run(dropout: f64, plain_reseed: Option<i64>, ckpt_reseed: Option<i64>) -> (f64, f64, usize) {

@@ -14,63 +14,19 @@
 //! both sides, LIBTORCH_USE_PYTORCH=1, with the same op order); the bound covers another thread
 //! count or ISA, where reductions may be split differently.
 
+mod common;
+
+use common::{max_diff, PyOracle as Oracle};
 use likeness_diffusion_torch::{load, lora, LoraConfig, LoraInit, UNetConfig, VaeConfig};
-use likeness_sdk::testing;
-use serde_json::Value;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
 
-struct Oracle {
-    dir: tempfile::TempDir,
-    json: Value,
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// One oracle run per test binary (the Python start dominates: ≈ 30 s on 2 cores).
 fn oracle(test: &str) -> Option<&'static Oracle> {
     static O: OnceLock<Option<Oracle>> = OnceLock::new();
-    let python = testing::python_or_skip(test)?;
-    O.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let o = Command::new(python)
-            .arg(repo().join("tests/python/unet_oracle.py"))
-            .arg("--out")
-            .arg(dir.path())
-            .output()
-            .expect("cannot start LIKENESS_PYTHON");
-        assert!(o.status.success(), "unet_oracle.py failed:\n{}", String::from_utf8_lossy(&o.stderr));
-        let json = serde_json::from_str(&std::fs::read_to_string(dir.path().join("oracle.json")).unwrap()).unwrap();
-        Some(Oracle { dir, json })
-    })
-    .as_ref()
-}
-
-impl Oracle {
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn tensor(&self, name: &str) -> Tensor {
-        let bytes = std::fs::read(self.path(&format!("{name}.f32"))).unwrap();
-        let v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let shape: Vec<i64> = self.json[name].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect();
-        Tensor::from_slice(&v).view(shape.as_slice())
-    }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor, what: &str) -> f64 {
-    assert_eq!(a.size(), b.size(), "{what}: shape");
-    let d = (a - b).abs().max().double_value(&[]);
-    let m = b.abs().max().double_value(&[]);
-    eprintln!("{what}: max |ours - diffusers| = {d:.3e} (max |x| = {m:.3})");
-    d
+    O.get_or_init(|| Oracle::run("unet_oracle.py", test)).as_ref()
 }
 
 fn unet_out(o: &Oracle, unet: &likeness_diffusion_torch::UNet2DConditionModel) -> Tensor {

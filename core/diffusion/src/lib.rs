@@ -27,7 +27,7 @@ pub enum DiffusionError {
     #[error("{}: key `{key}`: {why}", file.display())]
     LoraKey { file: std::path::PathBuf, key: String, why: String },
     /// A LoRA for a base model whose key map is not written yet.
-    #[error("{}: {arch} LoRA files are not supported yet (not implemented: only SD1.5 key maps exist); {what}", file.display())]
+    #[error("{}: {arch} LoRA files are not supported yet (not implemented: only SD1.5 and Flux key maps exist); {what}", file.display())]
     ArchNotImplemented { file: std::path::PathBuf, arch: lora_keys::BaseArch, what: String },
 }
 

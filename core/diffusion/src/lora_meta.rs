@@ -157,6 +157,12 @@ mod tests {
             (1.5e-7, "1.5e-07"),
             (1700000000.0, "1700000000.0"),
             (0.1, "0.1"),
+            // The learning rates sd-scripts users see in ss_learning_rate (issue 15).
+            (5e-5, "5e-05"),
+            (1e-6, "1e-06"),
+            (0.001, "0.001"),
+            (2.5e-5, "2.5e-05"),
+            (1.0, "1.0"),
         ] {
             assert_eq!(py_float(x), s, "{x}");
         }
@@ -191,6 +197,8 @@ mod tests {
         assert_eq!(m["ss_base_model_version"], "sd_v1");
         assert_eq!(m["ss_resolution"], "(512, 512)");
         assert_eq!(m["ss_learning_rate"], "0.0001");
+        let m5 = kohya_metadata(&TrainingInfo { learning_rate: 5e-5, ..info.clone() });
+        assert_eq!(m5["ss_learning_rate"], "5e-05", "Python str(5e-05), not 0.00005");
         assert_eq!(m["ss_sd_model_name"], "runwayml/stable-diffusion-v1-5");
         assert_eq!(m["modelspec.architecture"], "stable-diffusion-v1/lora");
         assert_eq!(m["modelspec.implementation"], "diffusers");

@@ -345,8 +345,9 @@ pub fn qwen_mu(seq_len: f64) -> f64 {
 pub enum FlowShift {
     /// `shift` (1.0 = none).
     Static(f64),
-    /// `use_dynamic_shifting` with `mu` (exponential `time_shift`); `shift` still shapes the
-    /// training sigmas that bound the inference range.
+    /// `use_dynamic_shifting` with `mu` (exponential `time_shift`). diffusers ignores `shift`
+    /// then (its `__init__` shifts the training sigmas only without dynamic shifting); the field
+    /// is kept for callers that record it.
     Dynamic { shift: f64, mu: f64 },
 }
 
@@ -379,6 +380,79 @@ pub fn flow_match_schedule(train: usize, steps: usize, shift: FlowShift) -> Resu
     let timesteps = sig.iter().map(|s| s * t).collect();
     sig.push(0.0);
     Ok((timesteps, sig))
+}
+
+/// FluxPipeline's and QwenImagePipeline's default inference sigmas, before the scheduler shifts
+/// them: `np.linspace(1.0, 1 / steps, steps)`.
+pub fn pipeline_flow_sigmas(steps: usize) -> Vec<f64> {
+    linspace(1.0, 1.0 / steps as f64, steps)
+}
+
+/// `FlowMatchEulerDiscreteScheduler.stretch_shift_to_terminal`: σ ← 1 − (1 − σ)/k with
+/// k = (1 − σ_last)/(1 − terminal), so the last σ becomes `terminal` (Qwen-Image: 0.02).
+pub fn stretch_to_terminal(sigmas: &mut [f64], terminal: f64) {
+    let Some(&last) = sigmas.last() else { return };
+    let k = (1.0 - last) / (1.0 - terminal);
+    for s in sigmas.iter_mut() {
+        *s = 1.0 - (1.0 - *s) / k;
+    }
+}
+
+/// `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=sigmas, mu=mu)` as the Flux and
+/// Qwen-Image pipelines call it: each given σ shifted (`FlowShift::Static` or the exponential
+/// `time_shift` with μ), stretched to `shift_terminal` if set, timesteps = σ·T, then the
+/// trailing σ = 0. The given sigmas must lie in (0, 1] (1/σ − 1 is taken).
+pub fn flow_match_schedule_from_sigmas(
+    train: usize,
+    sigmas: &[f64],
+    shift: FlowShift,
+    shift_terminal: Option<f64>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    check_steps(train, sigmas.len())?;
+    if let Some(s) = sigmas.iter().find(|s| !(**s > 0.0 && **s <= 1.0)) {
+        return Err(invalid(
+            "sigmas",
+            format!("{s} is outside (0, 1]; pass flow-matching sigmas such as linspace(1, 1/N, N)"),
+        ));
+    }
+    if let Some(z) = shift_terminal.filter(|z| !(*z >= 0.0 && *z < 1.0)) {
+        return Err(invalid("shift_terminal", format!("{z} is outside [0, 1)")));
+    }
+    let mut sig: Vec<f64> = sigmas
+        .iter()
+        .map(|&s| match shift {
+            FlowShift::Static(k) => shift_sigma(k, s),
+            FlowShift::Dynamic { mu, .. } => time_shift(mu, 1.0, s),
+        })
+        .collect();
+    // diffusers tests `if self.config.shift_terminal:`, so 0.0 means "off" as None does.
+    if let Some(z) = shift_terminal.filter(|z| *z != 0.0) {
+        // The stretch divides by 1 − σ_last: a schedule ending at σ = 1 (one step) has none to
+        // stretch (diffusers returns NaN there).
+        if sig.last().is_some_and(|s| *s >= 1.0) {
+            return Err(invalid("shift_terminal", format!("{z} needs a last σ below 1; use at least 2 steps")));
+        }
+        stretch_to_terminal(&mut sig, z);
+    }
+    let timesteps = sig.iter().map(|s| s * train as f64).collect();
+    sig.push(0.0);
+    Ok((timesteps, sig))
+}
+
+/// One `FlowMatchEulerDiscreteScheduler.step` (no stochastic sampling): `x + (σ_{i+1} − σ_i)·v`.
+pub fn flow_euler_step<T: Float>(sigmas: &[f64], i: usize, velocity: &[T], sample: &[T], out: &mut [T]) -> Result<()> {
+    if i + 1 >= sigmas.len() {
+        return Err(invalid(
+            "step",
+            format!("{i}; must be < {} (the sigmas end with the trailing 0)", sigmas.len().max(1) - 1),
+        ));
+    }
+    check_lengths(velocity.len(), sample.len(), out.len())?;
+    let dt = sigmas[i + 1] - sigmas[i];
+    for ((o, v), x) in out.iter_mut().zip(velocity).zip(sample) {
+        *o = T::from_f64(x.to_f64() + dt * v.to_f64());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -449,6 +523,42 @@ mod tests {
         assert!(e.contains("`sigmas`"), "{e}");
         let e = euler_step(&sig, 0, &[1.0, 2.0], &[1.0], Prediction::Epsilon, &mut o).unwrap_err().to_string();
         assert!(e.contains("`model_output`"), "{e}");
+    }
+
+    /// Hand-derived: linspace(1, 1/4, 4) = [1, 0.75, 0.5, 0.25]; the static shift s = 3 maps σ
+    /// to 3σ/(1 + 2σ): [1, 0.9, 0.75, 0.5]; the exponential shift with μ = ln 2 maps σ to
+    /// 2/(2 + 1/σ − 1): [1, 6/7, 2/3, 0.4]; stretching [1, 0.9, 0.75, 0.5] to terminal 0.02 divides
+    /// 1 − σ by k = 0.5/0.98: [1, 0.804, 0.51, 0.02]. Each side is a few f64 roundings of values
+    /// ≤ 1000: bound 1e-12. A missing shift or stretch moves a value by ≥ 0.1.
+    #[test]
+    fn flow_sigmas_hand_derived() {
+        let close = |a: &[f64], b: &[f64]| {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-12, "{a:?} vs {b:?}");
+            }
+        };
+        let base = pipeline_flow_sigmas(4);
+        close(&base, &[1.0, 0.75, 0.5, 0.25]);
+        let (ts, sg) = flow_match_schedule_from_sigmas(1000, &base, FlowShift::Static(3.0), None).unwrap();
+        close(&sg, &[1.0, 0.9, 0.75, 0.5, 0.0]);
+        close(&ts, &[1000.0, 900.0, 750.0, 500.0]);
+        let mu = 2f64.ln();
+        let (_, sg) =
+            flow_match_schedule_from_sigmas(1000, &base, FlowShift::Dynamic { shift: 3.0, mu }, None).unwrap();
+        close(&sg, &[1.0, 6.0 / 7.0, 2.0 / 3.0, 0.4, 0.0]);
+        let (_, sg) = flow_match_schedule_from_sigmas(1000, &base, FlowShift::Static(3.0), Some(0.02)).unwrap();
+        close(&sg, &[1.0, 0.804, 0.51, 0.02, 0.0]);
+        // shift_terminal 0.0 is diffusers' "off" (a falsy value).
+        let (_, sg) = flow_match_schedule_from_sigmas(1000, &base, FlowShift::Static(3.0), Some(0.0)).unwrap();
+        close(&sg, &[1.0, 0.9, 0.75, 0.5, 0.0]);
+        let e = flow_match_schedule_from_sigmas(1000, &[1.0, 0.0], FlowShift::Static(1.0), None).unwrap_err();
+        assert!(e.to_string().contains("sigmas"), "{e}");
+        // The Euler step: x + (σ_next − σ)·v = 3 + (0.9 − 1)·2 = 2.8; the end of the schedule is refused.
+        let mut o = [0.0f64];
+        flow_euler_step(&[1.0, 0.9, 0.0], 0, &[2.0], &[3.0], &mut o).unwrap();
+        assert!((o[0] - 2.8).abs() <= 1e-15, "{}", o[0]);
+        assert!(flow_euler_step(&[1.0, 0.9, 0.0], 2, &[2.0], &[3.0], &mut o).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! `host lora inspect|convert`: LoRA files in the kohya, diffusers, PEFT and ComfyUI layouts,
-//! through likeness_diffusion::lora_keys (pure Rust; no model, no venv).
+//! `host lora inspect|convert`: LoRA files in the kohya, diffusers, PEFT and ComfyUI layouts, for
+//! SD1.x and Flux.1, through likeness_diffusion::lora_keys (pure Rust; no model, no venv).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -27,14 +27,21 @@ Formats:
 Also read: the original-LDM kohya spelling (lora_unet_input_blocks_1_1_…, middle_block, output_blocks),
   diffusers' older spellings (.lora.down.weight, .lora_linear_layer.down.weight,
   attn1.processor.to_q_lora.down.weight), lora_te1_, and text-encoder names with or without
-  `text_model.` (transformers 5 drops it). Base models: SD1.x now; Flux and Qwen-Image files are
-  recognised and refused (not implemented yet).
+  `text_model.` (transformers 5 drops it).
+Base models (detected from the key names, printed as `base model`): SD1.x, and Flux.1:
+  kohya / musubi / ai-toolkit BFL names lora_unet_double_blocks_<i>_img_attn_qkv (fused q,k,v),
+  lora_unet_single_blocks_<i>_linear1 (fused q,k,v,mlp), …, lora_te1_ (CLIP-L), lora_te3_ (T5);
+  diffusers transformer.<path> (split to_q/to_k/to_v, proj_mlp), text_encoder., text_encoder_2.;
+  PEFT base_model.model.<path>; ComfyUI diffusion_model.<BFL path>. Converting to kohya merges
+  to_q/k/v (+ proj_mlp) into one module of rank Σr (block-diagonal up, alpha scaled with the rank);
+  reading splits them again. Qwen-Image files are recognised and refused (not implemented yet).
 
 Examples:
   host lora inspect runs/x/me.safetensors
   host lora inspect runs/x/me-peft --json
   host lora convert --to diffusers me.safetensors me-diffusers/
-  host lora convert --to kohya me-peft/ me.safetensors";
+  host lora convert --to kohya me-peft/ me.safetensors
+  host lora convert --to kohya flux-diffusers/ flux-kohya.safetensors";
 
 #[derive(Subcommand)]
 pub enum LoraCommand {
@@ -96,8 +103,8 @@ pub fn run(cmd: &LoraCommand) -> ExitCode {
 pub(crate) fn describe_format(f: LoraFormat) -> &'static str {
     match f {
         LoraFormat::Kohya => "kohya / sd-scripts (lora_unet_… / lora_te_… keys: lora_down, lora_up, alpha)",
-        LoraFormat::ComfyUi => "ComfyUI-style keys (diffusion_model. / lycoris_ / bare diffusers names)",
-        LoraFormat::Diffusers => "diffusers (unet. / text_encoder. keys: lora_A, lora_B)",
+        LoraFormat::ComfyUi => "ComfyUI-style keys (diffusion_model. / lycoris_ / bare names)",
+        LoraFormat::Diffusers => "diffusers (unet. / transformer. / text_encoder. keys: lora_A, lora_B)",
         LoraFormat::Peft => "PEFT folder (adapter_config.json + adapter_model.safetensors, base_model.model. keys)",
     }
 }
@@ -105,7 +112,7 @@ pub(crate) fn describe_format(f: LoraFormat) -> &'static str {
 fn describe_arch(a: BaseArch) -> &'static str {
     match a {
         BaseArch::Sd15 => "sd15 (Stable Diffusion 1.x key layout; SD2.x uses the same names)",
-        BaseArch::Flux => "flux",
+        BaseArch::Flux => "flux (Flux.1 FluxTransformer2DModel; CLIP-L text_encoder, T5 text_encoder_2)",
         BaseArch::QwenImage => "qwen-image",
         BaseArch::Unknown => "unknown",
     }
@@ -122,7 +129,7 @@ fn fmt_num(x: f64) -> String {
 /// Everything `inspect` shows, as JSON (the text form is rendered from it).
 pub(crate) fn summary(path: &std::path::Path, set: &LoraSet) -> Value {
     let mut parts = serde_json::Map::new();
-    for c in [Component::Unet, Component::TextEncoder] {
+    for c in [Component::Unet, Component::Transformer, Component::TextEncoder, Component::TextEncoder2] {
         let mods: Vec<_> = set.modules.iter().filter(|m| m.component == c).collect();
         if mods.is_empty() {
             continue;
@@ -145,14 +152,18 @@ pub(crate) fn summary(path: &std::path::Path, set: &LoraSet) -> Value {
             }),
         );
     }
-    // A PEFT adapter wraps one model: the text encoder's sits in text_encoder/ beside the UNet's.
-    let te_folder = path.join("text_encoder");
-    let te_folder =
-        (set.format == LoraFormat::Peft && path.is_dir() && te_folder.join("adapter_config.json").is_file())
-            .then(|| te_folder.display().to_string());
+    // A PEFT adapter wraps one model: a text encoder's sits in text_encoder/ (Flux's T5: in
+    // text_encoder_2/) beside the denoiser's.
+    let sub = |name: &str| {
+        let f = path.join(name);
+        (set.format == LoraFormat::Peft && path.is_dir() && f.join("adapter_config.json").is_file())
+            .then(|| f.display().to_string())
+    };
+    let (te_folder, te2_folder) = (sub("text_encoder"), sub("text_encoder_2"));
     json!({
         "path": path.display().to_string(),
         "text_encoder_folder": te_folder,
+        "text_encoder_2_folder": te2_folder,
         "format": set.format.as_str(),
         "format_description": describe_format(set.format),
         "loaded_by": set.format.loaded_by(),
@@ -176,9 +187,15 @@ pub(crate) fn summary_text(s: &Value, arch: BaseArch) -> String {
             "  text encoder: {te} — PeftModel.from_pretrained(text_encoder, dir, subfolder=\"text_encoder\")\n"
         );
     }
+    if let Some(te) = s["text_encoder_2_folder"].as_str() {
+        o += &format!(
+            "  text encoder 2: {te} — PeftModel.from_pretrained(text_encoder_2, dir, subfolder=\"text_encoder_2\")\n"
+        );
+    }
     o += &format!("  modules:     {}\n", s["modules"]);
     if let Some(parts) = s["parts"].as_object() {
-        for (name, p) in ["unet", "text_encoder"].iter().filter_map(|n| parts.get(*n).map(|p| (n, p))) {
+        let names = ["unet", "transformer", "text_encoder", "text_encoder_2"];
+        for (name, p) in names.iter().filter_map(|n| parts.get(*n).map(|p| (n, p))) {
             let ranks: Vec<String> = p["ranks"]
                 .as_array()
                 .unwrap()
@@ -231,7 +248,7 @@ pub(crate) fn summary_text(s: &Value, arch: BaseArch) -> String {
 
 fn inspect(a: &InspectArgs) -> likeness_diffusion::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
-    // `detect` reads names only, so a Flux / Qwen file is still named before `read` refuses it.
+    // `detect` reads names only, so a Qwen-Image file is still named before `read` refuses it.
     let (format, arch) = lora_keys::detect(&a.path)?;
     let set = match lora_keys::read(&a.path) {
         Ok(s) => s,

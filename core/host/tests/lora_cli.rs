@@ -157,6 +157,7 @@ fn errors_name_the_key_and_leave_no_output() {
     let (ok, _, err) = host(&["lora", "convert", "--to", "lycoris", bad.to_str().unwrap(), out.to_str().unwrap()]);
     assert!(!ok && err.contains("kohya, diffusers, peft or comfyui"), "{err}");
 
+    // A fused Flux qkv whose rows are not three equal parts: named, with the arch.
     let flux = dir.path().join("flux.safetensors");
     let f = "lora_unet_double_blocks_0_img_attn_qkv";
     raw_file(
@@ -166,7 +167,94 @@ fn errors_name_the_key_and_leave_no_output() {
     let (ok, out, err) = host(&["lora", "inspect", flux.to_str().unwrap()]);
     assert!(!ok);
     assert!(out.contains("base model:  flux"), "{out}");
-    assert!(err.contains("flux") && err.contains("not implemented"), "{err}");
+    assert!(err.contains(f) && err.contains("not a multiple of 3"), "{err}");
+    // Qwen-Image is recognised and refused.
+    let qwen = dir.path().join("qwen.safetensors");
+    let q = "transformer.transformer_blocks.0.img_mlp.net.2";
+    raw_file(
+        &qwen,
+        &[(&format!("{q}.lora_A.weight"), t(vec![2, 8], 1)), (&format!("{q}.lora_B.weight"), t(vec![8, 2], 2))],
+    );
+    let (ok, out, err) = host(&["lora", "inspect", qwen.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("base model:  qwen-image"), "{out}");
+    assert!(err.contains("qwen-image") && err.contains("not implemented"), "{err}");
+}
+
+/// A Flux LoRA: q/k/v (fused in kohya), proj_mlp, an embedder, CLIP-L and T5 layers.
+fn flux_sample() -> LoraSet {
+    let m = |component, path: &str, out: usize, inn: usize, seed: usize, alpha: f64| LoraModule {
+        component,
+        path: path.to_string(),
+        down: t(vec![2, inn], seed),
+        up: t(vec![out, 2], seed + 20),
+        alpha,
+    };
+    let tr = Component::Transformer;
+    let modules = vec![
+        m(tr, "transformer_blocks.0.attn.to_q", 16, 16, 1, 4.0),
+        m(tr, "transformer_blocks.0.attn.to_k", 16, 16, 2, 4.0),
+        m(tr, "transformer_blocks.0.attn.to_v", 16, 16, 3, 4.0),
+        m(tr, "transformer_blocks.0.ff.net.2", 16, 64, 4, 2.0),
+        m(tr, "single_transformer_blocks.0.attn.to_q", 16, 16, 5, 2.0),
+        m(tr, "single_transformer_blocks.0.attn.to_k", 16, 16, 6, 2.0),
+        m(tr, "single_transformer_blocks.0.attn.to_v", 16, 16, 7, 2.0),
+        m(tr, "single_transformer_blocks.0.proj_mlp", 64, 16, 8, 2.0),
+        m(tr, "x_embedder", 16, 8, 9, 2.0),
+        m(Component::TextEncoder, "text_model.encoder.layers.0.self_attn.q_proj", 8, 8, 10, 2.0),
+        m(Component::TextEncoder2, "encoder.block.0.layer.0.SelfAttention.q", 8, 8, 11, 2.0),
+    ];
+    LoraSet { format: LoraFormat::Diffusers, arch: BaseArch::Flux, modules, metadata: BTreeMap::new() }
+}
+
+#[test]
+fn flux_files_inspect_and_convert_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let set = flux_sample();
+    let src = d.join("flux-diffusers");
+    lora_keys::write(&set, LoraFormat::Diffusers, &src).unwrap();
+    let s = src.to_str().unwrap();
+    let (ok, out, err) = host(&["lora", "inspect", s]);
+    assert!(ok, "{err}");
+    assert!(out.contains("base model:  flux") && out.contains("transformer: 9 modules"), "{out}");
+    assert!(out.contains("text_encoder_2: 1 modules") && out.contains("proj_mlp ×1"), "{out}");
+    for (to, name) in [
+        ("kohya", "flux-kohya.safetensors"),
+        ("comfyui", "flux-comfy.safetensors"),
+        ("peft", "flux-peft"),
+        ("diffusers", "flux-again"),
+    ] {
+        let o = d.join(name);
+        let (ok, stdout, err) = host(&["lora", "convert", "--to", to, s, o.to_str().unwrap()]);
+        assert!(ok, "{to}: {err}");
+        assert!(stdout.contains("wrote"), "{stdout}");
+        let back = lora_keys::read(&o).unwrap();
+        assert_eq!(back.arch, BaseArch::Flux, "{to}");
+        same_deltas(&set, &back, to);
+        let (ok, out, err) = host(&["lora", "inspect", "--json", o.to_str().unwrap()]);
+        assert!(ok, "{to}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["base_model"], "flux", "{to}");
+        assert_eq!(v["parts"]["transformer"]["modules"], 9, "{to}: {v}");
+    }
+    // kohya: BFL names, q/k/v fused (rank 3·2) and linear1 = q, k, v, mlp. The diffusers source
+    // has alpha / r folded into lora_B (alpha = r), so the merged alpha is the merged rank, 6.
+    let bytes = std::fs::read(d.join("flux-kohya.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let shape = |k: &str| st.tensor(k).unwrap_or_else(|_| panic!("{k}")).shape().to_vec();
+    assert_eq!(shape("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"), vec![48, 6]);
+    assert_eq!(shape("lora_unet_single_blocks_0_linear1.lora_up.weight"), vec![3 * 16 + 64, 8]);
+    assert_eq!(shape("lora_unet_img_in.lora_down.weight"), vec![2, 8]);
+    assert_eq!(shape("lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"), vec![8, 2]);
+    let alpha = st.tensor("lora_unet_double_blocks_0_img_attn_qkv.alpha").unwrap();
+    assert_eq!(alpha.data(), 6.0f32.to_le_bytes(), "alpha scales with the merged rank");
+    // And back from kohya: the split modules, every format again.
+    let k = d.join("flux-kohya.safetensors");
+    let o = d.join("from-kohya");
+    let (ok, _, err) = host(&["lora", "convert", "--to", "diffusers", k.to_str().unwrap(), o.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    same_deltas(&set, &lora_keys::read(&o).unwrap(), "kohya → diffusers");
 }
 
 /// Issue 14, part 7: a LoRA whose weights hold NaN converted and inspected without a word.

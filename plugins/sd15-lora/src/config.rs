@@ -6,7 +6,7 @@ use std::path::Path;
 
 use likeness_diffusion::schedules::Prediction;
 use likeness_diffusion_torch::sampling::Sampler;
-use likeness_diffusion_torch::trainer::{bad_config as bad, Result};
+use likeness_diffusion_torch::trainer::{bad_config as bad, check_paths_exist, check_sample_defaults, Result};
 use likeness_diffusion_torch::BackboneConfig;
 use serde::{Deserialize, Serialize};
 
@@ -98,26 +98,11 @@ impl BackboneConfig for Sd15Config {
                 format!("{}: only .safetensors single files are read (convert a .ckpt first)", self.pretrained),
             ));
         }
-        for (field, v) in [("config", &self.config), ("tokenizer", &self.tokenizer)] {
-            if let Some(v) = v {
-                if !Path::new(v).exists() {
-                    return Err(bad(field, format!("{v} does not exist")));
-                }
-            }
-        }
+        check_paths_exist(&[("config", &self.config), ("tokenizer", &self.tokenizer)])?;
         if !(1..=2).contains(&self.clip_skip) {
             return Err(bad("clip_skip", format!("must be 1 or 2, got {}", self.clip_skip)));
         }
-        if self.sample_steps == 0 {
-            return Err(bad("sample_steps", "must be ≥ 1"));
-        }
-        if !self.guidance.is_finite() {
-            return Err(bad("guidance", "must be a finite number"));
-        }
-        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
-            return Err(bad("resolution", format!("must be a positive multiple of 8, got {}", self.resolution)));
-        }
-        Ok(())
+        check_sample_defaults(self.sample_steps, self.guidance, self.resolution)
     }
 
     fn base_model(&self) -> &str {
@@ -144,8 +129,8 @@ impl BackboneConfig for Sd15Config {
             "sampler": {"enum": ["ddim", "euler"], "default": "ddim", "description": "sampling scheduler"},
             "sample_steps": {"type": "integer", "minimum": 1, "default": 30, "description": "default sampling steps"},
             "guidance": {"type": "number", "default": 7.5, "description": "default classifier-free guidance scale"},
-            "resolution": {"type": "integer", "minimum": 8, "multipleOf": 8, "default": 512,
-                "description": "default sample size; training images must be multiples of the VAE factor (8)"}
+            "resolution": {"type": "integer", "minimum": 1, "default": 512,
+                "description": "default sample size, a multiple of the VAE factor 2^(len(vae block_out_channels) − 1) (8 for SD1.5); so must training images be"}
         })
     }
 }

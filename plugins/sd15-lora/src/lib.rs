@@ -24,7 +24,7 @@
 use likeness_diffusion::lora_keys::{BaseArch, Component};
 use likeness_diffusion_torch::trainer::{Result, TrainConfig};
 use likeness_diffusion_torch::{
-    Backbone, LoraModel, Objective, Replay, SampleSettings, Store, TextEncoding, Vae, VaeConfig,
+    Backbone, Lazy, LoraModel, Objective, Replay, SampleSettings, Store, TextEncoding, Vae, VaeConfig,
 };
 use tch::{Device, Tensor};
 
@@ -36,7 +36,7 @@ pub mod text;
 pub use likeness_diffusion_torch::rng;
 
 use config::Sd15Config;
-use model::{Pipeline, CONTEXT_LENGTH};
+use model::Pipeline;
 
 /// The plugin id users type.
 pub const ID: &str = "sd15-lora";
@@ -105,20 +105,16 @@ impl Backbone for Sd15 {
         ))
     }
 
-    fn vae(&self) -> Result<&Vae> {
-        self.pipe.vae.get()
+    fn lazy_vae(&self) -> &Lazy<Vae> {
+        &self.pipe.vae
     }
 
     fn vae_config(&self) -> &VaeConfig {
         &self.pipe.vae_config
     }
 
-    fn vae_loaded(&self) -> bool {
-        self.pipe.vae.loaded().is_some()
-    }
-
     fn text_shapes(&self) -> Vec<Vec<i64>> {
-        vec![vec![CONTEXT_LENGTH as i64, self.pipe.text_config.hidden_size]]
+        vec![vec![self.pipe.context_length() as i64, self.pipe.text_config.hidden_size]]
     }
 
     fn encode_texts(&self, texts: &[&str], grad: bool) -> Result<Vec<Tensor>> {

@@ -27,9 +27,6 @@ const SD15_VAE: &str = include_str!("presets/vae_config.json");
 const SD15_TEXT: &str = include_str!("presets/text_encoder_config.json");
 const SD15_SCHEDULER: &str = include_str!("presets/scheduler_config.json");
 
-/// The text context length of SD1.5's tokenizer (`model_max_length`).
-pub const CONTEXT_LENGTH: usize = 77;
-
 /// The networks: the UNet loaded, the VAE and text encoder on first use.
 pub struct Pipeline {
     pub unet_store: Store,
@@ -107,11 +104,7 @@ impl Pipeline {
                 let (vs, v) = load::vae_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
                 let (ts, t) = load::text_encoder_from_diffusers_mode(&root, kind, device, Mode::Plan)?;
                 let (vcfg, tcfg, counted) = (v.config, t.config, vs.parameter_count() + ts.parameter_count());
-                let r = root.clone();
-                let vae = Lazy::new(move || {
-                    let (store, model) = load::vae_from_diffusers(&r, kind, device)?;
-                    Ok(Vae { store, model })
-                });
+                let vae = Vae::lazy_from_diffusers(&root, kind, device);
                 let r = root.clone();
                 let text = Lazy::new(move || TextEncoder::from_diffusers(&r, kind, device));
                 let p = root.join("scheduler").join("scheduler_config.json");
@@ -155,6 +148,14 @@ impl Pipeline {
         }
         let objective = Objective::ddpm(&sched_json.0, &scheduler)?;
         let tokenizer = load_tokenizer(&tokenizer_path(c, c.config.as_deref().map(Path::new))?)?;
+        // Sample sizes are multiples of the VAE factor 2^(blocks − 1) (8 for SD1.5's VAE).
+        let factor = vae_config.downscale_factor() as u32;
+        if !c.resolution.is_multiple_of(factor) {
+            return Err(file(
+                &c.pretrained,
+                format!("resolution {} must be a multiple of {factor}, the VAE's downsampling factor", c.resolution),
+            ));
+        }
         if unet.config.cross_attention_dim != text_config.hidden_size {
             return Err(file(
                 &c.pretrained,
@@ -178,11 +179,18 @@ impl Pipeline {
         })
     }
 
-    /// Token ids `[n, 77]` (int64, on `device`) as SD1.5's CLIPTokenizer pads: with `<|endoftext|>`.
+    /// The text context length: the text encoder's `max_position_embeddings` (77 for SD1.5, as
+    /// its tokenizer's `model_max_length`; the encoder cannot take more).
+    pub fn context_length(&self) -> usize {
+        self.text_config.max_position_embeddings as usize
+    }
+
+    /// Token ids `[n, L]` (L = [`context_length`](Self::context_length); int64, on `device`) as
+    /// SD1.5's CLIPTokenizer pads: with `<|endoftext|>`.
     pub fn token_ids(&self, texts: &[&str], device: Device) -> Result<Tensor> {
         let e = self
             .tokenizer
-            .encode(texts, CONTEXT_LENGTH, Padding::Eot)
+            .encode(texts, self.context_length(), Padding::Eot)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(Tensor::from_slice(&e.ids).view([e.batch as i64, e.context_length as i64]).to_device(device))
     }

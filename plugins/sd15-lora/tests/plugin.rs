@@ -748,3 +748,14 @@ fn encoders_load_on_first_use() {
     assert_eq!(counted.total as i64, loaded + trainable);
     assert_eq!(m.parameters().unwrap().total, counted.total);
 }
+
+/// `flux_shift` is a flow-matching timestep scheme; SD1.5 is DDPM: refused by name at creation.
+#[test]
+fn flux_shift_is_refused_for_ddpm() {
+    let Some((dir, _)) = tiny("flux_shift_is_refused_for_ddpm") else { return };
+    let e = Sd15Lora::create(&config(dir, serde_json::json!({"timestep_sampling": "flux_shift"})), Device::CPU, 0)
+        .err()
+        .expect("refused")
+        .message;
+    assert!(e.contains("timestep_sampling") && e.contains("flux_shift"), "{e}");
+}

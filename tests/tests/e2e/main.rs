@@ -10,6 +10,7 @@ mod drip_flags;
 mod drip_sd15;
 mod eval_faces;
 mod first_run;
+mod flux_lora;
 mod hf_cache;
 mod identity_chain;
 mod identity_loss;

@@ -60,6 +60,9 @@ pub enum TimestepSamplingName {
     LogitNormal,
     Mode,
     Shift,
+    /// musubi-tuner's / sd-scripts' `flux_shift`: sigmoid draws shifted by Flux's
+    /// resolution-dependent μ (flow matching only).
+    FluxShift,
 }
 
 fn d_rank() -> i64 {
@@ -184,8 +187,9 @@ impl TrainConfig {
         self.lora_alpha.unwrap_or(self.lora_rank as f64)
     }
 
-    /// The timestep sampler's method.
-    pub fn sampling(&self) -> Sampling {
+    /// The timestep sampler's method for latents of `latent_h`×`latent_w` (`flux_shift`'s μ
+    /// depends on the image's token count).
+    pub fn sampling(&self, latent_h: usize, latent_w: usize) -> Sampling {
         match self.timestep_sampling {
             TimestepSamplingName::Uniform => Sampling::Uniform,
             TimestepSamplingName::Sigmoid => Sampling::Sigmoid { sigmoid_scale: self.sigmoid_scale },
@@ -193,6 +197,9 @@ impl TrainConfig {
             TimestepSamplingName::Mode => Sampling::Mode { mode_scale: self.mode_scale },
             TimestepSamplingName::Shift => {
                 Sampling::Shift { sigmoid_scale: self.sigmoid_scale, discrete_flow_shift: self.discrete_flow_shift }
+            }
+            TimestepSamplingName::FluxShift => {
+                Sampling::FluxShift { sigmoid_scale: self.sigmoid_scale, latent_h, latent_w }
             }
         }
     }
@@ -204,6 +211,34 @@ impl TrainConfig {
             "train_text_encoder": self.train_text_encoder, "lora": self.lora, "precision": self.precision,
         })
     }
+}
+
+/// Optional path keys (`config`, `tokenizer`, …) must name something that exists.
+pub fn check_paths_exist(fields: &[(&'static str, &Option<String>)]) -> Result<()> {
+    for (field, v) in fields {
+        if let Some(v) = v {
+            if !Path::new(v).exists() {
+                return Err(bad(field, format!("{v} does not exist")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The sampling defaults every backbone config has (`sample_steps`, `guidance`, `resolution`);
+/// the resolution's multiple of the VAE factor is the backbone's to check at load, where the
+/// VAE config is known.
+pub fn check_sample_defaults(sample_steps: u32, guidance: f64, resolution: u32) -> Result<()> {
+    if sample_steps == 0 {
+        return Err(bad("sample_steps", "must be ≥ 1"));
+    }
+    if !guidance.is_finite() {
+        return Err(bad("guidance", format!("must be a finite number, got {guidance}")));
+    }
+    if resolution == 0 {
+        return Err(bad("resolution", "must be a positive multiple of the VAE factor, got 0"));
+    }
+    Ok(())
 }
 
 /// The JSON Schema `properties` of [`TrainConfig`]: every key with its default and meaning.
@@ -229,9 +264,9 @@ pub fn properties() -> Value {
             "description": "sd-scripts' noise offset: noise + offset·randn(B, C, 1, 1)"},
         "min_snr_gamma": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": null,
             "description": "min-SNR-γ weighting of the diffusion loss (null = off); also the `timestep_weights` output"},
-        "timestep_sampling": {"enum": ["uniform", "sigmoid", "logit_normal", "mode", "shift"], "default": "uniform",
-            "description": "how t is drawn (then t·1000 floored to an integer DDPM timestep in [min_timestep, max_timestep))"},
-        "sigmoid_scale": {"type": "number", "default": 1.0, "description": "for sigmoid / shift"},
+        "timestep_sampling": {"enum": ["uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift"], "default": "uniform",
+            "description": "how t is drawn (DDPM: then t·1000 floored to an integer timestep in [min_timestep, max_timestep); flow matching: σ = t). flux_shift (flow matching only): sigmoid draws time-shifted by Flux's μ at the batch's image token count, as musubi-tuner / sd-scripts do"},
+        "sigmoid_scale": {"type": "number", "default": 1.0, "description": "for sigmoid / shift / flux_shift"},
         "logit_mean": {"type": "number", "default": 0.0, "description": "for logit_normal"},
         "logit_std": {"type": "number", "default": 1.0, "description": "for logit_normal"},
         "mode_scale": {"type": "number", "default": 1.29, "description": "for mode"},

@@ -34,7 +34,7 @@ pub(super) fn managed(t: &Tensor) -> Result<ManagedTensor> {
 impl<B: Backbone> LoraModel<B> {
     /// Pixels per latent pixel: 2^(VAE blocks − 1).
     pub(super) fn vae_factor(&self) -> i64 {
-        1i64 << (self.backbone.vae_config().block_out_channels.len().saturating_sub(1))
+        self.backbone.vae_config().downscale_factor()
     }
 
     fn check_images(&self, what: &str, shape: &[i64]) -> Result<()> {
@@ -180,7 +180,7 @@ impl<B: Backbone> LoraModel<B> {
             return Err(input(format!("sample size {width}×{height} must be a multiple of {f} (the VAE factor)")));
         }
         let steps = if r.steps == 0 { set.steps } else { r.steps } as usize;
-        let guidance = if r.guidance <= 0.0 { set.guidance } else { r.guidance };
+        let guidance = self.backbone.guidance(if r.guidance <= 0.0 { set.guidance } else { r.guidance });
         if !r.adapter_scale.is_finite() {
             return Err(input(format!("adapter_scale must be finite, got {}", r.adapter_scale)));
         }
@@ -203,18 +203,23 @@ impl<B: Backbone> LoraModel<B> {
         }
         let result = (|| -> Result<Tensor> {
             let cond = self.embed(&prompts, false)?;
-            let uncond = self.embed(&uncond_texts, false)?;
+            let uncond = if guidance.needs_negative() { Some(self.embed(&uncond_texts, false)?) } else { None };
             let x = Tensor::from_slice(&noise).to_kind(self.compute).to_device(self.device).view([n as i64, lc, h, w]);
-            // The toolkit's loop (checked against diffusers' pipeline); no graph.
+            // The toolkit's loop (checked against diffusers' pipelines); no graph.
             let z = tch::no_grad(|| -> Result<Tensor> {
                 let b = &self.backbone;
-                let model = sampling::conditioned_model(
-                    |x: &Tensor, t: &Tensor, c: &[Tensor]| b.denoise(x, t, c, None),
+                let model = sampling::guided_model(
+                    |x: &Tensor, t: &Tensor, g: Option<&Tensor>, c: &[Tensor]| b.denoise_guided(x, t, g, c, None),
                     &cond,
-                    Some(&uncond),
+                    uncond.as_deref(),
                     guidance,
                 )?;
-                Ok(sampling::denoise(set.sampler, set.scheduler, steps, &x, guidance, model)?)
+                Ok(match b.flow_scheduler() {
+                    Some(fc) => {
+                        sampling::run(&sampling::FlowSchedule::new(fc, steps, b.image_seq_len(h, w))?, &x, model)?
+                    }
+                    None => sampling::run(&sampling::Schedule::new(set.sampler, set.scheduler, steps)?, &x, model)?,
+                })
             })?;
             Ok(tch::no_grad(|| self.decode_latents(&z))?.clamp(0.0, 1.0))
         })();

@@ -40,10 +40,12 @@ mod inputs;
 mod state;
 mod step;
 
-pub use config::{LoraInitName, ModelConfig, Precision, TimestepSamplingName, TrainConfig};
+pub use config::{
+    check_paths_exist, check_sample_defaults, LoraInitName, ModelConfig, Precision, TimestepSamplingName, TrainConfig,
+};
 pub use error::{config as bad_config, file, input, ModelError, Result};
 
-use crate::backbone::Backbone;
+use crate::backbone::{Backbone, Objective};
 use crate::lora::{self, LoraConfig, LoraInit};
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -73,11 +75,28 @@ fn prefixed(prefix: &str, v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
     v.into_iter().map(|(n, t)| (format!("{prefix}.{n}"), t)).collect()
 }
 
+/// Settings that only one noise process has: min-SNR-γ weighs DDPM timesteps by their SNR, and
+/// `flux_shift` shifts flow-matching σ; each is refused, naming the key, on the other.
+fn check_objective(t: &TrainConfig, objective: &Objective) -> Result<()> {
+    match objective {
+        Objective::FlowMatching { .. } if t.min_snr_gamma.is_some() => Err(error::config(
+            "min_snr_gamma",
+            "min-SNR-γ weighs DDPM timesteps by their SNR; this backbone is flow matching, which has no such schedule: remove it (choose timestep_sampling instead)",
+        )),
+        Objective::Ddpm { .. } if t.timestep_sampling == TimestepSamplingName::FluxShift => Err(error::config(
+            "timestep_sampling",
+            "flux_shift shifts flow-matching σ by Flux's μ; this backbone is DDPM: use uniform, sigmoid, logit_normal, mode or shift",
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl<B: Backbone> LoraModel<B> {
     pub fn new(config: ModelConfig<B::Config>, device: Device, seed: u64) -> Result<Self> {
         let device = to_tch_device(device)?;
         let backbone = B::load(&config.backbone, &config.train, device)?;
         let t = &config.train;
+        check_objective(t, backbone.objective())?;
         let compute = t.precision.compute_kind();
         match &t.lora {
             Some(path) => adapter::inject_from_file(&backbone, Path::new(path), compute, t.lora_dropout)?,

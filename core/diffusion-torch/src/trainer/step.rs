@@ -14,9 +14,6 @@ use super::{torch_rng, LoraModel};
 use crate::backbone::{Backbone, Objective, Replay};
 use crate::{lora, rng, training};
 
-/// The timestep of an `Eval` forward without seeds (DDPM: the middle of SD's schedule; flow: σ = ½).
-pub const EVAL_TIMESTEP: usize = 500;
-
 /// What `backward` needs from the last `forward_batch(Train)`.
 pub(super) struct Pending<B> {
     loss: Tensor,
@@ -42,14 +39,23 @@ struct Timesteps {
 
 impl<B: Backbone> LoraModel<B> {
     /// Timestep, noise `[C·h·w]` per sample from the seeds, or the Eval defaults.
-    fn draws(&self, seeds: &[u64], n: usize, per_sample: usize, mode: ForwardMode) -> Result<Draws> {
+    /// `latent_hw`: the latents' height and width (`flux_shift`'s μ).
+    fn draws(
+        &self,
+        seeds: &[u64],
+        n: usize,
+        latent_hw: (usize, usize),
+        per_sample: usize,
+        mode: ForwardMode,
+    ) -> Result<Draws> {
         let c = &self.config.train;
         let lc = self.backbone.vae_config().latent_channels as usize;
         let objective = self.backbone.objective();
         if seeds.len() == n {
             let mut d = Draws { t: Vec::new(), noise: Vec::new() };
             for &s in seeds {
-                let mut ts = TimestepSampler::new(c.sampling(), c.min_timestep, c.max_timestep, rng::timestep_seed(s))?;
+                let sampling = c.sampling(latent_hw.0, latent_hw.1);
+                let mut ts = TimestepSampler::new(sampling, c.min_timestep, c.max_timestep, rng::timestep_seed(s))?;
                 let t = match objective {
                     Objective::Ddpm { .. } => {
                         let nt = objective.num_train_timesteps();
@@ -72,10 +78,8 @@ impl<B: Backbone> LoraModel<B> {
             Ok(d)
         } else if seeds.is_empty() && mode == ForwardMode::Eval {
             let eps = rng::noise(0, per_sample);
-            let t = match objective {
-                Objective::Ddpm { .. } => EVAL_TIMESTEP.min(objective.num_train_timesteps() - 1) as f64,
-                Objective::FlowMatching { .. } => 0.5,
-            };
+            // The middle of the training schedule (from the scheduler config, not a fixed 500).
+            let t = objective.eval_timestep();
             Ok(Draws { t: vec![t; n], noise: eps.repeat(n) })
         } else {
             Err(input(format!(
@@ -178,7 +182,8 @@ impl<B: Backbone> LoraModel<B> {
             }
         }
         let cond = self.context_of(&images, &texts, n, train && self.trains_text())?;
-        let d = self.draws(ctx.sample_seeds.as_slice(), n as usize, (lc * h * w) as usize, mode)?;
+        let d =
+            self.draws(ctx.sample_seeds.as_slice(), n as usize, (h as usize, w as usize), (lc * h * w) as usize, mode)?;
         let ts = self.timesteps(&d);
         let eps = Tensor::from_slice(&d.noise).to_kind(self.compute).to_device(self.device).view([n, lc, h, w]);
         let (x_t, target) = self.noised(&z0, &eps, &d, &ts.model)?;

@@ -2,6 +2,12 @@
 //! `pytorch_lora_weights.safetensors`, PEFT folders, ComfyUI), read into one canonical form
 //! ([`LoraSet`] of [`LoraModule`]s named by their diffusers module path) and written back out.
 //!
+//! Backbone-generic: each [`BaseArch`] has a table of [`ComponentSpec`]s (which networks a LoRA
+//! patches and their prefix in each format) and a module grammar ([`BaseArch::module_kind`]):
+//! SD1.x in `sd15` (UNet + CLIP), Flux.1 in `flux` (transformer + CLIP-L + T5, with the split /
+//! merge of BFL's fused qkv / linear1 layers that kohya-style files use). Reading detects the
+//! architecture from the key names and reports it in [`LoraSet::arch`].
+//!
 //! Every conversion goes through the canonical form, so a key that cannot be mapped is an error
 //! naming the file and the key (ComfyUI silently skips such keys; we do not).
 
@@ -12,6 +18,7 @@ use std::str::FromStr;
 
 use crate::{DiffusionError, Result};
 
+pub mod flux;
 mod peft;
 mod read;
 pub mod sd15;
@@ -93,17 +100,148 @@ impl fmt::Display for BaseArch {
 /// Which network a LoRA module patches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Component {
+    /// SD1.x's UNet.
     Unet,
+    /// A DiT denoiser (Flux's `FluxTransformer2DModel`).
+    Transformer,
+    /// The (first) CLIP text encoder.
     TextEncoder,
+    /// The second text encoder (Flux: T5).
+    TextEncoder2,
 }
 
 impl Component {
     pub fn as_str(self) -> &'static str {
         match self {
             Component::Unet => "unet",
+            Component::Transformer => "transformer",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
+}
+
+/// How one component's modules are spelled in each format, for one base architecture.
+#[derive(Debug, Clone, Copy)]
+pub struct ComponentSpec {
+    pub component: Component,
+    /// kohya / sd-scripts key prefix, written (`lora_unet_`, `lora_te_`, `lora_te1_`, …).
+    pub kohya: &'static str,
+    /// More kohya prefixes accepted on read (`lora_te1_` for SD1.5's text encoder).
+    pub kohya_also: &'static [&'static str],
+    /// diffusers' `pytorch_lora_weights.safetensors` prefix (`unet.`, `transformer.`, …).
+    pub diffusers: &'static str,
+    /// Where this component's PEFT adapter sits in a PEFT folder: `None` at the root (the
+    /// denoiser), else a subfolder (`text_encoder`).
+    pub peft_subfolder: Option<&'static str>,
+    /// ComfyUI's extra prefix for this component (`diffusion_model.`), if it has one.
+    pub comfy: Option<&'static str>,
+    /// Whether kohya / ComfyUI name the modules by the original (BFL) layout, fused layers
+    /// merged (Flux); otherwise by the diffusers path.
+    pub original_names: bool,
+}
+
+const SD15_COMPONENTS: &[ComponentSpec] = &[
+    ComponentSpec {
+        component: Component::Unet,
+        kohya: "lora_unet_",
+        kohya_also: &[],
+        diffusers: "unet.",
+        peft_subfolder: None,
+        comfy: Some("diffusion_model."),
+        original_names: false,
+    },
+    ComponentSpec {
+        component: Component::TextEncoder,
+        kohya: "lora_te_",
+        kohya_also: &["lora_te1_"],
+        diffusers: "text_encoder.",
+        peft_subfolder: Some("text_encoder"),
+        comfy: None,
+        original_names: false,
+    },
+];
+
+/// Flux.1: sd-scripts' `networks/lora_flux.py` prefixes (`lora_te1` CLIP-L, `lora_te3` T5).
+const FLUX_COMPONENTS: &[ComponentSpec] = &[
+    ComponentSpec {
+        component: Component::Transformer,
+        kohya: "lora_unet_",
+        kohya_also: &[],
+        diffusers: "transformer.",
+        peft_subfolder: None,
+        comfy: Some("diffusion_model."),
+        original_names: true,
+    },
+    ComponentSpec {
+        component: Component::TextEncoder,
+        kohya: "lora_te1_",
+        kohya_also: &["lora_te_"],
+        diffusers: "text_encoder.",
+        peft_subfolder: Some("text_encoder"),
+        comfy: None,
+        original_names: false,
+    },
+    ComponentSpec {
+        component: Component::TextEncoder2,
+        kohya: "lora_te3_",
+        kohya_also: &["lora_te2_"],
+        diffusers: "text_encoder_2.",
+        peft_subfolder: Some("text_encoder_2"),
+        comfy: None,
+        original_names: false,
+    },
+];
+
+impl BaseArch {
+    /// The components a LoRA for this base model can patch, with their prefixes per format
+    /// (Unknown: SD1.5's, the layout a file without DiT keys is read as).
+    pub fn components(self) -> &'static [ComponentSpec] {
+        match self {
+            BaseArch::Flux => FLUX_COMPONENTS,
+            _ => SD15_COMPONENTS,
+        }
+    }
+
+    /// The spec of one component, `None` if this base model has no such component.
+    pub fn component(self, c: Component) -> Option<&'static ComponentSpec> {
+        self.components().iter().find(|s| s.component == c)
+    }
+
+    /// The layer kind of a LoRA-targetable module (canonical diffusers path) of component `c`,
+    /// `None` when the module cannot carry a LoRA in this base model.
+    pub fn module_kind(self, c: Component, path: &str) -> Option<sd15::LayerKind> {
+        match (self, c) {
+            (BaseArch::Flux, Component::Transformer) => flux::transformer_module(path),
+            (BaseArch::Flux, Component::TextEncoder2) => flux::t5_module(path),
+            (BaseArch::Flux, Component::TextEncoder) => sd15::text_encoder_module(path),
+            (BaseArch::Flux, Component::Unet) => None,
+            (_, Component::Unet) => sd15::unet_module(path),
+            (_, Component::TextEncoder) => sd15::text_encoder_module(path),
+            _ => None,
+        }
+    }
+}
+
+/// `a_b_c` → dotted path, keeping the `_` of the multi-word names in `compounds` (longest
+/// match first as listed): kohya keys replace every `.` of a module path with `_`.
+pub(crate) fn dotted_with(underscored: &str, compounds: &[&str]) -> String {
+    let toks: Vec<&str> = underscored.split('_').collect();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < toks.len() {
+        let mut took = 1;
+        for c in compounds {
+            let n = c.split('_').count();
+            if i + n <= toks.len() && toks[i..i + n].join("_") == *c {
+                took = n;
+                break;
+            }
+        }
+        out.push(toks[i..i + took].join("_"));
+        i += took;
+    }
+    out.join(".")
 }
 
 /// One raw tensor (little-endian bytes as in safetensors).
@@ -178,7 +316,11 @@ fn format_of_names(names: &[String]) -> Option<LoraFormat> {
             peft = true;
         } else if k.starts_with("lora_unet_") || k.starts_with("lora_te") {
             kohya = true;
-        } else if k.starts_with("unet.") || k.starts_with("text_encoder.") || k.starts_with("transformer.") {
+        } else if k.starts_with("unet.")
+            || k.starts_with("text_encoder.")
+            || k.starts_with("text_encoder_2.")
+            || k.starts_with("transformer.")
+        {
             diffusers = true;
         } else if k.starts_with("diffusion_model.")
             || k.starts_with("lycoris_")
@@ -213,7 +355,7 @@ pub fn detect(path: &Path) -> Result<(LoraFormat, BaseArch)> {
         _ => format_of_names(&names).ok_or_else(|| DiffusionError::LoraFile {
             file: file.clone(),
             why: format!(
-                "no LoRA keys (first key: `{}`); expected lora_unet_/lora_te_ (kohya), unet./text_encoder. (diffusers) \
+                "no LoRA keys (first key: `{}`); expected lora_unet_/lora_te_ (kohya), unet./transformer./text_encoder. (diffusers) \
                  or base_model.model. (PEFT)",
                 names.first().map(String::as_str).unwrap_or("none")
             ),
@@ -228,29 +370,30 @@ pub fn detect(path: &Path) -> Result<(LoraFormat, BaseArch)> {
 ///   / `lora_te_<path>` with `.lora_down.weight`, `.lora_up.weight` and a 0-d `.alpha` of the
 ///   weights' dtype — sd-scripts' own layout, which ComfyUI, A1111/Forge and diffusers'
 ///   converter load. (The two formats write the same bytes: ComfyUI loads kohya names best.)
+///   Flux: BFL names (`lora_unet_double_blocks_0_img_attn_qkv`, `…_single_blocks_0_linear1`),
+///   to_q/k/v (+ proj_mlp) merged by [`flux::merge`], `lora_te1_` CLIP-L, `lora_te3_` T5.
 /// - diffusers: `out` is a `.safetensors` path, or a directory (existing or new) →
 ///   `<dir>/pytorch_lora_weights.safetensors`; `unet.<path>.lora_A.weight` / `.lora_B.weight`
+///   (Flux: `transformer.` / `text_encoder.` / `text_encoder_2.`)
 ///   with **alpha / r folded into lora_B**: the layout has no alpha key, and diffusers 0.42.1
 ///   without `lora_adapter_metadata` loads `lora_alpha = r` (scale 1) — so the folded file
 ///   is right in every diffusers version and in ComfyUI, where metadata is not read.
 /// - peft: `out` is a folder → `adapter_config.json` + `adapter_model.safetensors`
-///   (`base_model.model.<path>.lora_A.weight`) for the UNet; text-encoder modules go to the
-///   subfolder `<out>/text_encoder/` (a PEFT adapter wraps one model), loaded with
+///   (`base_model.model.<path>.lora_A.weight`) for the UNet (Flux: the transformer); text-encoder
+///   modules go to the subfolder `<out>/text_encoder/` (Flux's T5: `<out>/text_encoder_2/`; a
+///   PEFT adapter wraps one model), loaded with
 ///   `PeftModel.from_pretrained(text_encoder, out, subfolder="text_encoder")`. A LoRA with only
 ///   text-encoder modules is written at `<out>/` itself.
 ///
 /// The metadata is carried over except `format` / `lora_adapter_metadata`, which describe one
 /// layout and are regenerated.
 pub fn write(set: &LoraSet, to: LoraFormat, out: &Path) -> Result<Vec<PathBuf>> {
-    match set.arch {
-        BaseArch::Flux | BaseArch::QwenImage => {
-            return Err(DiffusionError::ArchNotImplemented {
-                file: out.to_path_buf(),
-                arch: set.arch,
-                what: "writing it is a follow-up (issue 8 covers SD1.5 now)".into(),
-            })
-        }
-        _ => {}
+    if set.arch == BaseArch::QwenImage {
+        return Err(DiffusionError::ArchNotImplemented {
+            file: out.to_path_buf(),
+            arch: set.arch,
+            what: "writing it is a follow-up (SD1.5 and Flux are implemented)".into(),
+        });
     }
     write::write(set, to, out)
 }

@@ -145,7 +145,8 @@ impl PeftConfig {
         PeftConfig::from_value(&m, file)
     }
 
-    /// diffusers' `lora_adapter_metadata`: `{"unet.r": 4, "unet.lora_alpha": 8, "text_encoder.r": …}`.
+    /// diffusers' `lora_adapter_metadata`: `{"unet.r": 4, "unet.lora_alpha": 8, "text_encoder.r": …}`
+    /// (Flux: `transformer.r`, …).
     pub(crate) fn from_diffusers_metadata(js: &str, file: &Path) -> Result<BTreeMap<Component, PeftConfig>> {
         let v: Value = serde_json::from_str(js)
             .map_err(|e| file_err(file, format!("metadata `lora_adapter_metadata` is not valid JSON ({e})")))?;
@@ -154,14 +155,21 @@ impl PeftConfig {
         };
         let mut parts: BTreeMap<Component, Map<String, Value>> = BTreeMap::new();
         for (k, x) in m {
-            let (c, field) = if let Some(f) = k.strip_prefix("unet.") {
-                (Component::Unet, f)
-            } else if let Some(f) = k.strip_prefix("text_encoder.") {
-                (Component::TextEncoder, f)
-            } else {
+            let found = [
+                ("unet.", Component::Unet),
+                ("transformer.", Component::Transformer),
+                ("text_encoder.", Component::TextEncoder),
+                ("text_encoder_2.", Component::TextEncoder2),
+            ]
+            .into_iter()
+            .find_map(|(pre, c)| k.strip_prefix(pre).map(|f| (c, f)));
+            let Some((c, field)) = found else {
                 return Err(file_err(
                     file,
-                    format!("`lora_adapter_metadata` key `{k}` has no unet./text_encoder. prefix (not an SD1.5 LoRA?)"),
+                    format!(
+                        "`lora_adapter_metadata` key `{k}` has no unet. / transformer. / text_encoder. / \
+                         text_encoder_2. prefix"
+                    ),
                 ));
             };
             parts.entry(c).or_default().insert(field.to_string(), x);

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::flux;
 use super::peft::PeftConfig;
 use super::sd15::{self, LayerKind};
 use super::tensor::{read_safetensors, StFile};
@@ -47,15 +48,37 @@ impl Style {
 #[derive(Debug, Clone)]
 pub(crate) struct ParsedKey {
     pub component: Component,
+    /// The canonical (diffusers) path, or with `bfl` the BFL path of a Flux module.
     pub path: String,
     pub role: Role,
     pub style: Style,
+    /// Named by the original BFL layout: a fused module that [`flux::split`] turns into
+    /// diffusers modules once its tensors are known.
+    pub bfl: bool,
 }
 
+/// The largest block index after `transformer_blocks.` / `transformer_blocks_` in `k`.
+fn dit_block_index(k: &str) -> Option<usize> {
+    let at = k.find("transformer_blocks")? + "transformer_blocks".len();
+    let digits: String = k[at + 1..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// Flux.1 has 19 double-stream blocks (`transformer_blocks.0…18`); Qwen-Image has 60.
+const FLUX_DOUBLE_BLOCKS: usize = 19;
+
 /// The base model a set of key names is for (from names only).
+///
+/// Flux and Qwen-Image spell their attention alike (`transformer_blocks.<i>.attn.to_q`,
+/// `add_q_proj`, `to_add_out`, `to_out.0`), so those names decide nothing; what differs
+/// (see the manifests in shared/reference): Flux's double blocks have `ff` / `ff_context` /
+/// `norm1(_context).linear`, its single blocks, `x_embedder`, `context_embedder`, and the BFL
+/// names (`double_blocks`, `img_attn`); Qwen-Image has `img_mlp` / `txt_mlp` / `img_mod` /
+/// `txt_mod` inside `transformer_blocks`, `img_in` / `txt_in`, `txt_norm`. An attention-only
+/// DiT LoRA is Qwen-Image when a block index is past Flux's 19 double blocks, else Flux.
 pub(crate) fn guess_arch<'a>(keys: impl IntoIterator<Item = &'a String>) -> BaseArch {
-    let mut sd = false;
-    let mut qwen = false;
+    let (mut sd, mut sdxl, mut flux, mut qwen, mut dit) = (false, false, false, false, false);
+    let mut max_block = 0;
     for k in keys {
         let has = |s: &str| k.contains(s);
         if has("double_blocks")
@@ -65,23 +88,34 @@ pub(crate) fn guess_arch<'a>(keys: impl IntoIterator<Item = &'a String>) -> Base
             || has("context_embedder")
             || has("img_attn")
             || has("txt_attn")
+            || has("ff_context")
+            || has("norm1_context")
+            || has("guidance_embedder")
+            || has("text_embedder")
+            || has("guidance_in")
+            || has("vector_in")
+            || has("final_layer")
         {
-            return BaseArch::Flux;
+            flux = true;
         }
         if has("lora_te2_") || has("text_encoder_2.") || has("add_embedding") || has("label_emb") {
-            // SDXL: two text encoders, added embeddings. Not an SD1.5 file.
-            return BaseArch::Unknown;
+            // SDXL (two CLIP encoders, added embeddings) — unless Flux's T5 is `text_encoder_2`.
+            sdxl = true;
         }
-        if has("img_mlp") || has("txt_mlp") || has("img_mod") || has("txt_mod") || has("add_q_proj") {
-            qwen = true;
-        } else if has("transformer_blocks")
-            && !has("attentions")
-            && !has("input_blocks")
-            && !has("middle_block")
-            && !has("output_blocks")
-        {
+        let sd_nesting = has("attentions") || has("input_blocks") || has("middle_block") || has("output_blocks");
+        if has("transformer_blocks") && !sd_nesting {
             // SD1.x transformer blocks always sit inside `attentions` (diffusers) or a numbered
             // input/middle/output block (LDM); a bare `transformer_blocks.<i>` is a DiT.
+            dit = true;
+            max_block = max_block.max(dit_block_index(k).unwrap_or(0));
+            if has("img_mlp") || has("txt_mlp") || has("img_mod") || has("txt_mod") {
+                qwen = true;
+            }
+            if has(".ff.") || has("_ff_") || has("norm1.") || has("norm1_") {
+                flux = true;
+            }
+        }
+        if has("txt_norm") || ((has("img_in") || has("txt_in")) && !has("lora_unet_")) {
             qwen = true;
         }
         if has("down_blocks")
@@ -100,8 +134,17 @@ pub(crate) fn guess_arch<'a>(keys: impl IntoIterator<Item = &'a String>) -> Base
             sd = true;
         }
     }
-    if qwen {
-        BaseArch::QwenImage
+    match (flux, qwen) {
+        (true, true) => return BaseArch::Unknown,
+        (true, false) => return BaseArch::Flux,
+        (false, true) => return BaseArch::QwenImage,
+        _ => {}
+    }
+    if dit {
+        return if max_block >= FLUX_DOUBLE_BLOCKS { BaseArch::QwenImage } else { BaseArch::Flux };
+    }
+    if sdxl {
+        BaseArch::Unknown
     } else if sd {
         BaseArch::Sd15
     } else {
@@ -169,8 +212,8 @@ fn is_ldm_root(p: &str) -> bool {
     ["input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out."].iter().any(|r| p.starts_with(r))
 }
 
-/// Classifies one key: every key maps to a module or is an error naming it.
-pub(crate) fn parse_key(file: &Path, key: &str) -> Result<ParsedKey> {
+/// The key's stem (without its LoRA suffix) and role; refuses the non-LoRA adapters by name.
+fn split_suffix<'k>(file: &Path, key: &'k str) -> Result<(&'k str, Role)> {
     for bad in [".dora_scale", ".lora_magnitude_vector"] {
         if key.contains(bad) {
             return Err(key_err(
@@ -197,14 +240,21 @@ pub(crate) fn parse_key(file: &Path, key: &str) -> Result<ParsedKey> {
             ));
         }
     }
-    let (stem, role) =
-        SUFFIXES.iter().find_map(|(s, r)| key.strip_suffix(s).map(|stem| (stem, *r))).ok_or_else(|| {
-            key_err(
-                file,
-                key,
-                "no LoRA suffix (.lora_down/.lora_up/.lora_A/.lora_B .weight or .alpha); not a LoRA tensor",
-            )
-        })?;
+    SUFFIXES.iter().find_map(|(s, r)| key.strip_suffix(s).map(|stem| (stem, *r))).ok_or_else(|| {
+        key_err(file, key, "no LoRA suffix (.lora_down/.lora_up/.lora_A/.lora_B .weight or .alpha); not a LoRA tensor")
+    })
+}
+
+/// Classifies one key of a LoRA for `arch`: every key maps to a module or is an error naming it.
+pub(crate) fn parse_key(file: &Path, key: &str, arch: BaseArch) -> Result<ParsedKey> {
+    let (stem, role) = split_suffix(file, key)?;
+    if arch == BaseArch::Flux {
+        return parse_flux_key(file, key, stem, role);
+    }
+    parse_sd15_key(file, key, stem, role)
+}
+
+fn parse_sd15_key(file: &Path, key: &str, stem: &str, role: Role) -> Result<ParsedKey> {
     let unknown = |what: &str| {
         key_err(
             file,
@@ -220,13 +270,13 @@ pub(crate) fn parse_key(file: &Path, key: &str) -> Result<ParsedKey> {
         if sd15::unet_module(&path).is_none() {
             return Err(unknown(&path));
         }
-        Ok(ParsedKey { component: Component::Unet, path, role, style })
+        Ok(ParsedKey { component: Component::Unet, path, role, style, bfl: false })
     };
     let te = |path: String, style: Style| -> Result<ParsedKey> {
         if sd15::text_encoder_module(&path).is_none() {
             return Err(unknown(&path));
         }
-        Ok(ParsedKey { component: Component::TextEncoder, path, role, style })
+        Ok(ParsedKey { component: Component::TextEncoder, path, role, style, bfl: false })
     };
     let ldm = |ldm_path: &str, style: Style| -> Result<ParsedKey> {
         // SD1.x: 2 layers per block (the only value real SD1.x/2.x checkpoints use).
@@ -265,9 +315,6 @@ pub(crate) fn parse_key(file: &Path, key: &str) -> Result<ParsedKey> {
     if stem.starts_with("text_model.") || stem.starts_with("encoder.layers.") {
         return te(te_dotted_clean(stem), Style::Comfy);
     }
-    if stem.starts_with("transformer.") {
-        return Err(key_err(file, key, "`transformer.` keys are a DiT (Flux / Qwen-Image) LoRA, not SD1.5"));
-    }
     let p = unet_dotted_clean(stem);
     if sd15::unet_module(&p).is_some() {
         return unet(p, Style::Comfy);
@@ -277,6 +324,80 @@ pub(crate) fn parse_key(file: &Path, key: &str) -> Result<ParsedKey> {
         key,
         "unknown prefix: expected lora_unet_ / lora_te_ (kohya), unet. / text_encoder. (diffusers), \
          base_model.model. (PEFT), diffusion_model. / lycoris_ / bare diffusers names (ComfyUI)",
+    ))
+}
+
+const FLUX_TARGETS: &str = "Flux targets: BFL double_blocks.<i>.{img,txt}_{attn.qkv,attn.proj,mlp.0,mlp.2,mod.lin}, \
+     single_blocks.<i>.{linear1,linear2,modulation.lin}, img_in, txt_in, {time,vector,guidance}_in.{in,out}_layer, \
+     final_layer.{linear,adaLN_modulation.1}; or their diffusers names (transformer_blocks.<i>.attn.to_q, …); \
+     CLIP text_model.encoder.layers.<i>.*; T5 encoder.block.<i>.*";
+
+/// A Flux key: kohya / musubi / ComfyUI BFL names (fused layers), diffusers / PEFT names, the
+/// CLIP-L (`lora_te1_`, `text_encoder.`) and T5 (`lora_te3_`, `text_encoder_2.`) encoders.
+fn parse_flux_key(file: &Path, key: &str, stem: &str, role: Role) -> Result<ParsedKey> {
+    let unknown =
+        |what: &str| key_err(file, key, format!("`{what}` is not a LoRA-targetable Flux module ({FLUX_TARGETS})"));
+    let pk = |component, path: String, style, bfl| Ok(ParsedKey { component, path, role, style, bfl });
+    let transformer = |p: String, style: Style| -> Result<ParsedKey> {
+        if flux::from_bfl(&p).is_some() {
+            return pk(Component::Transformer, p, style, true);
+        }
+        let p = p.strip_suffix(".to_out").map(|b| format!("{b}.to_out.0")).unwrap_or(p);
+        if flux::transformer_module(&p).is_some() {
+            return pk(Component::Transformer, p, style, false);
+        }
+        Err(unknown(&p))
+    };
+    let clip = |p: String, style: Style| -> Result<ParsedKey> {
+        let p = te_dotted_clean(&p);
+        sd15::text_encoder_module(&p).ok_or_else(|| unknown(&p))?;
+        pk(Component::TextEncoder, p, style, false)
+    };
+    let t5 = |p: String, style: Style| -> Result<ParsedKey> {
+        flux::t5_module(&p).ok_or_else(|| unknown(&p))?;
+        pk(Component::TextEncoder2, p, style, false)
+    };
+    let spec = |c| BaseArch::Flux.component(c).expect("Flux has this component");
+    for c in [Component::Transformer, Component::TextEncoder, Component::TextEncoder2] {
+        let sp = spec(c);
+        let kohya = std::iter::once(sp.kohya).chain(sp.kohya_also.iter().copied());
+        let found = kohya.clone().find_map(|pre| stem.strip_prefix(pre).map(|r| (r, Style::Kohya)));
+        let found = found.or_else(|| stem.strip_prefix(sp.diffusers).map(|r| (r, Style::Diffusers)));
+        let found = found.or_else(|| sp.comfy.and_then(|pre| stem.strip_prefix(pre)).map(|r| (r, Style::Comfy)));
+        let Some((rest, style)) = found else { continue };
+        let path = match (style, c) {
+            (Style::Kohya, Component::TextEncoder) => sd15::dotted(rest),
+            (Style::Kohya, _) => flux::dotted(rest),
+            _ => rest.to_string(),
+        };
+        return match c {
+            Component::Transformer => transformer(path, style),
+            Component::TextEncoder => clip(path, style),
+            _ => t5(path, style),
+        };
+    }
+    if let Some(r) = stem.strip_prefix("lora_transformer_") {
+        return transformer(flux::dotted(r), Style::Comfy);
+    }
+    if let Some(r) = stem.strip_prefix("base_model.model.") {
+        // One PEFT adapter wraps one model: which one, its module names say.
+        if r.starts_with("text_model.") || r.starts_with("encoder.layers.") {
+            return clip(r.to_string(), Style::Peft);
+        }
+        if r.starts_with("encoder.block.") {
+            return t5(r.to_string(), Style::Peft);
+        }
+        return transformer(r.to_string(), Style::Peft);
+    }
+    if flux::from_bfl(stem).is_some() || flux::transformer_module(stem).is_some() {
+        return transformer(stem.to_string(), Style::Comfy);
+    }
+    Err(key_err(
+        file,
+        key,
+        "unknown prefix for a Flux LoRA: expected lora_unet_ / lora_te1_ / lora_te3_ (kohya), transformer. / \
+         text_encoder. / text_encoder_2. (diffusers), base_model.model. (PEFT), diffusion_model. or bare names \
+         (ComfyUI)",
     ))
 }
 
@@ -343,19 +464,53 @@ pub(crate) enum AlphaSource<'a> {
     Config(&'a BTreeMap<Component, PeftConfig>, &'a Path),
 }
 
+/// The format of a file from the spellings its keys used (`formats`: format → one key).
+fn file_format(file: &Path, formats: &BTreeMap<&'static str, (LoraFormat, String)>) -> Result<LoraFormat> {
+    // ComfyUI takes kohya and its own spellings in one file; other mixes are a broken export.
+    match formats.len() {
+        0 => Err(DiffusionError::LoraFile { file: file.to_path_buf(), why: "no LoRA tensors in this file".into() }),
+        1 => Ok(formats.values().next().unwrap().0),
+        2 if formats.contains_key("kohya") && formats.contains_key("comfyui") => Ok(LoraFormat::ComfyUi),
+        _ => {
+            let list: Vec<String> = formats.values().map(|(f, k)| format!("{f} (`{k}`)")).collect();
+            Err(DiffusionError::LoraFile {
+                file: file.to_path_buf(),
+                why: format!("keys of several layouts in one file: {}; re-export it in one format", list.join(", ")),
+            })
+        }
+    }
+}
+
+/// The modules sorted by (component, path), each at most once.
+fn checked_unique(file: &Path, mut modules: Vec<LoraModule>) -> Result<Vec<LoraModule>> {
+    // A BFL module and a diffusers spelling of one of its parts would patch a layer twice.
+    let mut seen = std::collections::BTreeSet::new();
+    for m in &modules {
+        if !seen.insert((m.component, m.path.as_str())) {
+            return Err(DiffusionError::LoraFile {
+                file: file.to_path_buf(),
+                why: format!("module `{}` is given twice (a fused BFL name and its diffusers name); keep one", m.path),
+            });
+        }
+    }
+    modules.sort_by(|a, b| (a.component, &a.path).cmp(&(b.component, &b.path)));
+    Ok(modules)
+}
+
 /// Groups the tensors of one file into modules and names the file's format from its spellings.
 pub(crate) fn modules_from_file(
     file: &Path,
     st: StFile,
     alpha: &AlphaSource,
+    arch: BaseArch,
 ) -> Result<(Vec<LoraModule>, LoraFormat, BTreeMap<String, String>)> {
-    let mut groups: BTreeMap<(Component, String), Parts> = BTreeMap::new();
+    let mut groups: BTreeMap<(Component, String, bool), Parts> = BTreeMap::new();
     let mut formats: BTreeMap<&'static str, (LoraFormat, String)> = BTreeMap::new();
     for (key, t) in st.tensors {
-        let pk = parse_key(file, &key)?;
+        let pk = parse_key(file, &key, arch)?;
         let f = pk.style.format();
         formats.entry(f.as_str()).or_insert((f, key.clone()));
-        let g = groups.entry((pk.component, pk.path.clone())).or_default();
+        let g = groups.entry((pk.component, pk.path.clone(), pk.bfl)).or_default();
         let dup = |prev: &str| {
             key_err(file, &key, format!("module `{}` is given twice (also as `{prev}`); keep one spelling", pk.path))
         };
@@ -383,26 +538,9 @@ pub(crate) fn modules_from_file(
             }
         }
     }
-    // ComfyUI takes kohya and its own spellings in one file; other mixes are a broken export.
-    let format = match formats.len() {
-        0 => {
-            return Err(DiffusionError::LoraFile {
-                file: file.to_path_buf(),
-                why: "no LoRA tensors in this file".into(),
-            })
-        }
-        1 => formats.values().next().unwrap().0,
-        2 if formats.contains_key("kohya") && formats.contains_key("comfyui") => LoraFormat::ComfyUi,
-        _ => {
-            let list: Vec<String> = formats.values().map(|(f, k)| format!("{f} (`{k}`)")).collect();
-            return Err(DiffusionError::LoraFile {
-                file: file.to_path_buf(),
-                why: format!("keys of several layouts in one file: {}; re-export it in one format", list.join(", ")),
-            });
-        }
-    };
+    let format = file_format(file, &formats)?;
     let mut modules = Vec::with_capacity(groups.len());
-    for ((component, path), g) in groups {
+    for ((component, path, bfl), g) in groups {
         let any_key = g
             .down
             .as_ref()
@@ -417,11 +555,8 @@ pub(crate) fn modules_from_file(
                 format!("module `{path}` has no {missing} weight; a LoRA module needs both"),
             ));
         };
-        let kind = match component {
-            Component::Unet => sd15::unet_module(&path),
-            Component::TextEncoder => sd15::text_encoder_module(&path),
-        }
-        .expect("parse_key validated the path");
+        let kind = if bfl { Some(LayerKind::Linear) } else { arch.module_kind(component, &path) }
+            .expect("parse_key validated the path");
         check_shapes(file, &dk, &path, kind, &down, &up)?;
         let r = down.shape[0];
         let alpha = match (g.alpha, alpha) {
@@ -438,8 +573,13 @@ pub(crate) fn modules_from_file(
                 cfg.alpha_for(&path, r, cfg_file, &dk)?
             }
         };
-        modules.push(LoraModule { component, path, down, up, alpha });
+        let m = LoraModule { component, path, down, up, alpha };
+        match flux::from_bfl(&m.path).filter(|_| bfl) {
+            Some(b) => modules.extend(flux::split(m, &b).map_err(|why| key_err(file, &dk, why))?),
+            None => modules.push(m),
+        }
     }
+    let modules = checked_unique(file, modules)?;
     Ok((modules, format, st.metadata))
 }
 
@@ -471,29 +611,39 @@ pub(crate) fn folder_files(dir: &Path) -> Result<(LoraFormat, PathBuf)> {
     })
 }
 
+/// The base model of a file from its key names; Qwen-Image is refused (not implemented).
+/// `Unknown` reads as SD1.5 (its validators then decide), so a file that reads is SD1.5 or Flux.
 fn arch_gate(file: &Path, names: &[String]) -> Result<BaseArch> {
     let arch = guess_arch(names);
     match arch {
-        BaseArch::Flux | BaseArch::QwenImage => Err(DiffusionError::ArchNotImplemented {
+        BaseArch::QwenImage => Err(DiffusionError::ArchNotImplemented {
             file: file.to_path_buf(),
             arch,
-            what: "reading and converting it is a follow-up (issue 8 covers SD1.5 now)".into(),
+            what: "reading and converting it is a follow-up (SD1.5 and Flux are implemented)".into(),
         }),
+        BaseArch::Unknown => Ok(BaseArch::Sd15),
         _ => Ok(arch),
     }
 }
 
 pub(crate) fn read_peft_folder(dir: &Path, weights: &Path) -> Result<LoraSet> {
+    read_peft_as(dir, weights, None)
+}
+
+/// A PEFT folder; `arch`: the parent folder's base model, for a text encoder's subfolder (a T5
+/// adapter alone does not name its base model).
+fn read_peft_as(dir: &Path, weights: &Path, arch: Option<BaseArch>) -> Result<LoraSet> {
     let cfg_file = dir.join("adapter_config.json");
     let cfg = PeftConfig::from_file(&cfg_file)?;
     let st = read_safetensors(weights)?;
     let names: Vec<String> = st.tensors.keys().cloned().collect();
-    arch_gate(weights, &names)?;
+    let arch = match arch {
+        Some(a) => a,
+        None => arch_gate(weights, &names)?,
+    };
     // One PEFT folder wraps one model: its component is whatever its paths say.
-    let mut cfgs = BTreeMap::new();
-    cfgs.insert(Component::Unet, cfg.clone());
-    cfgs.insert(Component::TextEncoder, cfg.clone());
-    let (mut modules, format, metadata) = modules_from_file(weights, st, &AlphaSource::Config(&cfgs, &cfg_file))?;
+    let cfgs: BTreeMap<Component, PeftConfig> = arch.components().iter().map(|s| (s.component, cfg.clone())).collect();
+    let (mut modules, format, metadata) = modules_from_file(weights, st, &AlphaSource::Config(&cfgs, &cfg_file), arch)?;
     if format != LoraFormat::Peft {
         return Err(DiffusionError::LoraFile {
             file: weights.to_path_buf(),
@@ -501,24 +651,28 @@ pub(crate) fn read_peft_folder(dir: &Path, weights: &Path) -> Result<LoraSet> {
         });
     }
     cfg.check_targets(&modules, &cfg_file)?;
-    let te_dir = dir.join("text_encoder");
-    if te_dir.join("adapter_config.json").is_file() {
-        let sub = read_peft_folder(&te_dir, &te_dir.join("adapter_model.safetensors"))?;
-        if let Some(m) = sub.modules.iter().find(|m| m.component != Component::TextEncoder) {
+    for spec in arch.components() {
+        let Some(sub) = spec.peft_subfolder else { continue };
+        let sub_dir = dir.join(sub);
+        if !sub_dir.join("adapter_config.json").is_file() {
+            continue;
+        }
+        let inner = read_peft_as(&sub_dir, &sub_dir.join("adapter_model.safetensors"), Some(arch))?;
+        if let Some(m) = inner.modules.iter().find(|m| m.component != spec.component) {
             return Err(DiffusionError::LoraFile {
-                file: te_dir.clone(),
-                why: format!("the text_encoder/ PEFT folder holds UNet module `{}`", m.path),
+                file: sub_dir.clone(),
+                why: format!("the {sub}/ PEFT folder holds {} module `{}`", m.component.as_str(), m.path),
             });
         }
-        modules.extend(sub.modules);
+        modules.extend(inner.modules);
     }
-    Ok(LoraSet { format: LoraFormat::Peft, arch: BaseArch::Sd15, modules, metadata })
+    Ok(LoraSet { format: LoraFormat::Peft, arch, modules, metadata })
 }
 
 pub(crate) fn read_file(file: &Path) -> Result<LoraSet> {
     let st = read_safetensors(file)?;
     let names: Vec<String> = st.tensors.keys().cloned().collect();
-    arch_gate(file, &names)?;
+    let arch = arch_gate(file, &names)?;
     if names.iter().any(|k| k.starts_with("base_model.model.")) {
         let dir = file.parent().unwrap_or(Path::new("."));
         if dir.join("adapter_config.json").is_file() {
@@ -540,6 +694,6 @@ pub(crate) fn read_file(file: &Path) -> Result<LoraSet> {
         Some(c) => AlphaSource::Config(c, file),
         None => AlphaSource::Rank,
     };
-    let (modules, format, metadata) = modules_from_file(file, st, &src)?;
-    Ok(LoraSet { format, arch: BaseArch::Sd15, modules, metadata })
+    let (modules, format, metadata) = modules_from_file(file, st, &src, arch)?;
+    Ok(LoraSet { format, arch, modules, metadata })
 }

@@ -284,35 +284,32 @@ const COMPOUNDS: &[&str] = &[
 /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`. Only the known multi-word
 /// names keep their `_`; the caller validates the result (an unknown name fails there).
 pub fn dotted(underscored: &str) -> String {
-    let toks: Vec<&str> = underscored.split('_').collect();
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < toks.len() {
-        let mut took = 1;
-        for c in COMPOUNDS {
-            let n = c.split('_').count();
-            if i + n <= toks.len() && toks[i..i + n].join("_") == *c {
-                took = n;
-                break;
-            }
-        }
-        out.push(toks[i..i + took].join("_"));
-        i += took;
-    }
-    out.join(".")
+    super::dotted_with(underscored, COMPOUNDS)
 }
 
 /// The kind label a module is grouped under in summaries (`to_q`, `to_out.0`, `ff.net.0.proj`,
 /// `conv1`, `downsamplers.0.conv`, `self_attn.q_proj`, …).
 pub fn kind_label(path: &str) -> String {
-    for tail in
-        ["to_out.0", "ff.net.0.proj", "ff.net.2", "downsamplers.0.conv", "upsamplers.0.conv", "mlp.fc1", "mlp.fc2"]
-    {
+    for tail in [
+        "to_out.0",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "downsamplers.0.conv",
+        "upsamplers.0.conv",
+        "mlp.fc1",
+        "mlp.fc2",
+        "norm1_context.linear",
+        "norm1.linear",
+        "norm.linear",
+        "norm_out.linear",
+    ] {
         if path.ends_with(tail) {
             return tail.to_string();
         }
     }
-    if path.starts_with("time_embedding.") {
+    if path.starts_with("time_embedding.") || path.starts_with("time_text_embed.") {
         return path.to_string();
     }
     path.rsplit('.').next().unwrap_or(path).to_string()

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
 
+use super::flux::{self, BflModule};
 use super::peft::config_json;
-use super::sd15;
 use super::tensor::{io_err, safetensors_bytes, write_atomic};
-use super::{Component, LoraFormat, LoraModule, LoraSet, RawTensor};
+use super::{BaseArch, Component, ComponentSpec, LoraFormat, LoraModule, LoraSet, RawTensor};
 use crate::{DiffusionError, Result};
 
 /// Metadata keys that describe one file layout and are regenerated per output format.
@@ -22,21 +22,31 @@ fn bad(out: &Path, why: impl Into<String>) -> DiffusionError {
     DiffusionError::LoraFile { file: out.to_path_buf(), why: why.into() }
 }
 
-/// Checks what every writer relies on: valid SD1.5 paths, matching shapes, no duplicates.
+/// The base model whose names a set is written with (Unknown: SD1.5's).
+fn arch_of(set: &LoraSet) -> BaseArch {
+    if set.arch == BaseArch::Flux {
+        BaseArch::Flux
+    } else {
+        BaseArch::Sd15
+    }
+}
+
+fn spec(set: &LoraSet, c: Component) -> &'static ComponentSpec {
+    arch_of(set).component(c).expect("validate checked every module's component")
+}
+
+/// Checks what every writer relies on: valid paths for the base model, matching shapes, no duplicates.
 pub(crate) fn validate(set: &LoraSet, out: &Path) -> Result<()> {
     if set.modules.is_empty() {
         return Err(bad(out, "nothing to write: the LoRA has no modules"));
     }
     let mut seen = std::collections::BTreeSet::new();
     for m in &set.modules {
-        let ok = match m.component {
-            Component::Unet => sd15::unet_module(&m.path).is_some(),
-            Component::TextEncoder => sd15::text_encoder_module(&m.path).is_some(),
-        };
-        if !ok {
+        let arch = arch_of(set);
+        if arch.module_kind(m.component, &m.path).is_none() {
             return Err(bad(
                 out,
-                format!("module `{}` is not a LoRA-targetable SD1.5 {} module", m.path, m.component.as_str()),
+                format!("module `{}` is not a LoRA-targetable {arch} {} module", m.path, m.component.as_str()),
             ));
         }
         if !seen.insert((m.component, m.path.clone())) {
@@ -61,12 +71,29 @@ pub(crate) fn validate(set: &LoraSet, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn kohya_name(m: &LoraModule) -> String {
-    let p = m.path.replace('.', "_");
-    match m.component {
-        Component::Unet => format!("lora_unet_{p}"),
-        Component::TextEncoder => format!("lora_te_{p}"),
+fn kohya_name(set: &LoraSet, m: &LoraModule) -> String {
+    format!("{}{}", spec(set, m.component).kohya, m.path.replace('.', "_"))
+}
+
+/// The modules as kohya names them: for Flux's transformer the BFL modules, fused layers
+/// merged ([`flux::merge`]); everything else one to one.
+fn kohya_modules(set: &LoraSet, out: &Path) -> Result<Vec<LoraModule>> {
+    let mut plain = Vec::new();
+    let mut fused: BTreeMap<String, (BflModule, Vec<Option<&LoraModule>>)> = BTreeMap::new();
+    for m in &set.modules {
+        if !spec(set, m.component).original_names {
+            plain.push(m.clone());
+            continue;
+        }
+        let (b, at) = flux::to_bfl(&m.path).expect("validate checked the Flux path");
+        let n = b.parts.len();
+        let e = fused.entry(b.bfl.clone()).or_insert_with(|| (b, vec![None; n]));
+        e.1[at] = Some(m);
     }
+    for (b, parts) in fused.values() {
+        plain.push(flux::merge(parts, b).map_err(|why| bad(out, why))?);
+    }
+    Ok(plain)
 }
 
 /// sd-scripts stores alpha as a 0-d tensor of the save dtype (`torch.tensor(alpha)` converted
@@ -82,8 +109,8 @@ fn alpha_tensor(m: &LoraModule) -> RawTensor {
 pub(crate) fn kohya(set: &LoraSet, out: &Path) -> Result<Vec<PathBuf>> {
     let file = file_target(out, "kohya")?;
     let mut t = BTreeMap::new();
-    for m in &set.modules {
-        let n = kohya_name(m);
+    for m in &kohya_modules(set, out)? {
+        let n = kohya_name(set, m);
         t.insert(format!("{n}.lora_down.weight"), m.down.clone());
         t.insert(format!("{n}.lora_up.weight"), m.up.clone());
         t.insert(format!("{n}.alpha"), alpha_tensor(m));
@@ -118,10 +145,7 @@ pub(crate) fn diffusers(set: &LoraSet, out: &Path) -> Result<Vec<PathBuf>> {
     };
     let mut t = BTreeMap::new();
     for m in &set.modules {
-        let p = match m.component {
-            Component::Unet => format!("unet.{}", m.path),
-            Component::TextEncoder => format!("text_encoder.{}", m.path),
-        };
+        let p = format!("{}{}", spec(set, m.component).diffusers, m.path);
         t.insert(format!("{p}.lora_A.weight"), m.down.clone());
         t.insert(format!("{p}.lora_B.weight"), folded_up(m));
     }
@@ -131,7 +155,8 @@ pub(crate) fn diffusers(set: &LoraSet, out: &Path) -> Result<Vec<PathBuf>> {
     Ok(vec![file])
 }
 
-const PEFT_FILES: &[&str] = &["adapter_config.json", "adapter_model.safetensors", "README.md", "text_encoder"];
+const PEFT_FILES: &[&str] =
+    &["adapter_config.json", "adapter_model.safetensors", "README.md", "text_encoder", "text_encoder_2"];
 
 /// The module name inside the model a PEFT adapter wraps. PEFT keys must equal the model's own
 /// module names: transformers ≥ 5's `CLIPTextModel` (pinned here, 5.24) has no `text_model.`
@@ -139,7 +164,7 @@ const PEFT_FILES: &[&str] = &["adapter_config.json", "adapter_model.safetensors"
 pub(crate) fn peft_name(m: &LoraModule) -> &str {
     match m.component {
         Component::TextEncoder => m.path.strip_prefix("text_model.").unwrap_or(&m.path),
-        Component::Unet => &m.path,
+        _ => &m.path,
     }
 }
 
@@ -185,8 +210,17 @@ pub(crate) fn peft(set: &LoraSet, out: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     let base = set.metadata.get("ss_sd_model_name").cloned().unwrap_or_default();
-    let unet: Vec<&LoraModule> = set.modules.iter().filter(|m| m.component == Component::Unet).collect();
-    let te: Vec<&LoraModule> = set.modules.iter().filter(|m| m.component == Component::TextEncoder).collect();
+    // One adapter per component: the denoiser's at the root, each text encoder's in its
+    // subfolder; with no denoiser modules the first text encoder's sits at the root.
+    let mut groups: Vec<(Option<&str>, Vec<&LoraModule>)> = arch_of(set)
+        .components()
+        .iter()
+        .map(|sp| (sp.peft_subfolder, set.modules.iter().filter(|m| m.component == sp.component).collect()))
+        .filter(|(_, mods): &(_, Vec<&LoraModule>)| !mods.is_empty())
+        .collect();
+    if groups.first().is_some_and(|(sub, _)| sub.is_some()) {
+        groups[0].0 = None;
+    }
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "peft".into());
@@ -202,14 +236,8 @@ pub(crate) fn peft(set: &LoraSet, out: &Path) -> Result<Vec<PathBuf>> {
         Ok(())
     };
     let res = (|| {
-        if unet.is_empty() {
-            // A text-encoder-only LoRA: the folder root is the text encoder's adapter.
-            put(&tmp, &te)?;
-        } else {
-            put(&tmp, &unet)?;
-            if !te.is_empty() {
-                put(&tmp.join("text_encoder"), &te)?;
-            }
+        for (sub, mods) in &groups {
+            put(&sub.map(|s| tmp.join(s)).unwrap_or_else(|| tmp.clone()), mods)?;
         }
         if out.exists() {
             std::fs::rename(out, &old).map_err(|e| io_err(out, e))?;
@@ -222,11 +250,10 @@ pub(crate) fn peft(set: &LoraSet, out: &Path) -> Result<Vec<PathBuf>> {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    written.push(out.join("adapter_config.json"));
-    written.push(out.join("adapter_model.safetensors"));
-    if !unet.is_empty() && !te.is_empty() {
-        written.push(out.join("text_encoder/adapter_config.json"));
-        written.push(out.join("text_encoder/adapter_model.safetensors"));
+    for (sub, _) in &groups {
+        let dir = sub.map(|s| out.join(s)).unwrap_or_else(|| out.to_path_buf());
+        written.push(dir.join("adapter_config.json"));
+        written.push(dir.join("adapter_model.safetensors"));
     }
     Ok(written)
 }
