@@ -18,7 +18,9 @@
 //!   table; unknown, missing and mis-shaped tensors are named.
 //! - [`text::TextTower`], [`vision::VisionTower`], [`ClipModel`]: the towers in the dtype the
 //!   weights were read in (f32 for the metric, f64 for checks); weights frozen, the image tower
-//!   differentiable in its input pixels. Scores: [`cosine`] (image–text, image–image),
+//!   differentiable in its input pixels. The text tower is core/diffusion-torch's `ClipTextModel`
+//!   with its projection (one CLIP text transformer for the metric, SD1.5 and Flux). Scores:
+//!   [`cosine`] (image–text, image–image),
 //!   [`logits_per_image`].
 //! - [`preprocess`]: resize of the short side (bicubic, antialiased), centre crop, CLIP mean/std —
 //!   `pil_exact` (Pillow's integer resampling on u8, for evaluation) and `resize_crop_normalize`

@@ -1,15 +1,19 @@
 //! CLIP text tower (transformers' `CLIPTextModel` + `text_projection`, open_clip's
-//! `encode_text`) on the transformers-named table of [`crate::weights`], in the dtype the
-//! weights were read in (f32 for the metric, f64 for the oracle tests).
+//! `encode_text`): the diffusion toolkit's [`ClipTextModel`] — one CLIP text transformer for the
+//! metric, SD1.5 and Flux — built with its projection on a [`Store`] filled from the
+//! transformers-named table of [`crate::weights`], in the dtype the weights were read in (f32 for
+//! the metric, f64 for the oracle tests), and pooled at the tokenizer's end-of-text positions.
 use crate::config::TextConfig;
-use crate::weights::{block_shapes, Block, Weights};
+use crate::weights::Weights;
 use crate::{ClipError, Result};
-use std::collections::HashMap;
+use likeness_diffusion_torch::clip_text::{Activation, ClipTextConfig, ClipTextModel, Pooling};
+use likeness_diffusion_torch::{Mode, Store};
 use tch::{Kind, Tensor};
 
 pub struct TextTower {
     pub cfg: TextConfig,
-    w: HashMap<String, Tensor>,
+    store: Store,
+    model: ClipTextModel,
 }
 
 /// `last_hidden_state` (after the final LN), `penultimate` (the hidden state entering the last
@@ -20,36 +24,52 @@ pub struct TextOutput {
     pub text_embeds: Tensor,
 }
 
+/// The toolkit's config for this tower (the EOS id is unused: the tokenizer gives the positions).
+fn toolkit_config(cfg: &TextConfig, projection_dim: usize) -> ClipTextConfig {
+    ClipTextConfig {
+        vocab_size: cfg.vocab_size as i64,
+        hidden_size: cfg.width as i64,
+        intermediate_size: cfg.mlp as i64,
+        num_hidden_layers: cfg.layers as i64,
+        num_attention_heads: cfg.heads as i64,
+        max_position_embeddings: cfg.context_length as i64,
+        hidden_act: if cfg.quick_gelu { Activation::QuickGelu } else { Activation::Gelu },
+        layer_norm_eps: cfg.eps,
+        projection_dim: Some(projection_dim as i64),
+        eos_token_id: 49407,
+    }
+}
+
 impl TextTower {
     /// The text half of a checkpoint; every missing or mis-shaped tensor is named.
     pub fn new(weights: &Weights, cfg: &TextConfig, projection_dim: usize) -> Result<Self> {
         let need = Self::expected(cfg, projection_dim);
         let w = weights.take(&need, "text tower: wrong `layers`/width in the config, or not a CLIPModel file")?;
-        Ok(Self { cfg: cfg.clone(), w })
+        let first = &w["text_projection.weight"];
+        let store = Store::new(Mode::Alloc, first.kind(), first.device());
+        let model = ClipTextModel::with_projection(&store, &toolkit_config(cfg, projection_dim), projection_dim as i64);
+        tch::no_grad(|| {
+            for (name, mut p) in store.named_parameters() {
+                p.copy_(&w[&name]);
+            }
+        });
+        Ok(Self { cfg: cfg.clone(), store, model })
     }
 
-    /// The tower's tensors (transformers names) and shapes for `cfg`.
+    /// The tower's tensors (transformers names) and shapes for `cfg`: those of the toolkit's
+    /// model, planned without allocating.
     pub fn expected(cfg: &TextConfig, projection_dim: usize) -> Vec<(String, Vec<i64>)> {
-        let (d, p) = (cfg.width as i64, projection_dim as i64);
-        let mut need = vec![
-            ("text_model.embeddings.token_embedding.weight".to_string(), vec![cfg.vocab_size as i64, d]),
-            ("text_model.embeddings.position_embedding.weight".into(), vec![cfg.context_length as i64, d]),
-            ("text_model.final_layer_norm.weight".into(), vec![d]),
-            ("text_model.final_layer_norm.bias".into(), vec![d]),
-            ("text_projection.weight".into(), vec![p, d]),
-        ];
-        for i in 0..cfg.layers {
-            need.extend(block_shapes(&format!("text_model.encoder.layers.{i}"), d, cfg.mlp as i64));
-        }
-        need
+        let store = Store::new(Mode::Plan, Kind::Float, tch::Device::Cpu);
+        let _ = ClipTextModel::with_projection(&store, &toolkit_config(cfg, projection_dim), projection_dim as i64);
+        store.shapes()
     }
 
     pub fn kind(&self) -> Kind {
-        self.w["text_projection.weight"].kind()
+        self.store.kind
     }
 
     pub fn device(&self) -> tch::Device {
-        self.w["text_projection.weight"].device()
+        self.store.device
     }
 
     /// `ids`: [B, L] i64 (L ≤ context_length), `eot`: the pooled position per row.
@@ -61,27 +81,11 @@ impl TextTower {
                 self.cfg.context_length
             )));
         }
-        let dev = self.device();
-        let ids = ids.to_device(dev);
-        let emb = &self.w["text_model.embeddings.token_embedding.weight"];
-        let pos = &self.w["text_model.embeddings.position_embedding.weight"];
-        let mut x = emb.index_select(0, &ids.view([-1])).view([b, l, -1]) + pos.narrow(0, 0, l).unsqueeze(0);
-        let blk =
-            Block { w: &self.w, heads: self.cfg.heads as i64, eps: self.cfg.eps, quick_gelu: self.cfg.quick_gelu };
-        // Causal: position i attends to j <= i (-inf strictly above the diagonal, 0 elsewhere).
-        let mask = Tensor::full([l, l], f64::NEG_INFINITY, (self.kind(), dev)).triu(1);
-        let mut penultimate = x.shallow_clone();
-        for i in 0..self.cfg.layers {
-            if i + 1 == self.cfg.layers {
-                penultimate = x.shallow_clone();
-            }
-            x = blk.forward(&x, &format!("text_model.encoder.layers.{i}"), Some(&mask));
-        }
-        let last = blk.ln(&x, "text_model.final_layer_norm");
-        let rows = Tensor::from_slice(&(0..b).collect::<Vec<i64>>()).to_device(dev);
-        let cols = Tensor::from_slice(&eot.iter().map(|&e| e as i64).collect::<Vec<_>>()).to_device(dev);
-        let pooled = last.index(&[Some(rows), Some(cols)]);
-        let text_embeds = pooled.linear::<Tensor>(&self.w["text_projection.weight"], None);
-        Ok(TextOutput { last_hidden_state: last, penultimate, text_embeds })
+        let out = self.model.forward_pooled(ids, Pooling::At(eot)).map_err(|e| ClipError::Input(e.to_string()))?;
+        Ok(TextOutput {
+            last_hidden_state: out.last_hidden_state,
+            penultimate: out.penultimate_hidden_state,
+            text_embeds: out.text_embeds.expect("built with a projection"),
+        })
     }
 }

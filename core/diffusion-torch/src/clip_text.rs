@@ -1,4 +1,6 @@
-//! The CLIP text encoder of SD1.5 (transformers' `CLIPTextModel`, numerically transformers 5.24),
+//! The project's one CLIP text transformer: the text encoder of SD1.5 and Flux (transformers'
+//! `CLIPTextModel`, numerically transformers 5.24) and, with `text_projection` and given pooling
+//! positions, core/clip's text tower of the CLIP metric,
 //! built on this crate's [`Store`] so that LoRA injection can target
 //! `text_model.encoder.layers.*.self_attn.{q,k,v,out}_proj` and `mlp.fc1` / `mlp.fc2`.
 //!
@@ -33,7 +35,8 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: i64,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
-    /// Only `CLIPTextModelWithProjection` uses it; recorded, not built.
+    /// The projection's width (CLIPModel / `CLIPTextModelWithProjection`); built only by
+    /// [`ClipTextModel::with_projection`].
     pub projection_dim: Option<i64>,
     /// Decides the pooled token (see [`ClipTextModel::forward`]).
     pub eos_token_id: i64,
@@ -117,6 +120,18 @@ pub struct ClipTextOutput {
     pub penultimate_hidden_state: Tensor,
     /// `last_hidden_state` at the end-of-text token, `[B, H]`.
     pub pooled: Tensor,
+    /// `text_projection(pooled)` (`[B, P]`, not normalised) for a model built with a projection
+    /// (CLIPModel's text tower, the CLIP metric's); `None` for a plain `CLIPTextModel`.
+    pub text_embeds: Option<Tensor>,
+}
+
+/// Which token each row pools at.
+#[derive(Clone, Copy, Debug)]
+pub enum Pooling<'a> {
+    /// transformers 5's rule for the config's `eos_token_id` (see [`ClipTextModel::forward`]).
+    Eos,
+    /// Given positions, one per row (open_clip's `argmax(ids)` done by the tokenizer).
+    At(&'a [usize]),
 }
 
 struct Layer {
@@ -136,10 +151,22 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<Layer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
 }
 
 impl ClipTextModel {
+    /// transformers' `CLIPTextModel` (no projection): the text encoder of diffusion pipelines.
     pub fn new(store: &Store, config: &ClipTextConfig) -> Self {
+        Self::build(store, config, None)
+    }
+
+    /// CLIPModel's text tower: the encoder plus `text_projection` (`[projection_dim, hidden]`, no
+    /// bias, at the root as CLIPModel names it): what the CLIP metric embeds texts with.
+    pub fn with_projection(store: &Store, config: &ClipTextConfig, projection_dim: i64) -> Self {
+        Self::build(store, config, Some(projection_dim))
+    }
+
+    fn build(store: &Store, config: &ClipTextConfig, projection_dim: Option<i64>) -> Self {
         let c = config;
         let tm = store.root().sub("text_model");
         let emb = tm.sub("embeddings");
@@ -164,7 +191,15 @@ impl ClipTextModel {
             })
             .collect();
         let final_layer_norm = LayerNorm::new(&tm.sub("final_layer_norm"), h, c.layer_norm_eps);
-        ClipTextModel { config: c.clone(), token_embedding, position_embedding, layers, final_layer_norm }
+        let text_projection = projection_dim.map(|p| Linear::new(&store.root().sub("text_projection"), h, p, false));
+        ClipTextModel {
+            config: c.clone(),
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            text_projection,
+        }
     }
 
     fn act(&self, x: Tensor) -> Tensor {
@@ -197,6 +232,11 @@ impl ClipTextModel {
     /// `argmax(input_ids)` (the end-of-text id 49407 is the largest in CLIP's vocab), otherwise at
     /// the first position holding `eos_token_id`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
+        self.forward_pooled(input_ids, Pooling::Eos)
+    }
+
+    /// [`forward`](Self::forward) with the pooled token chosen by `pooling`.
+    pub fn forward_pooled(&self, input_ids: &Tensor, pooling: Pooling<'_>) -> Result<ClipTextOutput> {
         let c = &self.config;
         let size = input_ids.size();
         if size.len() != 2 || size[1] < 1 || size[1] > c.max_position_embeddings {
@@ -237,14 +277,24 @@ impl ClipTextModel {
             x = self.layer(l, &x);
         }
         let last = self.final_layer_norm.forward(&x);
-        let eot = if c.eos_token_id == 2 {
-            ids.argmax(-1, false)
-        } else {
+        let eot = match pooling {
+            Pooling::At(at) => {
+                if at.len() != b as usize || at.iter().any(|&e| e as i64 >= n) {
+                    return Err(Error::Config {
+                        path: "<input_ids>".into(),
+                        field: "pooling".into(),
+                        msg: format!("EOT positions {at:?} for [{b}, {n}] ids: one position < {n} per row"),
+                    });
+                }
+                Tensor::from_slice(&at.iter().map(|&e| e as i64).collect::<Vec<_>>()).to_device(ids.device())
+            }
+            Pooling::Eos if c.eos_token_id == 2 => ids.argmax(-1, false),
             // argmax of a 0/1 mask = the first maximal position (the first EOS).
-            ids.eq(c.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
+            Pooling::Eos => ids.eq(c.eos_token_id).to_kind(Kind::Int).argmax(-1, false),
         };
         let flat = Tensor::arange(b, (Kind::Int64, ids.device())) * n + eot;
         let pooled = last.reshape([b * n, -1]).index_select(0, &flat);
-        Ok(ClipTextOutput { last_hidden_state: last, penultimate_hidden_state: penultimate, pooled })
+        let text_embeds = self.text_projection.as_ref().map(|p| p.forward(&pooled));
+        Ok(ClipTextOutput { last_hidden_state: last, penultimate_hidden_state: penultimate, pooled, text_embeds })
     }
 }

@@ -12,7 +12,9 @@
 //! GBs (tch 0.26 has no meta device).
 //!
 //! What is here:
-//! - [`unet`], [`vae`], [`clip_text`] ([`ClipTextModel`]: causal mask, last hidden state, the
+//! - [`unet`], [`vae`], [`clip_text`] ([`ClipTextModel`], the one CLIP text transformer of the
+//!   project — SD1.5's and Flux's text encoder and, with its `text_projection`, core/clip's text
+//!   tower for the CLIP metric: causal mask, last hidden state, the
 //!   penultimate hidden state for clip skip, the pooled EOT token by transformers 5's rule);
 //! - [`load`]: diffusers/transformers folders, single files (`model.diffusion_model.*`,
 //!   `first_stage_model.*`, `cond_stage_model.transformer.*`); every mismatch named; row slices
@@ -43,8 +45,8 @@
 //! Deliberately absent:
 //! - checkpointing of the VAE decoder and the text encoder (the UNet holds most activations of
 //!   a training step; diffusers' training scripts checkpoint the UNet too);
-//! - `CLIPTextModelWithProjection` (`text_projection`), SDXL's second encoder, PNDM/DPM samplers,
-//!   Karras sigmas, `clip_sample` / thresholding (refused by name in the scheduler config);
+//! - SDXL's second encoder, PNDM/DPM samplers, Karras sigmas, `clip_sample` / thresholding
+//!   (refused by name in the scheduler config);
 //! - the tokenizer: `likeness_clip::ClipTokenizer::from_hf_folder(<model>/tokenizer)` (core/clip)
 //!   gives transformers' `CLIPTokenizer` ids (tested here against the tiny model's folder).
 
