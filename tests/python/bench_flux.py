@@ -18,18 +18,16 @@ sample: FluxPipeline, `steps` Euler steps, embedded guidance `cfg`, size×size, 
   image per call after one warm-up call.
 """
 
-import argparse
-import json
-import resource
+import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_sd15 import peak_rss_bytes, run  # noqa: E402  (the shared command line and RSS reader)
 
 MAX_SEQ = 128
 ATTN = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def train(a):
@@ -139,22 +137,7 @@ def sample(a):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["train", "sample", "flops"])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--cfg", type=float, default=3.5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--checkpointing", action="store_true", help="transformer.enable_gradient_checkpointing()")
-    ap.add_argument("--json", required=True)
-    a = ap.parse_args()
-    r = {"train": train, "sample": sample, "flops": flops}[a.what](a)
-    json.dump(r, open(a.json, "w"), indent=1)
-    print(json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}))
+    run({"train": train, "sample": sample, "flops": flops}, 3.5, "transformer.enable_gradient_checkpointing()")
 
 
 if __name__ == "__main__":

@@ -93,23 +93,29 @@ def sample(a):
             "image_seconds": times, "median_image_s": statistics.median(times), "peak_rss_bytes": peak_rss_bytes()}
 
 
-def main():
+def run(commands, cfg_default, checkpointing_help):
+    """The command line both benches share (bench_flux.py calls it too): `commands` maps each
+    subcommand to its function of the parsed arguments; the result is written as JSON."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["train", "sample"])
+    ap.add_argument("what", choices=sorted(commands))
     ap.add_argument("--model", required=True)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--cfg", type=float, default=7.5)
+    ap.add_argument("--cfg", type=float, default=cfg_default)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--checkpointing", action="store_true", help="unet.enable_gradient_checkpointing()")
+    ap.add_argument("--checkpointing", action="store_true", help=checkpointing_help)
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
-    r = train(a) if a.what == "train" else sample(a)
+    r = commands[a.what](a)
     json.dump(r, open(a.json, "w"), indent=1)
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}))
+
+
+def main():
+    run({"train": train, "sample": sample}, 7.5, "unet.enable_gradient_checkpointing()")
 
 
 if __name__ == "__main__":

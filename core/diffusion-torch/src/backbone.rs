@@ -110,10 +110,16 @@ pub struct TextEncoding {
     pub keys: &'static [&'static str],
 }
 
+/// The schedule `sample` steps along: a DDPM-family sampler over its betas (SD's DDIM / Euler),
+/// or flow-matching Euler (FluxPipeline's sigmas, shifted by μ at the image's token count).
+pub enum SampleScheduler<'a> {
+    Ddpm { sampler: Sampler, config: &'a SchedulerConfig },
+    FlowMatch(&'a FlowMatchConfig),
+}
+
 /// The defaults of `sample`, from the backbone's config.
 pub struct SampleSettings<'a> {
-    pub sampler: Sampler,
-    pub scheduler: &'a SchedulerConfig,
+    pub scheduler: SampleScheduler<'a>,
     pub steps: u32,
     pub guidance: f64,
     pub resolution: u32,
@@ -219,12 +225,6 @@ pub trait Backbone: Send + Sized + 'static {
 
     /// `sample`'s sampler, scheduler and defaults.
     fn sampling(&self) -> SampleSettings<'_>;
-
-    /// The flow-matching scheduler `sample` runs (FluxPipeline's Euler loop) instead of
-    /// `sampling()`'s DDPM-family sampler and scheduler. Default: none (SD's DDIM/Euler).
-    fn flow_scheduler(&self) -> Option<&FlowMatchConfig> {
-        None
-    }
 
     /// Image tokens of a `[h, w]` latent, the dynamic shift's `image_seq_len` (FluxPipeline:
     /// `latents.shape[1]` after its 2×2 packing, h·w/4). Default: h·w.

@@ -8,6 +8,7 @@
 //! diffusers/kohya text-encoder LoRAs. transformers 5 itself saves the same tensors without the
 //! `text_model.` prefix; the loader ([`crate::load::text_encoder_from_diffusers`]) accepts both.
 
+use crate::config::Fields;
 use crate::error::{Error, Result};
 use crate::nn::{LayerNorm, Linear};
 use crate::store::{Store, P};
@@ -67,27 +68,15 @@ impl ClipTextConfig {
 
     /// transformers' `CLIPTextConfig` defaults for absent fields.
     pub fn from_value(path: &Path, v: &Value) -> Result<Self> {
-        let err = |field: &str, msg: String| Error::Config { path: path.into(), field: field.into(), msg };
-        let int = |field: &str, default: i64| -> Result<i64> {
-            match v.get(field) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x
-                    .as_i64()
-                    .filter(|&n| n > 0 || field == "eos_token_id")
-                    .ok_or_else(|| err(field, format!("{x} is not a positive integer"))),
-            }
-        };
+        let f = Fields { path, v };
+        let err = |field: &str, msg: String| f.err(field, msg);
+        let int = |field: &str, default: i64| f.positive_int(field, default);
         let hidden_act = match v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
             "quick_gelu" => Activation::QuickGelu,
             "gelu" => Activation::Gelu,
             other => return Err(err("hidden_act", format!("{other:?} is not supported; use quick_gelu or gelu"))),
         };
-        let layer_norm_eps = match v.get("layer_norm_eps") {
-            None | Some(Value::Null) => 1e-5,
-            Some(x) => {
-                x.as_f64().filter(|e| *e > 0.0).ok_or_else(|| err("layer_norm_eps", format!("{x} is not > 0")))?
-            }
-        };
+        let layer_norm_eps = f.positive("layer_norm_eps", 1e-5)?;
         let c = ClipTextConfig {
             vocab_size: int("vocab_size", 49408)?,
             hidden_size: int("hidden_size", 512)?,
@@ -98,7 +87,7 @@ impl ClipTextConfig {
             hidden_act,
             layer_norm_eps,
             projection_dim: v.get("projection_dim").and_then(Value::as_i64),
-            eos_token_id: int("eos_token_id", 49407)?,
+            eos_token_id: f.integer("eos_token_id", 49407, |_| true)?,
         };
         if c.hidden_size % c.num_attention_heads != 0 {
             return Err(err(

@@ -146,6 +146,54 @@ pub(crate) fn cfg_err(path: &Path, field: &str, msg: impl Into<String>) -> Error
     Error::Config { path: path.into(), field: field.into(), msg: msg.into() }
 }
 
+/// A `config.json` object read field by field with the reference library's defaults for absent
+/// (or null) fields; every error names the file and the field. One reader for the scheduler,
+/// CLIP text and T5 configs.
+pub(crate) struct Fields<'a> {
+    pub path: &'a Path,
+    pub v: &'a Value,
+}
+
+impl Fields<'_> {
+    pub fn err(&self, field: &str, msg: String) -> Error {
+        cfg_err(self.path, field, msg)
+    }
+
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.v.get(field).filter(|x| !x.is_null())
+    }
+
+    pub fn number(&self, field: &str, default: f64) -> Result<f64> {
+        self.get(field)
+            .map_or(Ok(default), |x| x.as_f64().ok_or_else(|| self.err(field, format!("{x} is not a number"))))
+    }
+
+    /// A number > 0 (norm epsilons).
+    pub fn positive(&self, field: &str, default: f64) -> Result<f64> {
+        self.get(field).map_or(Ok(default), |x| {
+            x.as_f64().filter(|e| *e > 0.0).ok_or_else(|| self.err(field, format!("{x} is not > 0")))
+        })
+    }
+
+    /// An integer > 0 (widths, counts).
+    pub fn positive_int(&self, field: &str, default: i64) -> Result<i64> {
+        self.integer(field, default, |n| n > 0)
+    }
+
+    /// An integer that `ok` accepts (token ids may be any integer).
+    pub fn integer(&self, field: &str, default: i64, ok: impl Fn(i64) -> bool) -> Result<i64> {
+        self.get(field).map_or(Ok(default), |x| {
+            x.as_i64().filter(|&n| ok(n)).ok_or_else(|| self.err(field, format!("{x} is not a positive integer")))
+        })
+    }
+
+    /// A boolean, false when absent.
+    pub fn flag(&self, field: &str) -> Result<bool> {
+        self.get(field)
+            .map_or(Ok(false), |x| x.as_bool().ok_or_else(|| self.err(field, format!("{x} is not a boolean"))))
+    }
+}
+
 /// Fields whose non-default values change the network in ways this crate does not build.
 fn refuse(path: &Path, v: &Value, fields: &[(&str, Value)]) -> Result<()> {
     for (f, default) in fields {

@@ -70,7 +70,9 @@ pub mod training;
 pub mod unet;
 pub mod vae;
 
-pub use backbone::{Backbone, BackboneConfig, Lazy, Objective, Replay, SampleSettings, TextEncoding, Vae};
+pub use backbone::{
+    Backbone, BackboneConfig, Lazy, Objective, Replay, SampleScheduler, SampleSettings, TextEncoding, Vae,
+};
 pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use config::{UNetConfig, VaeConfig};
 pub use error::{Error, Result};

@@ -14,6 +14,7 @@
 //! `(m, x) = (1, 0), (0, 1)` yields the two coefficients of `x_next = c_m·m + c_x·x` (computed
 //! in f64), which are then applied to whole tensors on their device.
 
+use crate::config::{read_json, Fields};
 use crate::error::{Error, Result};
 use crate::unet::UNet2DConditionModel;
 use likeness_diffusion::schedules::{self, BetaSchedule, FlowShift};
@@ -62,13 +63,9 @@ impl SchedulerConfig {
     }
 
     pub fn from_value(path: &Path, v: &Value) -> Result<Self> {
-        let err = |field: &str, msg: String| Error::Config { path: path.into(), field: field.into(), msg };
-        let num = |field: &str, default: f64| -> Result<f64> {
-            match v.get(field) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x.as_f64().ok_or_else(|| err(field, format!("{x} is not a number"))),
-            }
-        };
+        let f = Fields { path, v };
+        let err = |field: &str, msg: String| f.err(field, msg);
+        let num = |field: &str, default: f64| f.number(field, default);
         let string = |field: &str, default: &str| -> Result<String> {
             match v.get(field) {
                 None | Some(Value::Null) => Ok(default.to_string()),
@@ -240,18 +237,9 @@ impl FlowMatchConfig {
             Some(c) => return Err(err("_class_name", format!("{c:?}; FlowMatchConfig reads {FLOW_CLASS} only"))),
             None => return Err(err("_class_name", format!("missing; a flow-matching config names {FLOW_CLASS}"))),
         }
-        let num = |field: &str, default: f64| -> Result<f64> {
-            match v.get(field) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x.as_f64().ok_or_else(|| err(field, format!("{x} is not a number"))),
-            }
-        };
-        let flag = |field: &str| -> Result<bool> {
-            match v.get(field) {
-                None | Some(Value::Null) => Ok(false),
-                Some(x) => x.as_bool().ok_or_else(|| err(field, format!("{x} is not a boolean"))),
-            }
-        };
+        let f = Fields { path, v };
+        let num = |field: &str, default: f64| f.number(field, default);
+        let flag = |field: &str| f.flag(field);
         for field in
             ["invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling"]
         {
@@ -339,11 +327,6 @@ impl AnySchedulerConfig {
             _ => Ok(AnySchedulerConfig::Ddpm(SchedulerConfig::from_value(path, v)?)),
         }
     }
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })
 }
 
 fn lib(e: likeness_diffusion::DiffusionError) -> Error {

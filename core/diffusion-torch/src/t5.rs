@@ -19,6 +19,7 @@
 //! kind; with fp16 the feed-forward output can overflow, which that rule exists to avoid — load
 //! T5 in bf16 or fp32). The tokenizer is the `tokenizers` crate on `tokenizer_2/`.
 
+use crate::config::Fields;
 use crate::error::{Error, Result};
 use crate::nn::Linear;
 use crate::store::{Store, P};
@@ -80,15 +81,9 @@ impl T5Config {
 
     /// transformers' `T5Config` defaults for absent fields.
     pub fn from_value(path: &Path, v: &Value) -> Result<Self> {
-        let err = |field: &str, msg: String| Error::Config { path: path.into(), field: field.into(), msg };
-        let int = |field: &str, default: i64| -> Result<i64> {
-            match v.get(field) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => {
-                    x.as_i64().filter(|&n| n > 0).ok_or_else(|| err(field, format!("{x} is not a positive integer")))
-                }
-            }
-        };
+        let f = Fields { path, v };
+        let err = |field: &str, msg: String| f.err(field, msg);
+        let int = |field: &str, default: i64| f.positive_int(field, default);
         let proj = v.get("feed_forward_proj").and_then(Value::as_str).unwrap_or("relu");
         let (gated, act) = match proj.split_once('-') {
             Some(("gated", act)) => (true, act),
@@ -108,12 +103,7 @@ impl T5Config {
                 ))
             }
         };
-        let layer_norm_epsilon = match v.get("layer_norm_epsilon") {
-            None | Some(Value::Null) => 1e-6,
-            Some(x) => {
-                x.as_f64().filter(|e| *e > 0.0).ok_or_else(|| err("layer_norm_epsilon", format!("{x} is not > 0")))?
-            }
-        };
+        let layer_norm_epsilon = f.positive("layer_norm_epsilon", 1e-6)?;
         let c = T5Config {
             vocab_size: int("vocab_size", 32128)?,
             d_model: int("d_model", 512)?,

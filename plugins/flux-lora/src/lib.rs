@@ -21,10 +21,10 @@
 
 use likeness_diffusion::lora_keys::{BaseArch, Component};
 use likeness_diffusion_torch::flux::{self, FluxInputs};
-use likeness_diffusion_torch::sampling::{FlowMatchConfig, Guidance, Sampler, SchedulerConfig};
+use likeness_diffusion_torch::sampling::Guidance;
 use likeness_diffusion_torch::trainer::{ModelError, Result, TrainConfig};
 use likeness_diffusion_torch::{
-    Backbone, Lazy, LoraModel, Objective, Replay, SampleSettings, Store, TextEncoding, Vae, VaeConfig,
+    Backbone, Lazy, LoraModel, Objective, Replay, SampleScheduler, SampleSettings, Store, TextEncoding, Vae, VaeConfig,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -45,9 +45,6 @@ pub struct Flux {
     pipe: Pipeline,
     config: FluxLoraConfig,
     device: Device,
-    /// `SampleSettings` names a DDPM scheduler; Flux samples with [`Backbone::flow_scheduler`]
-    /// instead, so this one is never stepped (the trainer takes the flow branch).
-    unused_ddpm: SchedulerConfig,
 }
 
 impl Flux {
@@ -137,7 +134,7 @@ impl Backbone for Flux {
             ));
         }
         let pipe = Pipeline::load(config, train.precision.kind(), device)?;
-        Ok(Flux { pipe, config: config.clone(), device, unused_ddpm: SchedulerConfig::sd15() })
+        Ok(Flux { pipe, config: config.clone(), device })
     }
 
     /// Flow matching over the scheduler's `num_train_timesteps` (1000 for FLUX.1).
@@ -222,16 +219,11 @@ impl Backbone for Flux {
     fn sampling(&self) -> SampleSettings<'_> {
         let c = &self.config;
         SampleSettings {
-            sampler: Sampler::Euler,
-            scheduler: &self.unused_ddpm,
+            scheduler: SampleScheduler::FlowMatch(&self.pipe.scheduler),
             steps: c.sample_steps,
             guidance: c.guidance,
             resolution: c.resolution,
         }
-    }
-
-    fn flow_scheduler(&self) -> Option<&FlowMatchConfig> {
-        Some(&self.pipe.scheduler)
     }
 
     /// FluxPipeline's `image_seq_len`: the packed token count.

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use common::{max_diff, python, read_f32, tiny};
 use likeness_diffusion_torch::sampling::{self, FlowSchedule};
-use likeness_diffusion_torch::Backbone;
+use likeness_diffusion_torch::{Backbone, SampleScheduler};
 use likeness_plugin_flux_lora::Flux;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -80,7 +80,8 @@ fn sampling_matches_flux_pipeline() {
     let x = s.tensor("init_latents");
     let (_, _, h, w) = x.size4().unwrap();
     let steps = s.json["steps"].as_u64().unwrap() as usize;
-    let sched = FlowSchedule::new(flux.flow_scheduler().unwrap(), steps, flux.image_seq_len(h, w)).unwrap();
+    let SampleScheduler::FlowMatch(fc) = flux.sampling().scheduler else { panic!("Flux samples by flow matching") };
+    let sched = FlowSchedule::new(fc, steps, flux.image_seq_len(h, w)).unwrap();
     let guidance = flux.guidance(s.json["guidance"].as_f64().unwrap());
     let z = tch::no_grad(|| {
         let model = sampling::guided_model(

@@ -24,7 +24,7 @@
 use likeness_diffusion::lora_keys::{BaseArch, Component};
 use likeness_diffusion_torch::trainer::{Result, TrainConfig};
 use likeness_diffusion_torch::{
-    Backbone, Lazy, LoraModel, Objective, Replay, SampleSettings, Store, TextEncoding, Vae, VaeConfig,
+    Backbone, Lazy, LoraModel, Objective, Replay, SampleScheduler, SampleSettings, Store, TextEncoding, Vae, VaeConfig,
 };
 use tch::{Device, Tensor};
 
@@ -149,8 +149,7 @@ impl Backbone for Sd15 {
     fn sampling(&self) -> SampleSettings<'_> {
         let c = &self.config;
         SampleSettings {
-            sampler: c.sampler.sampler(),
-            scheduler: &self.pipe.scheduler,
+            scheduler: SampleScheduler::Ddpm { sampler: c.sampler.sampler(), config: &self.pipe.scheduler },
             steps: c.sample_steps,
             guidance: c.guidance,
             resolution: c.resolution,

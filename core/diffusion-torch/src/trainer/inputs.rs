@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use super::error::{input, Result};
 use super::LoraModel;
-use crate::backbone::Backbone;
+use crate::backbone::{Backbone, SampleScheduler};
 use crate::{lora, rng, sampling};
 
 pub(super) fn shape_of(v: &TensorView) -> Vec<i64> {
@@ -214,11 +214,13 @@ impl<B: Backbone> LoraModel<B> {
                     uncond.as_deref(),
                     guidance,
                 )?;
-                Ok(match b.flow_scheduler() {
-                    Some(fc) => {
+                Ok(match set.scheduler {
+                    SampleScheduler::FlowMatch(fc) => {
                         sampling::run(&sampling::FlowSchedule::new(fc, steps, b.image_seq_len(h, w))?, &x, model)?
                     }
-                    None => sampling::run(&sampling::Schedule::new(set.sampler, set.scheduler, steps)?, &x, model)?,
+                    SampleScheduler::Ddpm { sampler, config } => {
+                        sampling::run(&sampling::Schedule::new(sampler, config, steps)?, &x, model)?
+                    }
                 })
             })?;
             Ok(tch::no_grad(|| self.decode_latents(&z))?.clamp(0.0, 1.0))
