@@ -1,11 +1,39 @@
-//! Custom CUDA kernels and their CPU references.
+//! Custom CUDA kernels, compiled at first use by NVRTC and launched through cudarc, each with a
+//! CPU reference in Rust of the same semantics (same dropout mask, same top-k tie rule, the same
+//! AdamW arithmetic).
 //!
-//! Not implemented yet (see `kernels/README.md` for the plan): this crate is a compiling
-//! skeleton so the workspace layout of DESIGN.md holds. Every kernel will ship with a CPU
-//! reference here; the CPU reference of the embedding-similarity kernel is below.
+//! - [`KernelId`] names every kernel: its source ([`Source`], `kernels/cu/*.cu`) and entry point.
+//! - [`nvrtc`] finds `libnvrtc` (the torch venv's `nvidia/cu13/lib` when it is not on the
+//!   loader path) and the CUDA headers, and compiles a source for a compute capability;
+//!   [`PtxCache`] keeps the PTX, keyed by source hash, options, NVRTC version and capability.
+//! - [`mask`] is the dropout mask both sides regenerate from (seed, offset, index).
+//!
+//! - [`lora`] holds the CPU references of the fused LoRA linear's kernels.
+//!
+//! Not yet here (issue 18, see kernels/README.md): the CPU references of embed.cu and adamw.cu, the cudarc
+//! launch functions (after probing for `libcuda`: cudarc panics without a driver), and the
+//! toolkit's LoRA layer joining them to tch's autograd through an explicit VJP.
 
-/// Cosine similarity of two embeddings (the CPU reference the CUDA kernel will be checked
-/// against). Returns 0 when either vector is zero.
+mod cache;
+mod dtype;
+mod error;
+mod ids;
+pub mod lora;
+pub mod mask;
+pub mod nvrtc;
+
+pub use cache::PtxCache;
+pub use dtype::{Dtype, Element};
+pub use error::{Error, Result};
+pub use ids::{KernelId, Source};
+
+/// Re-exported so callers name the same cudarc types as the launch functions.
+pub use cudarc;
+/// Re-exported for the bf16/fp16 storage types of the references.
+pub use half;
+
+/// Cosine similarity of two embeddings in f64 (returns 0 when either vector is zero); the
+/// scalar the eval code uses, kept from the skeleton.
 pub fn cosine_similarity(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "cosine_similarity: lengths differ");
     let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
@@ -24,7 +52,8 @@ pub fn cosine_similarity(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     #[test]
     fn cosine() {
-        assert!((super::cosine_similarity(&[1.0, 0.0], &[1.0, 1.0]) - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);
+        let c = super::cosine_similarity(&[1.0, 0.0], &[1.0, 1.0]);
+        assert!((c - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);
         assert_eq!(super::cosine_similarity(&[0.0, 0.0], &[1.0, 1.0]), 0.0);
     }
 }

@@ -2,7 +2,7 @@
 //! module-name patterns over diffusers module paths; peft-compatible naming and initialisation.
 
 use crate::error::{Error, Result};
-use crate::nn::LoraWeights;
+use crate::nn::{LoraWeights, Net};
 use crate::store::{Store, Target};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
@@ -54,6 +54,11 @@ fn is_conv(t: &Target) -> bool {
 /// returns the module paths injected. No match is an error (a typo would otherwise train
 /// nothing).
 pub fn inject(store: &Store, cfg: &LoraConfig) -> Result<Vec<String>> {
+    inject_at(store, cfg, Net::Main)
+}
+
+/// [`inject`] into one of the layers' two slots (PairEdit's content network is [`Net::Content`]).
+pub fn inject_at(store: &Store, cfg: &LoraConfig, net: Net) -> Result<Vec<String>> {
     if cfg.r <= 0 {
         return Err(Error::Lora(format!("rank r = {} must be positive", cfg.r)));
     }
@@ -81,7 +86,7 @@ pub fn inject(store: &Store, cfg: &LoraConfig) -> Result<Vec<String>> {
             LoraInit::Gaussian => Tensor::randn(&down_shape, opts) / cfg.r as f64,
         };
         let up = Tensor::zeros(&up_shape, opts);
-        *t.slot.lock().unwrap() = Some(LoraWeights {
+        *t.slot_of(net).lock().unwrap() = Some(LoraWeights {
             down: down.set_requires_grad(true),
             up: up.set_requires_grad(true),
             alpha_over_r: cfg.alpha / cfg.r as f64,
@@ -103,9 +108,14 @@ pub fn inject(store: &Store, cfg: &LoraConfig) -> Result<Vec<String>> {
 
 /// The LoRA parameters with peft's names (`<module>.lora_A.weight` = down, `lora_B` = up).
 pub fn parameters(store: &Store) -> Vec<(String, Tensor)> {
+    parameters_at(store, Net::Main)
+}
+
+/// [`parameters`] of one slot.
+pub fn parameters_at(store: &Store, net: Net) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     for t in store.targets() {
-        if let Some(l) = &*t.slot.lock().unwrap() {
+        if let Some(l) = &*t.slot_of(net).lock().unwrap() {
             out.push((format!("{}.lora_A.weight", t.path), l.down.shallow_clone()));
             out.push((format!("{}.lora_B.weight", t.path), l.up.shallow_clone()));
         }
@@ -113,22 +123,29 @@ pub fn parameters(store: &Store) -> Vec<(String, Tensor)> {
     out
 }
 
-fn for_each(store: &Store, mut f: impl FnMut(&mut LoraWeights)) {
+fn for_each(store: &Store, nets: &[Net], mut f: impl FnMut(&mut LoraWeights)) {
     for t in store.targets() {
-        if let Some(l) = &mut *t.slot.lock().unwrap() {
-            f(l)
+        for &net in nets {
+            if let Some(l) = &mut *t.slot_of(net).lock().unwrap() {
+                f(l)
+            }
         }
     }
 }
 
-/// The inference-time adapter scale (multiplies alpha/r; 0 disables the adapters).
+/// The inference-time adapter scale of the main adapter (multiplies alpha/r; 0 disables it).
 pub fn set_adapter_scale(store: &Store, s: f64) {
-    for_each(store, |l| l.adapter_scale = s);
+    set_adapter_scale_at(store, s, Net::Main);
 }
 
-/// Training mode enables LoRA dropout.
+/// The multiplier of one slot's adapter (PairEdit's `set_lora_slider`; 0 turns it off).
+pub fn set_adapter_scale_at(store: &Store, s: f64, net: Net) {
+    for_each(store, &[net], |l| l.adapter_scale = s);
+}
+
+/// Training mode enables LoRA dropout (both slots).
 pub fn set_training(store: &Store, training: bool) {
-    for_each(store, |l| l.training = training);
+    for_each(store, &[Net::Main, Net::Content], |l| l.training = training);
 }
 
 /// Copies a peft state dict (`[base_model.model.]<module>.lora_{A,B}[.<adapter>].weight`) into

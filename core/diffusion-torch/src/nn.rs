@@ -3,6 +3,7 @@
 
 use crate::store::{Target, P};
 use std::sync::{Arc, Mutex};
+
 use tch::{Kind, Tensor};
 
 /// An injected low-rank pair on one layer (peft's `lora_A` = `down`, `lora_B` = `up`).
@@ -27,6 +28,40 @@ impl LoraWeights {
 
 pub type LoraSlot = Arc<Mutex<Option<LoraWeights>>>;
 
+/// Which of a layer's two adapter slots: `Main` is the trained LoRA every format exports;
+/// `Content` is a second network on the same layers (PairEdit's content LoRA), whose delta adds
+/// to the main one's (as two kohya/sliders networks wrapping the same `Linear` do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Net {
+    Main,
+    Content,
+}
+
+/// A layer's two adapter slots (see [`Net`]).
+#[derive(Clone, Default)]
+pub struct LoraSlots {
+    pub main: LoraSlot,
+    pub content: LoraSlot,
+}
+
+impl LoraSlots {
+    /// The sum of both adapters' deltas for input `x` (`None` when neither is injected);
+    /// `apply(l, x)` is one adapter's low-rank product before its scale.
+    fn delta(&self, x: &Tensor, apply: impl Fn(&LoraWeights, &Tensor) -> Tensor) -> Option<Tensor> {
+        let mut acc: Option<Tensor> = None;
+        for slot in [&self.main, &self.content] {
+            if let Some(l) = &*slot.lock().unwrap() {
+                let h = apply(l, &lora_input(l, x)) * l.scale();
+                acc = Some(match acc {
+                    Some(a) => a + h,
+                    None => h,
+                });
+            }
+        }
+        acc
+    }
+}
+
 fn lora_input(l: &LoraWeights, x: &Tensor) -> Tensor {
     // LoRA weights stay fp32 whatever the base dtype: the low-rank path runs in fp32 and is cast
     // back to the base activation dtype when added.
@@ -41,7 +76,7 @@ fn lora_input(l: &LoraWeights, x: &Tensor) -> Tensor {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    pub lora: LoraSlot,
+    pub lora: LoraSlots,
     /// For an fp8-stored weight: its per-tensor scale (`w = fp8 · scale`, dequantised to the
     /// input's kind in each forward).
     pub fp8_scale: Option<Tensor>,
@@ -51,13 +86,14 @@ impl Linear {
     pub fn new(p: &P, inp: i64, out: i64, bias: bool) -> Self {
         let (weight, fp8_scale) = p.linear_weight(&[out, inp]);
         let bias = bias.then(|| p.param("bias", &[out]));
-        let lora: LoraSlot = Arc::new(Mutex::new(None));
+        let lora = LoraSlots::default();
         p.add_target(Target {
             path: p.path().to_string(),
             weight_shape: vec![out, inp],
             stride: 1,
             padding: 0,
-            slot: lora.clone(),
+            slot: lora.main.clone(),
+            content: lora.content.clone(),
         });
         Linear { weight, bias, lora, fp8_scale }
     }
@@ -69,12 +105,11 @@ impl Linear {
             Some(s) => x.linear(&(self.weight.to_kind(Kind::Float) * s).to_kind(x.kind()), self.bias.as_ref()),
             None => x.linear(&self.weight, self.bias.as_ref()),
         };
-        match &*self.lora.lock().unwrap() {
+        match self.lora.delta(x, |l, x| x.linear::<&Tensor>(&l.down, None).linear::<&Tensor>(&l.up, None)) {
             None => y,
-            Some(l) => {
-                let h = lora_input(l, x).linear::<&Tensor>(&l.down, None).linear::<&Tensor>(&l.up, None);
+            Some(h) => {
                 let k = y.kind();
-                y + (h * l.scale()).to_kind(k)
+                y + h.to_kind(k)
             }
         }
     }
@@ -85,36 +120,44 @@ pub struct Conv2d {
     pub bias: Option<Tensor>,
     pub stride: i64,
     pub padding: i64,
-    pub lora: LoraSlot,
+    pub lora: LoraSlots,
 }
 
 impl Conv2d {
     pub fn new(p: &P, inp: i64, out: i64, k: i64, stride: i64, padding: i64) -> Self {
         let weight = p.param("weight", &[out, inp, k, k]);
         let bias = Some(p.param("bias", &[out]));
-        let lora: LoraSlot = Arc::new(Mutex::new(None));
+        let lora = LoraSlots::default();
         p.add_target(Target {
             path: p.path().to_string(),
             weight_shape: vec![out, inp, k, k],
             stride,
             padding,
-            slot: lora.clone(),
+            slot: lora.main.clone(),
+            content: lora.content.clone(),
         });
         Conv2d { weight, bias, stride, padding, lora }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = x.conv2d(&self.weight, self.bias.as_ref(), [self.stride], [self.padding], [1], 1);
-        match &*self.lora.lock().unwrap() {
+        // LoCon as kohya/peft: the down conv has the base kernel, stride and padding; the up
+        // conv is 1×1.
+        let (stride, padding) = (self.stride, self.padding);
+        match self.lora.delta(x, |l, x| {
+            x.conv2d::<&Tensor>(&l.down, None, [stride], [padding], [1], 1).conv2d::<&Tensor>(
+                &l.up,
+                None,
+                [1],
+                [0],
+                [1],
+                1,
+            )
+        }) {
             None => y,
-            Some(l) => {
-                // LoCon as kohya/peft: the down conv has the base kernel, stride and padding; the
-                // up conv is 1×1.
-                let h = lora_input(l, x)
-                    .conv2d::<&Tensor>(&l.down, None, [self.stride], [self.padding], [1], 1)
-                    .conv2d::<&Tensor>(&l.up, None, [1], [0], [1], 1);
+            Some(h) => {
                 let k = y.kind();
-                y + (h * l.scale()).to_kind(k)
+                y + h.to_kind(k)
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Parameter store: records every parameter under its diffusers name, and every Linear/Conv2d
 //! under its module path (the LoRA injection targets).
 
-use crate::nn::LoraSlot;
+use crate::nn::{LoraSlot, Net};
 use std::cell::RefCell;
 use tch::{Device, Kind, Tensor};
 
@@ -21,7 +21,19 @@ pub struct Target {
     pub weight_shape: Vec<i64>,
     pub stride: i64,
     pub padding: i64,
+    /// The main adapter ([`Net::Main`]).
     pub slot: LoraSlot,
+    /// The second adapter ([`Net::Content`], PairEdit's content LoRA).
+    pub content: LoraSlot,
+}
+
+impl Target {
+    pub fn slot_of(&self, net: Net) -> &LoraSlot {
+        match net {
+            Net::Main => &self.slot,
+            Net::Content => &self.content,
+        }
+    }
 }
 
 pub struct Store {

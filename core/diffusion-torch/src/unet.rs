@@ -352,7 +352,9 @@ impl Segments for UNet2DConditionModel {
     /// Exact for the time MLP and conv_in (the only segments that usually have no LoRA),
     /// conservatively true for the rest.
     fn segment_may_train(&self, segment: Segment) -> bool {
-        let has = |slot: &crate::nn::LoraSlot| slot.lock().map(|l| l.is_some()).unwrap_or(true);
+        let has = |s: &crate::nn::LoraSlots| {
+            [&s.main, &s.content].iter().any(|slot| slot.lock().map(|l| l.is_some()).unwrap_or(true))
+        };
         match segment {
             Segment::Time => has(&self.time_1.lora) || has(&self.time_2.lora),
             Segment::ConvIn => has(&self.conv_in.lora),
