@@ -51,3 +51,13 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn driver(call: impl Into<String>, e: cudarc::driver::DriverError) -> Self {
+        Error::Driver { call: call.into(), detail: e.to_string() }
+    }
+
+    pub(crate) fn invalid(kernel: &'static str, detail: impl Into<String>) -> Self {
+        Error::InvalidArgument { kernel, detail: detail.into() }
+    }
+}

@@ -7,15 +7,20 @@
 //!   loader path) and the CUDA headers, and compiles a source for a compute capability;
 //!   [`PtxCache`] keeps the PTX, keyed by source hash, options, NVRTC version and capability.
 //! - [`mask`] is the dropout mask both sides regenerate from (seed, offset, index).
+//! - [`lora`], [`embed`], [`adamw`]: the CPU references (`*_ref`, and `lora::forward` /
+//!   `backward`) and the launch functions, which take the caller's stream (an ABI view's
+//!   `stream`, wrapped by [`stream_from_abi`]) and raw device pointers.
+//! - [`Kernels`] holds a CUDA context after probing for `libcuda` (cudarc panics without a
+//!   driver) and loads each source's module at first use.
 //!
-//! - [`lora`] holds the CPU references of the fused LoRA linear's kernels.
-//!
-//! Not yet here (issue 18, see kernels/README.md): the CPU references of embed.cu and adamw.cu, the cudarc
-//! launch functions (after probing for `libcuda`: cudarc panics without a driver), and the
-//! toolkit's LoRA layer joining them to tch's autograd through an explicit VJP.
+//! Not here (issue 18, see kernels/README.md): the toolkit's LoRA layer joining these kernels to
+//! tch's autograd through an explicit VJP, and NCCL.
 
+pub mod adamw;
 mod cache;
+mod device;
 mod dtype;
+pub mod embed;
 mod error;
 mod ids;
 pub mod lora;
@@ -23,6 +28,7 @@ pub mod mask;
 pub mod nvrtc;
 
 pub use cache::PtxCache;
+pub use device::{cuda_driver_present, stream_from_abi, DevicePtr, Kernels};
 pub use dtype::{Dtype, Element};
 pub use error::{Error, Result};
 pub use ids::{KernelId, Source};
