@@ -10,6 +10,7 @@
 //! `likeness_sdk::export_model_plugin!(MyLora);`: the trainer implements `ModelPlugin` for every
 //! `LoraModel<B: Backbone>`, so no plugin writes (or copies) the forwarding of the ABI calls.
 
+use crate::identity::{IdentityConfig, IdentityInjection};
 use std::cell::OnceCell;
 use std::fmt::Debug;
 
@@ -190,6 +191,40 @@ pub trait Backbone: Send + Sized + 'static {
             "gradient checkpointing: backbone `{}` declares no checkpointing segments; set gradient_checkpointing = false",
             Self::ID
         )))
+    }
+
+    /// Installs DTBack's identity injection (crate::identity) at the backbone's injection
+    /// points. Default: the backbone has none.
+    fn install_identity(&mut self, _c: &IdentityConfig, _kind: tch::Kind, _seed: u64) -> Result<()> {
+        Err(ModelError::NotImplemented(format!(
+            "identity: backbone `{}` has no identity-injection points (DTBack's injection is implemented for Flux: flux-lora)",
+            Self::ID
+        )))
+    }
+
+    /// The installed identity injection, if any.
+    fn identity(&self) -> Option<&IdentityInjection> {
+        None
+    }
+
+    /// [`denoise_checkpointed`](Self::denoise_checkpointed) with an explicit embedded guidance
+    /// scale `[B]` (PairEdit's `guidance_scale`). Default: without one, the plain checkpointed
+    /// denoiser; with one, not implemented.
+    fn denoise_checkpointed_guided(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        guidance: Option<&Tensor>,
+        cond: &[Tensor],
+        reseed: Option<i64>,
+    ) -> Result<(Tensor, Replay<Self>)> {
+        match guidance {
+            None => self.denoise_checkpointed(x_t, t, cond, reseed),
+            Some(_) => Err(ModelError::NotImplemented(format!(
+                "gradient checkpointing with an explicit guidance scale: backbone `{}` has no guidance input",
+                Self::ID
+            ))),
+        }
     }
 
     /// The VAE, loaded on first use (the trainer reaches it through [`vae`](Self::vae)).

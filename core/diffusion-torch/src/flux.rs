@@ -16,6 +16,7 @@
 use crate::checkpoint::{self, Program, Segments, Step, Tape};
 use crate::config::{cfg_err, read_json};
 use crate::error::Result;
+use crate::identity::IdentityInjection;
 use crate::nn::{Linear, RmsNorm};
 use crate::store::{Store, P};
 use serde::Deserialize;
@@ -395,6 +396,9 @@ pub struct FluxInputs<'a> {
     /// Flux-dev's distilled guidance scale per sample `[B]` (None for a model without
     /// `guidance_embeds`).
     pub guidance: Option<&'a Tensor>,
+    /// The identity tokens `[B, M, dim]` the installed [`IdentityInjection`] attends to
+    /// (required when one is installed, refused otherwise).
+    pub id_tokens: Option<&'a Tensor>,
 }
 
 pub struct FluxTransformer2DModel {
@@ -408,6 +412,8 @@ pub struct FluxTransformer2DModel {
     pub single: Vec<SingleBlock>,
     pub norm_out: Modulation,
     pub proj_out: Linear,
+    /// DTBack's identity injection, when installed (crate::identity).
+    pub identity: Option<IdentityInjection>,
 }
 
 impl FluxTransformer2DModel {
@@ -429,6 +435,7 @@ impl FluxTransformer2DModel {
                 .collect(),
             norm_out: Modulation::new(&p.sub("norm_out"), dim, 2),
             proj_out: Linear::new(&p.sub("proj_out"), dim, c.patch_size * c.patch_size * c.out_channels(), true),
+            identity: None,
         }
     }
 
@@ -474,6 +481,18 @@ impl FluxTransformer2DModel {
         let scaled = |t: &Tensor| t.to_kind(kind) * TIME_SCALE;
         let guidance = i.guidance.map(scaled).unwrap_or_else(|| Tensor::zeros([0], (kind, i.timestep.device())));
         let (cos, sin) = rope_for(&Tensor::cat(&[i.txt_ids, i.img_ids], 0), &self.config.axes_dims_rope, kind);
+        let id_tokens = match (&self.identity, i.id_tokens) {
+            (Some(_), Some(t)) => t.shallow_clone(),
+            (None, None) => Tensor::zeros([0], (kind, i.timestep.device())),
+            (Some(_), None) => {
+                return Err(identity_error(
+                    "an identity injection is installed: every forward needs the identity tokens (the `face_embedding` / `body_embedding` inputs)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(identity_error("identity tokens were given but no identity injection is installed"))
+            }
+        };
         Ok(vec![
             i.hidden_states.to_kind(kind),
             i.encoder_hidden_states.to_kind(kind),
@@ -482,6 +501,7 @@ impl FluxTransformer2DModel {
             guidance,
             cos,
             sin,
+            id_tokens,
         ])
     }
 
@@ -504,6 +524,10 @@ impl FluxTransformer2DModel {
         let m = self.norm_out.linear.forward(&temb.silu().to_kind(img.kind())).chunk(2, 1);
         self.proj_out.forward(&modulate(img, &m[1], &m[0]))
     }
+}
+
+fn identity_error(msg: &str) -> crate::error::Error {
+    crate::error::Error::Config { path: "transformer".into(), field: "identity".into(), msg: msg.into() }
 }
 
 fn guidance_error(msg: &str) -> crate::error::Error {
@@ -531,6 +555,9 @@ pub enum Segment {
     Single(usize),
     /// `norm_out` + `proj_out` on the image tokens.
     Head,
+    /// The identity injection after double block i (`true`) or single block i (`false`), on the
+    /// image tokens; reads slot 8, the identity tokens.
+    Inject(bool, usize),
 }
 
 const SLOT_LATENTS: usize = 0;
@@ -540,7 +567,8 @@ const SLOT_TIMESTEP: usize = 3;
 const SLOT_GUIDANCE: usize = 4;
 const SLOT_COS: usize = 5;
 const SLOT_SIN: usize = 6;
-const INPUT_SLOTS: usize = 7;
+const SLOT_ID: usize = 7;
+const INPUT_SLOTS: usize = 8;
 
 impl Segments for FluxTransformer2DModel {
     type Segment = Segment;
@@ -549,11 +577,18 @@ impl Segments for FluxTransformer2DModel {
         let mut p = Program::new(INPUT_SLOTS);
         let temb = p.push(Segment::Conditioning, vec![SLOT_POOLED, SLOT_TIMESTEP, SLOT_GUIDANCE], None);
         let mut x = p.push(Segment::Embed, vec![SLOT_LATENTS, SLOT_TEXT], None);
+        let inj = self.identity.as_ref();
         for i in 0..self.double.len() {
             x = p.push(Segment::Double(i), vec![x, temb, SLOT_COS, SLOT_SIN], Some(SLOT_TEXT));
+            if inj.is_some_and(|j| j.after_double(i)) {
+                x = p.push(Segment::Inject(true, i), vec![x, SLOT_ID], Some(SLOT_TEXT));
+            }
         }
         for i in 0..self.single.len() {
             x = p.push(Segment::Single(i), vec![x, temb, SLOT_COS, SLOT_SIN], None);
+            if inj.is_some_and(|j| j.after_single(i)) {
+                x = p.push(Segment::Inject(false, i), vec![x, SLOT_ID], Some(SLOT_TEXT));
+            }
         }
         p.push(Segment::Head, vec![x, temb], Some(SLOT_TEXT));
         p.steps()
@@ -575,6 +610,11 @@ impl Segments for FluxTransformer2DModel {
             }
             Segment::Single(i) => self.single[i].forward(&x[0], &x[1], &(x[2].shallow_clone(), x[3].shallow_clone())),
             Segment::Head => self.head(&split(&x[0]).1, &x[1]),
+            Segment::Inject(double, i) => {
+                let (txt, img) = split(&x[0]);
+                let inj = self.identity.as_ref().expect("the program injects only with an injection installed");
+                Tensor::cat(&[txt, inj.inject(double, i, &img, &x[1])], 1)
+            }
         }
     }
 }

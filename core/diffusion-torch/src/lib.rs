@@ -57,6 +57,7 @@ pub mod clip_text;
 pub mod config;
 pub mod error;
 pub mod flux;
+pub mod identity;
 pub mod ldm;
 pub mod load;
 pub mod lora;

@@ -11,6 +11,8 @@ use tch::{Kind, Tensor};
 pub enum LoraInit {
     /// peft's default: `kaiming_uniform_(A, a=√5)` (bound 1/√fan_in), B = 0.
     KaimingUniform,
+    /// PairEdit's `kaiming_uniform_(down, a=1)` (bound √3/√fan_in), up = 0.
+    KaimingUniformA1,
     /// peft's `init_lora_weights="gaussian"`: A ~ N(0, 1/r), B = 0.
     Gaussian,
 }
@@ -81,6 +83,10 @@ pub fn inject_at(store: &Store, cfg: &LoraConfig, net: Net) -> Result<Vec<String
         let down = match cfg.init {
             LoraInit::KaimingUniform => {
                 let bound = 1.0 / (fan_in as f64).sqrt();
+                Tensor::empty(&down_shape, opts).uniform_(-bound, bound)
+            }
+            LoraInit::KaimingUniformA1 => {
+                let bound = (3.0 / fan_in as f64).sqrt();
                 Tensor::empty(&down_shape, opts).uniform_(-bound, bound)
             }
             LoraInit::Gaussian => Tensor::randn(&down_shape, opts) / cfg.r as f64,

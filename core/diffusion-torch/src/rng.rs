@@ -12,6 +12,8 @@ use rand_chacha::ChaCha8Rng;
 const NOISE_STREAM: u64 = 0x6e6f_6973_6500_0001;
 const OFFSET_STREAM: u64 = 0x6e6f_6973_6500_0002;
 const TIMESTEP_STREAM: u64 = 0x7469_6d65_0000_0003;
+const POSTERIOR_STREAM: u64 = 0x706f_7374_0000_0004;
+const INDEX_STREAM: u64 = 0x696e_6478_0000_0005;
 
 pub struct Normals(ChaCha8Rng);
 
@@ -50,6 +52,19 @@ pub fn noise(seed: u64, n: usize) -> Vec<f64> {
 /// The noise-offset draws of one sample (one per latent channel).
 pub fn offset(seed: u64, channels: usize) -> Vec<f64> {
     Normals::new(seed, OFFSET_STREAM).take(channels)
+}
+
+/// The VAE posterior noise of image `which` of one sample (PairEdit samples the posterior of
+/// its source and its target image independently).
+pub fn posterior(seed: u64, which: u64, n: usize) -> Vec<f64> {
+    Normals::new(seed ^ which.wrapping_mul(0x9e37_79b9_7f4a_7c15), POSTERIOR_STREAM).take(n)
+}
+
+/// An integer uniform in `lo..=hi` of one sample (PairEdit's `random.randint(start_step, end_step)`).
+pub fn index(seed: u64, lo: usize, hi: usize) -> usize {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(INDEX_STREAM);
+    r.gen_range(lo..=hi)
 }
 
 /// The seed of the timestep sampler of one sample (its own ChaCha stream).

@@ -48,6 +48,7 @@ fn run(o: &PyOracle, model: &FluxTransformer2DModel, kind: Kind, guided: bool) -
         img_ids: &img_ids,
         txt_ids: &txt_ids,
         guidance: guided.then_some(&guidance),
+        id_tokens: None,
     };
     let y = tch::no_grad(|| model.forward(&inputs)).unwrap();
     assert_eq!(y.kind(), kind, "the forward runs in the weights' dtype");
@@ -198,6 +199,7 @@ fn guidance_must_match_the_models_guidance_embedding() {
             img_ids: &img_ids,
             txt_ids: &txt_ids,
             guidance: guided.then_some(&g),
+            id_tokens: None,
         };
         let e = tch::no_grad(|| model.forward(&inputs)).unwrap_err().to_string();
         assert!(e.contains("guidance_embeds"), "{variant}: {e}");

@@ -96,6 +96,7 @@ fn run(dropout: f64, plain_reseed: Option<i64>, ckpt_reseed: Option<i64>) -> (f6
         img_ids: &b.img_ids,
         txt_ids: &b.txt_ids,
         guidance: Some(&b.g),
+        id_tokens: None,
     };
     let objective = |y: &Tensor| (y * &b.weight).sum(Kind::Double) + y.square().sum(Kind::Double) * 0.1;
     let out = model.forward_reseeded(&inputs, plain_reseed).unwrap();

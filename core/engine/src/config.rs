@@ -5,6 +5,7 @@
 //! Unknown keys and wrong types are errors that name the source (file, variable or flag),
 //! the key, and the closest valid key.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -41,6 +42,10 @@ pub struct Config {
     pub loss: LossSection,
     #[serde(default)]
     pub metric: Option<MetricSection>,
+    /// A second identity term on the body (DTBack's `body_weight`): the same keys as
+    /// `[metric]`, with a person re-ID metric (`mtcnn-reid`); absent = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<MetricSection>,
     /// The text-alignment term (DRIP's λ_text); absent = off.
     #[serde(default)]
     pub text: Option<TextSection>,
@@ -158,6 +163,24 @@ pub struct AdapterConfig {
     /// `epoch00/` holds the weights after the first epoch). Unset = no per-epoch folders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save_dir: Option<PathBuf>,
+    /// PairEdit's adapter files (set by its YAML, [`crate::pairedit`]): the `pairedit` format's
+    /// semantic / content LoRAs as `<stem>_<E>epoch.safetensors` / `<stem>_<E>epoch_0.safetensors`
+    /// in `run.output`, at PairEdit's save cadence, instead of musubi-tuner's names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairedit: Option<PairEditNames>,
+}
+
+/// `[adapter.pairedit]`: PairEdit's names and save cadence ([`crate::pairedit::intermediate_save`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PairEditNames {
+    /// `<dataset>_<eta:.1f>eta_<ns:.1f>ns_<inf>inf`.
+    pub stem: String,
+    /// PairEdit's `save_per_steps`.
+    pub save_per_steps: u64,
+    /// `train_image_real`: the content LoRA alone, named `<stem>_<E>epoch.safetensors` (no `_0`).
+    #[serde(default)]
+    pub content_only: bool,
 }
 
 /// Learning rate and weight decay of one optimizer parameter group (`[train.param_groups.NAME]`).
@@ -207,6 +230,42 @@ pub struct PluginSection {
     /// Passed to the plugin as a JSON object; the plugin validates it.
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
+    /// Model inputs computed by metric plugins (DTBack: `face_embedding` = arcface's embedding
+    /// of the `reference` image, `body_embedding` = mtcnn-reid's): input name → the metric.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub conditioning: BTreeMap<String, ConditioningSection>,
+}
+
+/// A model input that is a metric's embedding of one of the batch's images (no graph).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConditioningSection {
+    /// The metric plugin (e.g. `arcface`, `mtcnn-reid`), opened as its own instance.
+    pub plugin: String,
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// The image role it embeds.
+    #[serde(default = "default_reference")]
+    pub image: String,
+}
+
+fn default_reference() -> String {
+    "reference".into()
+}
+
+/// A `model.conditioning` entry with no config takes that of the `[metric]` or `[body]` section
+/// naming the same plugin (DTBack embeds the reference with the very metrics its identity terms
+/// use, so their model paths are given once), resolved here so the run's config.toml — which
+/// `host generate --model` reads — holds it.
+fn resolve_conditioning(cfg: &mut Config) {
+    let sections: Vec<MetricSection> = [cfg.metric.clone(), cfg.body.clone()].into_iter().flatten().collect();
+    for c in cfg.model.conditioning.values_mut() {
+        if c.config.is_empty() {
+            if let Some(m) = sections.iter().find(|m| m.plugin == c.plugin) {
+                c.config = m.config.clone();
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -309,6 +368,10 @@ pub struct DataConfig {
     /// `pairs`: attribute folders to use (PairEdit's `datasets:`); empty = every one found.
     #[serde(default)]
     pub attributes: Vec<String>,
+    /// `pairs`: only the pairs with these file stems (PairEdit's `image_ids`: one real image per
+    /// run); empty = every pair.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stems: Vec<String>,
     /// `pairs`: PairEdit's `source_folder` / `target_folder`.
     #[serde(default = "crate::data::default_source_folder")]
     pub source_folder: String,
@@ -385,7 +448,7 @@ pub struct TrainConfig {
     /// Validate, write a sample grid and plots every N epochs.
     #[serde(default = "default_one_u64")]
     pub validate_every_epochs: u64,
-    /// Rows in the sample grid.
+    /// Rows in the sample grid (examples sampled); 0 = no samples.
     #[serde(default = "default_samples")]
     pub sample_count: usize,
     /// Per-group learning rate / weight decay (`[train.param_groups.text_encoder] lr = 1e-5`);
@@ -588,6 +651,22 @@ impl Layered {
     /// File (optional) < environment < flags < `--set`, then the defaults that depend on what
     /// the layers hold (joined: any layer's own value wins).
     pub fn new(file: Option<&Path>, o: &Overrides) -> Result<Layered> {
+        if let Some(path) = file.filter(|p| crate::pairedit::is_yaml(p)) {
+            // Many runs in one file: `host train` runs each (pairedit::PairEditYaml::jobs); any
+            // other reader (`host config show`) gets the first, and a warning says so.
+            let jobs = crate::pairedit::load(path)?.jobs();
+            let mut l = Layered::with_file_layer(jobs[0].layer.clone(), o)?;
+            if jobs.len() > 1 {
+                l.warnings.push(format!(
+                    "{}: this PairEdit YAML describes {} training runs (datasets x versions x noise_scales); this is the first, {}",
+                    path.display(),
+                    jobs.len(),
+                    jobs[0].lora_name
+                ));
+                tracing::warn!("{}", l.warnings[l.warnings.len() - 1]);
+            }
+            return Ok(l);
+        }
         let mut f = Figment::new();
         let mut warnings = Vec::new();
         let mut seed000 = None;
@@ -600,6 +679,27 @@ impl Layered {
                 None => f.merge(Toml::file_exact(path)),
             };
         }
+        Self::above_file(f, seed000, warnings, o)
+    }
+
+    /// A config-file layer made by the caller (one run of a PairEdit YAML), with the layers
+    /// above it as [`Layered::new`] puts them.
+    pub fn with_file_layer(mut layer: FileLayer, o: &Overrides) -> Result<Layered> {
+        let path = match &layer.metadata.source {
+            Some(figment::Source::File(p)) => p.clone(),
+            _ => PathBuf::from("config"),
+        };
+        let warnings: Vec<String> = layer.drop_foreign_model_config(&path, o).into_iter().collect();
+        Self::above_file(Figment::new().merge(layer), None, warnings, o)
+    }
+
+    /// The environment, flags and `--set` over the file layer already in `f`, then the defaults.
+    fn above_file(
+        mut f: Figment,
+        seed000: Option<crate::seed000::Seed000Yaml>,
+        mut warnings: Vec<String>,
+        o: &Overrides,
+    ) -> Result<Layered> {
         f = f.merge(env_layer());
         let flags = flag_layer(o);
         if !flags.is_empty() {
@@ -642,6 +742,7 @@ impl Layered {
             cfg.metric = None;
         }
         cfg.loss_given = self.figment.contains("loss");
+        resolve_conditioning(&mut cfg);
         validate(&cfg)?;
         Ok(cfg)
     }
@@ -902,7 +1003,7 @@ fn valid_keys(section: &str) -> &'static [&'static str] {
         "model" => serde_fields::<PluginSection>(),
         "data" => serde_fields::<DataConfig>(),
         "loss" => serde_fields::<LossSection>(),
-        "metric" => serde_fields::<MetricSection>(),
+        "metric" | "body" => serde_fields::<MetricSection>(),
         "text" => serde_fields::<TextSection>(),
         "train" => serde_fields::<TrainConfig>(),
         "sample" => serde_fields::<SampleConfig>(),
@@ -1481,7 +1582,7 @@ mod tests {
     fn issue_14_valid_keys_come_from_the_structs() {
         assert_eq!(
             sections(),
-            ["run", "model", "data", "loss", "metric", "text", "train", "sample", "eval", "cache", "adapter"]
+            ["run", "model", "data", "loss", "metric", "body", "text", "train", "sample", "eval", "cache", "adapter"]
         );
         assert!(valid_keys("data").contains(&"verify_decode") && valid_keys("train").contains(&"param_groups"));
         assert!(!valid_keys("").contains(&"loss_given"), "a skipped field is no key");

@@ -40,6 +40,41 @@ pub struct GenerateOptions {
     pub lora: Option<PathBuf>,
     pub device: String,
     pub output: PathBuf,
+    /// `model.conditioning` of the run: inputs that are a metric's embedding of the reference
+    /// (or control) image (DTBack's `face_embedding` / `body_embedding`).
+    pub conditioning: std::collections::BTreeMap<String, crate::config::ConditioningSection>,
+}
+
+/// What `host generate --model PATH` names: a trained run as DTBack's inference names it
+/// (`checkpoints/identity_preserving/best_model.pt`). Returns (the run folder, the weights
+/// folder): `PATH` may be a weights folder (`best/`, `final/`, `checkpoints/step-N/`: it holds
+/// `model.safetensors`), a run folder (its `best/`, else `final/`), or a file name in a run
+/// folder — DTBack's `best_model.pt` is the run's `best/` (likeness writes safetensors folders,
+/// never pickles), any other `<name>.pt` its `final/`.
+pub fn resolve_trained_model(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    let weights_in = |run: &Path, first: &str| -> Option<PathBuf> {
+        [first, "best", "final"].iter().map(|d| run.join(d)).find(|d| d.join("model.safetensors").exists())
+    };
+    if path.join("model.safetensors").exists() {
+        let run = path.parent().map(|p| if p.ends_with("checkpoints") { p.parent().unwrap_or(p) } else { p });
+        return Ok((run.unwrap_or(path).to_path_buf(), path.to_path_buf()));
+    }
+    if path.is_dir() {
+        if let Some(w) = weights_in(path, "best") {
+            return Ok((path.to_path_buf(), w));
+        }
+    }
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    if let Some(run) = path.parent().filter(|p| !path.is_dir() && p.join("config.toml").exists()) {
+        let first = if stem.starts_with("best") { "best" } else { "final" };
+        if let Some(w) = weights_in(run, first) {
+            return Ok((run.to_path_buf(), w));
+        }
+    }
+    Err(EngineError::Config(format!(
+        "--model {}: not a trained run: expected a run folder (with config.toml and best/ or final/), a weights folder          (with model.safetensors), or DTBack's <run>/best_model.pt, which names the run's best/ (likeness writes          safetensors folders, not pickles)",
+        path.display()
+    )))
 }
 
 fn pick<'a>(v: &'a [PathBuf], i: usize, what: &str, n: usize) -> Result<Option<&'a PathBuf>> {
@@ -77,6 +112,12 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
         .or_else(|| opts.model_config.get("lora").and_then(|v| v.as_str()).map(String::from))
         .unwrap_or_default();
     let fit = Fit::Bucket(opts.width, opts.height);
+    let mut conditioners = Vec::new();
+    for (input, c) in &opts.conditioning {
+        let cfg = serde_json::Value::Object(c.config.clone()).to_string();
+        let metric = reg.open_metric(&c.plugin, &cfg, device, opts.seed)?;
+        conditioners.push(crate::train::Conditioner { input: input.clone(), image: c.image.clone(), metric });
+    }
     let mut written = Vec::new();
     let n = opts.prompts.len();
     for (i, prompt) in opts.prompts.iter().enumerate() {
@@ -86,6 +127,17 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
                 let data = image_io::load(p, fit)?;
                 images.push((role, CpuTensor::new(vec![1, 3, opts.height as i64, opts.width as i64], data)));
             }
+        }
+        // The conditioning metrics embed their image (the reference) for the model.
+        let mut embedded: Vec<(String, CpuTensor<f32>)> = Vec::new();
+        for c in conditioners.iter_mut() {
+            let Some((_, img)) = images.iter().find(|(r, _)| *r == c.image.as_str()) else {
+                return Err(EngineError::Config(format!(
+                    "the model's input `{}` is `{}`'s embedding of the `{}` image: give --{} IMAGE",
+                    c.input, c.metric.id, c.image, c.image
+                )));
+            };
+            embedded.push((c.input.clone(), c.embed(img)?));
         }
         let seed = opts.seed + i as u64;
         let settings = SampleSettings {
@@ -97,7 +149,8 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
             seed,
             adapter_scale: opts.adapter_scale,
         };
-        let views: Vec<(&str, &CpuTensor<f32>)> = images.iter().map(|(n, t)| (*n, t)).collect();
+        let views: Vec<(&str, &CpuTensor<f32>)> =
+            images.iter().map(|(n, t)| (*n, t)).chain(embedded.iter().map(|(n, t)| (n.as_str(), t))).collect();
         let px = sample_one(&mut model, prompt, &views, &settings)?;
         let path = opts.output.join(format!("{seed}_{i:02}.png"));
         let text = [

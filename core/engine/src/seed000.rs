@@ -1,6 +1,7 @@
 //! Seed 000's `train/config.yaml`, read as is: `host train --config train/config.yaml`.
 //!
-//! A `--config` file whose name ends in `.yaml` / `.yml` is seed 000's flat YAML (its
+//! A `--config` file whose name ends in `.yaml` / `.yml` (and is not PairEdit's,
+//! [`crate::pairedit`]) is seed 000's flat YAML (its
 //! `train/run_training.py --config train/config.yaml`). It is translated into the keys of
 //! [`crate::config::Config`] and becomes the lowest layer, exactly where a TOML file would be:
 //! `LIKENESS_*` variables, flags and `--set` still override it, and `host config show` names
@@ -13,16 +14,17 @@
 //! | `data_dir` | `data.root` (`data.layout = "bundles"`) | a relative path is relative to the YAML's folder, as seed 000 resolves it against `train/` |
 //! | `max_chars_per_bundle` | `data.max_chars_per_bundle` | `null` keeps all; seed 000 keeps a random subset, likeness the first N alphabetically |
 //! | `min_images_per_char` | `data.min_images_per_char` | |
-//! | `use_simple_model` | `model.plugin` | `true` (seed 000's default): `identity-autoencoder`; `false`: the DTBack Flux model, refused until its plugin exists |
+//! | `use_simple_model` | `model.plugin` | `true` (seed 000's default): `identity-autoencoder`; `false`: DTBack's IdentityPreservingFlux = `flux-lora` with `model.config.identity`, conditioned on `arcface` / `mtcnn-reid` embeddings of the reference (`model.conditioning`), `[metric] arcface`, `[body] mtcnn-reid`, adapter format `identity` (docs/dtback.md) |
+//! | `pretrained_model` | `model.config.pretrained` | likeness's one added key: the Flux weights of `use_simple_model: false` (or `--pretrained_model`) |
 //! | `input_size` | `model.config.image_size` and `data.image_size` | the autoencoder needs a multiple of `2^depth` (8 by default) |
-//! | `num_face_latents`, `num_body_latents` | — (checked, not used) | they size `IdentityPreservingFlux`'s face/body identity tokens; seed 000's `SimpleIdentityAutoencoder` ignores them too, and the autoencoder has no such key (its code size is `latent_dim`, 512 fixed in seed 000) |
+//! | `num_face_latents`, `num_body_latents` | `model.config.identity.*` (`use_simple_model: false`) | they size IdentityPreservingFlux's face/body identity tokens; with the simple model they are checked, not used (seed 000's `SimpleIdentityAutoencoder` ignores them too) |
 //! | `batch_size` | `train.batch_size` | |
 //! | `num_epochs` | `train.epochs` | |
 //! | `learning_rate` | `train.lr` | |
 //! | `weight_decay` | `train.weight_decay` | AdamW's decoupled decay; seed 000's `Adam(weight_decay=…)` adds it to the gradient (L2) |
 //! | `content_weight` | `loss.weight` with `loss.plugin = "pixel"` | seed 000's content loss is a VGG-16 feature MSE; likeness's content loss is the `pixel` plugin (L1 + SSIM) |
 //! | `face_weight` | `metric.weight` | only when an identity metric is named (`--metric dlib`, `--set metric.plugin=…`, `LIKENESS_METRIC__PLUGIN`), and only if nothing above the YAML sets `metric.weight`; otherwise unused (a warning says so) |
-//! | `body_weight` | — (checked, not used) | there is no body-identity metric plugin yet; in seed 000 with the simple model the body embedding is a zero vector, so its body loss is the constant `body_weight · 1` with no gradient: dropping it changes no update |
+//! | `body_weight` | `body.weight` (`use_simple_model: false`) | the body identity term through `mtcnn-reid`; with the simple model unused: in seed 000 its body embedding is a zero vector, so its body loss is the constant `body_weight · 1` with no gradient |
 //! | `output_dir` | `run.output` | relative to the YAML's folder, as `data_dir` |
 //!
 //! Seed 000's face loss compares the model's *own* identity code of the reference and of the
@@ -64,10 +66,21 @@ pub const KEYS: &[&str] = &[
     "body_weight",
     "content_weight",
     "output_dir",
+    // likeness's one addition: the Flux weights of `use_simple_model: false` (also
+    // --pretrained_model / --set model.config.pretrained=…, which win).
+    "pretrained_model",
 ];
 
 /// The model plugin `use_simple_model: true` selects (seed 000's `SimpleIdentityAutoencoder`).
 pub const SIMPLE_MODEL_PLUGIN: &str = "identity-autoencoder";
+/// The model plugin `use_simple_model: false` selects: DTBack's IdentityPreservingFlux is
+/// flux-lora with its `identity` injection (docs/dtback.md).
+pub const DTBACK_MODEL_PLUGIN: &str = "flux-lora";
+/// The face metric of DTBack (InsightFace's ArcFace): its embedding conditions the model and
+/// its identity loss is `face_weight`'s.
+pub const DTBACK_FACE_METRIC: &str = "arcface";
+/// The body metric of DTBack (MTCNN + OSNet person re-ID): `body_embedding` and `body_weight`.
+pub const DTBACK_BODY_METRIC: &str = "mtcnn-reid";
 /// The content-loss plugin `content_weight` weights.
 pub const CONTENT_LOSS_PLUGIN: &str = "pixel";
 
@@ -149,27 +162,31 @@ pub fn translate(path: &Path, text: &str, model_override: Option<&str>) -> Resul
         }
     };
     let v = read_values(&file, text, &map)?;
-    if !v.use_simple_model.unwrap_or(true) && model_override.is_none() {
-        return Err(err(
-            "`use_simple_model: false` selects seed 000's DTBack Flux model (`IdentityPreservingFlux`), which has no likeness plugin yet. \
-             Set `use_simple_model: true` to train seed 000's SimpleIdentityAutoencoder (plugin `identity-autoencoder`), \
-             or choose an installed model plugin with --plugin ID (`host plugins list`)"
-                .into(),
-        ));
-    }
-    let d = layer_values(path, &v);
+    // `use_simple_model: false` is DTBack's IdentityPreservingFlux (flux-lora + identity), unless
+    // another model plugin was chosen above the file.
+    let dtback = !v.use_simple_model.unwrap_or(true) && model_override.is_none_or(|m| m == DTBACK_MODEL_PLUGIN);
+    let mut d = layer_values(path, &v);
     let mut notes = Vec::new();
-    for (key, n) in [("num_face_latents", v.num_face_latents), ("num_body_latents", v.num_body_latents)] {
-        if let Some(n) = n {
+    if dtback {
+        dtback_values(&mut d, &v);
+    } else {
+        for (key, n) in [("num_face_latents", v.num_face_latents), ("num_body_latents", v.num_body_latents)] {
+            if let Some(n) = n {
+                notes.push(format!(
+                    "{file}: {key} = {n} is not used: it sizes IdentityPreservingFlux's identity tokens (use_simple_model: false); seed 000's SimpleIdentityAutoencoder ignores it too"
+                ));
+            }
+        }
+        if let Some(w) = v.body_weight.filter(|w| *w != 0.0) {
             notes.push(format!(
-                "{file}: {key} = {n} is not used: it sizes IdentityPreservingFlux's identity tokens; seed 000's SimpleIdentityAutoencoder ignores it too"
+                "{file}: body_weight = {w} is not used: the body identity term is DTBack's (use_simple_model: false); with seed 000's simple model the body loss is a constant with no gradient"
             ));
         }
-    }
-    if let Some(w) = v.body_weight.filter(|w| *w != 0.0) {
-        notes.push(format!(
-            "{file}: body_weight = {w} is not used: there is no body-identity metric plugin yet (with seed 000's simple model the body loss is a constant with no gradient)"
-        ));
+        if v.pretrained_model.is_some() {
+            notes.push(format!(
+                "{file}: pretrained_model is not used: it names the Flux weights of use_simple_model: false"
+            ));
+        }
     }
 
     let metadata = Metadata::from("seed 000 YAML", Source::File(path.to_path_buf()));
@@ -264,6 +281,33 @@ fn layer_values(path: &Path, v: &Values) -> Dict {
     d
 }
 
+/// DTBack's keys (`use_simple_model: false`, docs/dtback.md): flux-lora with the identity
+/// injection sized by num_face_latents / num_body_latents, conditioned on ArcFace's embedding of
+/// the reference (and mtcnn-reid's), trained by the face identity loss (face_weight, through
+/// [`Seed000Yaml::metric_layer`]), the body identity loss (body_weight), the content loss
+/// (content_weight) and the flow-matching loss; the injection weights are the adapter.
+fn dtback_values(d: &mut Dict, v: &Values) {
+    let mut put = |k: &str, val: Value| insert_path(d, k, val);
+    put("model.plugin", Value::from(DTBACK_MODEL_PLUGIN));
+    if let Some(p) = &v.pretrained_model {
+        put("model.config.pretrained", Value::from(p.clone()));
+    }
+    let (nf, nb) = (v.num_face_latents.unwrap_or(16), v.num_body_latents.unwrap_or(16));
+    put("model.config.identity.num_face_latents", Value::from(nf));
+    put("model.config.identity.num_body_latents", Value::from(nb));
+    if let Some(n) = v.input_size {
+        put("model.config.resolution", Value::from(n));
+    }
+    put("model.conditioning.face_embedding.plugin", Value::from(DTBACK_FACE_METRIC));
+    put("metric.plugin", Value::from(DTBACK_FACE_METRIC));
+    if nb > 0 {
+        put("model.conditioning.body_embedding.plugin", Value::from(DTBACK_BODY_METRIC));
+        put("body.plugin", Value::from(DTBACK_BODY_METRIC));
+        put("body.weight", Value::from(v.body_weight.unwrap_or(0.0)));
+    }
+    put("adapter.formats", Value::from(vec![Value::from("identity")]));
+}
+
 /// The typed values of the keys present.
 #[derive(Debug, Default)]
 struct Values {
@@ -282,6 +326,7 @@ struct Values {
     body_weight: Option<f64>,
     content_weight: Option<f64>,
     output_dir: Option<String>,
+    pretrained_model: Option<String>,
 }
 
 impl Values {
@@ -290,13 +335,14 @@ impl Values {
         match key {
             "data_dir" => self.data_dir = Some(string(v)?),
             "output_dir" => self.output_dir = Some(string(v)?),
+            "pretrained_model" => self.pretrained_model = Some(string(v)?),
             // `null` = no limit (seed 000 passes None on, and `if max_chars_per_bundle and …` keeps all).
             "max_chars_per_bundle" => self.max_chars_per_bundle = if v.is_null() { None } else { Some(count(v, 0)?) },
             "min_images_per_char" => self.min_images_per_char = Some(count(v, 1)?),
             "use_simple_model" => self.use_simple_model = Some(boolean(v)?),
             "input_size" => self.input_size = Some(count(v, 1)?),
             "num_face_latents" => self.num_face_latents = Some(count(v, 1)?),
-            "num_body_latents" => self.num_body_latents = Some(count(v, 1)?),
+            "num_body_latents" => self.num_body_latents = Some(count(v, 0)?),
             "batch_size" => self.batch_size = Some(count(v, 1)?),
             "num_epochs" => self.num_epochs = Some(count(v, 1)?),
             "learning_rate" => self.learning_rate = Some(positive(v)?),
@@ -564,12 +610,33 @@ output_dir: "checkpoints/identity_preserving"
     }
 
     #[test]
-    fn flux_model_is_refused_until_its_plugin_exists() {
-        let e = err("data_dir: d\nuse_simple_model: false\n");
-        assert!(e.contains("config.yaml") && e.contains("DTBack Flux") && e.contains("use_simple_model: true"), "{e}");
-        // --plugin chooses the model instead; input_size still sizes the data.
+    fn issue_16_use_simple_model_false_is_dtbacks_identity_preserving_flux() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(d.path(), "c.yaml", "data_dir: d\nuse_simple_model: false\ninput_size: 32\n");
+        let yaml = "data_dir: d\nuse_simple_model: false\ninput_size: 32\nnum_face_latents: 8\nnum_body_latents: 4\n\
+                    face_weight: 1.0\nbody_weight: 0.5\ncontent_weight: 0.5\npretrained_model: /w/flux1-dev\n";
+        let p = write(d.path(), "c.yaml", yaml);
+        let c = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap();
+        assert_eq!(c.model.plugin, DTBACK_MODEL_PLUGIN);
+        let mc = serde_json::Value::Object(c.model.config.clone());
+        assert_eq!(mc["pretrained"], "/w/flux1-dev");
+        assert_eq!(
+            (mc["identity"]["num_face_latents"].as_u64(), mc["identity"]["num_body_latents"].as_u64()),
+            (Some(8), Some(4))
+        );
+        assert_eq!(c.model.conditioning["face_embedding"].plugin, "arcface");
+        assert_eq!(c.model.conditioning["body_embedding"].plugin, "mtcnn-reid");
+        let m = c.metric.as_ref().expect("the face term");
+        assert_eq!((m.plugin.as_str(), m.weight), ("arcface", 1.0));
+        let b = c.body.as_ref().expect("the body term");
+        assert_eq!((b.plugin.as_str(), b.weight), ("mtcnn-reid", 0.5));
+        assert_eq!((c.loss.plugin.as_str(), c.loss.weight), ("pixel", 0.5));
+        assert_eq!(c.adapter.formats, vec!["identity".to_string()]);
+        // num_body_latents: 0 drops the body stream and its term.
+        let p = write(d.path(), "f.yaml", "data_dir: d\nuse_simple_model: false\nnum_body_latents: 0\n");
+        let c = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap();
+        assert!(c.body.is_none() && !c.model.conditioning.contains_key("body_embedding"));
+        // --plugin chooses another model instead; input_size still sizes the data.
+        let p = write(d.path(), "o.yaml", "data_dir: d\nuse_simple_model: false\ninput_size: 32\n");
         let o = Overrides { plugin: Some("other".into()), ..Default::default() };
         let c = Layered::new(Some(&p), &o).unwrap().extract().unwrap();
         assert_eq!((c.model.plugin.as_str(), c.data.image_size), ("other", 32));
@@ -593,7 +660,8 @@ output_dir: "checkpoints/identity_preserving"
         let text = std::fs::read_to_string(&p).unwrap();
         let doc: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(&text).unwrap();
         let keys: Vec<&str> = doc.keys().map(|k| k.as_str().unwrap()).collect();
-        assert_eq!(keys, KEYS);
+        // Seed 000's own keys; likeness's added `pretrained_model` (last) is not in the seed's file.
+        assert_eq!(keys, KEYS[..KEYS.len() - 1]);
         let seed: serde_yaml_ng::Value = serde_yaml_ng::from_str(SEED_000).unwrap();
         assert_eq!(serde_yaml_ng::Value::Mapping(doc), seed, "the example keeps seed 000's values");
         translate(&p, &text, None).unwrap();

@@ -27,6 +27,7 @@ Examples:
   host train --config configs/quickstart-cpu.toml
   host train --plugin identity-autoencoder --data ~/faces --steps 200 --lr 1e-3
   host train --config configs/quickstart-cpu.toml --resume
+  host train --c=train_image        (PairEdit: config/train_image.yaml, every run of its loops)
   host config show --config configs/quickstart-cpu.toml --set train.lr=3e-4
   host eval-faces --sample-dir output/sample --output-json face_metrics.json
   host generate --config runs/x/config.toml --weights runs/x/final --prompt \"a photo\" --output gen/
@@ -84,6 +85,7 @@ LoRA (model.config.lora; --lora-scale 0 = the base model). The model must implem
 Examples:
   host generate --config runs/x/config.toml --weights runs/x/final --prompt \"a photo of sks person\" --output gen/
   host generate --plugin sd15-lora --pretrained_model /models/sd15 --lora lora_out/epoch02/drip_lora.safetensors --prompt \"a photo of sks person\" --seed 1 --steps 30 --cfg 7.5 --lora-scale 0.8 --width 512 --height 512 --output gen/
+  host generate --c=train_image      (PairEdit: its gen_image_script.py's loops, names and images)
   host generate --plugin testing-flow --prompt a --prompt b --seed 7 --steps 20 --cfg 4 --width 64 --height 64 --output gen/";
 
 #[derive(Args)]
@@ -91,9 +93,13 @@ struct GenerateArgs {
     /// Model plugin id (default: the config file's model.plugin).
     #[arg(long)]
     plugin: Option<String>,
-    /// A config file whose [model] section (plugin, config) is used.
+    /// A config file whose [model] section (plugin, config) is used; a PairEdit YAML
+    /// (config/train_image.yaml) generates as its gen_image_script.py does, from its own keys.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// PairEdit's `--c=NAME`: config/NAME.yaml, relative to the current directory.
+    #[arg(long = "c", value_name = "NAME", conflicts_with = "config")]
+    c: Option<String>,
     /// Base weights (`model.config.pretrained`; DRIP's --pretrained_model, musubi-tuner's --dit):
     /// a folder, a file, or a hub id read offline from the local Hugging Face cache.
     #[arg(long, value_name = "PATH_OR_ID", visible_aliases = ["pretrained_model", "dit"])]
@@ -104,12 +110,17 @@ struct GenerateArgs {
     /// Trained state to load (a run's final/, best/ or checkpoints/step-N/).
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
+    /// A trained run, as DTBack's inference names it (`checkpoints/identity_preserving/best_model.pt`
+    /// = that run's best/; also a run folder or a weights folder): its config.toml gives the
+    /// model (and the metrics that embed --reference), its weights are loaded.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "c", "weights"])]
+    model: Option<PathBuf>,
     /// A LoRA file or folder to apply (`model.config.lora`): a kohya .safetensors, a diffusers
     /// pytorch_lora_weights folder or a PEFT folder (e.g. one of those inside a --save_dir's epochNN/).
     #[arg(long, value_name = "FILE_OR_DIR")]
     lora: Option<PathBuf>,
-    /// A prompt (repeatable: one image per prompt).
-    #[arg(long, required = true)]
+    /// A prompt (repeatable: one image per prompt; required unless the config is PairEdit's).
+    #[arg(long)]
     prompt: Vec<String>,
     #[arg(long, default_value = "")]
     negative_prompt: String,
@@ -141,9 +152,9 @@ struct GenerateArgs {
     /// Any model.config key, e.g. --set model.config.latent_scale=0.5.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Output folder.
+    /// Output folder (required unless the config is PairEdit's, which names its own).
     #[arg(long, value_name = "DIR")]
-    output: PathBuf,
+    output: Option<PathBuf>,
 }
 
 const EVAL_FACES_HELP: &str = "\
@@ -255,9 +266,13 @@ enum PluginsCommand {
 
 #[derive(Args, Clone)]
 struct ConfigArgs {
-    /// Run config: TOML, or seed 000's train/config.yaml (.yaml/.yml). See configs/ for commented examples.
+    /// Run config: TOML, seed 000's train/config.yaml or PairEdit's config/train_image.yaml
+    /// (.yaml/.yml; a PairEdit file trains every dataset x version x noise scale). See configs/.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
+    /// PairEdit's `--c=NAME`: the config config/NAME.yaml, relative to the current directory.
+    #[arg(long = "c", value_name = "NAME", conflicts_with = "config")]
+    c: Option<String>,
     /// Model plugin id (`model.plugin`).
     #[arg(long, value_name = "ID")]
     plugin: Option<String>,
@@ -346,8 +361,17 @@ struct TrainArgs {
 }
 
 impl ConfigArgs {
+    /// `--config FILE`, or PairEdit's `--c NAME` = config/NAME.yaml.
+    fn config_path(&self) -> likeness_engine::Result<Option<PathBuf>> {
+        config_path(self.config.as_ref(), self.c.as_deref())
+    }
+
     fn layered(&self) -> likeness_engine::Result<Layered> {
-        let o = Overrides {
+        Layered::new(self.config_path()?.as_deref(), &self.overrides())
+    }
+
+    fn overrides(&self) -> Overrides {
+        Overrides {
             plugin: self.plugin.clone(),
             metric: self.metric.clone(),
             loss: self.loss.clone(),
@@ -377,8 +401,16 @@ impl ConfigArgs {
             .flatten()
             .chain(self.set.iter().cloned())
             .collect(),
-        };
-        Layered::new(self.config.as_deref(), &o)
+        }
+    }
+}
+
+/// `--config FILE`, or PairEdit's `--c NAME` (config/NAME.yaml, an error naming the path tried).
+fn config_path(config: Option<&PathBuf>, c: Option<&str>) -> likeness_engine::Result<Option<PathBuf>> {
+    match (config, c) {
+        (Some(p), _) => Ok(Some(p.clone())),
+        (None, Some(name)) => likeness_engine::pairedit::config_by_name(name).map(Some),
+        (None, None) => Ok(None),
     }
 }
 
@@ -403,9 +435,12 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
     let registry = || Registry::discover(default_search_path(&cli.plugin_dirs));
     match &cli.command {
         Command::Train(a) => {
+            let opts = TrainOptions { resume: a.resume, progress: !a.no_progress && std::io::stderr().is_terminal() };
+            if let Some(path) = a.cfg.config_path()?.filter(|p| likeness_engine::pairedit::is_yaml(p)) {
+                return train_pairedit(&path, &a.cfg.overrides(), &registry(), &opts);
+            }
             let cfg = a.cfg.layered()?.extract()?;
             let reg = registry();
-            let opts = TrainOptions { resume: a.resume, progress: !a.no_progress && std::io::stderr().is_terminal() };
             let s = train(&cfg, &reg, &opts)?;
             let fmt =
                 |v: Option<f64>| v.map(|v| format!("{v:.5}")).unwrap_or_else(|| "n/a (no validation pairs)".into());
@@ -559,6 +594,44 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
     }
 }
 
+/// `host train` on a PairEdit YAML: every run of its driver's loops, in order (see
+/// likeness_engine::pairedit); the flags apply to each run.
+fn train_pairedit(
+    path: &std::path::Path,
+    o: &Overrides,
+    reg: &Registry,
+    opts: &TrainOptions,
+) -> likeness_engine::Result<ExitCode> {
+    let jobs = likeness_engine::pairedit::load(path)?.jobs();
+    for (i, job) in jobs.iter().enumerate() {
+        tracing::info!(
+            run = i + 1,
+            of = jobs.len(),
+            dataset = %job.dataset,
+            version = job.version,
+            noise_scale = job.noise_scale,
+            image_id = job.image_id,
+            output = %job.run_dir.display(),
+            "PairEdit training run"
+        );
+        let cfg = Layered::with_file_layer(job.layer.clone(), o)?.extract()?;
+        let s = train(&cfg, reg, opts)?;
+        println!(
+            "[{}/{}] {}: {} optimizer steps in {:.1} s{}",
+            i + 1,
+            jobs.len(),
+            job.lora_name,
+            s.steps,
+            s.seconds,
+            s.resumed_from.map(|r| format!(" (resumed from step {r})")).unwrap_or_default()
+        );
+        for a in &s.adapters {
+            println!("  adapter: {}", a.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(Subcommand)]
 enum DataCommand {
     /// What a dataset holds (examples, images per role, captions, controls, buckets) and every
@@ -629,6 +702,18 @@ fn cmd_data_check(a: &DataCheckArgs) -> likeness_engine::Result<ExitCode> {
 
 fn cmd_generate(a: &GenerateArgs, reg: &Registry) -> likeness_engine::Result<ExitCode> {
     use likeness_engine::generate::{generate, GenerateOptions};
+    let config = config_path(a.config.as_ref(), a.c.as_deref())?;
+    if let Some(path) = config.as_ref().filter(|p| likeness_engine::pairedit::is_yaml(p)) {
+        let y = likeness_engine::pairedit::load(path)?;
+        let s = likeness_engine::pairedit::generate(&y, reg)?;
+        for f in s.images.iter().chain(&s.collages) {
+            println!("{}", f.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(output) = a.output.clone() else {
+        return Err(likeness_engine::EngineError::Config("give --output DIR (the folder the images go to)".into()));
+    };
     // --lora sits below any explicit --set model.config.lora=….
     let set: Vec<String> = a
         .lora
@@ -637,18 +722,23 @@ fn cmd_generate(a: &GenerateArgs, reg: &Registry) -> likeness_engine::Result<Exi
         .chain(a.revision.iter().map(|r| format!("model.config.revision={}", toml_string(r))))
         .chain(a.set.iter().cloned())
         .collect();
-    let model = likeness_engine::config::model_section(
-        a.config.as_deref(),
-        a.plugin.as_deref(),
-        a.pretrained.as_deref(),
-        &set,
-    )?;
+    // --model: the run's own resolved config and its best (or final) weights.
+    let (config, weights) = match &a.model {
+        Some(m) => {
+            let (run, w) = likeness_engine::generate::resolve_trained_model(m)?;
+            (Some(run.join("config.toml")), Some(w))
+        }
+        None => (config, a.weights.clone()),
+    };
+    let model =
+        likeness_engine::config::model_section(config.as_deref(), a.plugin.as_deref(), a.pretrained.as_deref(), &set)?;
     let files = generate(
         reg,
         &GenerateOptions {
             plugin: model.plugin,
             model_config: model.config,
-            weights: a.weights.clone(),
+            conditioning: model.conditioning,
+            weights,
             prompts: a.prompt.clone(),
             negative_prompt: a.negative_prompt.clone(),
             references: a.reference.clone(),
@@ -661,7 +751,7 @@ fn cmd_generate(a: &GenerateArgs, reg: &Registry) -> likeness_engine::Result<Exi
             adapter_scale: a.lora_scale,
             lora: a.lora.clone(),
             device: a.device.clone(),
-            output: a.output.clone(),
+            output,
         },
     )?;
     for f in files {

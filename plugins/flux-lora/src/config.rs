@@ -73,7 +73,7 @@ pub const SINGLE_OUT: &str = "single_transformer_blocks.*.proj_out";
 pub const MODULATION: &[&str] = &["norm1.linear", "norm1_context.linear", "single_transformer_blocks.*.norm.linear"];
 
 /// The transformer's patterns for `lora_targets`, presets expanded:
-/// - `attn`: [`ATTN`] (diffusers' Flux DreamBooth default);
+/// - `attn`: [`ATTN`] (diffusers' Flux DreamBooth default); `pairedit`: the same set;
 /// - `all-linear`: every Linear of the double and single blocks — kohya/musubi-tuner's
 ///   `networks.lora_flux` set (`img_attn.qkv/proj`, `img_mlp.0/2`, `img_mod.lin`, the `txt_`
 ///   twins, `linear1`, `linear2`, `modulation.lin`) in diffusers names;
@@ -84,7 +84,9 @@ pub fn transformer_patterns(targets: &[String]) -> Vec<String> {
     let mut add = |xs: &[&str]| out.extend(xs.iter().map(|s| s.to_string()));
     for t in targets {
         match t.as_str() {
-            "attn" => add(ATTN),
+            // PairEdit's `train_method: full`: every Linear child of an `Attention` module, which
+            // on Flux.1 is exactly ATTN (266 layers: no to_out in the single blocks).
+            "attn" | "pairedit" => add(ATTN),
             "all-linear" | "all_linear" | "musubi" | "kohya" => {
                 add(ATTN);
                 add(MLP);

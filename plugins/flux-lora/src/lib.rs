@@ -21,6 +21,7 @@
 
 use likeness_diffusion::lora_keys::{BaseArch, Component};
 use likeness_diffusion_torch::flux::{self, FluxInputs};
+use likeness_diffusion_torch::identity::{IdentityConfig, IdentityInjection};
 use likeness_diffusion_torch::sampling::Guidance;
 use likeness_diffusion_torch::trainer::{ModelError, Result, TrainConfig};
 use likeness_diffusion_torch::{
@@ -98,6 +99,8 @@ impl Flux {
             img_ids: &img_ids,
             txt_ids: &txt_ids,
             guidance,
+            // The identity tokens ride as a third conditioning tensor (crate docs).
+            id_tokens: cond.get(2),
         };
         let tr = &self.pipe.transformer;
         let (v, tape) = match checkpointed {
@@ -153,7 +156,8 @@ impl Backbone for Flux {
         Ok(self.run(latents_t, timesteps, None, t5_and_pooled, None, reseed)?.0)
     }
 
-    /// Per-block checkpointing: the transformer's tape replays its blocks after the backward.
+    /// Per-block checkpointing: the transformer's tape replays its blocks after the backward
+    /// (the training guidance, `guidance_scale`).
     fn denoise_checkpointed(
         &self,
         latents_t: &Tensor,
@@ -161,10 +165,22 @@ impl Backbone for Flux {
         t5_and_pooled: &[Tensor],
         reseed: Option<i64>,
     ) -> Result<(Tensor, Replay<Self>)> {
-        let (v, tape) = self.run(latents_t, timesteps, None, t5_and_pooled, Some(reseed), None)?;
+        self.denoise_checkpointed_guided(latents_t, timesteps, None, t5_and_pooled, reseed)
+    }
+
+    /// The checkpointed forward with an explicit embedded guidance (PairEdit's guidance_scale;
+    /// None: the training guidance). The unpacked output is a view of the leaf: its gradient
+    /// reaches the leaf through the (exact) permutation, and the tape replays the transformer.
+    fn denoise_checkpointed_guided(
+        &self,
+        latents_t: &Tensor,
+        timesteps: &Tensor,
+        embedded_guidance: Option<&Tensor>,
+        t5_and_pooled: &[Tensor],
+        reseed: Option<i64>,
+    ) -> Result<(Tensor, Replay<Self>)> {
+        let (v, tape) = self.run(latents_t, timesteps, embedded_guidance, t5_and_pooled, Some(reseed), None)?;
         let tape = tape.expect("a checkpointed run returns its tape");
-        // The unpacked output is a view of the leaf: its gradient reaches the leaf through the
-        // (exact) permutation, and the tape replays the transformer from there.
         Ok((
             v,
             Box::new(move |f: &Flux| {
@@ -210,6 +226,18 @@ impl Backbone for Flux {
 
     fn base_parameter_count(&self) -> i64 {
         self.pipe.transformer_store.parameter_count() + self.pipe.encoder_parameters
+    }
+
+    /// Injection points after the double and single blocks (likeness_diffusion_torch::identity).
+    fn install_identity(&mut self, c: &IdentityConfig, kind: Kind, seed: u64) -> Result<()> {
+        let tr = &mut self.pipe.transformer;
+        let (dim, nd, ns) = (tr.config.inner_dim(), tr.double.len(), tr.single.len());
+        tr.identity = Some(IdentityInjection::new(c, dim, nd, ns, kind, self.device, seed)?);
+        Ok(())
+    }
+
+    fn identity(&self) -> Option<&IdentityInjection> {
+        self.pipe.transformer.identity.as_ref()
     }
 
     fn lora_targets(_c: Component, targets: &[String]) -> (Vec<String>, bool) {

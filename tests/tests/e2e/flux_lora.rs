@@ -18,7 +18,7 @@ use crate::drip_sd15::drip_photos;
 
 /// Runs a repo script with the venv's python into `CARGO_TARGET_TMPDIR/<name>` once per build
 /// directory (both scripts are deterministic; make_tiny_flux.py's stamp makes a rerun instant).
-fn generated(
+pub(crate) fn generated(
     test: &str,
     cell: &'static OnceLock<PathBuf>,
     script: &str,

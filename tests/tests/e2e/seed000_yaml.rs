@@ -117,10 +117,10 @@ fn issue_6_seed000_yaml_errors_name_file_and_key() {
         ),
         "{e}"
     );
+    // Issue 16: `use_simple_model: false` is DTBack's Flux (flux-lora + identity injection).
     let flux = dir.create("flux.yaml", "data_dir: d\nuse_simple_model: false\n");
-    let e = TestCommand::host(&dir).args(["train", "--config"]).arg(&flux).fails();
-    assert!(e.contains("flux.yaml") && e.contains("DTBack Flux") && e.contains("no likeness plugin yet"), "{e}");
-    assert!(!e.contains("panicked"), "{e}");
+    let out = TestCommand::host(&dir).args(["config", "show", "--config"]).arg(&flux).ok();
+    assert!(out.contains("model.plugin = \"flux-lora\"") && out.contains("identity"), "{out}");
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //! The diffusers layout has no alpha key: `lora_keys::write` folds alpha/r into lora_B, so a
 //! file re-read gives the same product (bitwise when alpha = r, the default).
 
+use likeness_sdk_torch::save_tensors;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -25,7 +26,23 @@ use crate::nn::LoraWeights;
 use crate::store::Store;
 
 /// The formats `export_adapter` writes.
-pub const FORMATS: [&str; 3] = ["kohya", "diffusers", "peft"];
+pub const FORMATS: [&str; 5] = ["kohya", "diffusers", "peft", "pairedit", "identity"];
+
+/// The formats a config can export: the LoRA formats when LoRA trains, `pairedit` under
+/// PairEdit, `identity` (the injection weights) under DTBack.
+pub fn formats(c: &super::TrainConfig) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if c.identity.as_ref().is_none_or(|i| i.train_lora) {
+        v.extend(["kohya", "diffusers", "peft"]);
+    }
+    if c.pairedit.is_some() {
+        v.push("pairedit");
+    }
+    if c.identity.is_some() {
+        v.push("identity");
+    }
+    v
+}
 
 fn to_tensor(t: &RawTensor, what: &str) -> Result<Tensor> {
     use safetensors::Dtype;
@@ -122,16 +139,29 @@ pub fn inject_from_file<B: Backbone>(b: &B, path: &Path, kind: Kind, dropout: f6
 /// declared interface must say so before `create` (issue 14, part 7: the interface promised
 /// cached `text_embeddings` and the default cache then asked for them).
 pub fn file_has_text_encoder(path: &Path, denoiser: Component) -> Result<bool> {
-    let set = lora_keys::read(path)?;
-    Ok(set.modules.iter().any(|m| m.component != denoiser))
+    if path.extension().is_some_and(|e| e == "pt" || e == "pth") {
+        // A torch.save pickle is read only in PairEdit's layout, which has no text encoder.
+        return Ok(false);
+    }
+    match lora_keys::read(path) {
+        Ok(set) => Ok(set.modules.iter().any(|m| m.component != denoiser)),
+        // PairEdit's safetensors (diffusers paths under `lora_unet_`) may not read as kohya's
+        // layout; it has denoiser modules only. Anything else keeps its error.
+        Err(e) => match likeness_sdk::st::read_header(path) {
+            Ok(h) if !h.tensors.is_empty() && h.tensors.iter().all(|t| t.name.starts_with("lora_unet_")) => Ok(false),
+            _ => Err(e.into()),
+        },
+    }
 }
 
 /// `precision = fp64`: the LoRA weights in f64 too, so the whole chain is f64.
 pub fn lora_to_f64(store: &Store) {
     for t in store.targets() {
-        if let Some(l) = &mut *t.slot.lock().unwrap() {
-            l.down = l.down.detach().to_kind(Kind::Double).set_requires_grad(true);
-            l.up = l.up.detach().to_kind(Kind::Double).set_requires_grad(true);
+        for slot in [&t.slot, &t.content] {
+            if let Some(l) = &mut *slot.lock().unwrap() {
+                l.down = l.down.detach().to_kind(Kind::Double).set_requires_grad(true);
+                l.up = l.up.detach().to_kind(Kind::Double).set_requires_grad(true);
+            }
         }
     }
 }
@@ -209,6 +239,24 @@ pub fn export<B: Backbone>(
     }
     if !dir.is_dir() {
         return Err(file(dir.display(), "the adapter directory does not exist"));
+    }
+    if format == "identity" {
+        let inj = b.identity().ok_or_else(|| {
+            input("format `identity` exports DTBack's injection: this config has no `identity` object")
+        })?;
+        let path = dir.join("identity.safetensors");
+        let mut m = BTreeMap::from([(
+            "likeness.identity".to_string(),
+            serde_json::to_string(&inj.config).map_err(|e| input(e.to_string()))?,
+        )]);
+        m.extend(string_metadata(meta));
+        save_tensors(&path, &inj.parameters(), &m)?;
+        return Ok(vec![path]);
+    }
+    if format == "pairedit" {
+        let c = B::COMPONENTS[0];
+        let store = b.store(c, false)?.ok_or_else(|| input("the denoiser is not loaded"))?;
+        return super::pairedit::export(store, dir);
     }
     let given = string_metadata(meta);
     let num = |k: &str| given.get(k).and_then(|v| v.parse::<f64>().ok());

@@ -49,6 +49,9 @@ impl Precision {
 #[serde(rename_all = "lowercase")]
 pub enum LoraInitName {
     Kaiming,
+    /// PairEdit's / kohya's `kaiming_uniform_(down, a=1)`: bound √3/√fan_in.
+    #[serde(rename = "kaiming_a1")]
+    KaimingA1,
     Gaussian,
 }
 
@@ -140,6 +143,28 @@ pub struct TrainConfig {
     /// gradients, about one more denoiser forward per step).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// DTBack's identity injection (seeds 000/001): face/body embeddings → tokens → added
+    /// cross-attention; see crate::identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::identity::IdentityConfig>,
+    /// Trained injection weights to start from / generate with (the `identity` export's
+    /// `identity.safetensors`, e.g. DTBack's best model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_weights: Option<String>,
+    /// PairEdit's objective (seed 003) instead of the plain diffusion loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairedit: Option<super::pairedit::PairEditConfig>,
+    /// PairEdit's content LoRA (its `_0` file) to start from; with `pairedit` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_content: Option<String>,
+    /// `sample`: the adapter is applied at steps i > k only (PairEdit's `skips`); none = always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_adapter_skip: Option<usize>,
+    /// `sample` edits with two adapters (PairEdit's `generate_real_image`): at each step where the
+    /// adapter is on, v = v_c + g·(v_s − v_c), v_c with the content LoRA alone, v_s with the
+    /// semantic LoRA alone at the request's scale; v_c elsewhere. g = this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_edit_cfg: Option<f64>,
 }
 
 impl TrainConfig {
@@ -147,6 +172,60 @@ impl TrainConfig {
         if let Some(v) = &self.lora {
             if !Path::new(v).exists() {
                 return Err(bad("lora", format!("{v} does not exist")));
+            }
+        }
+        if let Some(v) = &self.lora_content {
+            if self.pairedit.is_none() {
+                return Err(bad(
+                    "lora_content",
+                    "is PairEdit's content LoRA: it needs a `pairedit` object (or use `lora`)",
+                ));
+            }
+            if !Path::new(v).exists() {
+                return Err(bad("lora_content", format!("{v} does not exist")));
+            }
+        }
+        if let Some(c) = &self.identity {
+            c.validate().map_err(|(k, m)| bad("identity", format!("`{k}` {m}")))?;
+            if self.pairedit.is_some() {
+                return Err(bad(
+                    "identity",
+                    "DTBack's identity injection and PairEdit's objective are separate workflows: use one",
+                ));
+            }
+        }
+        if let Some(v) = &self.identity_weights {
+            if self.identity.is_none() {
+                return Err(bad("identity_weights", "holds DTBack injection weights: it needs an `identity` object"));
+            }
+            if !Path::new(v).exists() {
+                return Err(bad("identity_weights", format!("{v} does not exist")));
+            }
+        }
+        if let Some(g) = self.sample_edit_cfg {
+            if !g.is_finite() {
+                return Err(bad("sample_edit_cfg", format!("must be a finite number (PairEdit: 0.75), got {g}")));
+            }
+            if self.pairedit.is_none() || self.lora_content.is_none() {
+                return Err(bad(
+                    "sample_edit_cfg",
+                    "edits with a content LoRA: it needs a `pairedit` object and `lora_content` (and the semantic LoRA as `lora`)",
+                ));
+            }
+        }
+        if let Some(p) = &self.pairedit {
+            p.validate()?;
+            if self.decode_pixels {
+                return Err(bad(
+                    "decode_pixels",
+                    "PairEdit's objective has no pixel output (its losses are on latents): set decode_pixels = false",
+                ));
+            }
+            if self.train_text_encoder {
+                return Err(bad(
+                    "train_text_encoder",
+                    "PairEdit trains the denoiser's LoRA pair only: set it to false",
+                ));
             }
         }
         if self.lora_rank <= 0 {
@@ -209,6 +288,8 @@ impl TrainConfig {
         serde_json::json!({
             "lora_rank": self.lora_rank, "lora_alpha": self.alpha(), "lora_targets": self.lora_targets,
             "train_text_encoder": self.train_text_encoder, "lora": self.lora, "precision": self.precision,
+            "pairedit": self.pairedit.as_ref().map(|p| p.variant.has_content()), "lora_content": self.lora_content,
+            "identity": self.identity,
         })
     }
 }
@@ -251,8 +332,8 @@ pub fn properties() -> Value {
             "description": "LoRA alpha (scale alpha/r); default = lora_rank"},
         "lora_dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0,
             "description": "dropout on the LoRA input while training (seeded per step)"},
-        "lora_init": {"enum": ["kaiming", "gaussian"], "default": "kaiming",
-            "description": "peft's init of lora_A (kaiming_uniform a=√5, or N(0, 1/r)); lora_B starts at 0"},
+        "lora_init": {"enum": ["kaiming", "kaiming_a1", "gaussian"], "default": "kaiming",
+            "description": "init of lora_A: peft's kaiming_uniform a=√5 (bound 1/√fan_in), PairEdit's kaiming_uniform a=1 (bound √3/√fan_in), or N(0, 1/r); lora_B starts at 0"},
         "lora_targets": {"type": "array", "items": {"type": "string"},
             "default": ["to_q", "to_k", "to_v", "to_out.0"],
             "description": "denoiser modules (peft suffix rules or `*` globs over diffusers paths)"},
@@ -276,7 +357,17 @@ pub fn properties() -> Value {
         "decode_pixels": {"type": "boolean", "default": true,
             "description": "output `pixels` (x̂0 decoded through the VAE, with gradient) from forward; false saves the decode but then no pixel loss or identity term can be planned"},
         "gradient_checkpointing": {"type": "boolean", "default": false,
-            "description": "recompute the denoiser's activations in backward instead of keeping them: less memory, about one more denoiser forward per training step, the same gradients"}
+            "description": "recompute the denoiser's activations in backward instead of keeping them: less memory, about one more denoiser forward per training step, the same gradients"},
+        "pairedit": super::pairedit::property(),
+        "identity": crate::identity::IdentityConfig::property(),
+        "identity_weights": {"type": "string",
+            "description": "with `identity`: trained injection weights (identity.safetensors of the `identity` adapter export, e.g. best_model) to start from or generate with"},
+        "lora_content": {"type": "string",
+            "description": "with `pairedit`: PairEdit's content LoRA (its `_0` .pt or .safetensors) to start from"},
+        "sample_adapter_skip": {"type": "integer", "minimum": 0,
+            "description": "sampling applies the adapter only at steps i > k (PairEdit's `skips`, 0-based); unset = every step"},
+        "sample_edit_cfg": {"type": "number",
+            "description": "PairEdit's real-image editing (semantic_cfg_scale): sampling runs the content LoRA (lora_content) and the semantic LoRA (lora, at the request's scale) separately and takes v_c + g·(v_s − v_c) where the adapter is on"}
     })
 }
 
@@ -359,6 +450,9 @@ impl<C: BackboneConfig> ModelConfig<C> {
 /// The declared interface for a config; `trains_text`: whether a text encoder has LoRA (its
 /// `train_text_encoder`, or an initial LoRA with text-encoder modules).
 pub fn interface<B: Backbone>(c: &TrainConfig, trains_text: bool) -> ModelInterface {
+    if let Some(p) = &c.pairedit {
+        return pairedit_interface::<B>(p.variant.reads_source());
+    }
     let mut s = ModelSpec::new()
         .image(
             "target",
@@ -372,9 +466,24 @@ pub fn interface<B: Backbone>(c: &TrainConfig, trains_text: bool) -> ModelInterf
         )
         .text(
             "caption",
-            true,
+            // DTBack's data may have no captions: identity.prompt stands in.
+            c.identity.is_none(),
             if trains_text { "the prompt of the image" } else { "the prompt of the image (or its text encodings)" },
         );
+    if let Some(ic) = &c.identity {
+        s = s.image(
+            "face_embedding",
+            true,
+            "DTBack: the reference's face identity embedding [B, face_dim] (the engine embeds `reference` with the face metric)",
+        );
+        if ic.num_body_latents > 0 {
+            s = s.image(
+                "body_embedding",
+                true,
+                "DTBack: the reference's body identity embedding [B, body_dim] (the body metric's, e.g. mtcnn-reid)",
+            );
+        }
+    }
     if c.decode_pixels {
         s = s.output(
             "pixels",
@@ -397,7 +506,25 @@ pub fn interface<B: Backbone>(c: &TrainConfig, trains_text: bool) -> ModelInterf
             s = s.param_group(comp.as_str());
         }
     }
-    for f in super::adapter::FORMATS {
+    for f in super::adapter::formats(c) {
+        s = s.adapter_format(f);
+    }
+    s.can_sample(true).build()
+}
+
+/// Under `pairedit`: the pair's two images, no texts (the model encodes its own prompt), the
+/// internal loss, no pixels, the denoiser's group.
+fn pairedit_interface<B: Backbone>(reads_source: bool) -> ModelInterface {
+    let mut s = ModelSpec::new().image("target", true, "PairEdit's target image (B), f32 [B, 3, H, W] in [0, 1]");
+    if reads_source {
+        s = s.image("control", true, "PairEdit's source image (A), the same size as `target`");
+    }
+    s = s
+        .output("timesteps", "σ of the drawn schedule index per sample, [B] f32 in (0, 1]")
+        .output("timestep_weights", "1 per sample, [B] f32")
+        .internal_loss(true)
+        .param_group(B::COMPONENTS[0].as_str());
+    for f in ["kohya", "diffusers", "peft", "pairedit"] {
         s = s.adapter_format(f);
     }
     s.can_sample(true).build()

@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 use super::error::{input, Result};
 use super::LoraModel;
 use crate::backbone::{Backbone, SampleScheduler};
+use crate::nn::Net;
 use crate::{lora, rng, sampling};
 
 pub(super) fn shape_of(v: &TensorView) -> Vec<i64> {
@@ -60,6 +61,28 @@ impl<B: Backbone> LoraModel<B> {
         }))
     }
 
+    /// The identity tokens of the `face_embedding` / `body_embedding` inputs `[B, D]` when an
+    /// identity injection is installed (with a graph into the injection's weights).
+    pub(super) fn identity_tokens(&self, images: &Inputs<'_>, n: i64) -> Result<Option<Tensor>> {
+        let Some(inj) = self.backbone.identity() else { return Ok(None) };
+        let get = |name: &str| -> Result<Option<Tensor>> {
+            let Some(v) = images.try_get(name) else { return Ok(None) };
+            let s = shape_of(v);
+            if s.len() != 2 || s[0] != n {
+                return Err(input(format!("`{name}` must be [{n}, D] (one embedding per sample), got {s:?}")));
+            }
+            Ok(Some(owned(v, self.device, self.compute)?))
+        };
+        let face = get("face_embedding")?.ok_or_else(|| {
+            input(format!(
+                "the identity injection needs `face_embedding` [B, {}] (the engine embeds `reference` with the face metric), got: {}",
+                inj.config.face_dim,
+                images.names().join(", ")
+            ))
+        })?;
+        Ok(Some(inj.tokens(&face, get("body_embedding")?.as_ref())?))
+    }
+
     /// Scaled latents → pixels in [0, 1] (not clamped), differentiable.
     pub(super) fn decode_latents(&self, z: &Tensor) -> Result<Tensor> {
         let vae = &self.backbone.vae()?.model;
@@ -97,6 +120,13 @@ impl<B: Backbone> LoraModel<B> {
                 .collect();
         }
         let names: Vec<&str> = encodings.iter().map(|e| e.name).collect();
+        if texts.try_get("caption").is_none() {
+            if let Some(ic) = &self.config.train.identity {
+                // DTBack's data (seed 000's bundles) has no captions: its fixed prompt.
+                let prompts: Vec<&str> = vec![ic.prompt.as_str(); n as usize];
+                return self.embed(&prompts, grad);
+            }
+        }
         let caps = texts.try_get("caption").ok_or_else(|| {
             input(format!(
                 "needs text `caption` or its encoding `{}` (got texts: {}; images: {})",
@@ -163,7 +193,17 @@ impl<B: Backbone> LoraModel<B> {
     }
 
     pub(super) fn sample_impl(&mut self, r: &SampleRequest<'_>) -> Result<ManagedTensor> {
-        let prompts: Vec<&str> = r.prompts.as_slice().iter().map(|s| s.as_str()).collect();
+        let fixed = self.config.train.identity.as_ref().map(|i| i.prompt.as_str());
+        // DTBack: an empty prompt (an example without a caption) is identity.prompt, as in training.
+        let prompts: Vec<&str> = r
+            .prompts
+            .as_slice()
+            .iter()
+            .map(|s| match (s.as_str(), fixed) {
+                ("", Some(p)) => p,
+                (s, _) => s,
+            })
+            .collect();
         let n = prompts.len();
         if n == 0 {
             return Err(input("sample needs at least one prompt"));
@@ -201,19 +241,63 @@ impl<B: Backbone> LoraModel<B> {
             lora::set_adapter_scale(s, r.adapter_scale);
             lora::set_training(s, false);
         }
+        let sample_images = Inputs::new(r.images);
         let result = (|| -> Result<Tensor> {
-            let cond = self.embed(&prompts, false)?;
-            let uncond = if guidance.needs_negative() { Some(self.embed(&uncond_texts, false)?) } else { None };
+            let mut cond = self.embed(&prompts, false)?;
+            let mut uncond = if guidance.needs_negative() { Some(self.embed(&uncond_texts, false)?) } else { None };
+            // DTBack: the identity tokens condition both branches (the identity is not what
+            // classifier-free guidance contrasts).
+            if let Some(tokens) = tch::no_grad(|| self.identity_tokens(&sample_images, n as i64))? {
+                if let Some(u) = uncond.as_mut() {
+                    u.push(tokens.shallow_clone());
+                }
+                cond.push(tokens);
+            }
             let x = Tensor::from_slice(&noise).to_kind(self.compute).to_device(self.device).view([n as i64, lc, h, w]);
             // The toolkit's loop (checked against diffusers' pipelines); no graph.
             let z = tch::no_grad(|| -> Result<Tensor> {
                 let b = &self.backbone;
-                let model = sampling::guided_model(
+                let mut guided = sampling::guided_model(
                     |x: &Tensor, t: &Tensor, g: Option<&Tensor>, c: &[Tensor]| b.denoise_guided(x, t, g, c, None),
                     &cond,
                     uncond.as_deref(),
                     guidance,
                 )?;
+                // `sample_adapter_skip = k`: PairEdit's `skip_slider_timestep_till` — the adapter
+                // is applied at steps i > k only (0-based; the base model before).
+                let skip = self.config.train.sample_adapter_skip;
+                let edit = self.config.train.sample_edit_cfg;
+                let scales = |main: f64, content: f64| {
+                    for st in &stores {
+                        lora::set_adapter_scale_at(st, main, Net::Main);
+                        lora::set_adapter_scale_at(st, content, Net::Content);
+                    }
+                };
+                let mut step = 0usize;
+                let model = |x: &Tensor, t: f64| -> crate::Result<Tensor> {
+                    let on = skip.is_none_or(|k| step > k);
+                    step += 1;
+                    match edit {
+                        // PairEdit's generate_real_image: two forwards where the edit is on.
+                        Some(g) if on && r.adapter_scale > 0.0 => {
+                            scales(r.adapter_scale, 0.0);
+                            let v_s = guided(x, t)?;
+                            scales(0.0, 1.0);
+                            let v_c = guided(x, t)?;
+                            Ok(&v_c + (v_s - &v_c) * g)
+                        }
+                        Some(_) => {
+                            scales(0.0, 1.0);
+                            guided(x, t)
+                        }
+                        None => {
+                            if skip.is_some() {
+                                scales(if on { r.adapter_scale } else { 0.0 }, 1.0);
+                            }
+                            guided(x, t)
+                        }
+                    }
+                };
                 Ok(match set.scheduler {
                     SampleScheduler::FlowMatch(fc) => {
                         sampling::run(&sampling::FlowSchedule::new(fc, steps, b.image_seq_len(h, w))?, &x, model)?
@@ -226,7 +310,8 @@ impl<B: Backbone> LoraModel<B> {
             Ok(tch::no_grad(|| self.decode_latents(&z))?.clamp(0.0, 1.0))
         })();
         for s in &stores {
-            lora::set_adapter_scale(s, 1.0);
+            lora::set_adapter_scale_at(s, 1.0, Net::Main);
+            lora::set_adapter_scale_at(s, 1.0, Net::Content);
         }
         managed(&result?)
     }

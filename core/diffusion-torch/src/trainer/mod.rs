@@ -37,6 +37,7 @@ pub mod adapter;
 pub mod config;
 pub mod error;
 mod inputs;
+pub mod pairedit;
 mod state;
 mod step;
 
@@ -47,6 +48,7 @@ pub use error::{config as bad_config, file, input, ModelError, Result};
 
 use crate::backbone::{Backbone, Objective};
 use crate::lora::{self, LoraConfig, LoraInit};
+use crate::nn::Net;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -94,13 +96,30 @@ fn check_objective(t: &TrainConfig, objective: &Objective) -> Result<()> {
 impl<B: Backbone> LoraModel<B> {
     pub fn new(config: ModelConfig<B::Config>, device: Device, seed: u64) -> Result<Self> {
         let device = to_tch_device(device)?;
-        let backbone = B::load(&config.backbone, &config.train, device)?;
+        let mut backbone = B::load(&config.backbone, &config.train, device)?;
         let t = &config.train;
         check_objective(t, backbone.objective())?;
         let compute = t.precision.compute_kind();
-        match &t.lora {
-            Some(path) => adapter::inject_from_file(&backbone, Path::new(path), compute, t.lora_dropout)?,
-            None => inject_fresh(&backbone, t, seed)?,
+        if let Some(ic) = &t.identity {
+            backbone.install_identity(ic, compute, seed)?;
+            if let Some(w) = &t.identity_weights {
+                let inj = backbone.identity().expect("installed above");
+                likeness_sdk_torch::load_into(Path::new(w), &inj.parameters())?;
+            }
+        }
+        let lora_trains = t.identity.as_ref().is_none_or(|i| i.train_lora);
+        if !lora_trains {
+            // DTBack without train_lora: the injection alone trains; a given LoRA still applies.
+            if let Some(path) = &t.lora {
+                inject_file(&backbone, Path::new(path), compute, t.lora_dropout)?;
+            }
+        } else if t.pairedit.is_some() {
+            inject_pairedit(&backbone, t, compute, seed)?;
+        } else {
+            match &t.lora {
+                Some(path) => inject_file(&backbone, Path::new(path), compute, t.lora_dropout)?,
+                None => inject_fresh(&backbone, t, seed)?,
+            }
         }
         let mut groups = Vec::new();
         for (k, &c) in B::COMPONENTS.iter().enumerate() {
@@ -108,7 +127,16 @@ impl<B: Backbone> LoraModel<B> {
             if t.precision == Precision::Fp64 {
                 adapter::lora_to_f64(store);
             }
-            let params = prefixed(c.as_str(), lora::parameters(store));
+            let mut params = prefixed(c.as_str(), lora::parameters(store));
+            // PairEdit's content LoRA shares the denoiser's group (PairEdit gives both networks
+            // the same AdamW hyper-parameters), saved as `<component>.content.<module>…`.
+            params.extend(prefixed(&format!("{}.content", c.as_str()), lora::parameters_at(store, Net::Content)));
+            if k == 0 {
+                if let Some(inj) = backbone.identity() {
+                    // The identity injection trains in the denoiser's group, saved as `identity.<name>`.
+                    params.extend(prefixed("identity", inj.parameters()));
+                }
+            }
             // A text encoder is a parameter group when trained, or when a loaded file has it.
             if k == 0 || !params.is_empty() {
                 groups.push((c, AdamW::new(params)));
@@ -171,6 +199,7 @@ fn inject_fresh<B: Backbone>(b: &B, t: &TrainConfig, seed: u64) -> Result<()> {
     tch::manual_seed(seed as i64);
     let init = match t.lora_init {
         LoraInitName::Kaiming => LoraInit::KaimingUniform,
+        LoraInitName::KaimingA1 => LoraInit::KaimingUniformA1,
         LoraInitName::Gaussian => LoraInit::Gaussian,
     };
     for (k, &c) in B::COMPONENTS.iter().enumerate() {
@@ -181,6 +210,65 @@ fn inject_fresh<B: Backbone>(b: &B, t: &TrainConfig, seed: u64) -> Result<()> {
         let cfg = LoraConfig { r: t.lora_rank, alpha: t.alpha(), dropout: t.lora_dropout, target_modules, init, conv };
         let store = b.store(c, true)?.ok_or_else(|| input(format!("backbone has no component `{}`", c.as_str())))?;
         lora::inject(store, &cfg)?;
+    }
+    Ok(())
+}
+
+/// An initial LoRA file: PairEdit's layout (its `.pt` pickles and safetensors) on the denoiser's
+/// Linears, else every layout core/diffusion's `lora_keys` reads.
+fn inject_file<B: Backbone>(b: &B, path: &Path, kind: Kind, dropout: f64) -> Result<()> {
+    let c = B::COMPONENTS[0];
+    if let Some(store) = b.store(c, true)? {
+        if let Some(mods) = pairedit::read_layout(path, store)? {
+            return pairedit::inject_layout(mods, store, Net::Main, kind, dropout);
+        }
+    }
+    adapter::inject_from_file(b, path, kind, dropout)
+}
+
+/// PairEdit's two networks on the denoiser (content first, then semantic, as PairEdit builds
+/// them): each from its file (`lora_content`, `lora`: PairEdit's layout, .pt or .safetensors,
+/// or any layout `lora` reads) or fresh from `seed`; no content network for variants without one.
+fn inject_pairedit<B: Backbone>(b: &B, t: &TrainConfig, kind: Kind, seed: u64) -> Result<()> {
+    let variant = t.pairedit.as_ref().expect("a pairedit config").variant;
+    let c = B::COMPONENTS[0];
+    let store = b.store(c, true)?.ok_or_else(|| input(format!("backbone has no component `{}`", c.as_str())))?;
+    let (target_modules, conv) = B::lora_targets(c, &t.lora_targets);
+    let init = match t.lora_init {
+        LoraInitName::Kaiming => LoraInit::KaimingUniform,
+        LoraInitName::KaimingA1 => LoraInit::KaimingUniformA1,
+        LoraInitName::Gaussian => LoraInit::Gaussian,
+    };
+    let cfg = LoraConfig { r: t.lora_rank, alpha: t.alpha(), dropout: t.lora_dropout, target_modules, init, conv };
+    let _lock = torch_rng();
+    tch::manual_seed(seed as i64);
+    let fill = |file: Option<&String>, net: Net, key: &'static str| -> Result<()> {
+        match file {
+            Some(path) => {
+                let path = Path::new(path);
+                match pairedit::read_layout(path, store)? {
+                    Some(mods) => pairedit::inject_layout(mods, store, net, kind, t.lora_dropout),
+                    None if net == Net::Main => adapter::inject_from_file(b, path, kind, t.lora_dropout),
+                    None => Err(bad_config(
+                        key,
+                        format!("{} is not in PairEdit's layout (lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha on this model's layers)", path.display()),
+                    )),
+                }
+            }
+            None => lora::inject_at(store, &cfg, net).map(|_| ()).map_err(Into::into),
+        }
+    };
+    if variant.has_content() {
+        fill(t.lora_content.as_ref(), Net::Content, "lora_content")?;
+    } else if t.lora_content.is_some() {
+        return Err(bad_config(
+            "lora_content",
+            format!("the `{variant:?}` variant has no content LoRA: remove the key"),
+        ));
+    }
+    if variant.has_semantic() || t.lora.is_some() {
+        // `real` trains no semantic LoRA, but may carry one to edit with (`lora`).
+        fill(t.lora.as_ref(), Net::Main, "lora")?;
     }
     Ok(())
 }

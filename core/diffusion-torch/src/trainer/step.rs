@@ -21,6 +21,16 @@ pub(super) struct Pending<B> {
     n: i64,
     /// With `gradient_checkpointing`: the denoiser's replay after the backward into its output.
     replay: Option<Replay<B>>,
+    /// PairEdit with `gradient_checkpointing`: one replay per pass, and whether the content
+    /// LoRA is frozen while it recomputes (as it was while the pass ran).
+    pass_replays: Vec<(Replay<B>, bool)>,
+}
+
+impl<B> Pending<B> {
+    /// A forward whose only objective is its internal loss (PairEdit's passes).
+    pub(super) fn internal(loss: Tensor, n: i64, pass_replays: Vec<(Replay<B>, bool)>) -> Self {
+        Pending { loss, pixels: None, n, replay: None, pass_replays }
+    }
 }
 
 /// Per-sample draws: the sampler's value u ∈ [0, 1) (DDPM: the integer timestep ⌊u·T⌋; flow: σ = u)
@@ -173,6 +183,9 @@ impl<B: Backbone> LoraModel<B> {
                 lora::set_training(s, train);
             }
         }
+        if self.pairedit().is_some() {
+            return self.pairedit_forward(images, ctx, mode, reseed);
+        }
         let z0 = self.latents_of(&images)?;
         let [n, lc, h, w]: [i64; 4] = z0.size().try_into().expect("4-d latents");
         if let Some(r) = images.try_get("reference") {
@@ -181,7 +194,10 @@ impl<B: Backbone> LoraModel<B> {
                 return Err(input(format!("`reference` must be [{n}, 3, H, W], got {s:?}")));
             }
         }
-        let cond = self.context_of(&images, &texts, n, train && self.trains_text())?;
+        let mut cond = self.context_of(&images, &texts, n, train && self.trains_text())?;
+        if let Some(tokens) = self.identity_tokens(&images, n)? {
+            cond.push(tokens);
+        }
         let d =
             self.draws(ctx.sample_seeds.as_slice(), n as usize, (h as usize, w as usize), (lc * h * w) as usize, mode)?;
         let ts = self.timesteps(&d);
@@ -218,7 +234,7 @@ impl<B: Backbone> LoraModel<B> {
         outputs.push(("timestep_weights".into(), tensor_to_managed(Tensor::from_slice(&ws))?));
         let value = loss.to_kind(Kind::Double).double_value(&[]);
         if train {
-            self.pending = Some(Pending { loss, pixels, n, replay });
+            self.pending = Some(Pending { loss, pixels, n, replay, pass_replays: Vec::new() });
         }
         Ok(ModelOutput { outputs, internal_loss: Some(value) })
     }
@@ -285,6 +301,10 @@ impl<B: Backbone> LoraModel<B> {
             // One backward through the shared graph: the diffusion loss and the pixel
             // gradients accumulate into the LoRA weights together.
             o.backward();
+            if !pending.pass_replays.is_empty() {
+                let _rng = (self.config.train.lora_dropout > 0.0).then(torch_rng);
+                self.replay_passes(pending.pass_replays);
+            }
             if let Some(replay) = pending.replay {
                 // The recomputation reseeds dropout from the forward's seeds: hold the
                 // generator as the forward did.

@@ -132,6 +132,10 @@ fn attribute_pairs(scan: &mut Scan<'_>, attr: &str, dir: &Path, pairs: &mut Vec<
     }
     let (src, tgt) = (by_stem(scan, &sdir), by_stem(scan, &tdir));
     for (stem, s) in &src {
+        // `data.stems` (PairEdit's `image_ids`) keeps only the named images.
+        if !cfg.stems.is_empty() && !cfg.stems.contains(stem) {
+            continue;
+        }
         let Some(t) = tgt.get(stem) else {
             for p in s {
                 scan.error(p, format!("no {tf} image with the same name in {}: left out", tdir.display()));
@@ -154,6 +158,9 @@ fn attribute_pairs(scan: &mut Scan<'_>, attr: &str, dir: &Path, pairs: &mut Vec<
             target: t[0].clone(),
             caption,
         });
+    }
+    for want in cfg.stems.iter().filter(|w| !src.contains_key(*w)) {
+        scan.error(&sdir, format!("no image named `{want}.*` here (data.stems, PairEdit's image_ids)"));
     }
     for (stem, t) in &tgt {
         if !src.contains_key(stem) {

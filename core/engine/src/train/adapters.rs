@@ -57,6 +57,52 @@ impl Trainer<'_> {
     }
 }
 
+impl Trainer<'_> {
+    /// PairEdit's files (`[adapter.pairedit]`): the model's `pairedit` export (a folder with
+    /// `semantic.safetensors` and, for variants with a content LoRA, `content.safetensors`)
+    /// moved to `<stem>_<epoch>epoch.safetensors` / `<stem>_<epoch>epoch_0.safetensors` in the
+    /// run folder. Each file is complete before its rename, so a crash never leaves half a file.
+    pub(crate) fn export_pairedit(&mut self, names: &crate::config::PairEditNames, epoch: u64) -> Result<Vec<PathBuf>> {
+        let out = self.dirs.out.clone();
+        let tmp = out.join(format!(".pairedit-{epoch}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let meta =
+            self.plan.adapter_metadata(self.cfg, &self.ds, self.state.step, self.state.epoch, self.started_at_ms);
+        self.parts.model.export_adapter(&tmp, "pairedit", &meta)?;
+        let mut written = Vec::new();
+        // (file the model wrote, PairEdit's name, required). train_image_real's only LoRA is the
+        // content one, under the name without `_0`.
+        let files = match names.content_only {
+            false => vec![
+                ("semantic.safetensors", crate::pairedit::semantic_file_name(&names.stem, epoch), true),
+                ("content.safetensors", crate::pairedit::content_file_name(&names.stem, epoch), false),
+            ],
+            true => vec![("content.safetensors", crate::pairedit::semantic_file_name(&names.stem, epoch), true)],
+        };
+        for (file, dest, required) in files {
+            let src = tmp.join(file);
+            if !src.is_file() {
+                if required {
+                    return Err(EngineError::Plugin {
+                        plugin: self.parts.model.id.clone(),
+                        message: format!("export_adapter(`pairedit`) wrote no {file} in {}", tmp.display()),
+                    });
+                }
+                continue;
+            }
+            let dest = out.join(dest);
+            std::fs::rename(&src, &dest).map_err(io(&dest))?;
+            info!(path = %dest.display(), "PairEdit adapter written");
+            written.push(dest);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        Ok(written)
+    }
+}
+
 /// Moves the finished folder `tmp` to `dest`. An existing `dest` is first renamed to `old`
 /// (two renames, never a half-written `dest`; a kill between them leaves `old` whole) and
 /// removed once the new folder is in place.

@@ -54,6 +54,7 @@ use crate::{EngineError, Result};
 pub use adapters::epoch_dir_name;
 pub use plan::Plan;
 use step::StepTotals;
+pub(crate) use terms::Conditioner;
 use terms::Terms;
 
 /// How `host train` was asked to run.
@@ -395,6 +396,12 @@ impl Trainer<'_> {
                 bar.suspend(|| self.export_epoch(&dir, self.state.epoch - 1))?;
             }
         }
+        // PairEdit's own cadence and names (its 0-based loop index; see pairedit::intermediate_save).
+        if let Some(names) = cfg.adapter.pairedit.clone() {
+            if let Some(e) = crate::pairedit::intermediate_save(step, names.save_per_steps) {
+                bar.suspend(|| self.export_pairedit(&names, e))?;
+            }
+        }
         if (t.save_every > 0 && step.is_multiple_of(t.save_every)) || last {
             let st = self.state.clone();
             let model = &mut self.parts.model;
@@ -404,7 +411,7 @@ impl Trainer<'_> {
                 &st,
             )?;
             prune_checkpoints(&self.dirs.checkpoints, t.keep_checkpoints);
-            if !last {
+            if !last && cfg.adapter.pairedit.is_none() {
                 self.export_adapters(Some(step))?;
             }
         }
@@ -447,7 +454,11 @@ impl Trainer<'_> {
         let st = self.state.clone();
         let model = &mut self.parts.model;
         write_checkpoint(|d| model.save_state(d, false), &final_dir, &st)?;
-        let adapters = self.export_adapters(None)?;
+        let adapters = match self.cfg.adapter.pairedit.clone() {
+            // PairEdit's final files are named after train_iteration (= the steps run).
+            Some(names) => self.export_pairedit(&names, self.state.step)?,
+            None => self.export_adapters(None)?,
+        };
         let done = self.state.step - start_step;
         info!(steps = done, seconds = self.started.elapsed().as_secs_f64(), "training finished");
         let d = &self.dirs;

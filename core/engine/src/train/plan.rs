@@ -77,6 +77,11 @@ pub struct Plan {
     pub content_weight: Option<f64>,
     /// The identity term, when it trains (metric.weight > 0).
     pub identity: Option<IdentityPlan>,
+    /// The body identity term (`[body]`, DTBack's body_weight), when it trains.
+    pub body: Option<IdentityPlan>,
+    /// Model inputs computed by a metric: (input, the image role it embeds), as
+    /// `model.conditioning` configures them.
+    pub conditioning: Vec<(String, String)>,
     /// The text-alignment term (`[text]` with text.weight > 0).
     pub text_alignment: Option<TextAlignmentPlan>,
     /// Image roles passed to the model (declared by it and present in the data).
@@ -129,6 +134,10 @@ impl Checks<'_> {
         let (model_id, data_desc) = (self.model_id, &self.data_desc);
         let mut images = Vec::new();
         for d in self.i.images.iter() {
+            if self.cfg.model.conditioning.contains_key(d.name.as_str()) {
+                // A metric's embedding (Checks::conditioning), not a dataset image.
+                continue;
+            }
             if self.image_roles.contains(d.name.as_str()) {
                 images.push(d.name.to_string());
             } else if d.required {
@@ -154,6 +163,33 @@ impl Checks<'_> {
             }
         }
         (images, texts)
+    }
+
+    /// `model.conditioning`: each entry must be an image input the model declares, and its
+    /// source image a role of the data; a required input the model declares is either data or
+    /// conditioning (checked by [`Self::inputs`]).
+    fn conditioning(&mut self) -> Vec<(String, String)> {
+        let (cfg, model_id) = (self.cfg, self.model_id);
+        let mut out = Vec::new();
+        for (input, c) in &cfg.model.conditioning {
+            if !self.i.images.iter().any(|d| d.name.as_str() == input) {
+                self.problems.push(format!(
+                    "model.conditioning.{input}: model `{model_id}` has no input `{input}` (its image inputs: {})",
+                    names(&self.i.images).join(", ")
+                ));
+            }
+            if !self.image_roles.contains(c.image.as_str()) {
+                self.problems.push(format!(
+                    "model.conditioning.{input} embeds image `{}` with `{}`, but {} provides images: {}",
+                    c.image,
+                    c.plugin,
+                    self.data_desc,
+                    list(&self.image_roles)
+                ));
+            }
+            out.push((input.clone(), c.image.clone()));
+        }
+        out
     }
 
     /// `w_model`, when the model's own loss trains.
@@ -200,17 +236,29 @@ impl Checks<'_> {
     /// The identity term (checked whenever a `[metric]` is configured: it is measured at every
     /// validation even when it does not train).
     fn identity(&mut self) -> Option<IdentityPlan> {
-        let (m, model_id) = (self.cfg.metric.as_ref()?, self.model_id);
+        let m = self.cfg.metric.as_ref()?;
+        self.identity_of(m, "metric")
+    }
+
+    /// The body identity term (`[body]`): the identity term's checks with a re-ID metric.
+    fn body(&mut self) -> Option<IdentityPlan> {
+        let m = self.cfg.body.as_ref()?;
+        self.identity_of(m, "body")
+    }
+
+    /// The checks of an identity term configured by section `key` (`metric` or `body`).
+    fn identity_of(&mut self, m: &crate::config::MetricSection, key: &str) -> Option<IdentityPlan> {
+        let model_id = self.model_id;
         let outputs = self.outputs.join(", ");
         if !self.outputs.contains(&m.output.as_str()) {
             self.problems.push(format!(
-                "metric `{}` embeds the model output `{}` (metric.output), but model `{model_id}` outputs only: {outputs}",
+                "{key} `{}` embeds the model output `{}` ({key}.output), but model `{model_id}` outputs only: {outputs}",
                 m.plugin, m.output
             ));
         }
         if !self.image_roles.contains("reference") {
             self.problems.push(format!(
-                "metric `{}` compares generated images with image `reference`, but {} provides images: {}",
+                "{key} `{}` compares generated images with image `reference`, but {} provides images: {}",
                 m.plugin,
                 self.data_desc,
                 list(&self.image_roles)
@@ -219,17 +267,17 @@ impl Checks<'_> {
         match m.identity_weighting {
             IdentityWeighting::OneMinusTSquared | IdentityWeighting::TMax if !self.outputs.contains(&"timesteps") => {
                 self.problems.push(format!(
-                    "metric.identity_weighting = {:?} weights each sample by its noise level, but model `{model_id}` does not output `timesteps` (it outputs: {outputs}); use identity_weighting = \"none\"",
+                    "{key}.identity_weighting = {:?} weights each sample by its noise level, but model `{model_id}` does not output `timesteps` (it outputs: {outputs}); use identity_weighting = \"none\"",
                     m.identity_weighting
                 ))
             }
             IdentityWeighting::TimestepWeights if !self.outputs.contains(&"timestep_weights") => self.problems.push(format!(
-                "metric.identity_weighting = \"timestep\" weights each sample's identity term as the model weights its diffusion loss, but model `{model_id}` does not output `timestep_weights` (it outputs: {outputs}); use identity_weighting = \"one_minus_t_squared\" (needs `timesteps`) or \"none\""
+                "{key}.identity_weighting = \"timestep\" weights each sample's identity term as the model weights its diffusion loss, but model `{model_id}` does not output `timestep_weights` (it outputs: {outputs}); use identity_weighting = \"one_minus_t_squared\" (needs `timesteps`) or \"none\""
             )),
             _ => {}
         }
         if !(0.0..=1.0).contains(&m.t_max) {
-            self.problems.push(format!("metric.t_max = {} must be in [0, 1]", m.t_max));
+            self.problems.push(format!("{key}.t_max = {} must be in [0, 1]", m.t_max));
         }
         (m.weight > 0.0).then(|| IdentityPlan {
             weight: m.weight,
@@ -337,8 +385,15 @@ impl Plan {
         let model_weight = c.model_weight();
         let content_weight = c.content_weight();
         let identity = c.identity();
+        let body = c.body();
+        let conditioning = c.conditioning();
         let text_alignment = c.text_alignment(text_interface);
-        if model_weight.is_none() && content_weight.is_none() && identity.is_none() && text_alignment.is_none() {
+        if model_weight.is_none()
+            && content_weight.is_none()
+            && identity.is_none()
+            && body.is_none()
+            && text_alignment.is_none()
+        {
             c.problems.push(format!(
                 "nothing to train: model `{model_id}` has {} loss of its own{}, no content loss is active (loss.weight = {}), no identity loss (metric.weight > 0) and no text loss (text.weight > 0)",
                 if i.internal_loss { "a" } else { "no" },
@@ -371,6 +426,8 @@ impl Plan {
             model_weight,
             content_weight,
             identity,
+            body,
+            conditioning,
             text_alignment,
             image_inputs,
             text_inputs,
@@ -393,6 +450,9 @@ impl Plan {
         }
         if self.identity.is_some() {
             v.push("identity");
+        }
+        if self.body.is_some() {
+            v.push("body");
         }
         if self.text_alignment.is_some() {
             v.push("text");

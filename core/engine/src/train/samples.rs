@@ -190,6 +190,10 @@ impl Trainer<'_> {
                         images.push((role.clone(), t.clone()));
                     }
                 }
+                // model.conditioning: the metric's embedding of the example's image.
+                for c in self.parts.terms.conditioning.iter_mut() {
+                    images.push((c.input.clone(), c.embed_batch(&b)?));
+                }
                 reference = batch_image(&b, "reference").ok().cloned();
             }
             if w == 0 || h == 0 {

@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use super::cache::EncodingCache;
-use super::terms::{ContentTerm, IdentityTerm, ModelTerm, Terms, TextAlignmentTerm};
+use super::plan::IdentityPlan;
+use super::terms::{Conditioner, ContentTerm, IdentityRole, IdentityTerm, ModelTerm, Terms, TextAlignmentTerm};
 use super::{io, latest_checkpoint, CheckpointState, Curves, Parts, Plan, RunDirs, TrainOptions, Trainer};
 use crate::config::{parse_device, Config};
 use crate::data::{self, DataSet, ImageCache};
@@ -64,8 +65,9 @@ impl<'a> Trainer<'a> {
 
         let cache_dir = cfg.cache.dir.clone().unwrap_or_else(|| dirs.out.join("cache"));
         let cache = EncodingCache::new(&cache_dir, &model, &cfg.model.config, &plan.encodings, cfg.cache.enabled);
+        // `train.sample_count = 0`: no samples (PairEdit's runs write none).
         let sample_examples: Vec<data::Example> =
-            ds.val.iter().chain(ds.train.iter()).take(t.sample_count.max(1)).cloned().collect();
+            ds.val.iter().chain(ds.train.iter()).take(t.sample_count).cloned().collect();
         let images = ImageCache::for_dataset(&ds);
         let started_at_ms = start.state.training_started_at_ms.unwrap_or(now_ms);
         Ok(Trainer {
@@ -211,7 +213,15 @@ fn open_terms(cfg: &Config, registry: &Registry, plan: &Plan, device: Device, se
             Some(ContentTerm { weight, loss })
         }
     };
-    let identity = open_identity(cfg, registry, plan, device, seed)?;
+    let identity =
+        open_identity(cfg.metric.as_ref(), plan.identity.as_ref(), IdentityRole::Face, registry, (device, seed))?;
+    let body = open_identity(cfg.body.as_ref(), plan.body.as_ref(), IdentityRole::Body, registry, (device, seed))?;
+    let mut conditioning = Vec::new();
+    for (input, c) in &cfg.model.conditioning {
+        // Its config is resolved from [metric] / [body] by Layered::extract when it has none.
+        let metric = registry.open_metric(&c.plugin, &json_string(&c.config), device, seed)?;
+        conditioning.push(Conditioner { input: input.clone(), image: c.image.clone(), metric });
+    }
     let text_alignment = match (text_section(cfg), &plan.text_alignment) {
         (Some(t), Some(tp)) => {
             let m = registry.open_metric(&t.plugin, &json_string(&t.config), device, seed)?;
@@ -225,21 +235,21 @@ fn open_terms(cfg: &Config, registry: &Registry, plan: &Plan, device: Device, se
         }
         _ => None,
     };
-    Ok(Terms { model: ModelTerm { weight: plan.model_weight }, content, identity, text_alignment })
+    Ok(Terms { model: ModelTerm { weight: plan.model_weight }, content, identity, body, text_alignment, conditioning })
 }
 
 /// The identity term: the metric (measured at every validation), and with metric.weight > 0
 /// the identity loss it trains with.
 fn open_identity(
-    cfg: &Config,
+    section: Option<&crate::config::MetricSection>,
+    plan: Option<&IdentityPlan>,
+    role: IdentityRole,
     registry: &Registry,
-    plan: &Plan,
-    device: Device,
-    seed: u64,
+    (device, seed): (Device, u64),
 ) -> Result<Option<IdentityTerm>> {
-    let Some(m) = &cfg.metric else { return Ok(None) };
+    let Some(m) = section else { return Ok(None) };
     let metric = registry.open_metric(&m.plugin, &json_string(&m.config), device, seed)?;
-    let training = match (&plan.identity, m.weight > 0.0) {
+    let training = match (plan, m.weight > 0.0) {
         (Some(p), true) => {
             if !metric.descriptor.capabilities.differentiable {
                 return Err(EngineError::Config(format!(
@@ -254,7 +264,7 @@ fn open_identity(
         }
         _ => None,
     };
-    Ok(Some(IdentityTerm { metric, output: m.output.clone(), training }))
+    Ok(Some(IdentityTerm { role, metric, output: m.output.clone(), training }))
 }
 
 /// A run from step 0: a new metrics.jsonl whose first record says what runs.

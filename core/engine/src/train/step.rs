@@ -157,6 +157,10 @@ impl Trainer<'_> {
             }
             tensors.push((role.clone(), batch_image(&batch, role)?.clone()));
         }
+        // model.conditioning: a metric's embedding of one of the batch's images.
+        for c in self.parts.terms.conditioning.iter_mut() {
+            tensors.push((c.input.clone(), c.embed_batch(&batch)?));
+        }
         let mut texts = Vec::new();
         for role in &self.plan.text_inputs {
             if self.cache.enabled() && replaced.contains(&role.as_str()) {

@@ -14,8 +14,19 @@ use crate::train::plan::IdentityPlan;
 use crate::train::step::{batch_image, StepResult};
 use crate::Result;
 
+/// Which identity an [`IdentityTerm`] measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IdentityRole {
+    /// `[metric]`: the face (its similarities are the run's identity statistics).
+    Face,
+    /// `[body]`: DTBack's body identity, recorded beside the face's (`body.<metric>`,
+    /// `body_similarity`), never mixed into the face statistics.
+    Body,
+}
+
 /// See the module docs.
 pub(crate) struct IdentityTerm {
+    pub role: IdentityRole,
     pub metric: Metric,
     /// The model output the metric embeds (`metric.output`).
     pub output: String,
@@ -77,10 +88,16 @@ impl LossTerm for IdentityTerm {
         // Only the `[B]` flags are read back (the embeddings stay on the metric's device).
         let valid = read_valid(&metric.id, &ge.valid, "valid")?;
         let ref_valid = read_valid(&metric.id, &re.valid, "reference_valid")?;
-        r.identity_samples += valid.numel();
-        r.no_face += valid.data.iter().zip(&ref_valid.data).filter(|(g, rf)| **g == 0 || **rf == 0).count();
+        let prefix = match self.role {
+            IdentityRole::Face => {
+                r.identity_samples += valid.numel();
+                r.no_face += valid.data.iter().zip(&ref_valid.data).filter(|(g, rf)| **g == 0 || **rf == 0).count();
+                "identity"
+            }
+            IdentityRole::Body => "body",
+        };
         r.loss += plan.weight * il.value;
-        r.terms.push((format!("identity.{}", metric.id), il.value));
+        r.terms.push((format!("{prefix}.{}", metric.id), il.value));
         let d_emb = il
             .grads
             .take("embedding")
@@ -101,7 +118,15 @@ impl LossTerm for IdentityTerm {
                 v.loss += self.weight() * valid.iter().map(|c| 1.0 - c).sum::<f64>() / valid.len() as f64;
             }
         }
-        v.similarities.extend(s);
+        match self.role {
+            IdentityRole::Face => v.similarities.extend(s),
+            IdentityRole::Body => {
+                let valid: Vec<f64> = s.iter().flatten().copied().collect();
+                if !valid.is_empty() {
+                    v.records.push(("body_similarity".into(), valid.iter().sum::<f64>() / valid.len() as f64));
+                }
+            }
+        }
         Ok(())
     }
 }

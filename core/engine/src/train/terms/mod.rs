@@ -12,6 +12,7 @@
 //! The terms run in this order in both passes, so sums and gradients add up in the same order
 //! as before they were objects (the model sums the gradients given for one output).
 
+pub(crate) mod conditioning;
 mod content;
 mod identity;
 mod model;
@@ -21,8 +22,9 @@ use std::collections::BTreeMap;
 
 use likeness_abi::{CpuTensor, ManagedTensor};
 
+pub(crate) use conditioning::Conditioner;
 pub(crate) use content::ContentTerm;
-pub(crate) use identity::IdentityTerm;
+pub(crate) use identity::{IdentityRole, IdentityTerm};
 pub(crate) use model::ModelTerm;
 pub(crate) use text_alignment::TextAlignmentTerm;
 
@@ -75,7 +77,12 @@ pub(crate) struct Terms {
     /// Present whenever a `[metric]` is configured: it trains only with metric.weight > 0, and
     /// is measured at every validation either way.
     pub identity: Option<IdentityTerm>,
+    /// `[body]`: the second identity term (DTBack), measured like `identity`.
+    pub body: Option<IdentityTerm>,
     pub text_alignment: Option<TextAlignmentTerm>,
+    /// `model.conditioning`: the metrics whose embeddings are model inputs (not terms, but
+    /// opened and kept with them).
+    pub conditioning: Vec<Conditioner>,
 }
 
 impl Terms {
@@ -96,13 +103,15 @@ impl Terms {
     /// Every term with its validation rule: the model and content terms always count in the
     /// validation loss; when neither is active the identity measure does (1 − cos at its weight,
     /// 1 when it is only measured), and the text term does unless the identity term trains.
-    fn each(&mut self) -> [(Option<&mut dyn LossTerm>, bool); 4] {
+    fn each(&mut self) -> [(Option<&mut dyn LossTerm>, bool); 5] {
         let counts =
             counts_in_validation(self.model.is_active() || self.content.is_some(), self.training_identity().is_some());
         [
             (Some(&mut self.model as &mut dyn LossTerm), counts[0]),
             (self.content.as_mut().map(|t| t as &mut dyn LossTerm), counts[1]),
             (self.identity.as_mut().map(|t| t as &mut dyn LossTerm), counts[2]),
+            // The body term counts where the face term does.
+            (self.body.as_mut().map(|t| t as &mut dyn LossTerm), counts[2]),
             (self.text_alignment.as_mut().map(|t| t as &mut dyn LossTerm), counts[3]),
         ]
     }
