@@ -127,7 +127,7 @@ impl FluxConfig {
 
 /// diffusers' `get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)`
 /// in fp32.
-fn time_proj(t: &Tensor) -> Tensor {
+pub(crate) fn time_proj(t: &Tensor) -> Tensor {
     crate::nn::sinusoidal_embedding(t, TIME_PROJ_DIM, true, 0.0)
 }
 
@@ -138,14 +138,14 @@ pub struct Mlp2 {
 }
 
 impl Mlp2 {
-    fn new(p: &P, inp: i64, dim: i64) -> Self {
+    pub(crate) fn new(p: &P, inp: i64, dim: i64) -> Self {
         Mlp2 {
             linear_1: Linear::new(&p.sub("linear_1"), inp, dim, true),
             linear_2: Linear::new(&p.sub("linear_2"), dim, dim, true),
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         self.linear_2.forward(&self.linear_1.forward(x).silu())
     }
 }
@@ -178,16 +178,22 @@ pub struct Modulation {
 
 impl Modulation {
     fn new(p: &P, dim: i64, n: i64) -> Self {
-        Modulation { linear: Linear::new(&p.sub("linear"), dim, n * dim, true), n }
+        Self::named(p, "linear", dim, n)
     }
 
-    fn chunks(&self, temb: &Tensor) -> Vec<Tensor> {
+    /// The Linear at `p.<leaf>` (Flux: `norm1.linear`; Qwen-Image: `img_mod.1`, index 1 of
+    /// `Sequential(SiLU, Linear)`).
+    pub(crate) fn named(p: &P, leaf: &str, dim: i64, n: i64) -> Self {
+        Modulation { linear: Linear::new(&p.sub(leaf), dim, n * dim, true), n }
+    }
+
+    pub(crate) fn chunks(&self, temb: &Tensor) -> Vec<Tensor> {
         self.linear.forward(&temb.silu()).chunk(self.n, 1)
     }
 }
 
 /// LayerNorm without affine parameters, eps 1e-6 (every Flux norm), then `· (1 + scale) + shift`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
     let c = *x.size().last().unwrap();
     x.layer_norm([c], None::<&Tensor>, None::<&Tensor>, 1e-6, false) * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
 }
@@ -265,15 +271,16 @@ impl Qkv {
     }
 }
 
-/// Scaled dot-product attention over `[B, S, H, D]` after RoPE on q and k → `[B, S, H·D]`.
-fn attend([q, k, v]: [Tensor; 3], rope: &(Tensor, Tensor)) -> Tensor {
+/// Scaled dot-product attention over `[B, S, H, D]` after RoPE on q and k → `[B, S, H·D]`;
+/// `mask`: a bool key mask `[B, 1, 1, S]` (true = attend; Qwen-Image's padded text).
+fn attend([q, k, v]: [Tensor; 3], rope: &(Tensor, Tensor), mask: Option<&Tensor>) -> Tensor {
     let (q, k) = (apply_rope(&q, rope), apply_rope(&k, rope));
     let kind = q.kind();
     let o = Tensor::scaled_dot_product_attention::<&Tensor>(
         &q.transpose(1, 2),
         &k.transpose(1, 2),
         &v.transpose(1, 2),
-        None,
+        mask,
         0.0,
         false,
         None,
@@ -296,12 +303,33 @@ pub struct DoubleBlock {
     head_dim: i64,
 }
 
+/// Where a double-stream block keeps its modulations and MLPs: Flux's `norm1.linear`,
+/// `norm1_context.linear`, `ff`, `ff_context`; Qwen-Image's `img_mod.1`, `txt_mod.1`,
+/// `img_mlp`, `txt_mlp` (the attention's names are the same in both).
+pub(crate) struct BlockNames {
+    pub img_mod: (&'static str, &'static str),
+    pub txt_mod: (&'static str, &'static str),
+    pub img_mlp: &'static str,
+    pub txt_mlp: &'static str,
+}
+
+const FLUX_BLOCK: BlockNames = BlockNames {
+    img_mod: ("norm1", "linear"),
+    txt_mod: ("norm1_context", "linear"),
+    img_mlp: "ff",
+    txt_mlp: "ff_context",
+};
+
 impl DoubleBlock {
     fn new(p: &P, dim: i64, head_dim: i64) -> Self {
+        Self::named(p, dim, head_dim, &FLUX_BLOCK)
+    }
+
+    pub(crate) fn named(p: &P, dim: i64, head_dim: i64, n: &BlockNames) -> Self {
         let a = p.sub("attn");
         DoubleBlock {
-            norm1: Modulation::new(&p.sub("norm1"), dim, 6),
-            norm1_context: Modulation::new(&p.sub("norm1_context"), dim, 6),
+            norm1: Modulation::named(&p.sub(n.img_mod.0), n.img_mod.1, dim, 6),
+            norm1_context: Modulation::named(&p.sub(n.txt_mod.0), n.txt_mod.1, dim, 6),
             img: Qkv::new(&a, dim, head_dim, ["to_q", "to_k", "to_v", "norm_q", "norm_k"]),
             txt: Qkv::new(
                 &a,
@@ -311,14 +339,27 @@ impl DoubleBlock {
             ),
             to_out: Linear::new(&a.sub("to_out").sub(0), dim, dim, true),
             to_add_out: Linear::new(&a.sub("to_add_out"), dim, dim, true),
-            ff: FeedForward::new(&p.sub("ff"), dim),
-            ff_context: FeedForward::new(&p.sub("ff_context"), dim),
+            ff: FeedForward::new(&p.sub(n.img_mlp), dim),
+            ff_context: FeedForward::new(&p.sub(n.txt_mlp), dim),
             head_dim,
         }
     }
 
     /// → (image, text) hidden states.
     pub fn forward(&self, img: &Tensor, txt: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> (Tensor, Tensor) {
+        self.forward_masked(img, txt, temb, rope, None)
+    }
+
+    /// [`forward`](Self::forward) with a bool key mask `[B, 1, 1, S_txt + S_img]` over the joint
+    /// sequence (Qwen-Image's text mask; padded text keys are not attended).
+    pub fn forward_masked(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
         let m = self.norm1.chunks(temb);
         let c = self.norm1_context.chunks(temb);
         // chunk order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
@@ -327,7 +368,7 @@ impl DoubleBlock {
         let [iq, ik, iv] = self.img.project(&img_n, self.head_dim);
         let [tq, tk, tv] = self.txt.project(&txt_n, self.head_dim);
         let joint = [Tensor::cat(&[tq, iq], 1), Tensor::cat(&[tk, ik], 1), Tensor::cat(&[tv, iv], 1)];
-        let o = attend(joint, rope);
+        let o = attend(joint, rope, mask);
         let n_txt = txt.size()[1];
         let (txt_o, img_o) = (o.narrow(1, 0, n_txt), o.narrow(1, n_txt, o.size()[1] - n_txt));
         let img = img + m[2].unsqueeze(1) * self.to_out.forward(&img_o.contiguous());
@@ -339,7 +380,7 @@ impl DoubleBlock {
 }
 
 /// diffusers clamps fp16 hidden states to ±65504 after each block (an overflow guard).
-fn clip_f16(x: Tensor) -> Tensor {
+pub(crate) fn clip_f16(x: Tensor) -> Tensor {
     if x.kind() == Kind::Half {
         x.clamp(-65504.0, 65504.0)
     } else {
@@ -374,7 +415,7 @@ impl SingleBlock {
         let m = self.norm.chunks(temb);
         let n = modulate(x, &m[0], &m[1]);
         let mlp = self.proj_mlp.forward(&n).gelu("tanh");
-        let attn = attend(self.qkv.project(&n, self.head_dim), rope);
+        let attn = attend(self.qkv.project(&n, self.head_dim), rope, None);
         clip_f16(x + m[2].unsqueeze(1) * self.proj_out.forward(&Tensor::cat(&[attn, mlp], 2)))
     }
 }

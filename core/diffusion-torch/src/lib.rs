@@ -62,6 +62,7 @@ pub mod ldm;
 pub mod load;
 pub mod lora;
 pub mod nn;
+pub mod qwen_image;
 pub mod rng;
 pub mod sampling;
 pub mod store;
