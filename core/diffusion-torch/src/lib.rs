@@ -63,6 +63,7 @@ pub mod load;
 pub mod lora;
 pub mod nn;
 pub mod qwen_image;
+pub mod qwen_vae;
 pub mod rng;
 pub mod sampling;
 pub mod store;
