@@ -71,6 +71,8 @@ pub struct LoraModel<B: Backbone> {
     /// One AdamW per parameter group: the denoiser's always, a text encoder's when it has LoRA.
     groups: Vec<(Component, AdamW)>,
     pending: Option<step::Pending<B>>,
+    /// PairEdit's fixed prompt, encoded on first use (the text encoders are frozen).
+    pairedit_prompt: std::cell::OnceCell<Vec<Tensor>>,
 }
 
 fn prefixed(prefix: &str, v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
@@ -142,7 +144,7 @@ impl<B: Backbone> LoraModel<B> {
                 groups.push((c, AdamW::new(params)));
             }
         }
-        Ok(LoraModel { config, device, compute, backbone, groups, pending: None })
+        Ok(LoraModel { config, device, compute, backbone, groups, pending: None, pairedit_prompt: Default::default() })
     }
 
     pub fn config(&self) -> &ModelConfig<B::Config> {

@@ -244,11 +244,17 @@ impl<B: Backbone> LoraModel<B> {
         Ok(s.sigmas[idx])
     }
 
-    /// The conditioning of PairEdit's prompt, `n` times (encoded once per call; the text
+    /// The conditioning of PairEdit's prompt, `n` times (encoded once per model: the text
     /// encoders are frozen and the prompt fixed).
     fn pairedit_context(&self, n: i64) -> Result<Vec<Tensor>> {
-        let prompt = self.pairedit().map(|c| c.prompt.as_str()).unwrap_or("");
-        let enc = self.backbone.encode_texts(&[prompt], false)?;
+        let enc = match self.pairedit_prompt.get() {
+            Some(e) => e,
+            None => {
+                let prompt = self.pairedit().map(|c| c.prompt.as_str()).unwrap_or("");
+                let e = self.backbone.encode_texts(&[prompt], false)?;
+                self.pairedit_prompt.get_or_init(|| e)
+            }
+        };
         Ok(enc.iter().map(|t| t.expand([[n].as_slice(), &t.size()[1..]].concat(), false).contiguous()).collect())
     }
 
