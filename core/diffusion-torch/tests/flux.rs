@@ -20,7 +20,6 @@ mod common;
 use common::{max_diff, PyOracle};
 use likeness_diffusion_torch::flux::{self, FluxConfig, FluxInputs, FluxTransformer2DModel};
 use likeness_diffusion_torch::{load, lora, AutoencoderKL, LoraConfig, LoraInit, Mode, Store, VaeConfig};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
@@ -223,7 +222,7 @@ fn flux_vae_layout_equals_the_real_checkpoint() {
     let cfg = VaeConfig::from_file(&data("flux_vae_config.json")).unwrap();
     let store = Store::new(Mode::Plan, Kind::BFloat16, Device::Cpu);
     let _vae = AutoencoderKL::new(&store, &cfg);
-    compare(&store, "flux_vae_diffusers.json");
+    common::compare_with_manifest(&store, &data("flux_vae_diffusers.json"));
 }
 
 #[test]
@@ -231,27 +230,7 @@ fn flux_dev_layout_equals_the_real_checkpoint() {
     let cfg = FluxConfig::from_file(&data("flux1_dev_transformer_config.json")).unwrap();
     let store = Store::new(Mode::Plan, Kind::BFloat16, Device::Cpu);
     let _model = FluxTransformer2DModel::new(&store, &cfg);
-    compare(&store, "flux1_dev_transformer_diffusers.json");
-}
-
-/// The store's names and shapes equal the manifest's, and so does the parameter count.
-fn compare(store: &Store, manifest: &str) {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data(manifest)).unwrap()).unwrap();
-    let want: BTreeMap<String, Vec<i64>> = v["tensors"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, s)| (k.clone(), s.as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect()))
-        .collect();
-    let ours: BTreeMap<String, Vec<i64>> = store.shapes().into_iter().collect();
-    let missing: Vec<_> = want.keys().filter(|k| !ours.contains_key(*k)).collect();
-    let extra: Vec<_> = ours.keys().filter(|k| !want.contains_key(*k)).collect();
-    let wrong: Vec<_> = want.iter().filter(|(k, s)| ours.get(*k).is_some_and(|o| o != *s)).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && wrong.is_empty(),
-        "missing {missing:?}\nextra {extra:?}\nwrong {wrong:?}"
-    );
-    assert_eq!(store.parameter_count(), v["num_params"].as_i64().unwrap(), "the manifest's num_params");
+    common::compare_with_manifest(&store, &data("flux1_dev_transformer_diffusers.json"));
 }
 
 #[test]

@@ -51,20 +51,8 @@ fn qwen_image_transformer_matches_diffusers() {
 fn qwen_image_layout_equals_the_real_checkpoint() {
     use likeness_diffusion_torch::qwen_image::{QwenImageConfig, QwenImageTransformer2DModel};
     use likeness_diffusion_torch::Store;
-    use std::collections::BTreeMap;
     let cfg = QwenImageConfig::from_value(std::path::Path::new("config.json"), serde_json::json!({})).unwrap();
     let store = Store::new(Mode::Plan, Kind::BFloat16, Device::Cpu);
     let _model = QwenImageTransformer2DModel::new(&store, &cfg);
-    let path =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/qwen_image_transformer_diffusers.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let want: BTreeMap<String, Vec<i64>> = v["tensors"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, s)| (k.clone(), s.as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect()))
-        .collect();
-    let ours: BTreeMap<String, Vec<i64>> = store.shapes().into_iter().collect();
-    assert_eq!(ours, want);
-    assert_eq!(store.parameter_count(), v["num_params"].as_i64().unwrap());
+    common::compare_with_manifest(&store, &common::data_file("qwen_image_transformer_diffusers.json"));
 }

@@ -12,7 +12,6 @@ mod common;
 use common::{max_diff, PyOracle};
 use likeness_diffusion_torch::qwen_vae::{qwen_vae_from_diffusers, QwenImageVae, QwenVaeConfig};
 use likeness_diffusion_torch::{Mode, Store};
-use std::collections::BTreeMap;
 use tch::{Device, Kind};
 
 #[test]
@@ -41,20 +40,5 @@ fn qwen_image_vae_layout_equals_the_real_checkpoint() {
     let cfg = QwenVaeConfig::from_file(&cfg_path).unwrap();
     let store = Store::new(Mode::Plan, Kind::BFloat16, Device::Cpu);
     let _vae = QwenImageVae::new(&store, &cfg);
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/qwen_image_vae_diffusers.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let want: BTreeMap<String, Vec<i64>> = v["tensors"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, s)| (k.clone(), s.as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect()))
-        .collect();
-    let ours: BTreeMap<String, Vec<i64>> = store.shapes().into_iter().collect();
-    let missing: Vec<_> = want.keys().filter(|k| !ours.contains_key(*k)).collect();
-    let extra: Vec<_> = ours.keys().filter(|k| !want.contains_key(*k)).collect();
-    let wrong: Vec<_> = want.iter().filter(|(k, s)| ours.get(*k).is_some_and(|o| o != *s)).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && wrong.is_empty(),
-        "missing {missing:?}\nextra {extra:?}\nwrong {wrong:?}"
-    );
+    common::compare_with_manifest(&store, &common::data_file("qwen_image_vae_diffusers.json"));
 }

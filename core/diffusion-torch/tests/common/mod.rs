@@ -96,3 +96,30 @@ pub fn rel_diff(a: &[Tensor], b: &[Tensor]) -> (f64, f64) {
     }
     (diff / scale, scale)
 }
+
+/// The store's names and shapes equal the manifest's (`{"tensors": {name: shape}, "num_params"}`,
+/// tests/data/), and so does the parameter count.
+pub fn compare_with_manifest(store: &Store, manifest: &std::path::Path) {
+    use std::collections::BTreeMap;
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    let want: BTreeMap<String, Vec<i64>> = v["tensors"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| (k.clone(), s.as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect()))
+        .collect();
+    let ours: BTreeMap<String, Vec<i64>> = store.shapes().into_iter().collect();
+    let missing: Vec<_> = want.keys().filter(|k| !ours.contains_key(*k)).collect();
+    let extra: Vec<_> = ours.keys().filter(|k| !want.contains_key(*k)).collect();
+    let wrong: Vec<_> = want.iter().filter(|(k, s)| ours.get(*k).is_some_and(|o| o != *s)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && wrong.is_empty(),
+        "missing {missing:?}\nextra {extra:?}\nwrong {wrong:?}"
+    );
+    assert_eq!(store.parameter_count(), v["num_params"].as_i64().unwrap(), "the manifest's num_params");
+}
+
+/// `tests/data/<name>`.
+pub fn data_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
