@@ -7,7 +7,7 @@
 #             checkpointing on both sides (diffusers: enable_gradient_checkpointing())
 #   sampling  seconds per image (same steps, size and guidance)
 #   memory    peak RSS of each process (/usr/bin/time -v for ours, ru_maxrss for Python)
-#   scripts/bench_diffusion.sh sd15|flux [OUT_DIR]   (default runs/bench-<backbone>)
+#   scripts/bench_diffusion.sh sd15|flux|qwen [OUT_DIR]   (default runs/bench-<backbone>)
 #   (scripts/bench_sd15.sh OUT and scripts/bench_flux.sh OUT call this)
 # Env: LIKENESS_BENCH_STEPS (timed training steps, default 5, after 2 untimed),
 #      LIKENESS_BENCH_THREADS (default 2), LIKENESS_BENCH_SAMPLE_STEPS (default 10).
@@ -18,6 +18,16 @@
 #   16-channel VAE), 256×256 images → 32×32 latents → 256 packed tokens + 128 T5 tokens, batch 2,
 #   LoRA rank 16 on both streams' attention (`attn`), flow matching with uniform σ, guidance
 #   embedding 1.0; FluxPipeline sampling with embedded guidance 3.5.
+# qwen: make_tiny_qwen_edit.py --preset bench (width 384 = 6 heads × 64, 4 blocks, Qwen2.5-VL text
+#   hidden 128, a factor-8 VAE of base_dim 32), a musubi dataset.toml (two 256² targets, one control
+#   each at 256²) → 256 target + 256 control tokens + the VL prompt's tokens, batch 1, LoRA rank 16
+#   on musubi-tuner's 14 Linears per block (`musubi`), musubi-tuner's edit-plus step
+#   (tests/python/bench_qwen.py); QwenImageEditPlusPipeline sampling, true CFG 4 with the
+#   negative prompt "". qwen-edit-lora cannot cache the conditioning when controls are present
+#   (Qwen2.5-VL embeds the caption with the controls), so ours VL-encodes the caption + control and
+#   VAE-encodes the control every step; the Python loop does the same work every step ("with
+#   encoder" figures, its encoder share reported under the table). Only the target latents are
+#   cached on both sides.
 # Ours trains on cached latents and text embeddings (cache on and built by an untimed 1-step run
 # first, decode_pixels = false: the diffusion loss only), which is the Python loop's "fixed
 # latents and text embeddings". Ours' step time is read from metrics.jsonl's it_s (the optimizer
@@ -34,7 +44,12 @@ case "$backbone" in
     flux) plugin=flux-lora; maker=(tests/python/make_tiny_flux.py --preset bench); cfg=3.5
           extra=(--set model.config.max_sequence_length=128 --set 'model.config.lora_targets=["attn"]')
           label="Euler steps, embedded guidance $cfg" ;;
-    *) log "usage: scripts/bench_diffusion.sh sd15|flux [OUT_DIR]"; exit 2 ;;
+    qwen) plugin=qwen-edit-lora; maker=(tests/python/make_tiny_qwen_edit.py --preset bench); cfg=4
+          # sample_steps ≥ 2: the scheduler's shift_terminal needs a last σ below 1 (the train runs'
+          # sample_steps=1 is only a default nothing samples with).
+          extra=(--set 'model.config.lora_targets=["musubi"]' --set model.config.sample_steps=2)
+          label="Euler steps, true CFG $cfg, one 256² control" ;;
+    *) log "usage: scripts/bench_diffusion.sh sd15|flux|qwen [OUT_DIR]"; exit 2 ;;
 esac
 out=$(realpath -m "${2:-runs/bench-$backbone}")
 steps=${LIKENESS_BENCH_STEPS:-5}
@@ -52,22 +67,44 @@ model="$out/model"
 # libtorch (ours and torch's) sizes its pool from OMP_NUM_THREADS; Python also calls set_num_threads.
 export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 
-# Two 256×256 examples (real photographs) in DRIP's layout: one batch of 2 per step.
+# Two 256×256 examples (real photographs) in DRIP's layout: one batch of 2 per step; for qwen a
+# musubi dataset.toml of the same two photographs as targets, each with one control (batch 1).
 data="$out/dataset"
 rm -rf "$data"
-for i in 1 2; do
-    mkdir -p "$data/person_00$i"
-    cp "$LIKENESS_DATA/photos/face_recognition/obama.jpg" "$data/person_00$i/orig.jpg"
-    cp "$LIKENESS_DATA/photos/face_recognition/obama2.jpg" "$data/person_00$i/ref_face.jpg"
-    echo "a photo of a person $i" >"$data/person_00$i/prompt.txt"
-done
+photos="$LIKENESS_DATA/photos/face_recognition"
+if [[ $backbone == qwen ]]; then
+    mkdir -p "$data/img" "$data/ctl"
+    for i in 1 2; do
+        cp "$photos/obama.jpg" "$data/img/p$i.jpg"
+        cp "$photos/obama2.jpg" "$data/ctl/p$i.jpg"
+        echo "a photo of a person $i" >"$data/img/p$i.txt"
+    done
+    printf '[general]\nresolution = [256, 256]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = false\n\n[[datasets]]\nimage_directory = "%s"\ncontrol_directory = "%s"\ncache_directory = "%s"\n' \
+        "$data/img" "$data/ctl" "$out/cache" >"$data/dataset.toml"
+    # The control as the dataset's 256² bucket makes it, for `host generate --control` and Python.
+    "$LIKENESS_PYTHON" -c "import sys; sys.path.insert(0, 'tests/python'); import bench_qwen; bench_qwen.image(sys.argv[1], 256).save(sys.argv[2])" \
+        "$photos/obama2.jpg" "$data/control.png"
+    train_data=(--dataset_config "$data/dataset.toml" --dit "$model" --batch_size 1)
+    py_extra=(--target "$photos/obama.jpg" --control "$data/control.png")
+    sample_extra=(--control "$data/control.png")
+else
+    for i in 1 2; do
+        mkdir -p "$data/person_00$i"
+        cp "$photos/obama.jpg" "$data/person_00$i/orig.jpg"
+        cp "$photos/obama2.jpg" "$data/person_00$i/ref_face.jpg"
+        echo "a photo of a person $i" >"$data/person_00$i/prompt.txt"
+    done
+    train_data=(--data_root "$data" --pretrained_model "$model" --resolution 256 --batch_size 2)
+    py_extra=()
+    sample_extra=()
+fi
 
 ours_train() { # ours_train NAME PRECISION STEPS [--set KEY=VALUE ...]
     local run="$out/ours-train-$1" precision=$2 n=$3
     shift 3
     rm -rf "$run"
-    /usr/bin/time -v -o "$run.time" "$host" --plugin-dir "$plugins" train --plugin "$plugin" --data_root "$data" \
-        --pretrained_model "$model" --resolution 256 --batch_size 2 --lr 1e-4 --steps "$n" \
+    /usr/bin/time -v -o "$run.time" "$host" --plugin-dir "$plugins" train --plugin "$plugin" "${train_data[@]}" \
+        --lr 1e-4 --steps "$n" \
         --output "$run" --no-progress --set cache.dir="\"$out/cache\"" \
         --set model.config.precision="\"$precision\"" --set model.config.lora_rank=16 --set model.config.lora_alpha=16 \
         --set model.config.decode_pixels=false --set model.config.sample_steps=1 --set train.schedule='"constant"' \
@@ -78,19 +115,19 @@ py_train() { # py_train NAME PRECISION [--checkpointing]
     local name=$1 precision=$2
     shift 2
     "$LIKENESS_PYTHON" "tests/python/bench_$backbone.py" train --model "$model" --steps "$steps" --warmup "$warmup" \
-        --precision "$precision" --threads "$threads" --json "$out/py-train-$name.json" "$@" >"$out/py-train-$name.log" 2>&1 ||
+        --precision "$precision" --threads "$threads" --json "$out/py-train-$name.json" "${py_extra[@]}" "$@" >"$out/py-train-$name.log" 2>&1 ||
         { log "error: python train $name failed"; tail -5 "$out/py-train-$name.log"; exit 1; }
 }
 ours_sample() {
     rm -rf "$out/ours-sample"
     RUST_LOG=info /usr/bin/time -v -o "$out/ours-sample.time" "$host" --plugin-dir "$plugins" generate \
         --plugin "$plugin" --pretrained_model "$model" --prompt "a photo of a person" --prompt "a photo of a person" \
-        --prompt "a photo of a person" --steps "$sample_steps" --cfg "$cfg" --width 256 --height 256 --seed 0 "${extra[@]}" \
+        --prompt "a photo of a person" --steps "$sample_steps" --cfg "$cfg" --width 256 --height 256 --seed 0 "${extra[@]}" "${sample_extra[@]}" \
         --output "$out/ours-sample" >"$out/ours-sample.log" 2>&1 || { log "error: ours sample failed"; tail -5 "$out/ours-sample.log"; exit 1; }
 }
 py_sample() {
     "$LIKENESS_PYTHON" "tests/python/bench_$backbone.py" sample --model "$model" --images 2 --steps "$sample_steps" \
-        --size 256 --cfg "$cfg" --threads "$threads" --json "$out/py-sample.json" >"$out/py-sample.log" 2>&1 ||
+        --size 256 --cfg "$cfg" --threads "$threads" --json "$out/py-sample.json" "${py_extra[@]}" >"$out/py-sample.log" 2>&1 ||
         { log "error: python sample failed"; tail -5 "$out/py-sample.log"; exit 1; }
 }
 t0=$(date +%s)
@@ -108,9 +145,9 @@ ours_train fp32-ckpt fp32 $((warmup + steps)) --set model.config.gradient_checkp
 log "train fp32 + gradient checkpointing: diffusers + peft"; py_train fp32-ckpt fp32 --checkpointing
 log "sample: ours"; ours_sample
 log "sample: diffusers"; py_sample
-if [[ $backbone == flux ]]; then
+if [[ $backbone == flux || $backbone == qwen ]]; then
     log "FLOP count of a training step and this machine's sgemm throughput"
-    "$LIKENESS_PYTHON" tests/python/bench_flux.py flops --model "$model" --threads "$threads" --json "$out/flops.json" \
+    "$LIKENESS_PYTHON" "tests/python/bench_$backbone.py" flops --model "$model" --threads "$threads" --json "$out/flops.json" "${py_extra[@]}" \
         >"$out/flops.log" 2>&1 || { log "error: flops failed"; tail -5 "$out/flops.log"; exit 1; }
 fi
 log "bench finished in $(( $(date +%s) - t0 )) s"
@@ -152,19 +189,28 @@ rows.append(f"| sample fp32 ({py['steps']} {sample_label}, {py['size']}²) | {om
             f"| {pm:.3f} s/image ({1 / pm:.3f} img/s) | **{pm / om:.2f}×** | {gb(ro)} | {gb(rp)} | **{rp / ro:.2f}×** |")
 md = (f"| figure | ours (host + {plugin}) | diffusers (+ peft) | speed-up (theirs / ours) | peak RSS ours | peak RSS theirs | memory ratio (theirs / ours) |\n"
       "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+if backbone == "qwen":
+    enc = {p: json.load(open(os.path.join(out, f"py-train-{p}.json"))) for p in ("fp32", "bf16", "fp32-ckpt")}
+    tok = enc["fp32"]["tokens"]
+    md += ("\nWith encoder, both sides: each step VL-encodes the caption + control (Qwen2.5-VL) and VAE-encodes the "
+           f"control (qwen-edit-lora cannot cache them with controls); {tok['image']} image + {tok['text']} text tokens. "
+           "The Python loop's encoder share of its median step: "
+           + ", ".join(f"{p} {e['median_encoder_s']:.3f} s of {e['median_step_s']:.3f} s" for p, e in enc.items()) + ".\n")
 fl = os.path.join(out, "flops.json")
 if os.path.exists(fl):
     f = json.load(open(fl))
     om = statistics.median(ours_steps(os.path.join(out, "ours-train-fp32")))
     pm = json.load(open(os.path.join(out, "py-train-fp32.json")))["median_step_s"]
-    g = f["train_step_flops"]
-    md += (f"\nfp32 training step: {g / 1e9:.1f} GFLOP (torch.utils.flop_counter); ours {g / om / 1e9:.1f} GFLOP/s "
+    g = f["train_step_flops"] + f.get("encoder_flops", 0)  # qwen: the per-step encoders too
+    md += (f"\nfp32 training step: {g / 1e9:.1f} GFLOP (torch.utils.flop_counter"
+           + (f"; {f['encoder_flops'] / 1e9:.1f} of them the encoders" if "encoder_flops" in f else "") + f"); ours {g / om / 1e9:.1f} GFLOP/s "
            f"= {g / om / f['sgemm_flops_per_s']:.0%} of this machine's {f['sgemm_flops_per_s'] / 1e9:.0f} GFLOP/s sgemm "
            f"({f['threads']} threads), diffusers {g / pm / 1e9:.1f} GFLOP/s = {g / pm / f['sgemm_flops_per_s']:.0%}.\n")
     steps = py["steps"]
-    fs = f["sample_forward_flops"] * steps
+    fw = steps * (2 if backbone == "qwen" else 1)  # true CFG: two forwards a step
+    fs = f["sample_forward_flops"] * fw
     os_, ps_ = statistics.median(o), json.load(open(os.path.join(out, "py-sample.json")))["median_image_s"]
-    md += (f"sampling: {fs / 1e9:.1f} GFLOP per image in the transformer ({steps} forwards; VAE decode and text "
+    md += (f"sampling: {fs / 1e9:.1f} GFLOP per image in the transformer ({fw} forwards; VAE decode and text "
            f"encoders not counted); ours ≥ {fs / os_ / 1e9:.1f} GFLOP/s, diffusers ≥ {fs / ps_ / 1e9:.1f} GFLOP/s: "
            f"the same libtorch kernels run the same ops, so parity is the ceiling there.\n")
 open(os.path.join(out, f"bench_{backbone}.md"), "w").write(md)

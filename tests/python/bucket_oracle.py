@@ -7,6 +7,11 @@ copy of musubi-tuner's (only the architecture -> reso_steps lookup is replaced b
 itself, 16 for every image architecture but HiDream-O1's 32); nothing here comes from the
 likeness code.
 
+Also `BucketSelector.calculate_bucket_resolution` (bucket.py:123-165, the size of a control image
+under a dataset's `control_resolution`), copied with the same lookup replaced by the step, and
+musubi-tuner's control sizing of image_video_dataset.py:448-479 (`control_size` below, written
+out from that code; musubi-tuner is not pip-installed here, so these lines are its own, re-typed).
+
 Also musubi-tuner's `resize_image_to_bucket` (src/musubi_tuner/dataset/media_utils.py), copied:
 resize to cover the bucket (PIL LANCZOS when enlarging, cv2 INTER_AREA when shrinking), then
 a centre crop.
@@ -15,8 +20,11 @@ Usage:
   bucket_oracle.py --resize IN.png --bucket W H --out OUT.png   musubi-tuner's resize of IN
   bucket_oracle.py --table                      print a table of selections (for the unit test)
   bucket_oracle.py --spec SPEC.json --out OUT   SPEC: {"cases": [{"resolution": [w, h],
-        "enable_bucket": b, "no_upscale": b, "reso_steps": 16, "images": [[w, h], ...]}]}
-        OUT: {"cases": [{"buckets": [[w, h], ...], "selected": [[w, h], ...]}]}
+        "enable_bucket": b, "no_upscale": b, "reso_steps": 16, "images": [[w, h], ...]}],
+        "controls": [{"size": [w, h], "bucket": [w, h], "control_resolution": [w, h] | null,
+        "no_resize_control": b}]}
+        OUT: {"cases": [{"buckets": [[w, h], ...], "selected": [[w, h], ...]}],
+              "controls": [[w, h], ...]}   (the size each control is resized to)
 """
 
 import argparse
@@ -74,6 +82,55 @@ class BucketSelector:
         return self.bucket_resolutions[bucket_id]
 
 
+def calculate_bucket_resolution(image_size, resolution, reso_steps=16):
+    """
+    Get the bucket resolution for the given image size, resolution and resolution steps.
+    Return (width, height).
+    """
+    max_area = resolution[0] * resolution[1]
+    width, height = image_size
+    aspect_ratio = width / height
+    bucket_width = int(math.sqrt(max_area * aspect_ratio))
+    bucket_height = int(math.sqrt(max_area / aspect_ratio))
+    bucket_width = divisible_by(bucket_width, reso_steps)
+    bucket_height = divisible_by(bucket_height, reso_steps)
+
+    # find appropriate resolutions
+    best_resolution = None
+    best_aspect_ratio_diff = float("inf")
+    for i in range(-2, 3):
+        w = bucket_width + i * reso_steps
+        h = divisible_by(max_area // w, reso_steps)
+        current_aspect_ratio_diff = abs((w / h) - aspect_ratio)
+        if current_aspect_ratio_diff < best_aspect_ratio_diff:
+            best_aspect_ratio_diff = current_aspect_ratio_diff
+            best_resolution = (w, h)
+
+    if best_resolution is not None:
+        return best_resolution
+
+    return bucket_width, bucket_height
+
+
+def control_size(size, bucket_reso, control_resolution, no_resize_control, reso_steps=16):
+    """The (width, height) musubi-tuner resizes one control image of `size` to
+    (image_video_dataset.py:448-479, `fetch_and_resize`)."""
+    if no_resize_control:
+        width, height = size
+        if control_resolution is not None:
+            # use control resolution as maximum
+            max_width, max_height = control_resolution
+            if width * height > max_width * max_height:
+                width, height = calculate_bucket_resolution(size, control_resolution, reso_steps)
+        else:
+            width = width - (width % reso_steps)
+            height = height - (height % reso_steps)
+        return width, height
+    if control_resolution is not None:
+        return calculate_bucket_resolution(size, control_resolution, reso_steps)
+    return tuple(bucket_reso)
+
+
 def resize_image_to_bucket(image, bucket_reso):
     """
     Resize the image to the bucket resolution.
@@ -124,6 +181,19 @@ TABLE = [
     ((64, 64), False, [(100, 70)]),
 ]
 
+# (image size, control_resolution) for calculate_bucket_resolution at step 16.
+CONTROL_TABLE = [
+    ((1000, 700), (1024, 1024)),
+    ((500, 500), (1024, 1024)),
+    ((400, 800), (1024, 1024)),
+    ((1920, 1080), (1024, 1024)),
+    ((123, 457), (512, 512)),
+    ((3000, 1000), (768, 768)),
+    ((1000, 700), (960, 544)),
+    ((64, 64), (64, 64)),
+    ((4000, 100), (512, 512)),
+]
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -149,6 +219,9 @@ def main():
                 print(f"  buckets {s.bucket_resolutions}")
             for im in images:
                 print(f"  {im} -> {tuple(int(v) for v in s.get_bucket_resolution(im))}")
+        print("calculate_bucket_resolution(image, control_resolution), step 16:")
+        for im, reso in CONTROL_TABLE:
+            print(f"  {im}, {reso} -> {calculate_bucket_resolution(im, reso, 16)}")
         return
     spec = json.load(open(a.spec))
     out = []
@@ -158,8 +231,14 @@ def main():
             "buckets": [[int(w), int(h)] for w, h in s.bucket_resolutions],
             "selected": [[int(v) for v in s.get_bucket_resolution(tuple(im))] for im in c["images"]],
         })
+    controls = [
+        [int(v) for v in control_size(tuple(c["size"]), tuple(c["bucket"]),
+                                      tuple(c["control_resolution"]) if c.get("control_resolution") else None,
+                                      c.get("no_resize_control", False), c.get("reso_steps", 16))]
+        for c in spec.get("controls", [])
+    ]
     with open(a.out, "w") as f:
-        json.dump({"cases": out}, f)
+        json.dump({"cases": out, "controls": controls}, f)
 
 
 if __name__ == "__main__":

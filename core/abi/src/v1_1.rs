@@ -79,10 +79,19 @@ pub struct EncodingDecl {
 }
 
 /// What a model reads and produces, declared for a config before the model is created.
+///
+/// **Role patterns.** An image input whose name ends in `_*` (`control_*`) is a pattern: it
+/// takes the dataset role equal to its stem (`control`, musubi-tuner's `control_0`) and every
+/// `<stem>_<n>`, `n` a positive decimal integer without leading zeros (`control_1`,
+/// `control_2`, …), each passed under its own role name, in that order. A required pattern
+/// needs at least one matching role in every batch; the others are passed when the batch has
+/// them. It is a naming rule of [`IoDecl::name`], not a new field: a host that predates it
+/// sees an input no dataset provides. Encodings (`EncodingDecl::source`) name one role.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
 pub struct ModelInterface {
-    /// Named image inputs of `forward_batch` (f32 NCHW RGB in [0, 1]).
+    /// Named image inputs of `forward_batch` (f32 NCHW RGB in [0, 1]); a name may be a role
+    /// pattern (see above).
     pub images: RVec<IoDecl>,
     /// Named text inputs of `forward_batch`.
     pub texts: RVec<IoDecl>,

@@ -15,12 +15,14 @@ use std::cell::OnceCell;
 use std::fmt::Debug;
 
 use likeness_diffusion::lora_keys::{BaseArch, Component};
+use likeness_diffusion::lora_meta::QwenImageVariant;
 use likeness_diffusion::schedules::{self, Prediction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tch::{Device, Tensor};
 
 use crate::config::VaeConfig;
+use crate::qwen_vae::QwenImageVae;
 use crate::sampling::{FlowMatchConfig, Guidance, Sampler, SchedulerConfig};
 use crate::store::Store;
 use crate::trainer::{file, ModelError, Result, TrainConfig};
@@ -85,22 +87,114 @@ impl Objective {
     }
 }
 
-/// A VAE with its store (the toolkit's `AutoencoderKL`: SD's 4 channels, Flux's 16 with a shift
-/// factor, by config).
+/// What the trainer needs of a VAE: images in [−1, 1] ↔ latents, and the map between the VAE's
+/// raw latents and the denoiser's (SD's `scaling_factor`, Flux's shift + scale, Qwen-Image's
+/// per-channel mean / std). The toolkit's `AutoencoderKL` and Qwen-Image's causal-3D VAE on
+/// single frames implement it.
+pub trait LatentCodec: Send {
+    /// Images `[B, 3, H, W]` in [−1, 1] → the posterior's (mean, logvar), raw latents.
+    fn encode(&self, x: &Tensor) -> (Tensor, Tensor);
+    /// Raw latents → images in [−1, 1] (differentiable).
+    fn decode(&self, z: &Tensor) -> Tensor;
+    /// Raw latents → the denoiser's latents.
+    fn scale_latent(&self, z: &Tensor) -> Tensor;
+    /// The denoiser's latents → raw latents.
+    fn unscale_latent(&self, z: &Tensor) -> Tensor;
+}
+
+impl LatentCodec for AutoencoderKL {
+    fn encode(&self, x: &Tensor) -> (Tensor, Tensor) {
+        AutoencoderKL::encode(self, x)
+    }
+    fn decode(&self, z: &Tensor) -> Tensor {
+        AutoencoderKL::decode(self, z)
+    }
+    fn scale_latent(&self, z: &Tensor) -> Tensor {
+        AutoencoderKL::scale_latent(self, z)
+    }
+    fn unscale_latent(&self, z: &Tensor) -> Tensor {
+        AutoencoderKL::unscale_latent(self, z)
+    }
+}
+
+impl LatentCodec for QwenImageVae {
+    fn encode(&self, x: &Tensor) -> (Tensor, Tensor) {
+        QwenImageVae::encode(self, x)
+    }
+    fn decode(&self, z: &Tensor) -> Tensor {
+        QwenImageVae::decode(self, z)
+    }
+    /// QwenImageEditPlusPipeline's `(z − latents_mean) / latents_std`.
+    fn scale_latent(&self, z: &Tensor) -> Tensor {
+        self.normalize(z)
+    }
+    fn unscale_latent(&self, z: &Tensor) -> Tensor {
+        self.denormalize(z)
+    }
+}
+
+/// A VAE with its store.
 pub struct Vae {
     pub store: Store,
-    pub model: AutoencoderKL,
+    pub model: Box<dyn LatentCodec>,
 }
 
 impl Vae {
-    /// The VAE of a diffusers pipeline folder (`<root>/vae`), loaded on first use.
+    pub fn new(store: Store, model: impl LatentCodec + 'static) -> Self {
+        Vae { store, model: Box::new(model) }
+    }
+
+    /// The `AutoencoderKL` of a diffusers pipeline folder (`<root>/vae`), loaded on first use.
     pub fn lazy_from_diffusers(root: &std::path::Path, kind: tch::Kind, device: Device) -> Lazy<Vae> {
         let root = root.to_path_buf();
         Lazy::new(move || {
             let (store, model) = crate::load::vae_from_diffusers(&root, kind, device)?;
-            Ok(Vae { store, model })
+            Ok(Vae::new(store, model))
         })
     }
+}
+
+/// A VAE's latent space as the trainer sees it (known from the VAE's config, before its weights
+/// load).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatentSpace {
+    /// Latent channels (SD 4, Flux and Qwen-Image 16).
+    pub channels: i64,
+    /// Pixels per latent pixel per side (8).
+    pub factor: i64,
+}
+
+impl From<&VaeConfig> for LatentSpace {
+    fn from(c: &VaeConfig) -> Self {
+        LatentSpace { channels: c.latent_channels, factor: c.downscale_factor() }
+    }
+}
+
+/// An image input the backbone conditions on besides `target` (edit models' control images),
+/// declared in the model's interface. A name ending in `_*` is a role pattern: `control_*`
+/// matches `control` and every `control_<n>` (core/abi's ModelInterface docs).
+#[derive(Clone, Copy, Debug)]
+pub struct ConditionImage {
+    pub name: &'static str,
+    pub required: bool,
+    pub doc: &'static str,
+}
+
+/// Whether role `role` is matched by a declared image `name` (exactly, or as a `_*` pattern).
+pub fn role_matches(name: &str, role: &str) -> bool {
+    match name.strip_suffix("_*") {
+        Some(stem) => role == stem || role.strip_prefix(stem).and_then(|r| r.strip_prefix('_')).is_some_and(is_index),
+        None => role == name,
+    }
+}
+
+fn is_index(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The position of a pattern-matched role: `control` is 0, `control_<n>` is n.
+pub fn role_index(role: &str) -> usize {
+    role.rsplit_once('_').and_then(|(_, n)| n.parse().ok()).unwrap_or(0)
 }
 
 /// One cacheable text encoding: its name (an input and an `encode` output) and the config keys
@@ -148,6 +242,18 @@ pub trait BackboneConfig: Serialize + DeserializeOwned + Clone + Debug + Partial
 /// [`Backbone::denoise_checkpointed`]).
 pub type Replay<B> = Box<dyn FnOnce(&B) + Send>;
 
+/// The [`Replay`] of a checkpointed forward: the tape's backward through the backbone's
+/// network `net` (the transformer whose segments the tape recorded).
+pub fn replay_tape<B: Backbone, N: crate::checkpoint::Segments + 'static>(
+    tape: Option<crate::checkpoint::Tape>,
+    net: fn(&B) -> &N,
+) -> Replay<B> {
+    let tape = tape.expect("a checkpointed forward returns its tape");
+    Box::new(move |b: &B| {
+        tape.backward(net(b));
+    })
+}
+
 /// A diffusion backbone. Required: the networks and what they are; the rest has defaults.
 pub trait Backbone: Send + Sized + 'static {
     type Config: BackboneConfig;
@@ -166,6 +272,15 @@ pub trait Backbone: Send + Sized + 'static {
     const LATENTS_KEYS: &'static [&'static str];
     /// The cacheable text encodings, in the order of [`encode_texts`](Self::encode_texts).
     const TEXT_ENCODINGS: &'static [TextEncoding];
+    /// The side of the latent patches the denoiser packs into one token (Flux and Qwen-Image: 2;
+    /// a UNet: 1).
+    const PATCH: i64 = 1;
+    /// The Qwen-Image variant adapter metadata names (`modelspec.architecture`,
+    /// `ss_base_model_version`; read for [`BaseArch::QwenImage`] only).
+    const QWEN_VARIANT: QwenImageVariant = QwenImageVariant::TextToImage;
+    /// Images the denoiser is conditioned on besides `target` (edit models' `control_*`), given
+    /// to [`condition`](Self::condition). Default: none.
+    const CONDITION_IMAGES: &'static [ConditionImage] = &[];
 
     /// Loads the networks (the denoiser now; encoders may load on first use).
     fn load(config: &Self::Config, train: &TrainConfig, device: Device) -> Result<Self>;
@@ -229,8 +344,8 @@ pub trait Backbone: Send + Sized + 'static {
 
     /// The VAE, loaded on first use (the trainer reaches it through [`vae`](Self::vae)).
     fn lazy_vae(&self) -> &Lazy<Vae>;
-    /// Its config (known without loading the weights).
-    fn vae_config(&self) -> &VaeConfig;
+    /// Its latent space (known without loading the weights).
+    fn latent_space(&self) -> LatentSpace;
     /// The VAE (loading it now if this is its first use).
     fn vae(&self) -> Result<&Vae> {
         self.lazy_vae().get()
@@ -245,6 +360,21 @@ pub trait Backbone: Send + Sized + 'static {
     /// The conditioning of `texts`, one tensor per text encoding (with a graph when `grad` and a
     /// text encoder has trainable LoRA).
     fn encode_texts(&self, texts: &[&str], grad: bool) -> Result<Vec<Tensor>>;
+
+    /// The conditioning of a batch whose [`CONDITION_IMAGES`](Self::CONDITION_IMAGES) are
+    /// `images`: (role, f32 `[B, 3, H, W]` in [0, 1] on the model's device), in declaration order
+    /// and, within a pattern, by index (`control`, `control_1`, …); empty when the batch has
+    /// none. Default: the text encodings, refusing images (a backbone that declares condition
+    /// images overrides this).
+    fn condition(&self, texts: &[&str], images: &[(String, Tensor)], grad: bool) -> Result<Vec<Tensor>> {
+        if let Some((role, _)) = images.first() {
+            return Err(ModelError::Input(format!(
+                "backbone `{}` declares no condition image, got `{role}`",
+                Self::ID
+            )));
+        }
+        self.encode_texts(texts, grad)
+    }
 
     /// A component's store: `load` loads a lazily loaded component; without it an unloaded one
     /// is `None` (it carries no LoRA). `None` too for a component this backbone lacks.
@@ -262,9 +392,10 @@ pub trait Backbone: Send + Sized + 'static {
     fn sampling(&self) -> SampleSettings<'_>;
 
     /// Image tokens of a `[h, w]` latent, the dynamic shift's `image_seq_len` (FluxPipeline:
-    /// `latents.shape[1]` after its 2×2 packing, h·w/4). Default: h·w.
+    /// `latents.shape[1]` after its 2×2 packing, h·w/4). Default: the latent's
+    /// [`PATCH`](Self::PATCH)×`PATCH` patches.
     fn image_seq_len(&self, h: i64, w: i64) -> usize {
-        (h * w) as usize
+        ((h / Self::PATCH) * (w / Self::PATCH)) as usize
     }
 
     /// How `sample` applies a guidance scale (the request's, else `sampling().guidance`).

@@ -22,6 +22,13 @@
 
 use tch::Tensor;
 
+/// A DiT's joint stream `cat([text, image], 1)` split back into (text, image) by the text
+/// slot's shape (`[B, S_txt, D]`, the `shape_of` a block segment is given).
+pub fn split_joint(joint: &Tensor, text_shape: Option<&[i64]>) -> (Tensor, Tensor) {
+    let n_txt = text_shape.expect("the program passes the text shape")[1];
+    (joint.narrow(1, 0, n_txt), joint.narrow(1, n_txt, joint.size()[1] - n_txt))
+}
+
 /// One step of a segment program.
 #[derive(Clone, Debug)]
 pub struct Step<S> {

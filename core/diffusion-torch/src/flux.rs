@@ -636,10 +636,7 @@ impl Segments for FluxTransformer2DModel {
     }
 
     fn run_segment(&self, segment: Segment, x: &[Tensor], text_shape: Option<Vec<i64>>) -> Tensor {
-        let split = |joint: &Tensor| {
-            let n_txt = text_shape.as_ref().expect("the program passes the text shape")[1];
-            (joint.narrow(1, 0, n_txt), joint.narrow(1, n_txt, joint.size()[1] - n_txt))
-        };
+        let split = |joint: &Tensor| checkpoint::split_joint(joint, text_shape.as_deref());
         match segment {
             Segment::Conditioning => self.conditioning(&x[0], &x[1], &x[2]),
             Segment::Embed => Tensor::cat(&[self.context_embedder.forward(&x[1]), self.x_embedder.forward(&x[0])], 1),

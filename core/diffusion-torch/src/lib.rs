@@ -32,7 +32,9 @@
 //! - [`flux`]: Flux.1's `FluxTransformer2DModel` (double/single blocks, RoPE, guidance
 //!   embedding; one checkpointing segment per block), 2×2 latent packing, the BFL single-file
 //!   map, fp8 block weights with per-tensor scales; [`t5`]: transformers' T5 encoder (Flux's
-//!   `text_encoder_2`);
+//!   `text_encoder_2`); [`qwen_vl`]: Qwen2.5-VL (transformers 5.24) as Qwen-Image-Edit-2509's
+//!   text encoder (decoder, vision tower, `Qwen2VLImageProcessor`, the Qwen2 tokenizer, diffusers'
+//!   edit-plus prompt encoding);
 //! - [`training`]: `add_noise`, `v_target`, `predict_x0`, `ddpm_target` and the flow-matching
 //!   `flow_add_noise`, `flow_target`, `flow_predict_x0`;
 //! - gradient checkpointing over a network's declared segment list ([`checkpoint`]; the UNet's:
@@ -64,6 +66,7 @@ pub mod lora;
 pub mod nn;
 pub mod qwen_image;
 pub mod qwen_vae;
+pub mod qwen_vl;
 pub mod rng;
 pub mod sampling;
 pub mod store;
@@ -74,7 +77,8 @@ pub mod unet;
 pub mod vae;
 
 pub use backbone::{
-    Backbone, BackboneConfig, Lazy, Objective, Replay, SampleScheduler, SampleSettings, TextEncoding, Vae,
+    replay_tape, role_index, role_matches, Backbone, BackboneConfig, ConditionImage, LatentCodec, LatentSpace, Lazy,
+    Objective, Replay, SampleScheduler, SampleSettings, TextEncoding, Vae,
 };
 pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use config::{UNetConfig, VaeConfig};

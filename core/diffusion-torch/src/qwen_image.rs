@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
+use crate::checkpoint::{self, Program, Segments, Step, Tape};
 use crate::config::{cfg_err, read_json};
 use crate::error::Result;
 use crate::flux::{modulate, rope_for, BlockNames, DoubleBlock, Mlp2, Modulation};
@@ -228,7 +229,7 @@ impl QwenImageTransformer2DModel {
     /// first image's).
     pub fn forward(&self, i: &QwenInputs) -> Result<Tensor> {
         let kind = self.img_in.weight.kind();
-        let (b, s_img, _) = i.hidden_states.size3()?;
+        let (_, s_img, _) = i.hidden_states.size3()?;
         let s_txt = i.encoder_hidden_states.size()[1];
         let tokens: i64 = i.img_shapes.iter().map(|(f, h, w)| f * h * w).sum();
         if tokens != s_img {
@@ -243,10 +244,7 @@ impl QwenImageTransformer2DModel {
         let temb = self.time_embedding(&i.timestep.to_kind(kind), kind);
         let ctx = self.txt_in.forward(&self.txt_norm.forward(&i.encoder_hidden_states.to_kind(kind)));
         let rope = rope_for(&rope_positions(i.img_shapes, s_txt, x.device()), &self.config.axes_dims_rope, kind);
-        let mask = i.encoder_hidden_states_mask.map(|m| {
-            let keys = Tensor::cat(&[m.to_kind(Kind::Bool), Tensor::ones([b, s_img], (Kind::Bool, m.device()))], 1);
-            keys.view([b, 1, 1, s_txt + s_img])
-        });
+        let mask = i.encoder_hidden_states_mask.map(|m| key_mask(m, s_img));
         let (mut x, mut ctx) = (x, ctx);
         for blk in &self.blocks {
             let (img, txt) = blk.forward_masked(&x, &ctx, &temb, &rope, mask.as_ref());
@@ -255,10 +253,95 @@ impl QwenImageTransformer2DModel {
         Ok(self.head(&x, &temb))
     }
 
+    /// [`forward`](Self::forward) with one checkpointing segment per block: the output is a
+    /// leaf; after the backward into it, the tape recomputes the blocks in reverse
+    /// ([`crate::checkpoint`]).
+    pub fn forward_checkpointed(&self, i: &QwenInputs, reseed: Option<i64>) -> Result<(Tensor, Tape)> {
+        let kind = self.img_in.weight.kind();
+        let (_, s_img, _) = i.hidden_states.size3()?;
+        let s_txt = i.encoder_hidden_states.size()[1];
+        let (cos, sin) =
+            rope_for(&rope_positions(i.img_shapes, s_txt, i.hidden_states.device()), &self.config.axes_dims_rope, kind);
+        // No mask: an empty slot (the program's slots are tensors).
+        let mask = i
+            .encoder_hidden_states_mask
+            .map(|m| key_mask(m, s_img))
+            .unwrap_or_else(|| Tensor::zeros([0], (Kind::Bool, i.hidden_states.device())));
+        let inputs = vec![
+            i.hidden_states.to_kind(kind),
+            i.encoder_hidden_states.to_kind(kind),
+            i.timestep.to_kind(kind),
+            cos,
+            sin,
+            mask,
+        ];
+        Ok(checkpoint::forward_checkpointed(self, inputs, reseed))
+    }
+
     /// `norm_out` (`AdaLayerNormContinuous`: scale first, then shift) and `proj_out`.
     fn head(&self, img: &Tensor, temb: &Tensor) -> Tensor {
         let m = self.norm_out.linear.forward(&temb.silu().to_kind(img.kind())).chunk(2, 1);
         self.proj_out.forward(&modulate(img, &m[1], &m[0]))
+    }
+}
+
+/// The joint attention's bool key mask `[B, 1, 1, S_txt + S_img]` from a text mask `[B, S_txt]`:
+/// padded text keys off, every image key on (diffusers' QwenDoubleStreamAttnProcessor2_0).
+fn key_mask(text_mask: &Tensor, s_img: i64) -> Tensor {
+    let (b, s_txt) = (text_mask.size()[0], text_mask.size()[1]);
+    let keys =
+        Tensor::cat(&[text_mask.to_kind(Kind::Bool), Tensor::ones([b, s_img], (Kind::Bool, text_mask.device()))], 1);
+    keys.view([b, 1, 1, s_txt + s_img])
+}
+
+/// The segments of [`QwenImageTransformer2DModel::forward_checkpointed`]: the timestep
+/// embedding, the two input projections (joined text-first), each block, the head.
+#[derive(Clone, Copy, Debug)]
+pub enum Segment {
+    Time,
+    Embed,
+    Block(usize),
+    Head,
+}
+
+const SLOT_LATENTS: usize = 0;
+const SLOT_TEXT: usize = 1;
+const SLOT_TIMESTEP: usize = 2;
+const SLOT_COS: usize = 3;
+const SLOT_SIN: usize = 4;
+const SLOT_MASK: usize = 5;
+const INPUT_SLOTS: usize = 6;
+
+impl Segments for QwenImageTransformer2DModel {
+    type Segment = Segment;
+
+    fn program(&self) -> Vec<Step<Segment>> {
+        let mut p = Program::new(INPUT_SLOTS);
+        let temb = p.push(Segment::Time, vec![SLOT_TIMESTEP], None);
+        let mut x = p.push(Segment::Embed, vec![SLOT_LATENTS, SLOT_TEXT], None);
+        for i in 0..self.blocks.len() {
+            x = p.push(Segment::Block(i), vec![x, temb, SLOT_COS, SLOT_SIN, SLOT_MASK], Some(SLOT_TEXT));
+        }
+        p.push(Segment::Head, vec![x, temb], Some(SLOT_TEXT));
+        p.steps()
+    }
+
+    fn run_segment(&self, segment: Segment, x: &[Tensor], text_shape: Option<Vec<i64>>) -> Tensor {
+        let split = |joint: &Tensor| checkpoint::split_joint(joint, text_shape.as_deref());
+        match segment {
+            Segment::Time => self.time_embedding(&x[0], x[0].kind()),
+            Segment::Embed => {
+                Tensor::cat(&[self.txt_in.forward(&self.txt_norm.forward(&x[1])), self.img_in.forward(&x[0])], 1)
+            }
+            Segment::Block(i) => {
+                let (txt, img) = split(&x[0]);
+                let mask = (x[4].numel() > 0).then(|| x[4].shallow_clone());
+                let rope = (x[2].shallow_clone(), x[3].shallow_clone());
+                let (img, txt) = self.blocks[i].forward_masked(&img, &txt, &x[1], &rope, mask.as_ref());
+                Tensor::cat(&[txt, img], 1)
+            }
+            Segment::Head => self.head(&split(&x[0]).1, &x[1]),
+        }
     }
 }
 

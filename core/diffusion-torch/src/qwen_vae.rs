@@ -246,11 +246,11 @@ impl Resample {
         match self {
             Resample::Down(conv) => conv.forward(&x.constant_pad_nd([0, 1, 0, 1])),
             Resample::Up(conv) => {
-                let up = x
-                    .to_kind(Kind::Float)
-                    .repeat_interleave_self_int(2, 2, None)
-                    .repeat_interleave_self_int(2, 3, None);
-                conv.forward(&up.to_kind(x.kind()))
+                // diffusers upsamples in f32 and casts back; a nearest 2× copy is exact in every
+                // dtype, so without the casts f32 / bf16 / f16 are bitwise the same and f64 keeps
+                // its precision (a differentiable f64 chain must not round through f32).
+                let up = x.repeat_interleave_self_int(2, 2, None).repeat_interleave_self_int(2, 3, None);
+                conv.forward(&up)
             }
         }
     }
@@ -364,6 +364,8 @@ fn decoder(p: &P, c: &QwenVaeConfig) -> Coder {
 /// The VAE on single images `[B, 3, H, W]`.
 pub struct QwenImageVae {
     pub config: QwenVaeConfig,
+    /// The weights' kind: inputs are cast to it (a sampler's f32 latents on bf16 weights).
+    kind: Kind,
     encoder: Coder,
     quant_conv: CausalConv,
     post_quant_conv: CausalConv,
@@ -375,6 +377,7 @@ impl QwenImageVae {
         let p = store.root();
         QwenImageVae {
             config: c.clone(),
+            kind: store.kind,
             encoder: encoder(&p.sub("encoder"), c),
             quant_conv: CausalConv::new(&p.sub("quant_conv"), 2 * c.z_dim, 2 * c.z_dim, 1),
             post_quant_conv: CausalConv::new(&p.sub("post_quant_conv"), c.z_dim, c.z_dim, 1),
@@ -385,14 +388,14 @@ impl QwenImageVae {
     /// Images in [−1, 1] → the posterior's (mean, logvar), unnormalised; logvar clamped to
     /// [−30, 20] as `DiagonalGaussianDistribution` does.
     pub fn encode(&self, x: &Tensor) -> (Tensor, Tensor) {
-        let h = self.quant_conv.forward(&self.encoder.forward(x));
+        let h = self.quant_conv.forward(&self.encoder.forward(&x.to_kind(self.kind)));
         let parts = h.chunk(2, 1);
         (parts[0].shallow_clone(), parts[1].clamp(-30.0, 20.0))
     }
 
     /// Unnormalised latents → images, clamped to [−1, 1] as `_decode` does.
     pub fn decode(&self, z: &Tensor) -> Tensor {
-        self.decoder.forward(&self.post_quant_conv.forward(z)).clamp(-1.0, 1.0)
+        self.decoder.forward(&self.post_quant_conv.forward(&z.to_kind(self.kind))).clamp(-1.0, 1.0)
     }
 
     fn stats(&self, v: &[f64], like: &Tensor) -> Tensor {

@@ -546,6 +546,21 @@ pub enum Guidance {
     /// `neg + s·(pos − neg)`. `embedded` is also fed to both forwards (FLUX.1-dev's
     /// `guidance_scale` stays an input under true CFG).
     TrueCfg { scale: f64, embedded: Option<f64> },
+    /// QwenImagePipeline's true CFG (two forwards, as `TrueCfg`) with its renormalisation:
+    /// `comb = neg + s·(pos − neg)`, then `comb · ‖pos‖ / ‖comb‖`, the norms per packed token
+    /// (`torch.norm(dim=-1)` over the C·p·p channels of a p×p latent patch; p = 2).
+    TrueCfgRenorm { scale: f64, patch: i64 },
+}
+
+/// The L2 norm of each p×p patch of a `[B, C, h, w]` tensor over its C·p·p values (one packed
+/// token), broadcast back to `[B, 1, h, w]`.
+fn patch_norm(x: &Tensor, p: i64) -> Result<Tensor> {
+    let (b, c, h, w) = x.size4().map_err(|e| loop_err("guidance", e.to_string()))?;
+    if h % p != 0 || w % p != 0 {
+        return Err(loop_err("guidance", format!("latents {h}×{w} do not split into {p}×{p} tokens")));
+    }
+    let n = x.square().view([b, c, h / p, p, w / p, p]).sum_dim_intlist([1i64, 3, 5].as_slice(), true, None).sqrt();
+    Ok(n.expand([b, 1, h / p, p, w / p, p], false).reshape([b, 1, h, w]))
 }
 
 impl Guidance {
@@ -560,14 +575,14 @@ impl Guidance {
 
     /// Whether it needs the negative prompt's conditioning.
     pub fn needs_negative(&self) -> bool {
-        matches!(self, Guidance::Cfg(_) | Guidance::TrueCfg { .. })
+        matches!(self, Guidance::Cfg(_) | Guidance::TrueCfg { .. } | Guidance::TrueCfgRenorm { .. })
     }
 
     fn embedded(&self) -> Option<f64> {
         match *self {
             Guidance::Embedded(g) => Some(g),
             Guidance::TrueCfg { embedded, .. } => embedded,
-            Guidance::None | Guidance::Cfg(_) => None,
+            Guidance::None | Guidance::Cfg(_) | Guidance::TrueCfgRenorm { .. } => None,
         }
     }
 }
@@ -621,6 +636,12 @@ where
                 let pos = denoiser(x, &rows(b), g.as_ref(), cond)?;
                 let neg = denoiser(x, &rows(b), g.as_ref(), neg)?;
                 Ok(&neg + (&pos - &neg) * s)
+            }
+            Guidance::TrueCfgRenorm { scale: s, patch } => {
+                let pos = denoiser(x, &rows(b), None, cond)?;
+                let neg = denoiser(x, &rows(b), None, neg)?;
+                let comb = &neg + (&pos - &neg) * s;
+                Ok(&comb * patch_norm(&pos, patch)? / patch_norm(&comb, patch)?)
             }
         }
     })

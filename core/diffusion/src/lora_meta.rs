@@ -10,10 +10,39 @@ use std::collections::BTreeMap;
 
 use crate::lora_keys::BaseArch;
 
+/// Which Qwen-Image model a LoRA was trained on: one transformer layout ([`BaseArch::QwenImage`])
+/// but different musubi-tuner metadata (`modelspec.architecture`, `ss_base_model_version`,
+/// `modelspec.resolution`), which ComfyUI / model sites use to tell the models apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QwenImageVariant {
+    /// Qwen-Image text-to-image (musubi without `--edit`).
+    #[default]
+    TextToImage,
+    /// Qwen-Image-Edit (musubi `--edit`).
+    Edit,
+    /// Qwen-Image-Edit-2509 (musubi `--edit_plus`).
+    EditPlus,
+}
+
+impl QwenImageVariant {
+    /// musubi-tuner's values (notes/qwen-musubi.md §8: `dataset/architectures.py`,
+    /// `utils/sai_model_spec.py`): (`modelspec.architecture`, `ss_base_model_version`,
+    /// `modelspec.resolution` default).
+    pub fn musubi_strings(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            QwenImageVariant::TextToImage => ("Qwen-Image/lora", "qwen_image", "1328x1328"),
+            QwenImageVariant::Edit => ("Qwen-Image-Edit/lora", "qwen_image_edit", "1024x1024"),
+            QwenImageVariant::EditPlus => ("Qwen-Image-Edit-Plus/lora", "qwen_image_edit", "1024x1024"),
+        }
+    }
+}
+
 /// What the trainer knows about a run, for the metadata of its LoRA file.
 #[derive(Debug, Clone)]
 pub struct TrainingInfo {
     pub arch: BaseArch,
+    /// Which Qwen-Image model (only read when `arch` is [`BaseArch::QwenImage`]).
+    pub qwen_variant: QwenImageVariant,
     pub rank: usize,
     pub alpha: f64,
     pub title: String,
@@ -77,15 +106,30 @@ pub fn iso_datetime(unix: u64) -> String {
 }
 
 /// `modelspec.architecture` (+ for SD1: `ss_base_model_version`, `modelspec.implementation`).
-/// SD1: sd-scripts' own values. Flux / Qwen-Image: only the architecture, as lora-formats.md
-/// lists it (musubi-tuner's spelling); their other keys come with their key maps (follow-up).
+/// SD1: sd-scripts' own values. Flux: only the architecture, as lora-formats.md lists it
+/// (musubi-tuner's spelling). Qwen-Image: see [`qwen_strings`].
 fn arch_strings(arch: BaseArch) -> Option<(&'static str, Option<(&'static str, &'static str)>)> {
     match arch {
         BaseArch::Sd15 => Some(("stable-diffusion-v1/lora", Some(("sd_v1", "diffusers")))),
         BaseArch::Flux => Some(("Flux.1-dev/lora", None)),
-        BaseArch::QwenImage => Some(("Qwen-Image/lora", None)),
-        BaseArch::Unknown => None,
+        BaseArch::QwenImage | BaseArch::Unknown => None,
     }
+}
+
+/// musubi-tuner's model keys for a Qwen-Image LoRA (`qwen_image_train_network.py` +
+/// `sai_model_spec.py`): the variant's architecture / base model version, the fixed
+/// implementation URL, the variant's default `modelspec.resolution` (musubi writes it unless
+/// `--metadata_reso`; it names the base model's resolution, not the training buckets) and
+/// musubi's network module.
+fn qwen_strings(v: QwenImageVariant) -> [(&'static str, &'static str); 5] {
+    let (architecture, version, resolution) = v.musubi_strings();
+    [
+        ("modelspec.architecture", architecture),
+        ("ss_base_model_version", version),
+        ("modelspec.implementation", "https://github.com/QwenLM/Qwen-Image"),
+        ("modelspec.resolution", resolution),
+        ("ss_network_module", "networks.lora_qwen_image"),
+    ]
 }
 
 /// `ss_*` + `modelspec.*` as sd-scripts' `train_network.py` / `library/sai_model_spec.py` write them.
@@ -131,6 +175,11 @@ pub fn kohya_metadata(info: &TrainingInfo) -> BTreeMap<String, String> {
             put("modelspec.implementation", implementation.into());
             // sd-scripts: "epsilon" unless --v_parameterization; the trainer overrides via `extra`.
             put("modelspec.prediction_type", "epsilon".into());
+        }
+    }
+    if info.arch == BaseArch::QwenImage {
+        for (k, v) in qwen_strings(info.qwen_variant) {
+            put(k, v.into());
         }
     }
     for (k, v) in &info.extra {
@@ -179,6 +228,7 @@ mod tests {
     fn sd15_metadata_keys() {
         let info = TrainingInfo {
             arch: BaseArch::Sd15,
+            qwen_variant: QwenImageVariant::default(),
             rank: 16,
             alpha: 8.0,
             title: "me".into(),
@@ -205,7 +255,41 @@ mod tests {
         assert_eq!(m["modelspec.resolution"], "512x512");
         assert_eq!(m["modelspec.date"], "2023-11-14T22:13:20");
         assert_eq!(m["ss_seed"], "42");
-        let unknown = kohya_metadata(&TrainingInfo { arch: BaseArch::Unknown, ..info });
+        let unknown = kohya_metadata(&TrainingInfo { arch: BaseArch::Unknown, ..info.clone() });
         assert!(!unknown.contains_key("modelspec.architecture"), "no guessed architecture");
+    }
+
+    #[test]
+    fn qwen_image_metadata_names_the_variant_as_musubi_does() {
+        let info = TrainingInfo {
+            arch: BaseArch::QwenImage,
+            qwen_variant: QwenImageVariant::EditPlus,
+            rank: 16,
+            alpha: 1.0,
+            title: "me".into(),
+            resolution: (768, 768),
+            base_model: "Qwen/Qwen-Image-Edit-2509".into(),
+            steps: 10,
+            epochs: 1,
+            learning_rate: 1e-4,
+            started_at_unix: 1_700_000_000,
+            extra: BTreeMap::new(),
+        };
+        let m = kohya_metadata(&info);
+        assert_eq!(m["modelspec.architecture"], "Qwen-Image-Edit-Plus/lora");
+        assert_eq!(m["ss_base_model_version"], "qwen_image_edit");
+        assert_eq!(m["modelspec.implementation"], "https://github.com/QwenLM/Qwen-Image");
+        assert_eq!(m["modelspec.resolution"], "1024x1024");
+        assert_eq!(m["ss_network_module"], "networks.lora_qwen_image");
+        assert_eq!(m["ss_resolution"], "(768, 768)", "the training resolution stays in ss_resolution");
+        assert!(!m.contains_key("modelspec.prediction_type"), "the trainer gives the flow prediction via extra");
+        let edit = kohya_metadata(&TrainingInfo { qwen_variant: QwenImageVariant::Edit, ..info.clone() });
+        assert_eq!(edit["modelspec.architecture"], "Qwen-Image-Edit/lora");
+        let t2i = kohya_metadata(&TrainingInfo { qwen_variant: QwenImageVariant::TextToImage, ..info });
+        assert_eq!(
+            (t2i["modelspec.architecture"].as_str(), t2i["ss_base_model_version"].as_str()),
+            ("Qwen-Image/lora", "qwen_image")
+        );
+        assert_eq!(t2i["modelspec.resolution"], "1328x1328");
     }
 }

@@ -37,6 +37,44 @@ pub enum Sampling {
         sigmoid_scale: f64,
         seq_len: usize,
     },
+    /// musubi-tuner's default `sigma` (training/trainer_base.py:709-728 at 30c658c): u from
+    /// `density` (compute_density_for_timestep_sampling: uniform, logit_normal or mode) indexes
+    /// the 1000-step *unshifted* `FlowMatchDiscreteScheduler.timesteps` (1000, 999, …, 1), so
+    /// t = (1000 − ⌊u·(max − min) + min⌋)/1000 ∈ {1, …, 1000}/1000; the scheduler's shift is
+    /// never applied there, so `discrete_flow_shift` has no effect.
+    Sigma {
+        density: Density,
+    },
+}
+
+/// The density u of [`Sampling::Sigma`] (musubi-tuner's `weighting_scheme`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Density {
+    Uniform,
+    LogitNormal { mean: f64, std: f64 },
+    Mode { mode_scale: f64 },
+}
+
+impl Density {
+    fn needs_normal(self) -> bool {
+        matches!(self, Density::LogitNormal { .. })
+    }
+
+    /// u from one raw draw (uniform, or normal for logit_normal).
+    fn u(self, draw: f64) -> f64 {
+        match self {
+            Density::Uniform => draw,
+            Density::LogitNormal { mean, std } => sigmoid(mean + std * draw),
+            Density::Mode { mode_scale } => Sampling::Mode { mode_scale }.transform(draw),
+        }
+    }
+}
+
+/// [`Sampling::Sigma`]'s t for u and the timestep range (of 1000): the index `⌊u·(max − min) + min⌋`
+/// (torch's `.long()`, clamped into the 1000-entry table) into timesteps 1000, 999, …, 1.
+pub fn sigma_table_t(u: f64, min_timestep: f64, max_timestep: f64) -> f64 {
+    let idx = (u * (max_timestep - min_timestep) + min_timestep).floor().clamp(0.0, 999.0);
+    (1000.0 - idx) / 1000.0
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -46,7 +84,10 @@ fn sigmoid(x: f64) -> f64 {
 impl Sampling {
     /// Whether the method consumes a normal draw (else a uniform one).
     pub fn needs_normal(&self) -> bool {
-        !matches!(self, Sampling::Uniform | Sampling::Mode { .. })
+        match self {
+            Sampling::Sigma { density } => density.needs_normal(),
+            _ => !matches!(self, Sampling::Uniform | Sampling::Mode { .. }),
+        }
     }
 
     /// Maps one raw draw (u ~ U(0,1) or n ~ N(0,1), per [`Self::needs_normal`]) to t in [0, 1].
@@ -71,6 +112,7 @@ impl Sampling {
                 let mu = qwen_mu(seq_len as f64);
                 time_shift(mu, 1.0, sigmoid(sigmoid_scale * draw))
             }
+            Sampling::Sigma { density } => sigma_table_t(density.u(draw), 0.0, 1000.0),
         }
     }
 }
@@ -126,6 +168,10 @@ impl TimestepSampler {
     /// The next t in [min, max] ⊂ [0, 1].
     pub fn sample(&mut self) -> f64 {
         let draw = if self.sampling.needs_normal() { self.normal() } else { self.uniform() };
+        if let Sampling::Sigma { density } = self.sampling {
+            // musubi-tuner scales u into the index range, not t into [min, max].
+            return sigma_table_t(density.u(draw), self.min_t * 1000.0, self.max_t * 1000.0);
+        }
         let t = self.sampling.transform(draw);
         self.min_t + t * (self.max_t - self.min_t)
     }
@@ -152,6 +198,27 @@ mod tests {
         };
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn sigma_is_musubi_tuners_unshifted_table() {
+        // musubi-tuner: indices = (u * (t_max - t_min) + t_min).long(); timesteps =
+        // (linspace(1, 0, 1001)[:-1] * 1000)[indices]; sigma = timesteps / 1000.
+        assert_eq!(sigma_table_t(0.0, 0.0, 1000.0), 1.0);
+        assert_eq!(sigma_table_t(0.2345, 0.0, 1000.0), 0.766);
+        assert_eq!(sigma_table_t(0.9999, 0.0, 1000.0), 0.001);
+        assert_eq!(sigma_table_t(0.5, 200.0, 300.0), 0.75);
+        let s = Sampling::Sigma { density: Density::Uniform };
+        let mut r = TimestepSampler::new(s, 0.0, 1000.0, 3).unwrap();
+        for _ in 0..2000 {
+            let t = r.sample();
+            let k = t * 1000.0;
+            assert!((1.0..=1000.0).contains(&k) && (k - k.round()).abs() < 1e-9, "{t}");
+        }
+        // logit_normal changes the density only: still on the table.
+        let ln = Sampling::Sigma { density: Density::LogitNormal { mean: 0.0, std: 1.0 } };
+        assert!(ln.needs_normal() && !s.needs_normal());
+        assert_eq!(ln.transform(0.0), 0.5);
     }
 
     #[test]

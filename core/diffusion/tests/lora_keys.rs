@@ -263,10 +263,13 @@ fn bad_files_name_the_file_the_key_and_the_fix() {
     assert!(s.contains(flux) && s.contains("not a multiple of 3"), "{s}");
     assert_eq!(lora_keys::detect(&f).unwrap(), (LoraFormat::Kohya, BaseArch::Flux));
 
+    // Qwen-Image reads now (tests/lora_qwen.rs); a non-target in a Qwen file is refused by name.
     let qwen = "transformer.transformer_blocks.0.img_mlp.net.0.proj";
-    let e = err_of(&f, vec![(format!("{qwen}.lora_A.weight"), d()), (format!("{qwen}.lora_B.weight"), u())]);
-    assert!(matches!(e, DiffusionError::ArchNotImplemented { arch: BaseArch::QwenImage, .. }), "{e}");
-    assert!(e.to_string().contains("not implemented"), "{e}");
+    let norm = "transformer.transformer_blocks.0.attn.norm_q";
+    let mut t = vec![(format!("{qwen}.lora_A.weight"), d()), (format!("{qwen}.lora_B.weight"), u())];
+    t.extend([(format!("{norm}.lora_A.weight"), d()), (format!("{norm}.lora_B.weight"), u())]);
+    let s = err_of(&f, t).to_string();
+    assert!(s.contains("attn.norm_q") && s.contains("not a LoRA-targetable Qwen-Image module"), "{s}");
 
     let p = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
     let s = err_of(&f, vec![(format!("{p}.lora_A.weight"), d()), (format!("{p}.lora_B.weight"), u())]).to_string();

@@ -115,6 +115,11 @@ pub struct SampleConfig {
     pub seed: u64,
     #[serde(default = "one")]
     pub adapter_scale: f64,
+    /// musubi-tuner's `--sample_prompts` file (`.txt`, `.toml` or `.json`, read by
+    /// [`crate::musubi_prompts`]): one sample per entry, each with its own size, steps, seed,
+    /// guidance, negative prompt and control images (`--ci`); it replaces `prompts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_file: Option<PathBuf>,
 }
 
 impl Default for SampleConfig {
@@ -442,6 +447,12 @@ pub struct TrainConfig {
     /// Checkpoint every N optimizer steps (0 = only at the end).
     #[serde(default = "default_save_every")]
     pub save_every: u64,
+    /// musubi-tuner's `--save_every_n_epochs`: after epoch e (1-based) with e % N == 0 and e
+    /// below the run's last epoch, the adapter files as `<output_name>-<e:06>` (the last epoch's
+    /// weights are the final `<output_name>` files, as musubi-tuner writes no numbered file for
+    /// it); 0 = never.
+    #[serde(default)]
+    pub save_every_epochs: u64,
     /// Checkpoints kept (older ones are deleted); `best` and `final` are always kept.
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
@@ -568,6 +579,10 @@ pub struct Overrides {
     pub save_dir: Option<PathBuf>,
     /// `key.path=value`; the value is parsed as TOML (so `1e-4`, `true`, `"x"`), else a string.
     pub set: Vec<String>,
+    /// `key.path=value` defaults of a command-line dialect (musubi-tuner's, whose defaults are
+    /// not likeness's): joined below every layer, so the file, the environment, the flags and
+    /// `--set` all win over them.
+    pub defaults: Vec<String>,
 }
 
 impl Overrides {
@@ -709,8 +724,13 @@ impl Layered {
         if !sets.is_empty() {
             f = f.merge(Serialized::defaults(sets));
         }
+        let defaults = set_layer(&o.defaults)?;
+        if !defaults.is_empty() {
+            f = f.join(Serialized::defaults(defaults));
+        }
         f = output_defaults(f, o);
         f = drip_defaults(f);
+        f = musubi_batch_size(f);
         // Seed 000's face_weight is the identity-loss weight once a metric is named anywhere;
         // joined, so a metric.weight from any layer wins.
         if let Some(y) = &seed000 {
@@ -881,6 +901,37 @@ fn output_defaults(mut f: Figment, o: &Overrides) -> Figment {
 
 /// DRIP's weight of its reconstruction (diffusion) loss, fixed in its objective (seed 002).
 pub const DRIP_RECON_WEIGHT: f64 = 0.1;
+
+/// musubi-tuner's batch size is a dataset.toml key (`[general]` or per dataset, default 1):
+/// with `data.dataset_config` and no `train.batch_size` in any layer, the file's one value is
+/// the run's (datasets asking for different sizes keep `train.batch_size`'s default; `host
+/// data check` reports them).
+fn musubi_batch_size(f: Figment) -> Figment {
+    if f.contains("train.batch_size") {
+        return f;
+    }
+    let Ok(path) = f.extract_inner::<PathBuf>("data.dataset_config") else { return f };
+    let Ok(text) = std::fs::read_to_string(&path) else { return f };
+    let Ok(doc) = text.parse::<toml::Table>() else { return f };
+    let size = |t: Option<&toml::Value>| t.and_then(|v| v.get("batch_size")).and_then(toml::Value::as_integer);
+    let general = size(doc.get("general")).unwrap_or(1);
+    let sizes: std::collections::BTreeSet<i64> = match doc.get("datasets").and_then(toml::Value::as_array) {
+        Some(ds) => ds.iter().map(|d| size(Some(d)).unwrap_or(general)).collect(),
+        None => [general].into(),
+    };
+    match sizes.into_iter().collect::<Vec<_>>()[..] {
+        [b] if b >= 1 => {
+            tracing::info!(
+                "train.batch_size not set: {} asks for batch_size = {b} (musubi-tuner's key)",
+                path.display()
+            );
+            let mut d = Dict::new();
+            insert_path(&mut d, "train.batch_size", Value::from(b));
+            f.join(Serialized::defaults(d))
+        }
+        _ => f,
+    }
+}
 
 /// What DRIP's command line (seed 002) leaves unsaid, each filled in only where no layer says
 /// it (joined, so any layer's value wins) and logged:
@@ -1368,6 +1419,32 @@ mod tests {
         let p = write(d.path(), &format!("{BASE}[run]\noutput_nam = 'x'\n"));
         let e = Layered::new(Some(&p), &Overrides::default()).unwrap().extract().unwrap_err().to_string();
         assert!(e.contains("did you mean `run.output_name`"), "{e}");
+    }
+
+    /// Issue 17: a musubi dataset.toml's `batch_size` is the run's unless a layer sets one.
+    #[test]
+    fn issue_17_musubi_dataset_batch_size_is_the_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let ds = d.path().join("dataset.toml");
+        let cfg = |o: Overrides| Layered::new(None, &o).unwrap().extract().unwrap().train.batch_size;
+        let o = Overrides { plugin: Some("m".into()), dataset_config: Some(ds.clone()), ..Default::default() };
+        std::fs::write(&ds, "[general]\nbatch_size = 3\n[[datasets]]\nimage_directory = 'a'\n").unwrap();
+        assert_eq!(cfg(o.clone()), 3);
+        // musubi's default is 1.
+        std::fs::write(&ds, "[[datasets]]\nimage_directory = 'a'\n").unwrap();
+        assert_eq!(cfg(o.clone()), 1);
+        // Any layer's value wins.
+        assert_eq!(cfg(Overrides { batch_size: Some(5), ..o.clone() }), 5);
+        // Datasets asking for different sizes: the trainer's default.
+        std::fs::write(&ds, "[[datasets]]\nbatch_size = 1\n[[datasets]]\nbatch_size = 2\n").unwrap();
+        let default =
+            Layered::new(None, &Overrides { plugin: Some("m".into()), data: Some("d".into()), ..Default::default() })
+                .unwrap()
+                .extract()
+                .unwrap()
+                .train
+                .batch_size;
+        assert_eq!(cfg(o), default);
     }
 
     #[test]

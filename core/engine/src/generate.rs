@@ -10,6 +10,7 @@ use tracing::info;
 
 use crate::config::parse_device;
 use crate::data::image_io::{self, Fit};
+use crate::data::roles;
 use crate::plugins::{Model, Registry};
 use crate::visual::chw_to_rgb;
 use crate::{EngineError, Result};
@@ -27,7 +28,9 @@ pub struct GenerateOptions {
     pub negative_prompt: String,
     /// Identity references: none, one for every prompt, or one per prompt.
     pub references: Vec<PathBuf>,
-    /// Control images, with the same rule.
+    /// Control images, every one given to every prompt: the k-th is the role
+    /// [`roles::control`]`(k)` (`control`, `control_1`, …), as a dataset names an example's
+    /// controls, so an edit model declaring `control_*` gets all of them.
     pub controls: Vec<PathBuf>,
     pub width: u32,
     pub height: u32,
@@ -99,6 +102,7 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
     let device = parse_device(&opts.device)?;
     let config_json = serde_json::Value::Object(opts.model_config.clone()).to_string();
     let lib = reg.open_model_library(&opts.plugin)?;
+    warn_unread_images(&lib.interface(&config_json)?, &lib.id, opts);
     let mut model = lib.create(&config_json, device, opts.seed)?;
     if let Some(w) = &opts.weights {
         model.load_state(w)?;
@@ -111,7 +115,6 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
         .map(|l| l.display().to_string())
         .or_else(|| opts.model_config.get("lora").and_then(|v| v.as_str()).map(String::from))
         .unwrap_or_default();
-    let fit = Fit::Bucket(opts.width, opts.height);
     let mut conditioners = Vec::new();
     for (input, c) in &opts.conditioning {
         let cfg = serde_json::Value::Object(c.config.clone()).to_string();
@@ -119,15 +122,8 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
         conditioners.push(crate::train::Conditioner { input: input.clone(), image: c.image.clone(), metric });
     }
     let mut written = Vec::new();
-    let n = opts.prompts.len();
     for (i, prompt) in opts.prompts.iter().enumerate() {
-        let mut images: Vec<(&str, CpuTensor<f32>)> = Vec::new();
-        for (role, list) in [("reference", &opts.references), ("control", &opts.controls)] {
-            if let Some(p) = pick(list, i, role, n)? {
-                let data = image_io::load(p, fit)?;
-                images.push((role, CpuTensor::new(vec![1, 3, opts.height as i64, opts.width as i64], data)));
-            }
-        }
+        let images = prompt_images(opts, i)?;
         // The conditioning metrics embed their image (the reference) for the model.
         let mut embedded: Vec<(String, CpuTensor<f32>)> = Vec::new();
         for c in conditioners.iter_mut() {
@@ -150,7 +146,7 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
             adapter_scale: opts.adapter_scale,
         };
         let views: Vec<(&str, &CpuTensor<f32>)> =
-            images.iter().map(|(n, t)| (*n, t)).chain(embedded.iter().map(|(n, t)| (n.as_str(), t))).collect();
+            images.iter().map(|(n, t)| (n.as_str(), t)).chain(embedded.iter().map(|(n, t)| (n.as_str(), t))).collect();
         let px = sample_one(&mut model, prompt, &views, &settings)?;
         let path = opts.output.join(format!("{seed}_{i:02}.png"));
         let text = [
@@ -173,6 +169,49 @@ pub fn generate(reg: &Registry, opts: &GenerateOptions) -> Result<Vec<PathBuf>> 
         written.push(path);
     }
     Ok(written)
+}
+
+/// The named images of prompt `i`, each fitted to the output size: its reference (one for
+/// all prompts or one per prompt), then every control as `control`, `control_1`, … (all of
+/// them for every prompt).
+fn prompt_images(opts: &GenerateOptions, i: usize) -> Result<Vec<(String, CpuTensor<f32>)>> {
+    let fit = Fit::Bucket(opts.width, opts.height);
+    let load = |p: &Path| -> Result<CpuTensor<f32>> {
+        Ok(CpuTensor::new(vec![1, 3, opts.height as i64, opts.width as i64], image_io::load(p, fit)?))
+    };
+    let mut images = Vec::new();
+    if let Some(p) = pick(&opts.references, i, "reference", opts.prompts.len())? {
+        images.push((roles::REFERENCE.to_string(), load(p)?));
+    }
+    for (k, p) in opts.controls.iter().enumerate() {
+        images.push((roles::control(k), load(p)?));
+    }
+    Ok(images)
+}
+
+/// Warns about given images no declared input of the model takes (a third `--control` for a
+/// model with one `control`): `sample` would ignore them silently.
+fn warn_unread_images(i: &likeness_abi::ModelInterface, model_id: &str, opts: &GenerateOptions) {
+    let given: Vec<String> = (!opts.references.is_empty())
+        .then(|| roles::REFERENCE.to_string())
+        .into_iter()
+        .chain((0..opts.controls.len()).map(roles::control))
+        .collect();
+    let unread: Vec<&str> = given
+        .iter()
+        .map(String::as_str)
+        .filter(|r| !i.images.iter().any(|d| !roles::matching(d.name.as_str(), [*r]).is_empty()))
+        // A metric of `model.conditioning` embeds it for the model.
+        .filter(|r| !opts.conditioning.values().any(|c| c.image == *r))
+        .collect();
+    if !unread.is_empty() {
+        let takes: Vec<&str> = i.images.iter().map(|d| d.name.as_str()).collect();
+        tracing::warn!(
+            "model `{model_id}` takes images {}; it does not read {} (the k-th --control is `control`, `control_1`, …)",
+            takes.join(", "),
+            unread.join(", ")
+        );
+    }
 }
 
 /// How one image is sampled (the non-prompt half of a [`SampleRequest`]).
@@ -240,4 +279,53 @@ pub fn write_png_with_text(path: &Path, chw: &[f32], width: u32, height: u32, te
         w.write_image_data(img.as_raw()).map_err(|e| EngineError::io(path, format!("PNG: {e}")))?;
     }
     crate::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::testutil::write_img;
+
+    /// The k-th `--control` is the role `control(k)` and every prompt gets all of them (issue
+    /// 17: an edit model reads several); before, the controls were one per prompt under the one
+    /// role `control`, and three controls for two prompts were refused.
+    #[test]
+    fn every_prompt_gets_every_control_as_control_k() {
+        let d = tempfile::tempdir().unwrap();
+        let img = |name: &str, seed: u8| {
+            let p = d.path().join(name);
+            write_img(&p, 32, 32, seed);
+            p
+        };
+        let opts = GenerateOptions {
+            plugin: "edit".into(),
+            model_config: Default::default(),
+            weights: None,
+            prompts: vec!["a".into(), "b".into()],
+            negative_prompt: String::new(),
+            references: vec![img("r0.png", 1), img("r1.png", 2)],
+            controls: vec![img("c0.png", 3), img("c1.png", 4), img("c2.png", 5)],
+            width: 16,
+            height: 16,
+            steps: 0,
+            guidance: 0.0,
+            seed: 0,
+            adapter_scale: 1.0,
+            lora: None,
+            device: "cpu".into(),
+            output: d.path().join("out"),
+            conditioning: Default::default(),
+        };
+        let load = |name: &str| image_io::load(&d.path().join(name), Fit::Bucket(16, 16)).unwrap();
+        for (i, reference) in ["r0.png", "r1.png"].iter().enumerate() {
+            let images = prompt_images(&opts, i).unwrap();
+            let names: Vec<&str> = images.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, vec!["reference", "control", "control_1", "control_2"]);
+            assert_eq!(images[0].1.data, load(reference), "prompt {i}: its own reference");
+            for (k, c) in ["c0.png", "c1.png", "c2.png"].iter().enumerate() {
+                assert_eq!(images[k + 1].1.shape, vec![1, 3, 16, 16]);
+                assert_eq!(images[k + 1].1.data, load(c), "prompt {i}, control {k}");
+            }
+        }
+    }
 }

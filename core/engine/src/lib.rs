@@ -9,6 +9,7 @@ pub mod error;
 pub mod eval_faces;
 pub mod generate;
 pub mod metrics_log;
+pub mod musubi_prompts;
 pub mod pairedit;
 pub mod plots;
 pub mod plugins;

@@ -13,6 +13,7 @@ use likeness_engine::train::{train, TrainOptions};
 
 mod inspect;
 mod lora;
+mod musubi_flags;
 mod plugins_cmd;
 
 const AFTER_HELP: &str = "\
@@ -49,7 +50,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model plugin on a dataset (checkpoints, samples, metrics and plots go to --output).
-    #[command(after_help = AFTER_HELP)]
+    #[command(after_help = AFTER_HELP, after_long_help = format!("{AFTER_HELP}\n\n{}", musubi_flags::HELP))]
     Train(TrainArgs),
     /// Inspect the merged configuration.
     #[command(subcommand)]
@@ -127,7 +128,9 @@ struct GenerateArgs {
     /// Identity reference image (one for all prompts, or one per prompt).
     #[arg(long, value_name = "IMAGE")]
     reference: Vec<PathBuf>,
-    /// Control image (one for all prompts, or one per prompt).
+    /// Control image, repeatable for a model taking several (an edit model's `control_*`): the
+    /// first is the model's `control`, the k-th (from 0) `control_k`. Every prompt gets all of
+    /// them (unlike --reference, which may be one per prompt).
     #[arg(long, value_name = "IMAGE")]
     control: Vec<PathBuf>,
     #[arg(long, default_value_t = 512)]
@@ -346,6 +349,8 @@ struct ConfigArgs {
     /// Any other key, e.g. --set train.warmup_steps=20 --set model.config.image_size=32.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    #[command(flatten)]
+    musubi: musubi_flags::MusubiFlags,
 }
 
 #[derive(Args)]
@@ -367,11 +372,18 @@ impl ConfigArgs {
     }
 
     fn layered(&self) -> likeness_engine::Result<Layered> {
-        Layered::new(self.config_path()?.as_deref(), &self.overrides())
+        let l = Layered::new(self.config_path()?.as_deref(), &self.overrides()?)?;
+        let plugin = l.figment.extract_inner::<String>("model.plugin").ok();
+        self.musubi.check_network_module(plugin.as_deref()).map_err(musubi_error)?;
+        Ok(l)
     }
 
-    fn overrides(&self) -> Overrides {
-        Overrides {
+    fn overrides(&self) -> likeness_engine::Result<Overrides> {
+        let musubi = self.musubi.layers(self.epochs.is_some() || self.steps.is_some()).map_err(musubi_error)?;
+        for w in &musubi.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(Overrides {
             plugin: self.plugin.clone(),
             metric: self.metric.clone(),
             loss: self.loss.clone(),
@@ -399,10 +411,16 @@ impl ConfigArgs {
             ]
             .into_iter()
             .flatten()
+            .chain(musubi.set)
             .chain(self.set.iter().cloned())
             .collect(),
-        }
+            defaults: musubi.defaults,
+        })
     }
+}
+
+fn musubi_error(e: musubi_flags::MusubiFlagError) -> likeness_engine::EngineError {
+    likeness_engine::EngineError::Config(e.to_string())
 }
 
 /// `--config FILE`, or PairEdit's `--c NAME` (config/NAME.yaml, an error naming the path tried).
@@ -437,7 +455,7 @@ fn run(cli: Cli) -> likeness_engine::Result<ExitCode> {
         Command::Train(a) => {
             let opts = TrainOptions { resume: a.resume, progress: !a.no_progress && std::io::stderr().is_terminal() };
             if let Some(path) = a.cfg.config_path()?.filter(|p| likeness_engine::pairedit::is_yaml(p)) {
-                return train_pairedit(&path, &a.cfg.overrides(), &registry(), &opts);
+                return train_pairedit(&path, &a.cfg.overrides()?, &registry(), &opts);
             }
             let cfg = a.cfg.layered()?.extract()?;
             let reg = registry();

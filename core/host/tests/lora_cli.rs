@@ -168,17 +168,28 @@ fn errors_name_the_key_and_leave_no_output() {
     assert!(!ok);
     assert!(out.contains("base model:  flux"), "{out}");
     assert!(err.contains(f) && err.contains("not a multiple of 3"), "{err}");
-    // Qwen-Image is recognised and refused.
+    // Qwen-Image (issue 17) reads; a key naming no LoRA-targetable Qwen module is refused by name.
     let qwen = dir.path().join("qwen.safetensors");
     let q = "transformer.transformer_blocks.0.img_mlp.net.2";
+    let bad = "transformer.transformer_blocks.0.attn.norm_q";
     raw_file(
         &qwen,
         &[(&format!("{q}.lora_A.weight"), t(vec![2, 8], 1)), (&format!("{q}.lora_B.weight"), t(vec![8, 2], 2))],
     );
     let (ok, out, err) = host(&["lora", "inspect", qwen.to_str().unwrap()]);
-    assert!(!ok);
+    assert!(ok, "{err}");
     assert!(out.contains("base model:  qwen-image"), "{out}");
-    assert!(err.contains("qwen-image") && err.contains("not implemented"), "{err}");
+    raw_file(
+        &qwen,
+        &[
+            (&format!("{q}.lora_A.weight"), t(vec![2, 8], 1)),
+            (&format!("{q}.lora_B.weight"), t(vec![8, 2], 2)),
+            (&format!("{bad}.lora_A.weight"), t(vec![2, 8], 3)),
+            (&format!("{bad}.lora_B.weight"), t(vec![8, 2], 4)),
+        ],
+    );
+    let (ok, _, err) = host(&["lora", "inspect", qwen.to_str().unwrap()]);
+    assert!(!ok && err.contains("norm_q"), "{err}");
 }
 
 /// A Flux LoRA: q/k/v (fused in kohya), proj_mlp, an embedder, CLIP-L and T5 layers.

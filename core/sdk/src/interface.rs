@@ -58,6 +58,12 @@ impl ModelSpec {
             .output("pixels", "generated image, f32 NCHW RGB in [0, 1]")
     }
 
+    /// An image input. `name` is a role (`target`, `reference`, `control`) or a role pattern
+    /// ending in `_*`: `control_*` takes `control` and every `control_<n>` (`control_1`,
+    /// `control_2`, …; n a positive integer without leading zeros) that a batch has, each under
+    /// its own name (`likeness_abi::ModelInterface` documents the rule). `required` for a
+    /// pattern: at least one of its roles in every batch. An optional input is passed only
+    /// when the batch has it — a batch never mixes examples with and without a role.
     pub fn image(mut self, name: &str, required: bool, doc: &str) -> Self {
         self.i.images.push(decl(name, required, doc));
         self

@@ -25,7 +25,8 @@ use likeness_diffusion_torch::identity::{IdentityConfig, IdentityInjection};
 use likeness_diffusion_torch::sampling::Guidance;
 use likeness_diffusion_torch::trainer::{ModelError, Result, TrainConfig};
 use likeness_diffusion_torch::{
-    Backbone, Lazy, LoraModel, Objective, Replay, SampleScheduler, SampleSettings, Store, TextEncoding, Vae, VaeConfig,
+    replay_tape, Backbone, LatentSpace, Lazy, LoraModel, Objective, Replay, SampleScheduler, SampleSettings, Store,
+    TextEncoding, Vae,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -122,6 +123,8 @@ impl Backbone for Flux {
     const ARCH: BaseArch = BaseArch::Flux;
     const COMPONENTS: &'static [Component] = &[Component::Transformer];
     const LATENTS_KEYS: &'static [&'static str] = &["pretrained", "precision"];
+    /// FluxPipeline packs 2×2 latent patches per token (its `image_seq_len` counts them).
+    const PATCH: i64 = 2;
     const TEXT_ENCODINGS: &'static [TextEncoding] = &[
         TextEncoding {
             name: "t5_embeddings",
@@ -180,13 +183,7 @@ impl Backbone for Flux {
         reseed: Option<i64>,
     ) -> Result<(Tensor, Replay<Self>)> {
         let (v, tape) = self.run(latents_t, timesteps, embedded_guidance, t5_and_pooled, Some(reseed), None)?;
-        let tape = tape.expect("a checkpointed run returns its tape");
-        Ok((
-            v,
-            Box::new(move |f: &Flux| {
-                tape.backward(&f.pipe.transformer);
-            }),
-        ))
+        Ok((v, replay_tape(tape, |f: &Flux| &f.pipe.transformer)))
     }
 
     /// Sampling's forward: Flux-dev's embedded scale is the sampler's (`Guidance::Embedded`).
@@ -207,8 +204,8 @@ impl Backbone for Flux {
     }
 
     /// Known at creation from `vae/config.json`, before any VAE weight loads.
-    fn vae_config(&self) -> &VaeConfig {
-        &self.pipe.vae_config
+    fn latent_space(&self) -> LatentSpace {
+        (&self.pipe.vae_config).into()
     }
 
     fn text_shapes(&self) -> Vec<Vec<i64>> {
@@ -252,11 +249,6 @@ impl Backbone for Flux {
             guidance: c.guidance,
             resolution: c.resolution,
         }
-    }
-
-    /// FluxPipeline's `image_seq_len`: the packed token count.
-    fn image_seq_len(&self, h: i64, w: i64) -> usize {
-        ((h / 2) * (w / 2)) as usize
     }
 
     /// Flux-dev embeds the scale (one forward per step); a model without the embedding runs

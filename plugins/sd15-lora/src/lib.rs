@@ -24,7 +24,8 @@
 use likeness_diffusion::lora_keys::{BaseArch, Component};
 use likeness_diffusion_torch::trainer::{Result, TrainConfig};
 use likeness_diffusion_torch::{
-    Backbone, Lazy, LoraModel, Objective, Replay, SampleScheduler, SampleSettings, Store, TextEncoding, Vae, VaeConfig,
+    Backbone, LatentSpace, Lazy, LoraModel, Objective, Replay, SampleScheduler, SampleSettings, Store, TextEncoding,
+    Vae,
 };
 use tch::{Device, Tensor};
 
@@ -109,8 +110,8 @@ impl Backbone for Sd15 {
         &self.pipe.vae
     }
 
-    fn vae_config(&self) -> &VaeConfig {
-        &self.pipe.vae_config
+    fn latent_space(&self) -> LatentSpace {
+        (&self.pipe.vae_config).into()
     }
 
     fn text_shapes(&self) -> Vec<Vec<i64>> {

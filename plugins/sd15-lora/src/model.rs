@@ -129,7 +129,7 @@ impl Pipeline {
                 let (r, v) = (root.clone(), vcfg.clone());
                 let vae = Lazy::new(move || {
                     let (store, model) = load::vae_from_single_file(&r, &v, kind, device)?;
-                    Ok(Vae { store, model })
+                    Ok(Vae::new(store, model))
                 });
                 let r = root.clone();
                 let text = Lazy::new(move || TextEncoder::from_single_file(&r, &tp, &tj, kind, device));

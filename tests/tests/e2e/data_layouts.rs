@@ -447,3 +447,75 @@ fn issue_6_every_layout_trains_the_flow_fixture() {
         assert!(out.join("likeness.safetensors").is_file(), "{name}: no adapter in {}", out.display());
     }
 }
+
+/// Issue 17: a musubi dataset's `control_resolution` and `no_resize_control` size each control
+/// image as musubi-tuner does (`host data check --json`'s `fitted_sizes`), checked against
+/// `tests/python/bucket_oracle.py`'s `control_size` (musubi-tuner's `fetch_and_resize` lines and
+/// `calculate_bucket_resolution`, re-typed there). The one divergence (both keys, a control
+/// within the maximum area: musubi-tuner keeps its exact size, here rounded down to 16) is
+/// checked against that rule instead.
+#[test]
+fn issue_17_musubi_control_sizes_match_musubi_tuners() {
+    const T: &str = "issue_17_musubi_control_sizes_match_musubi_tuners";
+    let Some(()) = built_or_skip(T) else { return };
+    let dir = Dir::new("data-musubi-control-sizes");
+    // (dataset keys, control_resolution, no_resize_control, control sizes)
+    type Case<'a> = (&'a str, Option<[u32; 2]>, bool, &'a [(u32, u32)]);
+    let cases: [Case; 3] = [
+        ("control_resolution = [1024, 1024]", Some([1024, 1024]), false, &[(1000, 700), (400, 800), (1920, 1080)]),
+        ("no_resize_control = true", None, true, &[(1000, 700), (333, 517)]),
+        (
+            "no_resize_control = true\ncontrol_resolution = 512",
+            Some([512, 512]),
+            true,
+            &[(1000, 700), (900, 300), (410, 500)],
+        ),
+    ];
+    let mut body = "[general]\nresolution = [960, 544]\nenable_bucket = true\n".to_string();
+    let mut controls = Vec::new();
+    for (k, (keys, reso, no_resize, sizes)) in cases.iter().enumerate() {
+        let (images, ctl) = (dir.join(format!("img{k}")), dir.join(format!("ctl{k}")));
+        for (i, (w, h)) in sizes.iter().enumerate() {
+            img(&images.join(format!("t{i}.png")), 640, 480);
+            std::fs::write(images.join(format!("t{i}.txt")), "a caption").unwrap();
+            img(&ctl.join(format!("t{i}.png")), *w, *h);
+            controls.push((
+                format!("{k}/t{i}"),
+                json!({"size": [w, h], "control_resolution": reso, "no_resize_control": no_resize}),
+            ));
+        }
+        body += &format!(
+            "[[datasets]]\nimage_directory = '{}'\ncontrol_directory = '{}'\n{keys}\n",
+            images.display(),
+            ctl.display()
+        );
+    }
+    let toml = dir.create("dataset.toml", body);
+    let r = check_json(&dir, &toml, &[]);
+    let examples = r["examples"].as_array().unwrap();
+    let Some(_) = python_or_skip(T) else { return };
+    let mut spec_controls = Vec::new();
+    for (id, c) in &controls {
+        let e = examples.iter().find(|e| e["id"] == *id).unwrap_or_else(|| panic!("{id}: {r:#}"));
+        let mut c = c.clone();
+        c["bucket"] = e["bucket"].clone();
+        spec_controls.push(c);
+    }
+    let spec = dir.create("oracle/spec.json", json!({"cases": [], "controls": spec_controls}).to_string());
+    let out = dir.join("oracle/out.json");
+    run_python("bucket_oracle.py", &["--spec", spec.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for (k, (id, c)) in controls.iter().enumerate() {
+        let e = examples.iter().find(|e| e["id"] == *id).unwrap();
+        let (w, h) = (c["size"][0].as_u64().unwrap(), c["size"][1].as_u64().unwrap());
+        let within_max = c["no_resize_control"] == true
+            && c["control_resolution"]
+                .as_array()
+                .is_some_and(|r| w * h <= r[0].as_u64().unwrap() * r[1].as_u64().unwrap());
+        if within_max {
+            assert_eq!(e["fitted_sizes"]["control"], json!([w / 16 * 16, h / 16 * 16]), "{id}: {w}x{h} under {c}");
+            continue;
+        }
+        assert_eq!(e["fitted_sizes"]["control"], want["controls"][k], "{id}: control {w}x{h} under {c}");
+    }
+}

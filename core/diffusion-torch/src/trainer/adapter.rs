@@ -274,6 +274,7 @@ pub fn export<B: Backbone>(
     let res = b.sampling().resolution;
     let info = TrainingInfo {
         arch: B::ARCH,
+        qwen_variant: B::QWEN_VARIANT,
         rank,
         alpha,
         title: title.clone(),

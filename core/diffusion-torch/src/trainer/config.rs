@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use likeness_diffusion::lora_keys::Component;
-use likeness_diffusion::timesteps::Sampling;
+use likeness_diffusion::timesteps::{Density, Sampling};
+use likeness_diffusion::weighting::FlowWeighting;
 use likeness_sdk::{InputKind, ModelInterface, ModelSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -66,6 +67,26 @@ pub enum TimestepSamplingName {
     /// musubi-tuner's / sd-scripts' `flux_shift`: sigmoid draws shifted by Flux's
     /// resolution-dependent μ (flow matching only).
     FluxShift,
+    /// musubi-tuner's `qwen_shift`: sigmoid draws shifted by s = e^μ, μ = lin(256 → 0.5,
+    /// 8192 → 0.9) of the target's packed token count (h/2)·(w/2) (controls do not count).
+    QwenShift,
+    /// musubi-tuner's default `sigma`: t uniform on {1, …, 1000}/1000 (or logit_normal / mode
+    /// by `weighting_scheme`), `discrete_flow_shift` ignored, as musubi-tuner's unshifted table.
+    Sigma,
+}
+
+/// musubi-tuner's `--weighting_scheme` (training/timesteps.py:37-94): `logit_normal` and `mode`
+/// change the density of `sigma` sampling only; `cosmap` and `sigma_sqrt` weight the loss
+/// (flow matching); `none` neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightingScheme {
+    #[default]
+    None,
+    LogitNormal,
+    Mode,
+    Cosmap,
+    SigmaSqrt,
 }
 
 fn d_rank() -> i64 {
@@ -122,6 +143,8 @@ pub struct TrainConfig {
     pub min_snr_gamma: Option<f64>,
     #[serde(default = "d_sampling")]
     pub timestep_sampling: TimestepSamplingName,
+    #[serde(default)]
+    pub weighting_scheme: WeightingScheme,
     #[serde(default = "d_one")]
     pub sigmoid_scale: f64,
     #[serde(default)]
@@ -280,7 +303,35 @@ impl TrainConfig {
             TimestepSamplingName::FluxShift => {
                 Sampling::FluxShift { sigmoid_scale: self.sigmoid_scale, latent_h, latent_w }
             }
+            // musubi-tuner: lin(…)((h // 2) * (w // 2)) of the target's latents.
+            TimestepSamplingName::QwenShift => {
+                Sampling::QwenShift { sigmoid_scale: self.sigmoid_scale, seq_len: (latent_h / 2) * (latent_w / 2) }
+            }
+            TimestepSamplingName::Sigma => Sampling::Sigma {
+                density: match self.weighting_scheme {
+                    WeightingScheme::LogitNormal => Density::LogitNormal { mean: self.logit_mean, std: self.logit_std },
+                    WeightingScheme::Mode => Density::Mode { mode_scale: self.mode_scale },
+                    _ => Density::Uniform,
+                },
+            },
         }
+    }
+
+    /// The flow-matching loss weight of a sample drawn at σ = `t` (`weighting_scheme` cosmap /
+    /// sigma_sqrt, else 1). musubi-tuner looks σ up in its unshifted 1000-step table at the
+    /// *model* timestep (`get_sigmas`, nearest entry): that is t·1000 itself for `sigma`
+    /// sampling and t·1000 + 1 for the t-based methods (trainer_base.py:704-708).
+    pub fn flow_loss_weight(&self, t: f64) -> f64 {
+        let w = match self.weighting_scheme {
+            WeightingScheme::Cosmap => FlowWeighting::Cosmap,
+            WeightingScheme::SigmaSqrt => FlowWeighting::SigmaSqrt,
+            _ => return 1.0,
+        };
+        let model_t = match self.timestep_sampling {
+            TimestepSamplingName::Sigma => t * 1000.0,
+            _ => t * 1000.0 + 1.0,
+        };
+        w.weight(model_t.round().clamp(1.0, 1000.0) / 1000.0)
     }
 
     /// The keys that decide the adapter's shape: a saved state must agree on them.
@@ -345,13 +396,15 @@ pub fn properties() -> Value {
             "description": "sd-scripts' noise offset: noise + offset·randn(B, C, 1, 1)"},
         "min_snr_gamma": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": null,
             "description": "min-SNR-γ weighting of the diffusion loss (null = off); also the `timestep_weights` output"},
-        "timestep_sampling": {"enum": ["uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift"], "default": "uniform",
-            "description": "how t is drawn (DDPM: then t·1000 floored to an integer timestep in [min_timestep, max_timestep); flow matching: σ = t). flux_shift (flow matching only): sigmoid draws time-shifted by Flux's μ at the batch's image token count, as musubi-tuner / sd-scripts do"},
-        "sigmoid_scale": {"type": "number", "default": 1.0, "description": "for sigmoid / shift / flux_shift"},
-        "logit_mean": {"type": "number", "default": 0.0, "description": "for logit_normal"},
-        "logit_std": {"type": "number", "default": 1.0, "description": "for logit_normal"},
-        "mode_scale": {"type": "number", "default": 1.29, "description": "for mode"},
-        "discrete_flow_shift": {"type": "number", "default": 1.0, "description": "for shift"},
+        "timestep_sampling": {"enum": ["uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift", "qwen_shift", "sigma"], "default": "uniform",
+            "description": "how t is drawn (DDPM: then t·1000 floored to an integer timestep in [min_timestep, max_timestep); flow matching: σ = t). flux_shift / qwen_shift (flow matching only): sigmoid draws time-shifted by Flux's / Qwen-Image's μ at the target's packed token count, as musubi-tuner / sd-scripts do. sigma: musubi-tuner's default, t uniform on {1..1000}/1000 (density by weighting_scheme), discrete_flow_shift ignored"},
+        "weighting_scheme": {"enum": ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"], "default": "none",
+            "description": "musubi-tuner's --weighting_scheme: logit_normal / mode set the density of `sigma` sampling (no effect on other samplings, as in musubi-tuner); cosmap (2/(π(1−2σ+2σ²))) / sigma_sqrt (σ⁻²) weight each sample's flow-matching loss, σ from the 1000-step table at the model timestep; none: neither"},
+        "sigmoid_scale": {"type": "number", "default": 1.0, "description": "for sigmoid / shift / flux_shift / qwen_shift"},
+        "logit_mean": {"type": "number", "default": 0.0, "description": "for logit_normal (sampling or weighting_scheme)"},
+        "logit_std": {"type": "number", "default": 1.0, "description": "for logit_normal (sampling or weighting_scheme)"},
+        "mode_scale": {"type": "number", "default": 1.29, "description": "for mode (sampling or weighting_scheme)"},
+        "discrete_flow_shift": {"type": "number", "default": 1.0, "description": "for shift (no effect with sigma, as in musubi-tuner)"},
         "min_timestep": {"type": "number", "minimum": 0, "maximum": 1000, "default": 0},
         "max_timestep": {"type": "number", "minimum": 0, "maximum": 1000, "default": 1000},
         "decode_pixels": {"type": "boolean", "default": true,
@@ -463,13 +516,16 @@ pub fn interface<B: Backbone>(c: &TrainConfig, trains_text: bool) -> ModelInterf
             "reference",
             false,
             "identity reference (read by the identity term through the engine, not by the model)",
-        )
-        .text(
-            "caption",
-            // DTBack's data may have no captions: identity.prompt stands in.
-            c.identity.is_none(),
-            if trains_text { "the prompt of the image" } else { "the prompt of the image (or its text encodings)" },
         );
+    for d in B::CONDITION_IMAGES {
+        s = s.image(d.name, d.required, d.doc);
+    }
+    s = s.text(
+        "caption",
+        // DTBack's data may have no captions: identity.prompt stands in.
+        c.identity.is_none(),
+        if trains_text { "the prompt of the image" } else { "the prompt of the image (or its text encodings)" },
+    );
     if let Some(ic) = &c.identity {
         s = s.image(
             "face_embedding",
@@ -495,7 +551,9 @@ pub fn interface<B: Backbone>(c: &TrainConfig, trains_text: bool) -> ModelInterf
         .output("timestep_weights", "the diffusion loss weight of each sample (min-SNR-γ; 1 without), [B] f32")
         .internal_loss(true)
         .encoding("latents", "target", InputKind::Image, B::LATENTS_KEYS);
-    if !trains_text {
+    // A backbone conditioned on images encodes caption and images together (not cacheable by
+    // one source).
+    if !trains_text && B::CONDITION_IMAGES.is_empty() {
         for e in B::TEXT_ENCODINGS {
             s = s.encoding(e.name, "caption", InputKind::Text, e.keys);
         }
@@ -533,4 +591,65 @@ fn pairedit_interface<B: Backbone>(reads_source: bool) -> ModelInterface {
 /// Whether component `c` is a text encoder (every component but the denoiser).
 pub fn is_text_encoder<B: Backbone>(c: Component) -> bool {
     B::COMPONENTS.first() != Some(&c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn train(json: serde_json::Value) -> TrainConfig {
+        serde_json::from_value(json).expect("a valid trainer config")
+    }
+
+    /// Expected values: musubi-tuner's own lines run in Python (torch, f64 draws) —
+    /// trainer_base.py:599-612 (`qwen_shift`: h, w = latents.shape[-2:], μ = lin(256 → 0.5,
+    /// 8192 → 0.9)((h // 2)·(w // 2)), shift = e^μ, t = σ(n)·shift / (1 + (shift − 1)·σ(n))).
+    #[test]
+    fn qwen_shift_uses_the_targets_packed_token_count() {
+        let c = train(serde_json::json!({"timestep_sampling": "qwen_shift"}));
+        for (h, w, n, want) in [
+            (128, 128, 0.0, 0.6667558177123246),
+            (128, 128, 0.7, 0.8011581187707747),
+            (96, 64, -1.3, 0.3239924851748767),
+            (166, 166, 0.25, 0.7473115003916622),
+        ] {
+            let s = c.sampling(h, w);
+            assert!(s.needs_normal());
+            let t = s.transform(n);
+            assert!((t - want).abs() < 1e-12, "{h}x{w} n={n}: {t} vs musubi-tuner {want}");
+        }
+    }
+
+    #[test]
+    fn sigma_sampling_ignores_the_flow_shift_and_takes_its_density_from_weighting_scheme() {
+        let c = train(serde_json::json!({"timestep_sampling": "sigma", "discrete_flow_shift": 2.2}));
+        assert_eq!(c.sampling(64, 64), Sampling::Sigma { density: Density::Uniform });
+        let c = train(
+            serde_json::json!({"timestep_sampling": "sigma", "weighting_scheme": "logit_normal", "logit_std": 2.0}),
+        );
+        assert_eq!(c.sampling(64, 64), Sampling::Sigma { density: Density::LogitNormal { mean: 0.0, std: 2.0 } });
+        let c = train(serde_json::json!({"timestep_sampling": "sigma", "weighting_scheme": "mode"}));
+        assert_eq!(c.sampling(64, 64), Sampling::Sigma { density: Density::Mode { mode_scale: 1.29 } });
+        // An unknown value is refused by name.
+        let e = serde_json::from_value::<TrainConfig>(serde_json::json!({"weighting_scheme": "snr"})).unwrap_err();
+        assert!(e.to_string().contains("snr"), "{e}");
+    }
+
+    /// Expected values: musubi-tuner's compute_loss_weighting_for_sd3 + get_sigmas
+    /// (training/timesteps.py:58-94) in Python on its float32 table `linspace(1, 0, 1001)`, at
+    /// model timestep 1000·t + 1 (t-based sampling) or the table's own timestep (`sigma`).
+    #[test]
+    fn cosmap_and_sigma_sqrt_weights_are_musubi_tuners() {
+        let shift = |w: &str| train(serde_json::json!({"timestep_sampling": "shift", "weighting_scheme": w}));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6 * b.abs().max(1.0);
+        assert!(close(shift("cosmap").flow_loss_weight(0.3), 1.0991325955496305));
+        assert!(close(shift("sigma_sqrt").flow_loss_weight(0.3), 11.037403652439359));
+        // 1000·0.9996 + 1 lies past the table's last timestep 1000: σ = 1.
+        assert!(close(shift("sigma_sqrt").flow_loss_weight(0.9996), 1.0));
+        let sigma = train(serde_json::json!({"timestep_sampling": "sigma", "weighting_scheme": "cosmap"}));
+        assert!(close(sigma.flow_loss_weight(0.766), 0.9923739556957012));
+        for w in ["none", "logit_normal", "mode"] {
+            assert_eq!(shift(w).flow_loss_weight(0.3), 1.0, "{w}");
+        }
+    }
 }

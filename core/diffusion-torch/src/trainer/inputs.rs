@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use super::error::{input, Result};
 use super::LoraModel;
-use crate::backbone::{Backbone, SampleScheduler};
+use crate::backbone::{role_index, role_matches, Backbone, SampleScheduler};
 use crate::nn::Net;
 use crate::{lora, rng, sampling};
 
@@ -35,7 +35,7 @@ pub(super) fn managed(t: &Tensor) -> Result<ManagedTensor> {
 impl<B: Backbone> LoraModel<B> {
     /// Pixels per latent pixel: 2^(VAE blocks − 1).
     pub(super) fn vae_factor(&self) -> i64 {
-        self.backbone.vae_config().downscale_factor()
+        self.backbone.latent_space().factor
     }
 
     fn check_images(&self, what: &str, shape: &[i64]) -> Result<()> {
@@ -92,7 +92,7 @@ impl<B: Backbone> LoraModel<B> {
 
     /// Scaled latents `[B, C, h, w]`: the `latents` input if given, else the encoded `target`.
     pub(super) fn latents_of(&self, images: &Inputs<'_>) -> Result<Tensor> {
-        let lc = self.backbone.vae_config().latent_channels;
+        let lc = self.backbone.latent_space().channels;
         if let Some(v) = images.try_get("latents") {
             let s = shape_of(v);
             if s.len() != 4 || s[0] < 1 || s[1] != lc || s[2] < 1 || s[3] < 1 {
@@ -111,6 +111,9 @@ impl<B: Backbone> LoraModel<B> {
     /// The conditioning, one tensor per text encoding: the encodings if given (frozen text
     /// encoders only), else the encoded `caption`.
     pub(super) fn context_of(&self, images: &Inputs<'_>, texts: &Texts<'_>, n: i64, grad: bool) -> Result<Vec<Tensor>> {
+        if let Some(cond) = self.conditioned(images, texts, n, grad)? {
+            return Ok(cond);
+        }
         let encodings = B::TEXT_ENCODINGS;
         if encodings.iter().any(|e| images.try_get(e.name).is_some()) {
             return encodings
@@ -139,6 +142,46 @@ impl<B: Backbone> LoraModel<B> {
             return Err(input(format!("{} captions for a batch of {n}", caps.len())));
         }
         self.embed(&caps, grad)
+    }
+
+    /// The batch's [`Backbone::CONDITION_IMAGES`]: (role, f32 `[n, 3, H, W]` in [0, 1] on the
+    /// device), in declaration order and by index within a pattern.
+    pub(super) fn condition_images(&self, images: &Inputs<'_>, n: i64) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for d in B::CONDITION_IMAGES {
+            let mut roles: Vec<&str> = images.names().into_iter().filter(|r| role_matches(d.name, r)).collect();
+            roles.sort_by_key(|r| role_index(r));
+            if d.required && roles.is_empty() {
+                return Err(input(format!("needs image `{}` ({}), got: {}", d.name, d.doc, images.names().join(", "))));
+            }
+            for r in roles {
+                let v = images.try_get(r).expect("listed by names()");
+                let s = shape_of(v);
+                self.check_images(r, &s)?;
+                if s[0] != n {
+                    return Err(input(format!("`{r}` has {} images for a batch of {n}", s[0])));
+                }
+                out.push((r.to_string(), owned(v, self.device, Kind::Float)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The conditioning through [`Backbone::condition`] when the backbone declares condition
+    /// images (their encodings are not cached: they read several inputs), else `None`.
+    fn conditioned(&self, images: &Inputs<'_>, texts: &Texts<'_>, n: i64, grad: bool) -> Result<Option<Vec<Tensor>>> {
+        if B::CONDITION_IMAGES.is_empty() {
+            return Ok(None);
+        }
+        let controls = self.condition_images(images, n)?;
+        let caps = texts
+            .try_get("caption")
+            .ok_or_else(|| input(format!("needs text `caption` (got texts: {})", texts.names().join(", "))))?;
+        if caps.len() as i64 != n {
+            return Err(input(format!("{} captions for a batch of {n}", caps.len())));
+        }
+        let cond = self.backbone.condition(&caps, &controls, grad)?;
+        Ok(Some(cond.into_iter().map(|t| if t.is_floating_point() { t.to_kind(self.compute) } else { t }).collect()))
     }
 
     /// One cached text encoding `[n, …per]`.
@@ -224,7 +267,7 @@ impl<B: Backbone> LoraModel<B> {
         if !r.adapter_scale.is_finite() {
             return Err(input(format!("adapter_scale must be finite, got {}", r.adapter_scale)));
         }
-        let lc = self.backbone.vae_config().latent_channels;
+        let lc = self.backbone.latent_space().channels;
         let (h, w) = ((height / f) as i64, (width / f) as i64);
         let per = (lc * h * w) as usize;
         let mut noise = Vec::with_capacity(n * per);
@@ -243,8 +286,22 @@ impl<B: Backbone> LoraModel<B> {
         }
         let sample_images = Inputs::new(r.images);
         let result = (|| -> Result<Tensor> {
-            let mut cond = self.embed(&prompts, false)?;
-            let mut uncond = if guidance.needs_negative() { Some(self.embed(&uncond_texts, false)?) } else { None };
+            // Edit models: the request's control images condition the prompt and, as
+            // QwenImageEditPlusPipeline encodes it, the negative prompt too.
+            let controls = if B::CONDITION_IMAGES.is_empty() {
+                Vec::new()
+            } else {
+                self.condition_images(&sample_images, n as i64)?
+            };
+            let encode = |texts: &[&str]| -> Result<Vec<Tensor>> {
+                if B::CONDITION_IMAGES.is_empty() {
+                    return self.embed(texts, false);
+                }
+                let c = tch::no_grad(|| self.backbone.condition(texts, &controls, false))?;
+                Ok(c.into_iter().map(|t| if t.is_floating_point() { t.to_kind(self.compute) } else { t }).collect())
+            };
+            let mut cond = encode(&prompts)?;
+            let mut uncond = if guidance.needs_negative() { Some(encode(&uncond_texts)?) } else { None };
             // DTBack: the identity tokens condition both branches (the identity is not what
             // classifier-free guidance contrasts).
             if let Some(tokens) = tch::no_grad(|| self.identity_tokens(&sample_images, n as i64))? {

@@ -59,7 +59,7 @@ impl<B: Backbone> LoraModel<B> {
         mode: ForwardMode,
     ) -> Result<Draws> {
         let c = &self.config.train;
-        let lc = self.backbone.vae_config().latent_channels as usize;
+        let lc = self.backbone.latent_space().channels as usize;
         let objective = self.backbone.objective();
         if seeds.len() == n {
             let mut d = Draws { t: Vec::new(), noise: Vec::new() };
@@ -100,7 +100,7 @@ impl<B: Backbone> LoraModel<B> {
     }
 
     /// The draws' timesteps for the denoiser (DDPM: int64 t; flow: σ·T as f32), the `timesteps`
-    /// output (t/T or σ) and the loss weights (min-SNR-γ for DDPM; 1 otherwise).
+    /// output (t/T or σ) and the loss weights (min-SNR-γ for DDPM; weighting_scheme for flow matching).
     fn timesteps(&self, d: &Draws) -> Timesteps {
         let objective = self.backbone.objective();
         let nt = objective.num_train_timesteps() as f64;
@@ -124,7 +124,8 @@ impl<B: Backbone> LoraModel<B> {
                 model: Tensor::from_slice(&d.t.iter().map(|&s| (s * nt) as f32).collect::<Vec<_>>())
                     .to_device(self.device),
                 output: d.t.iter().map(|&s| s as f32).collect(),
-                weights: vec![1.0; d.t.len()],
+                // musubi-tuner's weighting_scheme (cosmap / sigma_sqrt; 1 otherwise).
+                weights: d.t.iter().map(|&s| self.config.train.flow_loss_weight(s)).collect(),
             },
         }
     }

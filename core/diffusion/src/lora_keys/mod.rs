@@ -5,8 +5,9 @@
 //! Backbone-generic: each [`BaseArch`] has a table of [`ComponentSpec`]s (which networks a LoRA
 //! patches and their prefix in each format) and a module grammar ([`BaseArch::module_kind`]):
 //! SD1.x in `sd15` (UNet + CLIP), Flux.1 in `flux` (transformer + CLIP-L + T5, with the split /
-//! merge of BFL's fused qkv / linear1 layers that kohya-style files use). Reading detects the
-//! architecture from the key names and reports it in [`LoraSet::arch`].
+//! merge of BFL's fused qkv / linear1 layers that kohya-style files use), Qwen-Image(-Edit) in
+//! `qwen` (transformer only; every format names modules by the diffusers path). Reading detects
+//! the architecture from the key names and reports it in [`LoraSet::arch`].
 //!
 //! Every conversion goes through the canonical form, so a key that cannot be mapped is an error
 //! naming the file and the key (ComfyUI silently skips such keys; we do not).
@@ -20,6 +21,7 @@ use crate::{DiffusionError, Result};
 
 pub mod flux;
 mod peft;
+pub mod qwen;
 mod read;
 pub mod sd15;
 mod tensor;
@@ -193,12 +195,25 @@ const FLUX_COMPONENTS: &[ComponentSpec] = &[
     },
 ];
 
+/// Qwen-Image(-Edit, -Edit-2509): the transformer only (musubi-tuner trains no text-encoder
+/// LoRA for it); musubi / kohya and ComfyUI use the diffusers paths (no fused layers).
+const QWEN_COMPONENTS: &[ComponentSpec] = &[ComponentSpec {
+    component: Component::Transformer,
+    kohya: "lora_unet_",
+    kohya_also: &[],
+    diffusers: "transformer.",
+    peft_subfolder: None,
+    comfy: Some("diffusion_model."),
+    original_names: false,
+}];
+
 impl BaseArch {
     /// The components a LoRA for this base model can patch, with their prefixes per format
     /// (Unknown: SD1.5's, the layout a file without DiT keys is read as).
     pub fn components(self) -> &'static [ComponentSpec] {
         match self {
             BaseArch::Flux => FLUX_COMPONENTS,
+            BaseArch::QwenImage => QWEN_COMPONENTS,
             _ => SD15_COMPONENTS,
         }
     }
@@ -216,6 +231,8 @@ impl BaseArch {
             (BaseArch::Flux, Component::TextEncoder2) => flux::t5_module(path),
             (BaseArch::Flux, Component::TextEncoder) => sd15::text_encoder_module(path),
             (BaseArch::Flux, Component::Unet) => None,
+            (BaseArch::QwenImage, Component::Transformer) => qwen::transformer_module(path),
+            (BaseArch::QwenImage, _) => None,
             (_, Component::Unet) => sd15::unet_module(path),
             (_, Component::TextEncoder) => sd15::text_encoder_module(path),
             _ => None,
@@ -372,9 +389,12 @@ pub fn detect(path: &Path) -> Result<(LoraFormat, BaseArch)> {
 ///   converter load. (The two formats write the same bytes: ComfyUI loads kohya names best.)
 ///   Flux: BFL names (`lora_unet_double_blocks_0_img_attn_qkv`, `…_single_blocks_0_linear1`),
 ///   to_q/k/v (+ proj_mlp) merged by [`flux::merge`], `lora_te1_` CLIP-L, `lora_te3_` T5.
+///   Qwen-Image: musubi-tuner's names (`lora_unet_transformer_blocks_0_img_mod_1`) with an
+///   **fp32** `.alpha` on every module whatever the weights' dtype (musubi's default save dtype;
+///   diffusers' Qwen converter and ComfyUI read it with `.item()`).
 /// - diffusers: `out` is a `.safetensors` path, or a directory (existing or new) →
 ///   `<dir>/pytorch_lora_weights.safetensors`; `unet.<path>.lora_A.weight` / `.lora_B.weight`
-///   (Flux: `transformer.` / `text_encoder.` / `text_encoder_2.`)
+///   (Flux: `transformer.` / `text_encoder.` / `text_encoder_2.`; Qwen-Image: `transformer.`)
 ///   with **alpha / r folded into lora_B**: the layout has no alpha key, and diffusers 0.42.1
 ///   without `lora_adapter_metadata` loads `lora_alpha = r` (scale 1) — so the folded file
 ///   is right in every diffusers version and in ComfyUI, where metadata is not read.
@@ -388,13 +408,6 @@ pub fn detect(path: &Path) -> Result<(LoraFormat, BaseArch)> {
 /// The metadata is carried over except `format` / `lora_adapter_metadata`, which describe one
 /// layout and are regenerated.
 pub fn write(set: &LoraSet, to: LoraFormat, out: &Path) -> Result<Vec<PathBuf>> {
-    if set.arch == BaseArch::QwenImage {
-        return Err(DiffusionError::ArchNotImplemented {
-            file: out.to_path_buf(),
-            arch: set.arch,
-            what: "writing it is a follow-up (SD1.5 and Flux are implemented)".into(),
-        });
-    }
     write::write(set, to, out)
 }
 

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::flux;
 use super::peft::PeftConfig;
 use super::sd15::{self, LayerKind};
 use super::tensor::{read_safetensors, StFile};
+use super::{flux, qwen};
 use super::{BaseArch, Component, LoraFormat, LoraModule, LoraSet, RawTensor};
 use crate::{DiffusionError, Result};
 
@@ -248,10 +248,11 @@ fn split_suffix<'k>(file: &Path, key: &'k str) -> Result<(&'k str, Role)> {
 /// Classifies one key of a LoRA for `arch`: every key maps to a module or is an error naming it.
 pub(crate) fn parse_key(file: &Path, key: &str, arch: BaseArch) -> Result<ParsedKey> {
     let (stem, role) = split_suffix(file, key)?;
-    if arch == BaseArch::Flux {
-        return parse_flux_key(file, key, stem, role);
+    match arch {
+        BaseArch::Flux => parse_flux_key(file, key, stem, role),
+        BaseArch::QwenImage => parse_qwen_key(file, key, stem, role),
+        _ => parse_sd15_key(file, key, stem, role),
     }
-    parse_sd15_key(file, key, stem, role)
 }
 
 fn parse_sd15_key(file: &Path, key: &str, stem: &str, role: Role) -> Result<ParsedKey> {
@@ -399,6 +400,48 @@ fn parse_flux_key(file: &Path, key: &str, stem: &str, role: Role) -> Result<Pars
          text_encoder. / text_encoder_2. (diffusers), base_model.model. (PEFT), diffusion_model. or bare names \
          (ComfyUI)",
     ))
+}
+
+const QWEN_TARGETS: &str = "Qwen-Image targets: transformer_blocks.<i>.{attn.{to_q,to_k,to_v,add_q_proj,add_k_proj,\
+     add_v_proj,to_out.0,to_add_out},{img,txt}_mlp.{net.0.proj,net.2},{img,txt}_mod.1}, img_in, txt_in, proj_out, \
+     norm_out.linear, time_text_embed.timestep_embedder.linear_{1,2}";
+
+/// A Qwen-Image key: every spelling names the diffusers path — kohya / musubi `lora_unet_<path _>`,
+/// diffusers `transformer.`, PEFT `base_model.model.`, and ComfyUI's QwenImage rules
+/// (`comfy/lora.py` `model_lora_keys_unet`: `diffusion_model.<path>`, bare `<path>`,
+/// `lycoris_<path _>`).
+fn parse_qwen_key(file: &Path, key: &str, stem: &str, role: Role) -> Result<ParsedKey> {
+    let spec = BaseArch::QwenImage.component(Component::Transformer).expect("Qwen-Image has a transformer");
+    let found = [
+        (spec.kohya, Style::Kohya, true),
+        ("lycoris_", Style::Comfy, true),
+        ("base_model.model.", Style::Peft, false),
+        (spec.diffusers, Style::Diffusers, false),
+        (spec.comfy.expect("Qwen-Image has a ComfyUI prefix"), Style::Comfy, false),
+    ]
+    .into_iter()
+    .find_map(|(pre, style, underscored)| stem.strip_prefix(pre).map(|r| (r, style, underscored)));
+    let (path, style) = match found {
+        Some((r, style, true)) => (qwen::dotted(r), style),
+        Some((r, style, false)) => (r.to_string(), style),
+        None if qwen::transformer_module(stem).is_some() => (stem.to_string(), Style::Comfy),
+        None => {
+            return Err(key_err(
+                file,
+                key,
+                "unknown prefix for a Qwen-Image LoRA: expected lora_unet_ (kohya / musubi-tuner), transformer. \
+                 (diffusers), base_model.model. (PEFT), diffusion_model. / lycoris_ / bare diffusers names (ComfyUI)",
+            ))
+        }
+    };
+    if qwen::transformer_module(&path).is_none() {
+        return Err(key_err(
+            file,
+            key,
+            format!("`{path}` is not a LoRA-targetable Qwen-Image module ({QWEN_TARGETS})"),
+        ));
+    }
+    Ok(ParsedKey { component: Component::Transformer, path, role, style, bfl: false })
 }
 
 #[derive(Default)]
@@ -611,18 +654,12 @@ pub(crate) fn folder_files(dir: &Path) -> Result<(LoraFormat, PathBuf)> {
     })
 }
 
-/// The base model of a file from its key names; Qwen-Image is refused (not implemented).
-/// `Unknown` reads as SD1.5 (its validators then decide), so a file that reads is SD1.5 or Flux.
-fn arch_gate(file: &Path, names: &[String]) -> Result<BaseArch> {
-    let arch = guess_arch(names);
-    match arch {
-        BaseArch::QwenImage => Err(DiffusionError::ArchNotImplemented {
-            file: file.to_path_buf(),
-            arch,
-            what: "reading and converting it is a follow-up (SD1.5 and Flux are implemented)".into(),
-        }),
-        BaseArch::Unknown => Ok(BaseArch::Sd15),
-        _ => Ok(arch),
+/// The base model of a file from its key names. `Unknown` reads as SD1.5 (its validators then
+/// decide), so a file that reads is SD1.5, Flux or Qwen-Image.
+fn arch_gate(names: &[String]) -> BaseArch {
+    match guess_arch(names) {
+        BaseArch::Unknown => BaseArch::Sd15,
+        arch => arch,
     }
 }
 
@@ -639,7 +676,7 @@ fn read_peft_as(dir: &Path, weights: &Path, arch: Option<BaseArch>) -> Result<Lo
     let names: Vec<String> = st.tensors.keys().cloned().collect();
     let arch = match arch {
         Some(a) => a,
-        None => arch_gate(weights, &names)?,
+        None => arch_gate(&names),
     };
     // One PEFT folder wraps one model: its component is whatever its paths say.
     let cfgs: BTreeMap<Component, PeftConfig> = arch.components().iter().map(|s| (s.component, cfg.clone())).collect();
@@ -672,7 +709,7 @@ fn read_peft_as(dir: &Path, weights: &Path, arch: Option<BaseArch>) -> Result<Lo
 pub(crate) fn read_file(file: &Path) -> Result<LoraSet> {
     let st = read_safetensors(file)?;
     let names: Vec<String> = st.tensors.keys().cloned().collect();
-    let arch = arch_gate(file, &names)?;
+    let arch = arch_gate(&names);
     if names.iter().any(|k| k.starts_with("base_model.model.")) {
         let dir = file.parent().unwrap_or(Path::new("."));
         if dir.join("adapter_config.json").is_file() {

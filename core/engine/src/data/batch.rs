@@ -31,7 +31,8 @@ fn epoch_rng(seed: u64, epoch: u64, tag: &[u8; 8]) -> ChaCha8Rng {
 
 /// The batches of one epoch, as indices into `examples`, deterministic in (`seed`, `epoch`):
 /// musubi-tuner's `BucketBatchManager` — examples grouped by bucket (and by their image and
-/// text roles, so a batch stacks), each group shuffled and cut into batches of at most
+/// text roles and every image's size, so a batch stacks: musubi keys batches by the target
+/// bucket plus every control's shape), each group shuffled and cut into batches of at most
 /// `batch_size`, then the order of all batches shuffled. Every batch holds one bucket only;
 /// every example appears exactly once. With a single group (one bucket, one role set) the
 /// batches are consecutive cuts of one shuffled order that does not depend on `batch_size`,
@@ -39,10 +40,10 @@ fn epoch_rng(seed: u64, epoch: u64, tag: &[u8; 8]) -> ChaCha8Rng {
 /// batch of `k·b`.
 pub fn epoch_batches(examples: &[Example], batch_size: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
     let bs = batch_size.max(1);
-    type Key<'a> = ((u32, u32), (Vec<&'a str>, Vec<&'a str>));
+    type Key<'a> = ((u32, u32), (Vec<&'a str>, Vec<&'a str>), Vec<(&'a str, (u32, u32))>);
     let mut groups: BTreeMap<Key<'_>, Vec<usize>> = BTreeMap::new();
     for (i, e) in examples.iter().enumerate() {
-        groups.entry((e.bucket, e.signature())).or_default().push(i);
+        groups.entry((e.bucket, e.signature(), e.shapes())).or_default().push(i);
     }
     let mut rng = epoch_rng(seed, epoch, b"buckets\0");
     let mut batches = Vec::new();
@@ -88,8 +89,9 @@ impl Batch {
     }
 }
 
-/// Loads (through `cache`) and stacks `examples`, which must share one bucket and the same
-/// image and text roles (as [`epoch_batches`] groups them).
+/// Loads (through `cache`) and stacks `examples`, which must share one bucket, the same
+/// image and text roles and the same image sizes (as [`epoch_batches`] groups them). Each
+/// role's tensor has that role's size ([`Example::size_of`]: the bucket, or a control's own).
 pub fn make_batch(examples: &[&Example], cache: &mut ImageCache) -> Result<Batch> {
     let first =
         examples.first().ok_or_else(|| EngineError::Other("make_batch: no examples given (batch size 0)".into()))?;
@@ -110,16 +112,24 @@ pub fn make_batch(examples: &[&Example], cache: &mut ImageCache) -> Result<Batch
                 e.signature()
             )));
         }
+        if e.shapes() != first.shapes() {
+            return Err(EngineError::Other(format!(
+                "make_batch: `{}` has image sizes {:?} but `{}` has {:?}: a batch needs the same sizes (use epoch_batches)",
+                first.id,
+                first.shapes(),
+                e.id,
+                e.shapes()
+            )));
+        }
     }
     cache.prefetch(examples)?;
-    let (w, h) = first.bucket;
     let n = examples.len();
-    let per = 3 * w as usize * h as usize;
     let mut images = Vec::with_capacity(first.images.len());
     for (k, (role, _)) in first.images.iter().enumerate() {
-        let mut data = Vec::with_capacity(per * n);
+        let (w, h) = first.size_of(role);
+        let mut data = Vec::with_capacity(3 * w as usize * h as usize * n);
         for e in examples {
-            let img = cache.get_bucket(&e.images[k].1, e.bucket)?;
+            let img = cache.get_bucket(&e.images[k].1, (w, h))?;
             data.extend_from_slice(&img);
         }
         images.push((role.clone(), CpuTensor::new(vec![n as i64, 3, h as i64, w as i64], data)));

@@ -113,6 +113,45 @@ impl BucketSelector {
     }
 }
 
+/// musubi-tuner's `BucketSelector.calculate_bucket_resolution` (`dataset/bucket.py:123-165`
+/// @ 30c658c), which sizes control images under `control_resolution`:
+///
+/// ```text
+/// A = rw·rh;  ar = w / h
+/// bw = divisible_by(int(sqrt(A·ar)), s);  bh = divisible_by(int(sqrt(A / ar)), s)
+/// for i in -2..=2: cw = bw + i·s;  ch = divisible_by(A // cw, s);  keep the first smallest |cw/ch − ar|
+/// ```
+///
+/// A candidate with a side ≤ 0 is skipped (musubi-tuner divides by zero there); when none is
+/// left, `(bw, bh)` as musubi-tuner returns it, which the caller refuses when a side is 0.
+pub fn calculate_bucket_resolution(size: (u32, u32), resolution: (u32, u32), reso_steps: u32) -> (u32, u32) {
+    let s = reso_steps.max(1) as i64;
+    let area = resolution.0 as i64 * resolution.1 as i64;
+    let ar = size.0 as f64 / size.1.max(1) as f64;
+    let floor = |n: i64| n - n.rem_euclid(s);
+    let bw = floor(((area as f64) * ar).sqrt() as i64);
+    let bh = floor(((area as f64) / ar).sqrt() as i64);
+    let mut best: Option<(i64, i64)> = None;
+    let mut best_diff = f64::INFINITY;
+    for i in -2..=2 {
+        let w = bw + i * s;
+        if w <= 0 {
+            continue;
+        }
+        let h = floor(area / w);
+        if h <= 0 {
+            continue;
+        }
+        let diff = (w as f64 / h as f64 - ar).abs();
+        if diff < best_diff {
+            best_diff = diff;
+            best = Some((w, h));
+        }
+    }
+    let (w, h) = best.unwrap_or((bw, bh));
+    (w.max(0) as u32, h.max(0) as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +194,28 @@ mod tests {
         let s = BucketSelector::new((64, 64), true, false, 16).unwrap();
         assert_eq!(s.buckets, vec![(32, 128), (48, 80), (64, 64), (80, 48), (128, 32)]);
         assert_eq!(s.select((100, 70)), (80, 48));
+    }
+
+    /// Expected values from `tests/python/bucket_oracle.py --table` (its last block: musubi-tuner's
+    /// `calculate_bucket_resolution` copied into Python), step 16 as for Qwen-Image-Edit.
+    #[test]
+    fn control_resolution_buckets_match_musubi_tuner() {
+        for (img, reso, want) in [
+            ((1000, 700), (1024, 1024), (1216, 848)),
+            ((500, 500), (1024, 1024), (1024, 1024)),
+            ((400, 800), (1024, 1024), (720, 1456)),
+            ((1920, 1080), (1024, 1024), (1360, 768)),
+            ((123, 457), (512, 512), (272, 960)),
+            ((3000, 1000), (768, 768), (1312, 448)),
+            ((1000, 700), (960, 544), (864, 592)),
+            ((64, 64), (64, 64), (64, 64)),
+            ((4000, 100), (512, 512), (3200, 80)),
+        ] {
+            assert_eq!(calculate_bucket_resolution(img, reso, 16), want, "image {img:?}, control_resolution {reso:?}");
+        }
+        // Where musubi-tuner would divide by zero, the non-positive candidates are skipped.
+        let (w, h) = calculate_bucket_resolution((10, 1000), (32, 32), 16);
+        assert!(w > 0 && h > 0 && w % 16 == 0 && h % 16 == 0, "{w}x{h}");
     }
 
     #[test]

@@ -549,6 +549,7 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSet> {
             images: vec![(roles::TARGET.into(), p.target.clone()), (roles::REFERENCE.into(), p.reference.clone())],
             texts: Vec::new(),
             bucket,
+            sizes: Default::default(),
         })
     };
     let (train, val, test) = if super::uses_fractions(cfg, true) {

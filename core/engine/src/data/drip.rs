@@ -118,6 +118,7 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSet> {
             images: vec![(roles::TARGET.into(), orig), (roles::REFERENCE.into(), reference)],
             texts: vec![(roles::CAPTION.into(), text)],
             bucket,
+            sizes: Default::default(),
         });
     }
     if listing.dirs.is_empty() {

@@ -84,9 +84,8 @@ impl ImageCache {
         let mut todo: Vec<(PathBuf, Fit)> = Vec::new();
         let mut seen = HashSet::new();
         for e in examples {
-            let fit = fit_for(self.square_crop, e.bucket);
-            for (_, p) in &e.images {
-                let k = (p.clone(), fit);
+            for (role, p) in &e.images {
+                let k = (p.clone(), fit_for(self.square_crop, e.size_of(role)));
                 if !self.images.contains_key(&k) && seen.insert(k.clone()) {
                     todo.push(k);
                 }

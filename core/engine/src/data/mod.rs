@@ -28,7 +28,9 @@
 //! **target** image, `bucket_no_upscale` keeping small images at their size (rounded down to
 //! the step). With bucketing off there is one bucket, the resolution. Every image of an
 //! example (target, reference, controls) is resized to cover the example's bucket and centre
-//! cropped, as musubi-tuner's `resize_image_to_bucket` does ([`image_io::Fit::Bucket`]).
+//! cropped, as musubi-tuner's `resize_image_to_bucket` does ([`image_io::Fit::Bucket`]) — or
+//! to its own size when the example says so ([`Example::sizes`]: musubi's
+//! `control_resolution` / `no_resize_control` controls).
 //! `bundles` with bucketing off and no `resolution` keeps the historic loader: square
 //! `image_size` crops ([`image_io::Fit::SquareCrop`]); use [`ImageCache::for_dataset`] to get
 //! that rule.
@@ -57,8 +59,10 @@
 //!   control whose suffix after `_` is not a number is an error for that image (musubi-tuner
 //!   raises "Invalid digits suffix"). Unknown keys in `dataset.toml` are errors naming the file
 //!   and the key; keys musubi-tuner knows but this trainer does not implement
-//!   (`multiple_target = true`, `no_resize_control = true`, `control_resolution`, video
-//!   datasets) are errors saying so; FramePack-only keys are accepted and ignored (a warning).
+//!   (`multiple_target = true`, video datasets) are errors saying so; FramePack-only keys are
+//!   accepted and ignored (a warning). `control_resolution` and `no_resize_control` size the
+//!   controls as musubi-tuner does ([`musubi`]'s module docs): such an image is fitted to its
+//!   own size ([`Example::sizes`]), not the bucket.
 //!
 //! # Splits
 //!
@@ -130,8 +134,12 @@ pub struct Example {
     pub images: Vec<(String, PathBuf)>,
     /// `(role, text)`.
     pub texts: Vec<(String, String)>,
-    /// `(width, height)` every image of this example is fitted to.
+    /// `(width, height)` every image of this example is fitted to, unless `sizes` says otherwise.
     pub bucket: (u32, u32),
+    /// `(width, height)` of the images fitted to their own size instead of `bucket`, by role
+    /// (musubi's controls under `control_resolution` / `no_resize_control`); empty elsewhere.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub sizes: BTreeMap<String, (u32, u32)>,
 }
 
 impl Example {
@@ -148,6 +156,17 @@ impl Example {
     /// Role names of the images, then of the texts: examples batched together must agree.
     pub fn signature(&self) -> (Vec<&str>, Vec<&str>) {
         (self.images.iter().map(|(r, _)| r.as_str()).collect(), self.texts.iter().map(|(r, _)| r.as_str()).collect())
+    }
+
+    /// The `(width, height)` the image of `role` is fitted to: its own size, else the bucket.
+    pub fn size_of(&self, role: &str) -> (u32, u32) {
+        self.sizes.get(role).copied().unwrap_or(self.bucket)
+    }
+
+    /// Every image's role and size, in order: examples batched together must agree (musubi
+    /// keys its batches by the target bucket plus every control's shape).
+    pub fn shapes(&self) -> Vec<(&str, (u32, u32))> {
+        self.images.iter().map(|(r, _)| (r.as_str(), self.size_of(r))).collect()
     }
 }
 
@@ -251,9 +270,9 @@ impl DataSet {
         self.problems.iter().filter(move |p| p.severity == severity)
     }
 
-    /// How an image of `example` is fitted.
-    pub fn fit(&self, example: &Example) -> Fit {
-        image_cache::fit_for(self.square_crop, example.bucket)
+    /// How the image of `role` of `example` is fitted.
+    pub fn fit(&self, example: &Example, role: &str) -> Fit {
+        image_cache::fit_for(self.square_crop, example.size_of(role))
     }
 
     /// Buckets with their example counts, sorted.
@@ -467,6 +486,7 @@ pub(crate) mod testutil {
             images: roles.iter().map(|r| (r.to_string(), PathBuf::from(format!("{id}-{r}.png")))).collect(),
             texts: vec![("caption".into(), format!("caption of {id}"))],
             bucket,
+            sizes: Default::default(),
         }
     }
 }

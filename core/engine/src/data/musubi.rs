@@ -23,9 +23,21 @@
 //!   or `<stem>_` not claimed yet, ordered exact stem first, then by the number after the last
 //!   `_` (`image1_0.png`, `image1_1.png` or `image1_0000.png`, …). All of an image's controls
 //!   are used (Qwen-Image-Edit and FLUX.2 take several; FLUX.1 Kontext takes the first).
-//! - Buckets: musubi-tuner's `BucketSelector` per dataset on the target image; controls are
-//!   resized to the target's bucket (musubi-tuner's default; `no_resize_control` and
-//!   `control_resolution` are not implemented and refused).
+//! - Buckets: musubi-tuner's `BucketSelector` per dataset on the target image. Controls as
+//!   musubi-tuner sizes them (`image_video_dataset.py:448-479`): by default resized to the
+//!   target's bucket; with `control_resolution = [w, h]` (or an int) each to its own aspect
+//!   bucket of area w·h ([`calculate_bucket_resolution`]); with `no_resize_control` kept at
+//!   their size rounded down to the step; with both, `control_resolution` is a maximum area
+//!   (a larger control gets its bucket of that area). The step is `data.bucket_reso_steps`, 16
+//!   by default, the dataset's own: musubi-tuner's for Qwen-Image-Edit (`qie`) and every other
+//!   image architecture but HiDream-O1 (32) — the dataset does not know the model, so a run
+//!   for a 32-step model sets `data.bucket_reso_steps = 32`. One divergence: with both keys a
+//!   control within the maximum area keeps its exact size in musubi-tuner (not rounded, which
+//!   latents packed 2×2 cannot take); here it is rounded down to the step as without
+//!   `control_resolution`. The `reference` role (the first control's file) stays at the
+//!   target's bucket: it is compared with the generated image. A control's size is part of
+//!   the example's batching key ([`Example::shapes`]), so a batch holds equal shapes, as
+//!   musubi-tuner keys its batches by the target bucket plus every control's shape.
 //! - Relative paths are resolved against the working directory, as musubi-tuner does; when
 //!   that does not exist but the path exists next to the `dataset.toml`, that one is used and a
 //!   warning says so.
@@ -36,7 +48,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 use toml::Value;
 
-use super::bucket::BucketSelector;
+use super::bucket::{calculate_bucket_resolution, divisible_by, BucketSelector};
 use super::image_io;
 use super::{roles, DataSet, Example, Scan, Source};
 use crate::config::DataConfig;
@@ -95,6 +107,11 @@ pub struct DatasetParams {
     pub image_jsonl_file: Option<PathBuf>,
     pub control_directory: Option<PathBuf>,
     pub cache_directory: Option<PathBuf>,
+    /// Controls keep their size (rounded down to the step) instead of the target's bucket.
+    pub no_resize_control: bool,
+    /// Each control gets its own aspect bucket of this area (with `no_resize_control`: the
+    /// maximum area).
+    pub control_resolution: Option<(u32, u32)>,
 }
 
 /// A parsed `dataset.toml`: its datasets and the warnings reading it produced.
@@ -328,15 +345,6 @@ impl Entry<'_> {
                 "`datasets[{i}].multiple_target = true` (Qwen-Image-Layered targets) is not supported"
             )));
         }
-        if self.boolean("no_resize_control")? {
-            return Err(self.cerr(format!("`datasets[{i}].no_resize_control = true` is not supported: controls are resized to the target's bucket")));
-        }
-        if self.get("control_resolution").is_some() {
-            self.reso("control_resolution")?;
-            return Err(self.cerr(format!(
-                "`datasets[{i}].control_resolution` is not supported: controls are resized to the target's bucket"
-            )));
-        }
         for k in ["fp_latent_window_size", "fp_1f_clean_indices", "fp_1f_target_index", "fp_1f_no_post"] {
             if self.t.contains_key(k) {
                 warnings.push((self.path.to_path_buf(), format!("`datasets[{i}].{k}` is FramePack-only: ignored")));
@@ -370,7 +378,25 @@ impl Entry<'_> {
             image_jsonl_file,
             control_directory,
             cache_directory,
+            no_resize_control: self.boolean("no_resize_control")?,
+            control_resolution: self.reso("control_resolution")?,
         })
+    }
+}
+
+/// The `(width, height)` a control image of `size` is resized to, as musubi-tuner's
+/// `fetch_and_resize` decides it (`image_video_dataset.py:448-479`; see the module docs);
+/// `None` = the target's bucket (the default).
+pub fn control_size(d: &DatasetParams, size: (u32, u32), steps: u32) -> Option<(u32, u32)> {
+    let round =
+        |(w, h): (u32, u32)| (divisible_by(w as u64, steps as u64) as u32, divisible_by(h as u64, steps as u64) as u32);
+    match (d.no_resize_control, d.control_resolution) {
+        (false, None) => None,
+        (false, Some(r)) => Some(calculate_bucket_resolution(size, r, steps)),
+        (true, Some(r)) if size.0 as u64 * size.1 as u64 > r.0 as u64 * r.1 as u64 => {
+            Some(calculate_bucket_resolution(size, r, steps))
+        }
+        (true, _) => Some(round(size)),
     }
 }
 
@@ -619,7 +645,7 @@ fn jsonl_items(scan: &mut Scan<'_>, d: &DatasetParams, file: &Path) -> Vec<Item>
 
 /// The example of one image and its controls; `None` (reported) when one of them is unusable
 /// or it has no bucket.
-fn item_example(scan: &mut Scan<'_>, sel: &BucketSelector, it: Item) -> Option<Example> {
+fn item_example(scan: &mut Scan<'_>, d: &DatasetParams, sel: &BucketSelector, it: Item) -> Option<Example> {
     let t = scan.image(&it.target);
     let cs: Vec<Option<(u32, u32)>> = it.controls.iter().map(|c| scan.image(c)).collect();
     let tsize = t?;
@@ -632,10 +658,25 @@ fn item_example(scan: &mut Scan<'_>, sel: &BucketSelector, it: Item) -> Option<E
     if let Some(c0) = it.controls.first() {
         images.push((roles::REFERENCE.to_string(), c0.clone()));
     }
-    for (k, c) in it.controls.iter().enumerate() {
+    let mut sizes = BTreeMap::new();
+    for (k, (c, csize)) in it.controls.iter().zip(cs.into_iter().flatten()).enumerate() {
+        if let Some(s) = control_size(d, csize, sel.reso_steps) {
+            if s.0 == 0 || s.1 == 0 {
+                scan.error(
+                    c,
+                    format!(
+                        "{}x{} is smaller than one bucket step ({}) with no_resize_control: it would be resized to {}x{}",
+                        csize.0, csize.1, sel.reso_steps, s.0, s.1
+                    ),
+                );
+                scan.error(&it.target, "left out: one of its control images is unusable (see its problem)");
+                return None;
+            }
+            sizes.insert(roles::control(k), s);
+        }
         images.push((roles::control(k), c.clone()));
     }
-    Some(Example { id: it.id, images, texts: vec![(roles::CAPTION.to_string(), it.caption)], bucket })
+    Some(Example { id: it.id, images, texts: vec![(roles::CAPTION.to_string(), it.caption)], bucket, sizes })
 }
 
 /// A `[[datasets]]` entry as `host data check` shows it.
@@ -656,6 +697,11 @@ fn source_of(d: &DatasetParams, examples: usize, buckets: BTreeMap<String, usize
             ("image_jsonl_file".to_string(), opt(&d.image_jsonl_file)),
             ("control_directory".to_string(), opt(&d.control_directory)),
             ("cache_directory".to_string(), opt(&d.cache_directory)),
+            ("no_resize_control".to_string(), json!(d.no_resize_control)),
+            (
+                "control_resolution".to_string(),
+                d.control_resolution.map(|(w, h)| json!([w, h])).unwrap_or(serde_json::Value::Null),
+            ),
             ("buckets".to_string(), json!(buckets)),
         ]),
     }
@@ -698,7 +744,7 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSet> {
         let mut buckets: BTreeMap<String, usize> = BTreeMap::new();
         let before = examples.len();
         for it in items {
-            if let Some(e) = item_example(&mut scan, sel, it) {
+            if let Some(e) = item_example(&mut scan, d, sel, it) {
                 repeats.insert(e.id.clone(), d.num_repeats);
                 *buckets.entry(format!("{}x{}", e.bucket.0, e.bucket.1)).or_insert(0) += 1;
                 examples.push(e);
@@ -888,7 +934,12 @@ batch_size = 2
             ("[dataset]\n", "unknown key `dataset`", Some("datasets")),
             ("[[datasets]]\nvideo_directory = 'v'\n", "video datasets are not supported", None),
             ("[[datasets]]\nimage_directory = 'x'\nmultiple_target = true\n", "multiple_target", None),
-            ("[[datasets]]\nimage_directory = 'x'\ncontrol_resolution = [1024, 1024]\n", "control_resolution", None),
+            (
+                "[[datasets]]\nimage_directory = 'x'\ncontrol_resolution = [1024]\n",
+                "`datasets[0].control_resolution` must be",
+                None,
+            ),
+            ("[[datasets]]\nimage_directory = 'x'\nno_resize_control = 1\n", "true or false", None),
             (
                 "[[datasets]]\nimage_directory = 'x'\nbatch_size = 'two'\n",
                 "`datasets[0].batch_size` must be an integer",
@@ -915,10 +966,14 @@ batch_size = 2
                 assert!(e.contains(h), "{body}\n=> {e}");
             }
         }
-        // Deprecated names are renamed (and then refused as unsupported here), FramePack keys
-        // are accepted with a warning.
-        let t = write_toml(r, "[[datasets]]\nimage_directory = 'x'\nqwen_image_edit_no_resize_control = true\n");
-        assert!(inspect(&cfg_for(&t), 0).unwrap_err().to_string().contains("no_resize_control"));
+        // Deprecated names are renamed with a warning, FramePack keys are accepted with a warning.
+        let t = write_toml(
+            r,
+            "[[datasets]]\nimage_directory = 'x'\nqwen_image_edit_no_resize_control = true\nqwen_image_edit_control_resolution = 512\n",
+        );
+        let c = read_config(&t, ".txt").unwrap();
+        assert_eq!((c.datasets[0].no_resize_control, c.datasets[0].control_resolution), (true, Some((512, 512))));
+        assert!(c.warnings.iter().any(|(_, w)| w.contains("qwen_image_edit_no_resize_control")), "{:?}", c.warnings);
         let t = write_toml(r, "[[datasets]]\nimage_directory = 'missing'\nfp_latent_window_size = 9\n");
         let ds = inspect(&cfg_for(&t), 0).unwrap();
         assert!(ds.problems.iter().any(|p| p.message.contains("FramePack")));
@@ -926,6 +981,79 @@ batch_size = 2
         // The folder form: root holds dataset.toml.
         let c = cfg_for(r);
         assert_eq!(config_path(&c), r.join("dataset.toml"));
+    }
+
+    /// `control_resolution` and `no_resize_control` size each control as musubi-tuner's
+    /// `fetch_and_resize` does (the sizes are `tests/python/bucket_oracle.py`'s `control_size`,
+    /// musubi-tuner's lines re-typed); the size is part of the batching key, so two examples of
+    /// one bucket whose controls differ in shape never share a batch. Before, both keys were
+    /// refused.
+    #[test]
+    fn control_resolution_and_no_resize_control_size_controls_as_musubi_does() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let dirs: Vec<(PathBuf, PathBuf)> =
+            (0..4).map(|k| (r.join(format!("img{k}")), r.join(format!("ctl{k}")))).collect();
+        let target = |k: usize, stem: &str| {
+            write_img(&dirs[k].0.join(format!("{stem}.png")), 64, 64, 1);
+            std::fs::write(dirs[k].0.join(format!("{stem}.txt")), stem).unwrap();
+        };
+        target(0, "a");
+        target(0, "a2");
+        write_img(&dirs[0].1.join("a.png"), 200, 100, 2);
+        write_img(&dirs[0].1.join("a2.png"), 100, 200, 2);
+        target(1, "b");
+        write_img(&dirs[1].1.join("b.png"), 70, 90, 3);
+        target(2, "c");
+        write_img(&dirs[2].1.join("c_0.png"), 40, 40, 4);
+        write_img(&dirs[2].1.join("c_1.png"), 200, 100, 5);
+        target(3, "e");
+        write_img(&dirs[3].1.join("e.png"), 200, 100, 6);
+        let keys = [
+            "control_resolution = 128",
+            "no_resize_control = true",
+            "no_resize_control = true\ncontrol_resolution = [64, 64]",
+            "",
+        ];
+        let mut body = "[general]\nresolution = 64\nbatch_size = 2\n".to_string();
+        for (k, (img, ctl)) in dirs.iter().enumerate() {
+            body += &format!(
+                "[[datasets]]\nimage_directory = '{}'\ncontrol_directory = '{}'\n{}\n",
+                img.display(),
+                ctl.display(),
+                keys[k]
+            );
+        }
+        let ds = inspect(&cfg_for(&write_toml(r, &body)), 0).unwrap();
+        assert_eq!(ds.problems_of(Severity::Error).count(), 0, "{:#?}", ds.problems);
+        let sizes = |id: &str| {
+            let e = ds.train.iter().find(|e| e.id == id).unwrap();
+            assert_eq!((e.bucket, e.size_of("target"), e.size_of("reference")), ((64, 64), (64, 64), (64, 64)), "{id}");
+            e.sizes.iter().map(|(r, s)| (r.as_str(), *s)).collect::<Vec<_>>()
+        };
+        assert_eq!(sizes("0/a"), vec![("control", (176, 80))]);
+        assert_eq!(sizes("0/a2"), vec![("control", (80, 192))]);
+        assert_eq!(sizes("1/b"), vec![("control", (64, 80))]);
+        // Within the maximum area: musubi-tuner keeps 40x40 as is; here rounded to the step.
+        assert_eq!(sizes("2/c"), vec![("control", (32, 32)), ("control_1", (80, 48))]);
+        assert_eq!(sizes("3/e"), vec![]);
+        let by_id = |id: &str| ds.train.iter().find(|e| e.id == id).unwrap();
+        let mut cache = crate::data::ImageCache::new();
+        let b = crate::data::make_batch(&[by_id("2/c")], &mut cache).unwrap();
+        assert_eq!(b.image("control").unwrap().shape, vec![1, 3, 32, 32]);
+        assert_eq!(b.image("control_1").unwrap().shape, vec![1, 3, 48, 80]);
+        assert_eq!(b.image("reference").unwrap().shape, vec![1, 3, 64, 64]);
+        // 0/a and 0/a2: one bucket and one role set, but controls of two shapes.
+        let (a, a2) = (by_id("0/a"), by_id("0/a2"));
+        assert!(crate::data::make_batch(&[a, a2], &mut cache).unwrap_err().to_string().contains("same sizes"));
+        let ia = ds.train.iter().position(|e| e.id == "0/a").unwrap();
+        // Several epochs: one shuffled group of four would pair them in some of them.
+        for batch in (0..20).flat_map(|epoch| crate::data::epoch_batches(&ds.train, 2, 0, epoch)) {
+            assert!(!(batch.contains(&ia) && batch.iter().any(|&i| ds.train[i].id == "0/a2")), "{batch:?}");
+        }
+        let j = ds.report_json();
+        let c = j["examples"].as_array().unwrap().iter().find(|e| e["id"] == "2/c").unwrap();
+        assert_eq!(c["fitted_sizes"], json!({"control": [32, 32], "control_1": [80, 48]}));
     }
 
     #[test]

@@ -191,6 +191,7 @@ fn pair_example(scan: &mut Scan<'_>, sel: &BucketSelector, p: FilePair) -> Optio
         images: vec![(roles::TARGET.into(), t), (roles::REFERENCE.into(), s.clone()), (roles::CONTROL.into(), s)],
         texts: vec![(roles::CAPTION.into(), text), (roles::ATTRIBUTE.into(), attr)],
         bucket,
+        sizes: Default::default(),
     })
 }
 

@@ -160,6 +160,14 @@ impl DataSet {
             if let Some((w, h)) = e.image(roles::TARGET).and_then(|p| self.image_sizes.get(p)) {
                 v["size"] = json!([w, h]);
             }
+            if !e.sizes.is_empty() {
+                // Images fitted to their own size, not the bucket (musubi's control_resolution).
+                v["fitted_sizes"] = json!(e
+                    .sizes
+                    .iter()
+                    .map(|(r, (w, h))| (r.clone(), json!([w, h])))
+                    .collect::<serde_json::Map<_, _>>());
+            }
             v
         };
         let examples: Vec<Value> = self

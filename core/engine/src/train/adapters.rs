@@ -24,6 +24,22 @@ impl Trainer<'_> {
             Some(s) => format!("{name}-step{s:08}"),
             None => name,
         };
+        self.export_adapters_as(&base)
+    }
+
+    /// musubi-tuner's `--save_every_n_epochs` files after 1-based epoch `epoch`:
+    /// `<name>-<epoch:06>.safetensors` (`train_utils.get_epoch_ckpt_name`) and the other formats
+    /// under the same base.
+    pub(crate) fn export_epoch_adapters(&mut self, epoch: u64) -> Result<Vec<PathBuf>> {
+        let name = self.cfg.run.output_name.clone().unwrap_or_else(|| "likeness".into());
+        let written = self.export_adapters_as(&epoch_adapter_base(&name, epoch))?;
+        // Not DRIP's `epoch_adapter` record (a 0-based epoch and one folder): a 1-based epoch and its files.
+        self.log.log(&json!({"type": "epoch_adapters", "step": self.state.step, "epoch": epoch, "paths": written}))?;
+        Ok(written)
+    }
+
+    fn export_adapters_as(&mut self, base: &str) -> Result<Vec<PathBuf>> {
+        let base = base.to_string();
         let meta =
             self.plan.adapter_metadata(self.cfg, &self.ds, self.state.step, self.state.epoch, self.started_at_ms);
         let mut written = Vec::new();
@@ -118,6 +134,18 @@ fn replace_dir(tmp: &Path, dest: &Path, old: &Path) -> Result<()> {
     Ok(())
 }
 
+/// musubi-tuner's per-epoch base name, `<name>-<epoch:06d>` (1-based epoch).
+pub fn epoch_adapter_base(name: &str, epoch: u64) -> String {
+    format!("{name}-{epoch:06}")
+}
+
+/// Whether musubi-tuner's `--save_every_n_epochs n` writes a numbered file after 1-based epoch
+/// `epoch` of `epochs`: `epoch % n == 0 and epoch < num_train_epochs` (trainer_base.py:2142-2154),
+/// so the last epoch has only the final file.
+pub fn saves_epoch(every: u64, epoch: u64, epochs: u64) -> bool {
+    every > 0 && epoch.is_multiple_of(every) && epoch < epochs
+}
+
 /// DRIP's folder name of the weights after 0-based epoch `epoch`: `epoch00`, `epoch01`, …
 /// (the seed's `lora_out/epoch00/ # epoch 0 LoRA weights`); three digits from epoch 100 on.
 pub fn epoch_dir_name(epoch: u64) -> String {
@@ -175,6 +203,19 @@ fn export_adapter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_files_follow_musubi_tuners_rule() {
+        // --max_train_epochs 16 --save_every_n_epochs 1: face_lora-000001 … face_lora-000015,
+        // and epoch 16 only as the final face_lora.safetensors.
+        let saved: Vec<u64> = (1..=16).filter(|&e| saves_epoch(1, e, 16)).collect();
+        assert_eq!(saved, (1..=15).collect::<Vec<_>>());
+        assert_eq!(epoch_adapter_base("face_lora", 1), "face_lora-000001");
+        // Every 4th of 10: 4 and 8; every 5th of 10: 5 only (10 is the last); 0 = never.
+        assert_eq!((1..=10).filter(|&e| saves_epoch(4, e, 10)).collect::<Vec<_>>(), [4, 8]);
+        assert_eq!((1..=10).filter(|&e| saves_epoch(5, e, 10)).collect::<Vec<_>>(), [5]);
+        assert!(!(1..=10).any(|e| saves_epoch(0, e, 10)));
+    }
 
     #[test]
     fn epoch_folders_are_drips() {

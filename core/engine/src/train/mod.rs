@@ -191,6 +191,8 @@ pub fn train(cfg: &Config, registry: &Registry, opts: &TrainOptions) -> Result<T
     // Hub ids in model.config.pretrained → their folder in the local Hugging Face cache, before
     // the model's interface is asked or its config written (issue 19).
     let cfg = &cfg.with_model_ids_resolved()?;
+    // A bad --sample_prompts file is refused before any weight loads, not at the first sample.
+    samples::check_prompt_file(&cfg.sample, &cfg.model.plugin)?;
     Trainer::new(cfg, registry, opts)?.run()
 }
 
@@ -394,6 +396,15 @@ impl Trainer<'_> {
             if let Some(dir) = cfg.adapter.save_dir.clone() {
                 // The epoch just finished is epoch_after − 1 (0-based, DRIP's epochNN).
                 bar.suspend(|| self.export_epoch(&dir, self.state.epoch - 1))?;
+            }
+            // musubi-tuner's --save_every_n_epochs: state.epoch is the 1-based epoch just done, of
+            // train.epochs (or as many as train.steps reaches into, musubi-tuner's ceil).
+            let epochs = match t.steps {
+                0 => t.epochs,
+                _ => (self.total_steps * t.grad_accum.max(1) as u64).div_ceil(self.micro_per_epoch.max(1)),
+            };
+            if cfg.adapter.pairedit.is_none() && adapters::saves_epoch(t.save_every_epochs, self.state.epoch, epochs) {
+                bar.suspend(|| self.export_epoch_adapters(self.state.epoch))?;
             }
         }
         // PairEdit's own cadence and names (its 0-based loop index; see pairedit::intermediate_save).

@@ -10,7 +10,7 @@ use likeness_diffusion::lora_meta::{iso_datetime, py_float};
 use serde_json::{json, Value};
 
 use crate::config::{Config, IdentityWeighting};
-use crate::data::DataSet;
+use crate::data::{roles, Batch, DataSet};
 use crate::{EngineError, Result};
 
 /// The identity term's settings (the term itself is [`super::terms::IdentityTerm`]).
@@ -68,6 +68,17 @@ pub struct TextAlignmentPlan {
     pub output: String,
 }
 
+/// One image input of the model and the dataset roles it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInput {
+    /// As declared: a role (`target`) or a role pattern (`control_*`, [`roles::pattern_stem`]).
+    pub name: String,
+    /// Every batch must have it (a pattern: at least one of its roles).
+    pub required: bool,
+    /// The roles of the dataset it takes (some example has each), in the order passed.
+    pub roles: Vec<String>,
+}
+
 /// The plan of a run (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -84,8 +95,9 @@ pub struct Plan {
     pub conditioning: Vec<(String, String)>,
     /// The text-alignment term (`[text]` with text.weight > 0).
     pub text_alignment: Option<TextAlignmentPlan>,
-    /// Image roles passed to the model (declared by it and present in the data).
-    pub image_inputs: Vec<String>,
+    /// The model's image inputs that the data provides (a pattern expanded to its roles).
+    /// Each batch passes the roles it has ([`Plan::batch_image_roles`]).
+    pub image_inputs: Vec<ImageInput>,
     /// Text roles passed to the model (its text *inputs*; not the text-alignment term).
     pub text_inputs: Vec<String>,
     /// Encodings computed once and cached, passed in place of their source.
@@ -129,8 +141,9 @@ struct Checks<'a> {
 const CAPTIONS_FROM: &str = "captions come from prompt.txt in `drip`, caption files in `musubi` and `pairs`";
 
 impl Checks<'_> {
-    /// The declared inputs present in the data; a required one that is absent is a problem.
-    fn inputs(&mut self) -> (Vec<String>, Vec<String>) {
+    /// The declared inputs present in the data (a pattern: the roles it matches); a required
+    /// one that is absent is a problem.
+    fn inputs(&mut self) -> (Vec<ImageInput>, Vec<String>) {
         let (model_id, data_desc) = (self.model_id, &self.data_desc);
         let mut images = Vec::new();
         for d in self.i.images.iter() {
@@ -138,16 +151,33 @@ impl Checks<'_> {
                 // A metric's embedding (Checks::conditioning), not a dataset image.
                 continue;
             }
-            if self.image_roles.contains(d.name.as_str()) {
-                images.push(d.name.to_string());
-            } else if d.required {
-                self.problems.push(format!(
-                    "model `{model_id}` needs image `{}` ({}), but {data_desc} provides images: {}",
-                    d.name,
-                    d.doc,
-                    list(&self.image_roles)
+            let name = d.name.as_str();
+            let matched: Vec<String> = roles::matching(name, self.image_roles.iter().map(String::as_str))
+                .into_iter()
+                .map(String::from)
+                .collect();
+            let pattern = roles::pattern_stem(name);
+            if matched.is_empty() {
+                if d.required {
+                    let what = match pattern {
+                        Some(stem) => format!("images matching `{name}` (`{stem}`, `{stem}_1`, `{stem}_2`, …)"),
+                        None => format!("image `{name}`"),
+                    };
+                    self.problems.push(format!(
+                        "model `{model_id}` needs {what} ({}), but {data_desc} provides images: {}",
+                        d.doc,
+                        list(&self.image_roles)
+                    ));
+                }
+                continue;
+            }
+            if pattern.is_some() {
+                self.notes.push(format!(
+                    "model input `{name}` takes the roles {} (each batch passes those its examples have)",
+                    matched.join(", ")
                 ));
             }
+            images.push(ImageInput { name: name.to_string(), required: d.required, roles: matched });
         }
         let mut texts = Vec::new();
         for d in self.i.texts.iter() {
@@ -408,11 +438,19 @@ impl Plan {
             .encodings
             .iter()
             .filter(|e| match e.source_kind {
-                InputKind::Image => image_inputs.iter().any(|r| r == e.source.as_str()),
+                InputKind::Image => image_inputs.iter().any(|i| i.roles.iter().any(|r| r == e.source.as_str())),
                 InputKind::Text => text_inputs.iter().any(|r| r == e.source.as_str()),
             })
             .cloned()
             .collect();
+        for e in i.encodings.iter().filter(|e| roles::pattern_stem(e.source.as_str()).is_some()) {
+            // The cache stores one encoding per role and the model names its outputs; which
+            // output name a pattern's n-th role gets is not defined, so its images go in raw.
+            c.notes.push(format!(
+                "encoding `{}` of `{}` is not cached: an encoding's source is one role (declare one per role, e.g. of `control` and `control_1`); the images are passed as they are",
+                e.name, e.source
+            ));
+        }
         if cfg.eval.every > 0 && cfg.metric.is_none() {
             c.problems.push("eval.every > 0 evaluates the samples' face consistency, which needs a [metric] (e.g. --metric arcface)".into());
         }
@@ -437,6 +475,44 @@ impl Plan {
             can_sample: i.can_sample,
             notes: c.notes,
         })
+    }
+
+    /// The image roles passed to the model for `batch`: every input's roles that the batch
+    /// holds, in the plan's order, each once. Optional inputs (and a pattern's roles) are
+    /// passed when the batch has them and skipped when it does not — a batch holds one role
+    /// signature (`data::epoch_batches`), so that is the per-sample presence too. A required
+    /// input the batch lacks is an error naming its examples.
+    pub fn batch_image_roles(&self, batch: &Batch) -> Result<Vec<String>> {
+        self.image_roles_in(batch, true)
+    }
+
+    /// [`Self::batch_image_roles`] without the required check: what sampling passes to
+    /// `sample`, which needs no `target` (the image it generates).
+    pub fn present_image_roles(&self, batch: &Batch) -> Vec<String> {
+        self.image_roles_in(batch, false).unwrap_or_default()
+    }
+
+    fn image_roles_in(&self, batch: &Batch, strict: bool) -> Result<Vec<String>> {
+        let mut out: Vec<String> = Vec::new();
+        for input in &self.image_inputs {
+            let have = roles::matching(&input.name, batch.images.iter().map(|(r, _)| r.as_str()));
+            if have.is_empty() && input.required && strict {
+                return Err(EngineError::Other(format!(
+                    "batch of {} has no image {}, which the model requires: every example of a run must have its model's required images",
+                    batch.ids.join(", "),
+                    match roles::pattern_stem(&input.name) {
+                        Some(_) => format!("matching `{}` (the data has {})", input.name, input.roles.join(", ")),
+                        None => format!("`{}`", input.name),
+                    }
+                )));
+            }
+            for r in have {
+                if !out.iter().any(|o| o == r) {
+                    out.push(r.to_string());
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The active terms, for the run record.
@@ -533,6 +609,120 @@ mod tests {
         assert_eq!(term(IdentityWeighting::TMax).sample_weight(0.5), 1.0);
         assert_eq!(term(IdentityWeighting::TMax).sample_weight(0.75), 0.0);
         assert_eq!(term(IdentityWeighting::None).sample_weight(0.9), 1.0);
+    }
+
+    /// A model interface with these image inputs (name, required), `caption` and its own loss.
+    fn interface(images: &[(&str, bool)]) -> ModelInterface {
+        let decl = |n: &str, required: bool| IoDecl { name: n.into(), required, doc: "test".into() };
+        ModelInterface {
+            images: images.iter().map(|(n, r)| decl(n, *r)).collect(),
+            texts: vec![decl("caption", true)].into(),
+            outputs: vec![decl("pixels", true)].into(),
+            internal_loss: true,
+            encodings: Default::default(),
+            param_groups: Default::default(),
+            adapter_formats: Default::default(),
+            can_sample: false,
+        }
+    }
+
+    /// Issue 17's dataset: a musubi dataset.toml whose image `one` has one control and `two`
+    /// two (`two_0.png`, `two_1.png`), batch size 1; and a config training on it.
+    fn two_control_counts(dir: &std::path::Path) -> (Config, DataSet) {
+        let (img, ctl) = (dir.join("img"), dir.join("ctl"));
+        crate::data::testutil::write_img(&img.join("one.png"), 64, 64, 1);
+        crate::data::testutil::write_img(&img.join("two.png"), 64, 64, 2);
+        std::fs::write(img.join("one.txt"), "one").unwrap();
+        std::fs::write(img.join("two.txt"), "two").unwrap();
+        crate::data::testutil::write_img(&ctl.join("one.png"), 64, 64, 3);
+        crate::data::testutil::write_img(&ctl.join("two_0.png"), 64, 64, 4);
+        crate::data::testutil::write_img(&ctl.join("two_1.png"), 64, 64, 5);
+        let toml = dir.join("dataset.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "[general]\nresolution = 64\nbatch_size = 1\n[[datasets]]\nimage_directory = '{}'\ncontrol_directory = '{}'\n",
+                img.display(),
+                ctl.display()
+            ),
+        )
+        .unwrap();
+        let run = dir.join("run.toml");
+        std::fs::write(
+            &run,
+            format!("[model]\nplugin = 'edit'\n[data]\nlayout = 'musubi'\nroot = '{}'\n", toml.display()),
+        )
+        .unwrap();
+        let cfg = crate::config::Layered::new(Some(&run), &Default::default()).unwrap().extract().unwrap();
+        let ds = crate::data::open(&cfg.data, 0).unwrap();
+        (cfg, ds)
+    }
+
+    /// The image roles each batch of batch size 1 passes (by example id), or the first error.
+    fn roles_per_batch(plan: &Plan, ds: &DataSet) -> Result<Vec<(String, Vec<String>)>> {
+        let mut cache = crate::data::ImageCache::new();
+        let mut out = Vec::new();
+        for idx in crate::data::epoch_batches(&ds.train, 1, 0, 0) {
+            let examples: Vec<&crate::data::Example> = idx.iter().map(|&i| &ds.train[i]).collect();
+            let batch = crate::data::make_batch(&examples, &mut cache)?;
+            // What Trainer::model_inputs does with them: each role's tensor of the batch.
+            let roles = plan.batch_image_roles(&batch)?;
+            for r in &roles {
+                crate::train::step::batch_image(&batch, r)?;
+            }
+            out.push((batch.ids.join(","), roles));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Issue 17: a batch whose example has one control where another has two failed with
+    /// "batch of 0/one has no image `control_1`" (every role of the data was required of
+    /// every batch). A pattern `control_*` and a declared-optional `control_1` are passed when
+    /// the batch has them; a required role a batch lacks is still an error naming it.
+    #[test]
+    fn issue_17_batches_pass_the_controls_they_have() {
+        let d = tempfile::tempdir().unwrap();
+        let (cfg, ds) = two_control_counts(d.path());
+        let want = |one: &[&str], two: &[&str]| {
+            let v = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            vec![("0/one".to_string(), v(one)), ("0/two".to_string(), v(two))]
+        };
+        let i = interface(&[("target", true), ("control_*", true)]);
+        let plan = Plan::new(&cfg, "edit", &i, &ds, None).unwrap();
+        assert_eq!(plan.image_inputs[1].roles, vec!["control", "control_1"]);
+        assert!(
+            plan.notes.iter().any(|n| n.contains("`control_*` takes the roles control, control_1")),
+            "{:?}",
+            plan.notes
+        );
+        assert_eq!(
+            roles_per_batch(&plan, &ds).unwrap(),
+            want(&["target", "control"], &["target", "control", "control_1"])
+        );
+        let i = interface(&[("target", true), ("control", true), ("control_1", false)]);
+        let plan = Plan::new(&cfg, "edit", &i, &ds, None).unwrap();
+        assert_eq!(
+            roles_per_batch(&plan, &ds).unwrap(),
+            want(&["target", "control"], &["target", "control", "control_1"])
+        );
+        let i = interface(&[("target", true), ("control_1", true)]);
+        let plan = Plan::new(&cfg, "edit", &i, &ds, None).unwrap();
+        let e = roles_per_batch(&plan, &ds).unwrap_err().to_string();
+        assert!(e.contains("batch of 0/one has no image `control_1`"), "{e}");
+    }
+
+    /// A required pattern no role of the data matches is refused before anything loads, with
+    /// the roles it would take and those the data has.
+    #[test]
+    fn a_required_pattern_needs_a_matching_role() {
+        let d = tempfile::tempdir().unwrap();
+        let (cfg, ds) = two_control_counts(d.path());
+        let i = interface(&[("target", true), ("mask_*", true), ("depth_*", false)]);
+        let e = Plan::new(&cfg, "edit", &i, &ds, None).unwrap_err().to_string();
+        assert!(e.contains("needs images matching `mask_*` (`mask`, `mask_1`, `mask_2`, …)"), "{e}");
+        assert!(e.contains("provides images: control, control_1, reference, target"), "{e}");
+        assert!(!e.contains("depth"), "{e}");
     }
 
     /// The variant is named for what it reads (`timestep_weights`); configs keep spelling it

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use abi_stable::std_types::RSlice;
-use likeness_abi::{sample_seed, CpuTensor, ForwardMode, StepContext, TensorView};
+use likeness_abi::{sample_seed, CpuTensor, ForwardMode, InputKind, StepContext, TensorView};
 
 use super::terms::{Gradient, TermBatch, ValidationSums};
 use super::Trainer;
@@ -151,11 +151,13 @@ impl Trainer<'_> {
         let batch = data::make_batch(&refs, &mut self.images)?;
         let replaced: Vec<&str> = self.plan.encodings.iter().map(|e| e.source.as_str()).collect();
         let mut tensors: Vec<(String, CpuTensor<f32>)> = Vec::new();
-        for role in &self.plan.image_inputs {
+        // The roles this batch has: an optional one (or a pattern's) that the batch lacks is
+        // skipped rather than an error (issue 17: one control here, two in the next batch).
+        for role in self.plan.batch_image_roles(&batch)? {
             if self.cache.enabled() && replaced.contains(&role.as_str()) {
                 continue;
             }
-            tensors.push((role.clone(), batch_image(&batch, role)?.clone()));
+            tensors.push((role.clone(), batch_image(&batch, &role)?.clone()));
         }
         // model.conditioning: a metric's embedding of one of the batch's images.
         for c in self.parts.terms.conditioning.iter_mut() {
@@ -170,6 +172,11 @@ impl Trainer<'_> {
         }
         if self.cache.enabled() {
             for decl in self.plan.encodings.clone() {
+                // An optional source this batch has no image of: nothing to encode (a required
+                // one was refused by batch_image_roles above).
+                if decl.source_kind == InputKind::Image && batch.image(decl.source.as_str()).is_none() {
+                    continue;
+                }
                 tensors.extend(self.cache.encodings(&mut self.parts.model, &decl, examples, &batch)?);
             }
         }
