@@ -7,8 +7,8 @@
 // Params and state are float (fp32 master weights); an optional bf16 copy of the updated
 // params is written for bf16 compute.
 
-#define ADAMW_THREADS 256
-#define ADAMW_MAX_TENSORS 64
+// ADAMW_THREADS and ADAMW_MAX_TENSORS are defined in front of this file from
+// kernels/src/adamw.rs (CU_DEFINES).
 
 struct AdamwList {
     u64 p[ADAMW_MAX_TENSORS];

@@ -3,7 +3,7 @@
 // Inputs are stored as T (float/half/bf16); every output is float. All reductions use a fixed
 // order (warp butterflies, then warps in index order), so results are deterministic.
 
-#define EMB_THREADS 256
+// EMB_THREADS is defined in front of this file from kernels/src/embed.rs (CU_DEFINES).
 #define EMB_WARPS (EMB_THREADS / 32)
 
 // One warp per row: out = v / max(‖v‖, eps) (torch.nn.functional.normalize), norms = ‖v‖.

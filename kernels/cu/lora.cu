@@ -7,14 +7,10 @@
 // `w` is addressed through strides so the same kernel reads A (r×K) and B (M×r) in place.
 // The small operands h, g (N×r) and the gradients dA, dB are float.
 
-#define LORA_THREADS 256
-#define MAX_RANK 64
-#define DOWN_ROWS 16
+// LORA_THREADS, MAX_RANK, DOWN_ROWS, UP_ROWS, UP_COLS, RED_ROWS and RED_COLS are defined in
+// front of this file from kernels/src/lora.rs (CU_DEFINES), which sizes the grids; DOWN_K, the
+// k-tile of rank_down's shared memory, is this file's alone.
 #define DOWN_K 64
-#define UP_ROWS 32
-#define UP_COLS 64
-#define RED_ROWS 32
-#define RED_COLS 64
 
 template <typename T>
 __device__ void rank_down(const T* in, i64 n_rows, i64 k_dim, const T* w, i64 w_sj, i64 w_sk,

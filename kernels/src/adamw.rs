@@ -20,6 +20,11 @@ use crate::{Dtype, Element, Error, KernelId, Kernels, Result};
 pub const MAX_TENSORS_PER_LAUNCH: usize = 64;
 const THREADS: u32 = 256;
 
+/// What adamw.cu is compiled with (the by-value list's length must equal [`AdamwList`]'s here),
+/// `#define`d in front of it by [`crate::Source::text`].
+pub(crate) const CU_DEFINES: &[(&str, usize)] =
+    &[("ADAMW_THREADS", THREADS as usize), ("ADAMW_MAX_TENSORS", MAX_TENSORS_PER_LAUNCH)];
+
 /// AdamW's hyper-parameters (torch's names and defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamwHyper {

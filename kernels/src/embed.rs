@@ -17,7 +17,11 @@ use crate::{Dtype, Element, Error, KernelId, Kernels, Result};
 /// `torch.nn.functional.normalize`'s default eps.
 pub const NORMALIZE_EPS: f32 = 1e-12;
 const THREADS: u32 = 256;
-const WARPS: usize = 8;
+const WARPS: usize = THREADS as usize / 32;
+
+/// The block size embed.cu is compiled with (`EMB_WARPS` derives from it there as `WARPS`
+/// does here), `#define`d in front of it by [`crate::Source::text`].
+pub(crate) const CU_DEFINES: &[(&str, usize)] = &[("EMB_THREADS", THREADS as usize)];
 
 /// The warp reduction of embed.cu: lane `l` sums elements `l, l+32, …` (FMA), then five xor
 /// butterfly steps (every lane ends with the same value).

@@ -24,15 +24,17 @@ impl Source {
         }
     }
 
-    /// The program text NVRTC compiles: the prelude, then the file. A `#line` directive keeps
-    /// compiler messages pointing at the file's own line numbers.
+    /// The program text NVRTC compiles: the prelude, the launch geometry the host side sizes
+    /// its grids with (each module's `CU_DEFINES`, the one place those numbers live), then the
+    /// file. A `#line` directive keeps compiler messages pointing at the file's own line numbers.
     pub fn text(self) -> String {
-        let body = match self {
-            Source::Lora => include_str!("../cu/lora.cu"),
-            Source::Embed => include_str!("../cu/embed.cu"),
-            Source::Adamw => include_str!("../cu/adamw.cu"),
+        let (body, defines) = match self {
+            Source::Lora => (include_str!("../cu/lora.cu"), crate::lora::CU_DEFINES),
+            Source::Embed => (include_str!("../cu/embed.cu"), crate::embed::CU_DEFINES),
+            Source::Adamw => (include_str!("../cu/adamw.cu"), crate::adamw::CU_DEFINES),
         };
-        format!("{PRELUDE}\n#line 1 \"{}\"\n{body}", self.file_name())
+        let defines: String = defines.iter().map(|(name, value)| format!("#define {name} {value}\n")).collect();
+        format!("{PRELUDE}\n{defines}#line 1 \"{}\"\n{body}", self.file_name())
     }
 
     /// Every kernel of this source.
@@ -115,6 +117,28 @@ impl KernelId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 18: the launch geometry lives in Rust only. Each `CU_DEFINES` name is used by its
+    /// `.cu` file, defined once in the program text (in front of the file), and never `#define`d
+    /// by the file itself (a second, drifting copy).
+    #[test]
+    fn issue_18_launch_geometry_is_defined_once_from_rust() {
+        for source in Source::ALL {
+            let (body, defines) = match source {
+                Source::Lora => (include_str!("../cu/lora.cu"), crate::lora::CU_DEFINES),
+                Source::Embed => (include_str!("../cu/embed.cu"), crate::embed::CU_DEFINES),
+                Source::Adamw => (include_str!("../cu/adamw.cu"), crate::adamw::CU_DEFINES),
+            };
+            let text = source.text();
+            for (name, value) in defines {
+                let file = source.file_name();
+                let uses = body.lines().filter(|l| !l.trim_start().starts_with("//") && l.contains(name)).count();
+                assert!(uses > 0, "{file} does not use {name}");
+                assert!(!body.contains(&format!("#define {name} ")), "{file} defines {name} itself");
+                assert_eq!(text.matches(&format!("#define {name} {value}\n")).count(), 1, "{file}: {name}");
+            }
+        }
+    }
 
     /// Entry names are unique (the NVRTC test checks each against the PTX's `.entry` list).
     #[test]

@@ -178,6 +178,19 @@ const UP_COLS: usize = 64;
 const RED_ROWS: usize = 32;
 const RED_COLS: usize = 64;
 
+/// The launch geometry lora.cu is compiled with: `#define`d in front of it
+/// ([`crate::Source::text`]), so the grid computed here and the tiles the kernels loop over
+/// cannot drift apart.
+pub(crate) const CU_DEFINES: &[(&str, usize)] = &[
+    ("LORA_THREADS", THREADS as usize),
+    ("MAX_RANK", MAX_RANK),
+    ("DOWN_ROWS", DOWN_ROWS),
+    ("UP_ROWS", UP_ROWS),
+    ("UP_COLS", UP_COLS),
+    ("RED_ROWS", RED_ROWS),
+    ("RED_COLS", RED_COLS),
+];
+
 /// Rows per split of the dA / dB reductions, from the shape alone (≈ 256 rows, ≤ 64 splits,
 /// a multiple of the kernel's 32-row tile): the same on every GPU, so gradients are bit-stable
 /// across devices of one capability, unlike a split chosen from the SM count.

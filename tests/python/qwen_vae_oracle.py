@@ -39,7 +39,12 @@ def main():
     g = torch.Generator().manual_seed(1)
     images = torch.rand(2, 3, 16, 12, generator=g) * 2 - 1
     latents = torch.randn(2, 4, 4, 3, generator=g)
-    meta = {}
+    save_outputs(vae, out, images, latents, {})
+
+
+def save_outputs(vae, out, images, latents, meta):
+    """Single-frame encode (posterior mean, logvar) of `images` and decode of `latents`, written
+    as `<name>.f32` with their shapes in `oracle.json` (with `meta`'s other entries)."""
     with torch.no_grad():
         dist = vae.encode(images.unsqueeze(2)).latent_dist
         decoded = vae.decode(latents.unsqueeze(2)).sample[:, :, 0]

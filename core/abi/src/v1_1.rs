@@ -65,12 +65,26 @@ pub enum InputKind {
 
 /// A cacheable encoding (VAE latents, text-encoder outputs): the host computes it once per
 /// distinct source with `encode`, stores it on disk and passes it in place of the source.
+///
+/// **Several sources.** `source` may name several inputs joined by `+` (`caption+control_*`:
+/// Qwen2.5-VL reads a caption with its control images), each an image role, an image role
+/// pattern or a text; its kind is the kind the model declares it with (`source_kind` is the
+/// first's). One entry per sample covers every source the sample has; `encode` gets them all
+/// (a pattern as each of its roles). Encodings may share a source (the VL encoding and the
+/// control images' VAE latents both read `control_*`); while encodings are cached, no source
+/// of one is passed raw.
+///
+/// **Variable length.** An output `x` that comes with an output `x_mask` (`[n, L]`, 1 = real,
+/// 0 = padding, real positions first) is variable-length along dimension 1: the host stores
+/// each sample's real positions only, and passes a batch zero-padded at the end of dimension 1
+/// to its longest entry, with `x_mask` (f32) beside it. A model reads a missing `x_mask` as
+/// all real.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
 pub struct EncodingDecl {
     /// The encoding's name, passed to `encode` (`latents`, `text_embeddings` …).
     pub name: RString,
-    /// The input it replaces (`target`, `caption` …).
+    /// The input(s) it replaces (`target`, `caption`, `caption+control_*` …).
     pub source: RString,
     pub source_kind: InputKind,
     /// Keys of the model config whose values change the encoding (`pretrained`, `vae_dtype`
@@ -86,7 +100,7 @@ pub struct EncodingDecl {
 /// `control_2`, …), each passed under its own role name, in that order. A required pattern
 /// needs at least one matching role in every batch; the others are passed when the batch has
 /// them. It is a naming rule of [`IoDecl::name`], not a new field: a host that predates it
-/// sees an input no dataset provides. Encodings (`EncodingDecl::source`) name one role.
+/// sees an input no dataset provides. An encoding's source may be a pattern (see [`EncodingDecl`]).
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
 pub struct ModelInterface {

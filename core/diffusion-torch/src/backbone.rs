@@ -197,6 +197,43 @@ pub fn role_index(role: &str) -> usize {
     role.rsplit_once('_').and_then(|(_, n)| n.parse().ok()).unwrap_or(0)
 }
 
+/// One cacheable part of the conditioning of a backbone with condition images
+/// ([`Backbone::CONDITION_ENCODINGS`]), an encoding of several inputs (issue 17: Qwen2.5-VL reads
+/// the caption with the control images; the VAE reads the control images alone).
+#[derive(Clone, Copy, Debug)]
+pub struct ConditionEncoding {
+    /// The encoding's name (`encode`'s and the cache's).
+    pub name: &'static str,
+    /// What it reads: `caption` and/or condition-image names or patterns (`control_*`).
+    pub sources: &'static [&'static str],
+    /// The names of its outputs, which are also the inputs a cached value comes back as; an
+    /// entry ending in `*` is a prefix (`latents.*`: one output per control role). An output
+    /// `x` with an `x_mask` is variable-length (core/abi's `EncodingDecl`).
+    pub outputs: &'static [&'static str],
+    /// The config keys whose change invalidates a cached value.
+    pub keys: &'static [&'static str],
+}
+
+impl ConditionEncoding {
+    /// Whether input `name` is one of its outputs.
+    pub fn produces(&self, name: &str) -> bool {
+        self.outputs.iter().any(|o| match o.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix) && name.len() > prefix.len(),
+            None => *o == name,
+        })
+    }
+
+    /// Whether it reads the caption.
+    pub fn reads_caption(&self) -> bool {
+        self.sources.contains(&"caption")
+    }
+
+    /// Whether it reads condition image `role`.
+    pub fn reads_image(&self, role: &str) -> bool {
+        self.sources.iter().any(|s| *s != "caption" && role_matches(s, role))
+    }
+}
+
 /// One cacheable text encoding: its name (an input and an `encode` output) and the config keys
 /// whose change invalidates a cached value.
 #[derive(Clone, Copy, Debug)]
@@ -281,6 +318,11 @@ pub trait Backbone: Send + Sized + 'static {
     /// Images the denoiser is conditioned on besides `target` (edit models' `control_*`), given
     /// to [`condition`](Self::condition). Default: none.
     const CONDITION_IMAGES: &'static [ConditionImage] = &[];
+    /// The cacheable parts of [`condition`](Self::condition) (frozen encoders: computed without a
+    /// graph), each computed by [`encode_condition`](Self::encode_condition) and joined by
+    /// [`assemble_condition`](Self::assemble_condition). Default: none (the conditioning is not
+    /// cached).
+    const CONDITION_ENCODINGS: &'static [ConditionEncoding] = &[];
 
     /// Loads the networks (the denoiser now; encoders may load on first use).
     fn load(config: &Self::Config, train: &TrainConfig, device: Device) -> Result<Self>;
@@ -366,7 +408,25 @@ pub trait Backbone: Send + Sized + 'static {
     /// and, within a pattern, by index (`control`, `control_1`, …); empty when the batch has
     /// none. Default: the text encodings, refusing images (a backbone that declares condition
     /// images overrides this).
+    /// With [`CONDITION_ENCODINGS`](Self::CONDITION_ENCODINGS), the default computes each and
+    /// assembles them.
     fn condition(&self, texts: &[&str], images: &[(String, Tensor)], grad: bool) -> Result<Vec<Tensor>> {
+        if !Self::CONDITION_ENCODINGS.is_empty() {
+            let mut parts = Vec::new();
+            for e in Self::CONDITION_ENCODINGS {
+                let texts: &[&str] = if e.reads_caption() { texts } else { &[] };
+                let read: Vec<(String, Tensor)> = images
+                    .iter()
+                    .filter(|(r, _)| e.reads_image(r))
+                    .map(|(r, x)| (r.clone(), x.shallow_clone()))
+                    .collect();
+                if texts.is_empty() && read.is_empty() {
+                    continue;
+                }
+                parts.extend(tch::no_grad(|| self.encode_condition(e.name, texts, &read))?);
+            }
+            return self.assemble_condition(&parts);
+        }
         if let Some((role, _)) = images.first() {
             return Err(ModelError::Input(format!(
                 "backbone `{}` declares no condition image, got `{role}`",
@@ -374,6 +434,26 @@ pub trait Backbone: Send + Sized + 'static {
             )));
         }
         self.encode_texts(texts, grad)
+    }
+
+    /// [`CONDITION_ENCODINGS`](Self::CONDITION_ENCODINGS) entry `name` of `texts` (empty when it
+    /// does not read the caption) and the condition images it reads (as in
+    /// [`condition`](Self::condition)): its named outputs, batch first; a variable-length `x`
+    /// with `x_mask` `[n, L]`.
+    fn encode_condition(
+        &self,
+        name: &str,
+        _texts: &[&str],
+        _images: &[(String, Tensor)],
+    ) -> Result<Vec<(String, Tensor)>> {
+        Err(ModelError::Input(format!("backbone `{}` declares no condition encoding `{name}`", Self::ID)))
+    }
+
+    /// The conditioning from every condition encoding's outputs (computed now, or cached and
+    /// passed back as inputs, a variable-length `x`'s padding marked by `x_mask`, f32): what
+    /// [`condition`](Self::condition) returns.
+    fn assemble_condition(&self, _parts: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
+        Err(ModelError::Input(format!("backbone `{}` declares no condition encodings", Self::ID)))
     }
 
     /// A component's store: `load` loads a lazily loaded component; without it an unloaded one

@@ -77,8 +77,8 @@ pub mod unet;
 pub mod vae;
 
 pub use backbone::{
-    replay_tape, role_index, role_matches, Backbone, BackboneConfig, ConditionImage, LatentCodec, LatentSpace, Lazy,
-    Objective, Replay, SampleScheduler, SampleSettings, TextEncoding, Vae,
+    replay_tape, role_index, role_matches, Backbone, BackboneConfig, ConditionEncoding, ConditionImage, LatentCodec,
+    LatentSpace, Lazy, Objective, Replay, SampleScheduler, SampleSettings, TextEncoding, Vae,
 };
 pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use config::{UNetConfig, VaeConfig};

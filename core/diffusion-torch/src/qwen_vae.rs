@@ -8,8 +8,11 @@
 //!
 //! Names and shapes are diffusers' (the 5-D conv weights are stored as they are and sliced per
 //! forward, so a checkpoint loads unchanged); `RMS_norm` is an L2 normalisation over channels
-//! times √C times γ (`F.normalize(x, dim=1)`, eps 1e-12), not a mean-square one.
+//! times √C times γ (`F.normalize(x, dim=1)`, eps 1e-12), not a mean-square one. A checkpoint
+//! may also carry the original Wan-2.1 names (ComfyUI's `qwen_image_vae.safetensors`): see
+//! [`qwen_vae_from_path`] and the `wan` module.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -17,9 +20,12 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use crate::config::{cfg_err, read_json};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::load::Stored;
 use crate::nn::Conv2d;
 use crate::store::{Store, P};
+
+mod wan;
 
 fn d_base() -> i64 {
     96
@@ -77,7 +83,17 @@ pub struct QwenVaeConfig {
 
 impl QwenVaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let v = read_json(path)?;
+        Self::from_value(path, read_json(path)?)
+    }
+
+    /// Qwen-Image's own config (every default), for a checkpoint that carries none.
+    pub fn qwen_image() -> Self {
+        Self::from_value(Path::new("(Qwen-Image's VAE config)"), serde_json::json!({}))
+            .expect("the defaults are a valid config")
+    }
+
+    /// A parsed `config.json` (`path` names it in errors).
+    pub fn from_value(path: &Path, v: Value) -> Result<Self> {
         if let Some(name) = v.get("_class_name").and_then(Value::as_str) {
             if name != "AutoencoderKLQwenImage" {
                 return Err(cfg_err(path, "_class_name", format!("{name} is not an AutoencoderKLQwenImage")));
@@ -413,7 +429,11 @@ impl QwenImageVae {
     }
 }
 
-/// A diffusers `vae/` folder (or its parent pipeline folder) as a store and the model.
+/// The model's name in load errors.
+const MODEL: &str = "AutoencoderKLQwenImage";
+
+/// A diffusers `vae/` folder (or its parent pipeline folder) as a store and the model; the
+/// weights' names may be either layout ([`qwen_vae_from_path`]).
 pub fn qwen_vae_from_diffusers(
     dir: &Path,
     kind: Kind,
@@ -424,11 +444,129 @@ pub fn qwen_vae_from_diffusers(
     let cfg = QwenVaeConfig::from_file(&dir.join("config.json"))?;
     let store = Store::new(mode, kind, device);
     let model = QwenImageVae::new(&store, &cfg);
-    crate::load::apply(
-        &store,
-        crate::load::read_component_weights(&dir)?,
-        &dir.display().to_string(),
-        "AutoencoderKLQwenImage",
-    )?;
+    apply_either_layout(&store, &cfg, crate::load::read_component_weights(&dir)?, &dir)?;
     Ok((store, model))
+}
+
+/// What musubi-tuner's `--vae` takes (`qwen_image_utils.load_vae`: one safetensors file, its
+/// names diffusers' or ComfyUI's), and a diffusers folder: a directory loads as
+/// [`qwen_vae_from_diffusers`]; a `.safetensors` file — `vae/diffusion_pytorch_model.safetensors`
+/// or ComfyUI's `qwen_image_vae.safetensors` — with the `config.json` beside it when that is an
+/// AutoencoderKLQwenImage's (or names no class), else with Qwen-Image's config (ComfyUI's file
+/// carries none; musubi-tuner hard-codes the same values). The layout is told from the names in
+/// the header: diffusers' (`encoder.conv_in.weight`, `encoder.down_blocks.0.norm1.gamma`) or
+/// Wan-2.1's (`encoder.conv1.weight`, `encoder.downsamples.0.residual.0.gamma`), whichever holds
+/// more of the model's tensors; a file where neither holds half of them is refused, naming a few
+/// of its unexpected and missing tensors.
+pub fn qwen_vae_from_path(
+    path: &Path,
+    kind: Kind,
+    device: tch::Device,
+    mode: crate::store::Mode,
+) -> Result<(Store, QwenImageVae)> {
+    if path.is_dir() {
+        return qwen_vae_from_diffusers(path, kind, device, mode);
+    }
+    let beside = path.with_file_name("config.json");
+    let cfg = if beside.exists() {
+        let v = read_json(&beside)?;
+        match v.get("_class_name").and_then(Value::as_str) {
+            // Another component's config next to the file (a transformer's, musubi-tuner's files
+            // side by side): not this VAE's.
+            Some(name) if name != MODEL => QwenVaeConfig::qwen_image(),
+            _ => QwenVaeConfig::from_value(&beside, v)?,
+        }
+    } else {
+        QwenVaeConfig::qwen_image()
+    };
+    let store = Store::new(mode, kind, device);
+    let model = QwenImageVae::new(&store, &cfg);
+    apply_either_layout(&store, &cfg, crate::load::read_st(path)?, path)?;
+    Ok((store, model))
+}
+
+/// [`crate::load::apply`] after renaming Wan-2.1 names to ours when the tensors carry those; a
+/// mismatch is then reported in the file's names.
+fn apply_either_layout(store: &Store, c: &QwenVaeConfig, tensors: Vec<(String, Stored)>, source: &Path) -> Result<()> {
+    let wan = wan::WanNames::new(c);
+    let ours: Vec<String> = store.shapes().into_iter().map(|(n, _)| n).collect();
+    let to_wan = ours
+        .iter()
+        .map(|n| {
+            let w = wan.name(n).ok_or_else(|| Error::NotImplemented(format!("no Wan-2.1 name for parameter {n}")))?;
+            Ok((n.clone(), w))
+        })
+        .collect::<Result<BTreeMap<String, String>>>()?;
+    let names: HashSet<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    let diffusers = ours.iter().filter(|n| names.contains(n.as_str())).count();
+    let wan_hits = to_wan.values().filter(|n| names.contains(n.as_str())).count();
+    let is_wan = wan_hits > diffusers;
+    if 2 * diffusers.max(wan_hits) < ours.len() {
+        return Err(neither_layout(&tensors, &ours, &to_wan, is_wan, (diffusers, wan_hits), source));
+    }
+    let desc = source.display().to_string();
+    if !is_wan {
+        return crate::load::apply(store, tensors, &desc, MODEL);
+    }
+    let from_wan: HashMap<&str, &str> = to_wan.iter().map(|(o, w)| (w.as_str(), o.as_str())).collect();
+    let renamed = tensors
+        .into_iter()
+        .map(|(n, t)| match from_wan.get(n.as_str()) {
+            Some(o) => (o.to_string(), t),
+            // Kept under its own name, so the mismatch report lists it as unexpected.
+            None => (n, t),
+        })
+        .collect();
+    let wan_name = |n: String| to_wan.get(&n).cloned().unwrap_or(n);
+    crate::load::apply(store, renamed, &format!("{desc} (Wan-2.1 / ComfyUI names)"), MODEL).map_err(|e| match e {
+        Error::Mismatch { source_desc, model, missing, unexpected, wrong_shape } => {
+            let mut missing: Vec<String> = missing.into_iter().map(wan_name).collect();
+            missing.sort();
+            let wrong_shape = wrong_shape.into_iter().map(|(n, want, got)| (wan_name(n), want, got)).collect();
+            Error::Mismatch { source_desc, model, missing, unexpected, wrong_shape }
+        }
+        e => e,
+    })
+}
+
+/// The refusal of tensors in neither layout: the counts, and a few unexpected and missing names
+/// of the closer layout (a full list would be every tensor of the file and of the model).
+fn neither_layout(
+    tensors: &[(String, Stored)],
+    ours: &[String],
+    to_wan: &BTreeMap<String, String>,
+    is_wan: bool,
+    (diffusers, wan_hits): (usize, usize),
+    source: &Path,
+) -> Error {
+    let expected: Vec<&String> = if is_wan { to_wan.values().collect() } else { ours.iter().collect() };
+    let expected_set: HashSet<&str> = expected.iter().map(|n| n.as_str()).collect();
+    let mut unexpected: Vec<&str> =
+        tensors.iter().map(|(n, _)| n.as_str()).filter(|n| !expected_set.contains(n)).collect();
+    unexpected.sort();
+    let names: HashSet<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    let mut missing: Vec<&str> = expected.iter().map(|n| n.as_str()).filter(|n| !names.contains(n)).collect();
+    missing.sort();
+    let few = |v: &[&str]| {
+        let shown = v.iter().take(4).copied().collect::<Vec<_>>().join(", ");
+        if v.len() > 4 {
+            format!("{shown}, … ({} in all)", v.len())
+        } else {
+            shown
+        }
+    };
+    let layout = if is_wan { "Wan-2.1 / ComfyUI" } else { "diffusers" };
+    Error::Config {
+        path: source.into(),
+        field: "(tensor names)".into(),
+        msg: format!(
+            "not a Qwen-Image VAE in a layout this loader reads: of the {} tensors of the {MODEL} its config \
+             builds, the file holds {diffusers} under diffusers' names (e.g. encoder.conv_in.weight) and \
+             {wan_hits} under the Wan-2.1 / ComfyUI names (e.g. encoder.conv1.weight); unexpected: {}; \
+             missing ({layout} names): {}",
+            ours.len(),
+            few(&unexpected),
+            few(&missing)
+        ),
+    }
 }

@@ -85,7 +85,9 @@ impl ModelSpec {
     }
 
     /// A cacheable encoding `name` of input `source`; `config_keys` are the model-config keys
-    /// whose values change it.
+    /// whose values change it. `source` may join several inputs with `+` (`caption+control_*`),
+    /// `kind` being the first's; an output `x` with an `x_mask` is variable-length
+    /// (`likeness_abi::EncodingDecl` documents both rules).
     pub fn encoding(mut self, name: &str, source: &str, kind: InputKind, config_keys: &[&str]) -> Self {
         self.i.encodings.push(EncodingDecl {
             name: name.into(),

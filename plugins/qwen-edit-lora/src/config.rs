@@ -21,7 +21,8 @@ pub struct QwenEditLoraConfig {
     /// `transformer/config.json` too; without one the real 2509 config is used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
-    /// musubi-tuner's `--vae`: the VAE folder (default `<pipeline>/vae`).
+    /// musubi-tuner's `--vae`: the VAE folder, or one `.safetensors` file in diffusers' or
+    /// ComfyUI's (Wan-2.1) names (default `<pipeline>/vae`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae: Option<String>,
     /// musubi-tuner's `--text_encoder`: the Qwen2.5-VL folder or file (default
@@ -123,7 +124,7 @@ impl BackboneConfig for QwenEditLoraConfig {
                 "description": "a diffusers QwenImageEditPlusPipeline folder (transformer/ vae/ text_encoder/ processor/ scheduler/), a Hugging Face id in the local cache, or the transformer alone (musubi-tuner's --dit: a transformer/ folder or a single .safetensors file such as ComfyUI's qwen_image_edit_2509_bf16.safetensors) with `vae` and `text_encoder`"},
             "config": {"type": "string",
                 "description": "for a transformer given alone: a pipeline folder holding the other components (default: the folder above a transformer/ folder)"},
-            "vae": {"type": "string", "description": "musubi-tuner's --vae: the AutoencoderKLQwenImage folder (diffusers layout); default <pipeline>/vae"},
+            "vae": {"type": "string", "description": "musubi-tuner's --vae: the AutoencoderKLQwenImage folder, or one .safetensors file in diffusers' names (vae/diffusion_pytorch_model.safetensors) or the Wan-2.1 names of ComfyUI's qwen_image_vae.safetensors (its config.json beside it, else Qwen-Image's); default <pipeline>/vae"},
             "text_encoder": {"type": "string", "description": "musubi-tuner's --text_encoder: the Qwen2.5-VL folder or single file; default <pipeline>/text_encoder"},
             "tokenizer": {"type": "string", "description": "the Qwen2 processor/tokenizer folder (tokenizer.json, or vocab.json + merges.txt); default <pipeline>/processor, else <pipeline>/tokenizer"},
             "model_version": {"type": "string", "enum": ["edit-2509"], "default": "edit-2509",

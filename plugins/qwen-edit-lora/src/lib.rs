@@ -13,8 +13,10 @@
 //! * images `target` (required, f32 `[B, 3, H, W]` in [0, 1], sides multiples of 16, or its
 //!   `latents`), `control_*` (optional: `control`, `control_1`, … — the edit's input images, each
 //!   its own size, multiples of 16), `reference` (optional: read by the engine's identity term);
-//! * texts `caption` (required; not cacheable with controls: Qwen2.5-VL reads the caption and
-//!   the control images together);
+//! * texts `caption` (required);
+//! * cacheable encodings `latents` (of `target`), `prompt_embeds` (of `caption+control_*`:
+//!   Qwen2.5-VL reads the caption with the control images; variable-length, with
+//!   `prompt_embeds_mask`) and `control_latents` (of `control_*`: `latents.<role>` per control);
 //! * outputs `pixels` (x̂0 decoded with gradient), `timesteps`, `timestep_weights`;
 //! * parameter group `transformer`; adapter formats `kohya` (musubi-tuner's `lora_unet_…` with an
 //!   `.alpha` per module), `diffusers`, `peft`; `can_sample` (QwenImageEditPlusPipeline's loop,
@@ -37,8 +39,8 @@ use likeness_diffusion_torch::qwen_vl;
 use likeness_diffusion_torch::sampling::{FlowMatchConfig, Guidance};
 use likeness_diffusion_torch::trainer::{ModelError, Result, TimestepSamplingName, TrainConfig};
 use likeness_diffusion_torch::{
-    replay_tape, Backbone, ConditionImage, LatentSpace, Lazy, LoraModel, Objective, Replay, SampleScheduler,
-    SampleSettings, Store, TextEncoding, Vae,
+    replay_tape, Backbone, ConditionEncoding, ConditionImage, LatentSpace, Lazy, LoraModel, Objective, Replay,
+    SampleScheduler, SampleSettings, Store, TextEncoding, Vae,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -68,6 +70,13 @@ pub struct QwenEdit {
     /// `sample_shift`'s static-shift schedule (the scheduler config with the dynamic shift off).
     sample_scheduler: FlowMatchConfig,
 }
+
+/// The condition encodings and their outputs: Qwen2.5-VL's `prompt_embeds` (with its mask) and
+/// the control images' VAE latents, `latents.<role>` (`latents.control`, `latents.control_1`, …).
+const PROMPT_EMBEDS: &str = "prompt_embeds";
+const PROMPT_MASK: &str = "prompt_embeds_mask";
+const CONTROL_LATENTS: &str = "control_latents";
+const LATENTS_OF: &str = "latents.";
 
 /// The conditioning tensors' layout: `[prompt_embeds, mask, control latents…]`.
 const EMBEDS: usize = 0;
@@ -163,6 +172,22 @@ impl Backbone for QwenEdit {
     const TEXT_ENCODINGS: &'static [TextEncoding] = &[];
     /// musubi-tuner's `--edit_plus` metadata: `Qwen-Image-Edit-Plus/lora`, `qwen_image_edit`.
     const QWEN_VARIANT: QwenImageVariant = QwenImageVariant::EditPlus;
+    /// Both parts of the conditioning are cached: the VL encoding varies in length with the
+    /// caption and the controls' sizes (padded per batch with its mask).
+    const CONDITION_ENCODINGS: &'static [ConditionEncoding] = &[
+        ConditionEncoding {
+            name: PROMPT_EMBEDS,
+            sources: &["caption", "control_*"],
+            outputs: &[PROMPT_EMBEDS, PROMPT_MASK],
+            keys: &["pretrained", "text_encoder", "tokenizer", "precision"],
+        },
+        ConditionEncoding {
+            name: CONTROL_LATENTS,
+            sources: &["control_*"],
+            outputs: &["latents.*"],
+            keys: &["pretrained", "vae", "precision"],
+        },
+    ];
     const CONDITION_IMAGES: &'static [ConditionImage] = &[ConditionImage {
         name: "control_*",
         required: false,
@@ -246,21 +271,64 @@ impl Backbone for QwenEdit {
         self.condition(texts, &[], grad)
     }
 
-    /// `[prompt_embeds [n, L, 3584], mask [n, L], control latents [n, 16, hₖ, wₖ]…]`.
-    fn condition(&self, texts: &[&str], images: &[(String, Tensor)], _grad: bool) -> Result<Vec<Tensor>> {
-        let n = texts.len();
-        let mut per_prompt: Vec<Vec<Tensor>> = (0..n).map(|_| Vec::new()).collect();
-        for (_, x) in images {
-            for (b, img) in Self::vl_images(x)?.into_iter().enumerate() {
-                per_prompt[b].push(img);
+    /// Qwen2.5-VL's embedding of the caption with the control images
+    /// (`prompt_embeds` `[n, L, 3584]` with `prompt_embeds_mask` `[n, L]`), and each control
+    /// image's VAE latents (`latents.<role>` `[n, 16, hₖ, wₖ]`).
+    fn encode_condition(
+        &self,
+        name: &str,
+        texts: &[&str],
+        images: &[(String, Tensor)],
+    ) -> Result<Vec<(String, Tensor)>> {
+        match name {
+            PROMPT_EMBEDS => {
+                let n = texts.len();
+                let mut per_prompt: Vec<Vec<Tensor>> = (0..n).map(|_| Vec::new()).collect();
+                for (_, x) in images {
+                    for (b, img) in Self::vl_images(x)?.into_iter().enumerate() {
+                        per_prompt[b].push(img);
+                    }
+                }
+                let text = self.pipe.text.get()?;
+                let (embeds, mask) = tch::no_grad(|| text.model.encode_edit_plus(texts, &per_prompt))?;
+                Ok(vec![(PROMPT_EMBEDS.into(), embeds), (PROMPT_MASK.into(), mask)])
             }
+            CONTROL_LATENTS => {
+                images.iter().map(|(role, x)| Ok((format!("{LATENTS_OF}{role}"), self.control_latents(x)?))).collect()
+            }
+            _ => Err(ModelError::Input(format!("{ID} has no condition encoding `{name}`"))),
         }
-        let text = self.pipe.text.get()?;
-        let (embeds, mask) = tch::no_grad(|| text.model.encode_edit_plus(texts, &per_prompt))?;
-        let mut out = vec![embeds, mask];
-        for (_, x) in images {
-            out.push(self.control_latents(x)?);
-        }
+    }
+
+    /// `[prompt_embeds [n, L, 3584], mask [n, L] (int64), control latents [n, 16, hₖ, wₖ]…]`, the
+    /// controls by index (`control`, `control_1`, …: RoPE frames 1, 2, …).
+    fn assemble_condition(&self, parts: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
+        let get = |name: &str| parts.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let embeds = get(PROMPT_EMBEDS).ok_or_else(|| {
+            ModelError::Input(format!(
+                "needs `caption` or its encoding `{PROMPT_EMBEDS}` (got: {})",
+                parts.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let (n, l) = (embeds.size()[0], embeds.size()[1]);
+        // A missing mask is all real (core/abi's EncodingDecl: a cached batch of equal lengths).
+        let mask = match get(PROMPT_MASK) {
+            Some(m) if m.size() == [n, l] => m.to_kind(Kind::Int64),
+            Some(m) => {
+                return Err(ModelError::Input(format!(
+                    "`{PROMPT_MASK}` must be [{n}, {l}] like `{PROMPT_EMBEDS}`, got {:?}",
+                    m.size()
+                )))
+            }
+            None => Tensor::ones([n, l], (Kind::Int64, embeds.device())),
+        };
+        let mut controls: Vec<(usize, &Tensor)> = parts
+            .iter()
+            .filter_map(|(name, t)| Some((likeness_diffusion_torch::role_index(name.strip_prefix(LATENTS_OF)?), t)))
+            .collect();
+        controls.sort_by_key(|(i, _)| *i);
+        let mut out = vec![embeds.shallow_clone(), mask];
+        out.extend(controls.into_iter().map(|(_, t)| t.shallow_clone()));
         Ok(out)
     }
 

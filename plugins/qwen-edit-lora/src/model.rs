@@ -95,13 +95,14 @@ impl Pipeline {
         let p = paths(c);
         let (transformer_store, transformer) = load_transformer(&p.transformer, kind, device)?;
         // Header-only check of the VAE now (a broken file fails at creation); weights on first use.
-        let (vs, v) = qwen_vae::qwen_vae_from_diffusers(&p.vae, kind, device, Mode::Plan)
+        // A folder, or one file in diffusers' or ComfyUI's (Wan-2.1) names, as musubi-tuner's --vae.
+        let (vs, v) = qwen_vae::qwen_vae_from_path(&p.vae, kind, device, Mode::Plan)
             .map_err(|e| bad("vae", format!("{}: {e}", p.vae.display())))?;
         let vae_config = v.config.clone();
         check_widths(c, &transformer.config, &vae_config)?;
         let vae_dir = p.vae.clone();
         let vae = Lazy::new(move || {
-            let (store, model) = qwen_vae::qwen_vae_from_diffusers(&vae_dir, kind, device, Mode::Alloc)?;
+            let (store, model) = qwen_vae::qwen_vae_from_path(&vae_dir, kind, device, Mode::Alloc)?;
             Ok(Vae::new(store, model))
         });
         for (field, path) in [("text_encoder", &p.text_encoder), ("tokenizer", &p.tokenizer)] {

@@ -19,6 +19,7 @@ mod manifest_checks;
 mod pairedit_yaml;
 mod pixel_loss;
 mod plugin_loading;
+mod qwen_cache;
 mod qwen_edit;
 mod resume;
 mod scaffold;

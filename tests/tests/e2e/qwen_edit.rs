@@ -15,27 +15,65 @@ use std::sync::OnceLock;
 use likeness_tests::{built_or_skip, data_or_skip, read_metrics, staged_plugins, Dir, TestCommand};
 
 use crate::flux_lora::generated;
+use crate::resume::{kill_and_resume_with, Schedule, Weights};
+
+/// The tiny model, shared by every test that trains it: one OnceLock, so tests running in
+/// parallel never run make_tiny_qwen_edit.py into the same directory at once.
+static QWEN: OnceLock<PathBuf> = OnceLock::new();
+
+/// tests/python/make_tiny_qwen_edit.py's tiny Qwen-Image-Edit-2509 (built once per build
+/// directory), or `None` after a `skipped:` line.
+pub(crate) fn tiny_qwen_edit(test: &str) -> Option<PathBuf> {
+    generated(test, &QWEN, "tests/python/make_tiny_qwen_edit.py", "qwen-edit-tiny", &[])
+}
+
+/// A musubi dataset folder `ds/`: demo photos copied as `img/<name>` (targets) and `ctl/<name>`
+/// (controls), a caption `img/<stem>.txt` per target, and `dataset.toml` with `general` (the
+/// `[general]` lines) over `img` and `ctl`.
+pub(crate) fn musubi_files(
+    dir: &Dir,
+    data: &Path,
+    images: &[(&str, &str)],
+    captions: &[(&str, &str)],
+    general: &str,
+) -> PathBuf {
+    let photos = data.join("photos/face_recognition");
+    dir.mkdir("ds/img");
+    dir.mkdir("ds/ctl");
+    for (from, to) in images {
+        std::fs::copy(photos.join(from), dir.join(format!("ds/{to}")))
+            .unwrap_or_else(|e| panic!("{from}: {e} (run scripts/setup.sh)"));
+    }
+    for (stem, caption) in captions {
+        dir.create(format!("ds/img/{stem}.txt"), format!("{caption}\n"));
+    }
+    dir.create(
+        "ds/dataset.toml",
+        format!(
+            "[general]\n{general}caption_extension = \".txt\"\n\n[[datasets]]\nimage_directory = \"img\"\n\
+             control_directory = \"ctl\"\ncache_directory = \"cache\"\n"
+        ),
+    );
+    dir.join("ds")
+}
 
 /// A musubi dataset: two targets of different aspect, the first with two controls, the second
 /// with one (so batches differ in their control roles), captions beside the images.
 fn musubi_dataset(dir: &Dir, data: &Path) -> PathBuf {
-    let photos = data.join("photos/face_recognition");
-    let copy = |from: &str, to: PathBuf| {
-        std::fs::copy(photos.join(from), &to).unwrap_or_else(|e| panic!("{from}: {e} (run scripts/setup.sh)"));
-    };
-    let (img, ctl) = (dir.mkdir("ds/img"), dir.mkdir("ds/ctl"));
-    copy("obama.jpg", img.join("a.jpg"));
-    copy("biden.jpg", img.join("b.jpg"));
-    copy("obama2.jpg", ctl.join("a.jpg"));
-    copy("obama3.jpg", ctl.join("a_1.jpg"));
-    copy("biden.jpg", ctl.join("b.jpg"));
-    dir.create("ds/img/a.txt", "make him smile\n");
-    dir.create("ds/img/b.txt", "a portrait in the rain\n");
-    dir.create(
-        "ds/dataset.toml",
-        "[general]\nresolution = [64, 64]\ncaption_extension = \".txt\"\nbatch_size = 1\nenable_bucket = true\n\n\
-         [[datasets]]\nimage_directory = \"img\"\ncontrol_directory = \"ctl\"\ncache_directory = \"cache\"\n",
+    let ds = musubi_files(
+        dir,
+        data,
+        &[
+            ("obama.jpg", "img/a.jpg"),
+            ("biden.jpg", "img/b.jpg"),
+            ("obama2.jpg", "ctl/a.jpg"),
+            ("obama3.jpg", "ctl/a_1.jpg"),
+            ("biden.jpg", "ctl/b.jpg"),
+        ],
+        &[("a", "make him smile"), ("b", "a portrait in the rain")],
+        "resolution = [64, 64]\nbatch_size = 1\nenable_bucket = true\n",
     );
+    let ctl = ds.join("ctl");
     dir.create(
         "ds/sample_prompts.txt",
         format!(
@@ -49,11 +87,10 @@ fn musubi_dataset(dir: &Dir, data: &Path) -> PathBuf {
 #[test]
 fn issue_17_seed_004_face_loss_command_trains_a_tiny_qwen_image_edit_plus() {
     const T: &str = "issue_17_seed_004_face_loss_command_trains_a_tiny_qwen_image_edit_plus";
-    static QWEN: OnceLock<PathBuf> = OnceLock::new();
     static FACES: OnceLock<PathBuf> = OnceLock::new();
     let Some(()) = built_or_skip(T) else { return };
     let Some(data) = data_or_skip(T) else { return };
-    let Some(tiny) = generated(T, &QWEN, "tests/python/make_tiny_qwen_edit.py", "qwen-edit-tiny", &[]) else { return };
+    let Some(tiny) = tiny_qwen_edit(T) else { return };
     let Some(faces) = generated(T, &FACES, "scripts/make_face_models.py", "face-models", &["--depth", "r-tiny"]) else {
         return;
     };
@@ -180,4 +217,80 @@ fn issue_17_network_module_must_match_the_plugin() {
     t.args(["train", "--plugin", "qwen-edit-lora", "--network_module", "networks.lora_flux", "--dit", "x"]);
     let err = t.fails();
     assert!(err.contains("networks.lora_flux") && err.contains("networks.lora_qwen_image"), "{err}");
+}
+
+/// Checkpoint interval of the resume test: odd, so with two examples a batch the kill lands
+/// mid-epoch (step 5 is the first half of epoch 3) and the resumed data order is checked too.
+const QWEN_SAVE_EVERY: u64 = 5;
+
+/// Issue 17: a `host train --plugin qwen-edit-lora` run (musubi-tuner's flags, the tiny
+/// Qwen-Image-Edit-2509, the musubi dataset with one or two controls per image, 64 px, bf16 base
+/// weights, `shift` timesteps, gradient checkpointing, AdamW) SIGKILLed after a checkpoint and
+/// continued with `--resume` ends bit-identical to an uninterrupted run: `final/model.safetensors`
+/// (the LoRA state) byte for byte, the exported kohya adapter's tensors byte for byte (its
+/// metadata too, but for the two start-time keys), every train step's loss exactly.
+///
+/// Tolerance 0, because nothing differs between the runs but the process boundary: the same
+/// `host` and plugin binaries on the same machine, the same shapes (the same buckets, batch 1),
+/// hence the same libtorch CPU kernels, thread count and summation orders; every random draw
+/// (noise, timesteps, data order) comes from the step context (run seed, step), the LoRA's random
+/// init is overwritten by the checkpoint, and the checkpoint holds the AdamW moments and step;
+/// the learning rate is a function of the step. The encoding cache is each run's own
+/// (`<run>/cache`) and stores f32, which holds the encoders' f32/bf16 outputs exactly, so a
+/// cache hit (the resumed run's entries from before the kill) feeds the same values as a miss.
+#[test]
+fn issue_17_qwen_edit_killed_and_resumed_run_is_bit_identical() {
+    const T: &str = "issue_17_qwen_edit_killed_and_resumed_run_is_bit_identical";
+    let Some(()) = built_or_skip(T) else { return };
+    let Some(data) = data_or_skip(T) else { return };
+    let Some(tiny) = tiny_qwen_edit(T) else { return };
+    let dir = Dir::new("qwen-edit-resume");
+    let ds = musubi_dataset(&dir, &data);
+    let cmd = |dir: &Dir, out: &Path, steps: u64| {
+        let mut t = TestCommand::host(dir);
+        t.arg("--plugin-dir").arg(staged_plugins()).args(["train", "--plugin", "qwen-edit-lora"]);
+        t.arg("--dit").arg(&tiny).arg("--vae").arg(tiny.join("vae"));
+        t.arg("--text_encoder").arg(tiny.join("text_encoder"));
+        t.arg("--dataset_config").arg(ds.join("dataset.toml"));
+        t.args(["--edit_plus", "--sdpa", "--mixed_precision", "bf16", "--gradient_checkpointing"]);
+        t.args(["--timestep_sampling", "shift", "--discrete_flow_shift", "2.2"]);
+        // lr 1e-3 (not the seed's 5e-5) so the adapter moves visibly in a few steps.
+        t.args(["--optimizer_type", "adamw", "--learning_rate", "1e-3"]);
+        t.args(["--network_module", "networks.lora_qwen_image", "--network_dim", "4"]);
+        t.args(["--max_train_steps", &steps.to_string(), "--save_every_n_steps", &QWEN_SAVE_EVERY.to_string()]);
+        t.arg("--output_dir").arg(out).args(["--output_name", "lora"]);
+        // No sample grid (sampling denoises on the CPU; it has no part in the training state).
+        t.args(["--set", "train.sample_count=0", "--no-progress"]);
+        t
+    };
+    // A step of the tiny model takes ≈ 50 ms here, so 24 steps leave SIGKILL ≈ 1 s after the
+    // step-5 checkpoint; longer runs only if a run still ends first.
+    let schedule = Schedule { attempts: &[24, 120, 600], save_every: QWEN_SAVE_EVERY, loss_tolerance: 0.0 };
+    let r = kill_and_resume_with(&dir, &cmd, Weights::Bytes, &schedule);
+
+    // The exported adapter: every tensor's bytes, and the metadata but for the start time.
+    let (ta, ma) = likeness_sdk::st::load(&r.a.join("lora.safetensors")).unwrap();
+    let (tb, mb) = likeness_sdk::st::load(&r.b.join("lora.safetensors")).unwrap();
+    assert_eq!(ta.len(), tb.len());
+    for (x, y) in ta.iter().zip(&tb) {
+        assert!(x == y, "adapter tensor `{}` differs (or the order of the tensors)", x.name);
+    }
+    let timeless = |m: &std::collections::BTreeMap<String, String>| {
+        let mut m = m.clone();
+        for k in ["modelspec.date", "ss_training_started_at"] {
+            assert!(m.remove(k).is_some(), "adapter metadata lacks `{k}`");
+        }
+        m
+    };
+    assert_eq!(timeless(&ma), timeless(&mb), "adapter metadata");
+    assert!(
+        ta.iter().filter(|t| t.name.ends_with("lora_up.weight")).any(|t| t.to_f32().unwrap().iter().any(|v| *v != 0.0)),
+        "no lora_up weight moved from its zero init: the comparison would be vacuous"
+    );
+    eprintln!(
+        "qwen-edit resume: {} steps, killed after checkpoint {}; adapter {} tensors bit-identical",
+        r.steps,
+        r.killed_at,
+        ta.len()
+    );
 }

@@ -47,8 +47,8 @@ enum Killed {
     TooFast,
 }
 
-/// Starts run B and SIGKILLs it as soon as a checkpoint at step ≥ SAVE_EVERY exists.
-fn start_and_kill(dir: &Dir, train_cmd: &TrainCmd<'_>, out: &Path, steps: u64) -> Killed {
+/// Starts run B and SIGKILLs it as soon as a checkpoint at step ≥ `save_every` exists.
+fn start_and_kill(dir: &Dir, train_cmd: &TrainCmd<'_>, out: &Path, steps: u64, save_every: u64) -> Killed {
     let log = dir.join(format!("{}.log", out.file_name().unwrap().to_string_lossy()));
     let mut child = train_cmd(dir, out, steps).spawn_logged(&log);
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -56,7 +56,7 @@ fn start_and_kill(dir: &Dir, train_cmd: &TrainCmd<'_>, out: &Path, steps: u64) -
         if child.try_wait().unwrap().is_some() {
             return Killed::TooFast;
         }
-        if checkpoints(out).last().is_some_and(|&s| s >= SAVE_EVERY) {
+        if checkpoints(out).last().is_some_and(|&s| s >= save_every) {
             child.kill().unwrap(); // SIGKILL on Unix: no clean-up handlers run.
             let status = child.wait().unwrap();
             let newest = *checkpoints(out).last().unwrap();
@@ -130,20 +130,57 @@ fn issue_6_resume_is_bit_identical_with_per_step_noise() {
 
 /// How final weights are compared.
 #[derive(Clone, Copy)]
-enum Weights {
+pub(crate) enum Weights {
     /// Every f32/bf16/f16 value within 1e-6.
     Values,
     /// The files byte for byte (f64 state).
     Bytes,
 }
 
-type TrainCmd<'a> = dyn Fn(&Dir, &Path, u64) -> TestCommand + 'a;
+/// `train_cmd(dir, out, steps)`: a `host train` of `steps` optimizer steps into `out` that
+/// checkpoints every [`Schedule::save_every`] steps.
+pub(crate) type TrainCmd<'a> = dyn Fn(&Dir, &Path, u64) -> TestCommand + 'a;
+
+/// The step counts a kill-and-resume check tries and how close the losses must be.
+pub(crate) struct Schedule {
+    /// Step counts tried in turn while a run ends before the kill lands (both runs of an
+    /// attempt always use the same count, since the learning-rate schedule depends on it).
+    pub attempts: &'static [u64],
+    /// The run's checkpoint interval (`train.save_every`): run B is killed once a checkpoint
+    /// at step ≥ this exists.
+    pub save_every: u64,
+    /// Max |loss_A − loss_B| of any train step.
+    pub loss_tolerance: f64,
+}
+
+/// The two runs of a passed check, for the caller's own comparisons.
+pub(crate) struct Resumed {
+    /// The uninterrupted run.
+    pub a: std::path::PathBuf,
+    /// The killed and resumed run.
+    pub b: std::path::PathBuf,
+    pub steps: u64,
+    pub killed_at: u64,
+}
+
+/// The autoencoder's and the flow fixture's schedule: 24 steps take well under a second
+/// there, so a run that ends before the kill lands is tried again with more steps.
+const TINY: Schedule = Schedule { attempts: &[24, 120, 600], save_every: SAVE_EVERY, loss_tolerance: 1e-6 };
 
 fn kill_and_resume(dir: &Dir, train_cmd: &TrainCmd<'_>, weights: Weights) {
-    // 24 steps take well under a second here; if a run is so fast that it ends before the
-    // kill lands, try again with more steps (both runs always use the same step count, since
-    // the cosine schedule depends on it).
-    for (attempt, steps) in [24u64, 120, 600].into_iter().enumerate() {
+    kill_and_resume_with(dir, train_cmd, weights, &TINY);
+}
+
+/// Run A uninterrupted; run B SIGKILLed after a checkpoint and continued with `--resume`; then
+/// the final weights (`final/model.safetensors`, compared as `weights` says) and every train
+/// step's loss and learning rate of the two must agree.
+pub(crate) fn kill_and_resume_with(
+    dir: &Dir,
+    train_cmd: &TrainCmd<'_>,
+    weights: Weights,
+    schedule: &Schedule,
+) -> Resumed {
+    for (attempt, &steps) in schedule.attempts.iter().enumerate() {
         let a = dir.join(format!("a{attempt}"));
         let b = dir.join(format!("b{attempt}"));
         let t0 = Instant::now();
@@ -152,7 +189,7 @@ fn kill_and_resume(dir: &Dir, train_cmd: &TrainCmd<'_>, weights: Weights) {
         assert!(log_a.contains(&format!("training finished: {steps} optimizer steps")), "{log_a}");
 
         let t1 = Instant::now();
-        let killed_at = match start_and_kill(dir, train_cmd, &b, steps) {
+        let killed_at = match start_and_kill(dir, train_cmd, &b, steps, schedule.save_every) {
             Killed::TooFast => {
                 eprintln!("attempt {attempt}: {steps} steps finished before the kill; retrying with more steps");
                 continue;
@@ -212,7 +249,11 @@ fn kill_and_resume(dir: &Dir, train_cmd: &TrainCmd<'_>, weights: Weights) {
             } else {
                 loss_diff_before = loss_diff_before.max(d);
             }
-            assert!(d <= 1e-6, "step {sa}: loss {la} (uninterrupted) vs {lb} (resumed)");
+            assert!(
+                d <= schedule.loss_tolerance,
+                "step {sa}: loss {la} (uninterrupted) vs {lb} (resumed), |Δ| {d:e} > {:e}",
+                schedule.loss_tolerance
+            );
             assert_eq!(x["lr"], y["lr"], "step {sa}: learning rate");
         }
         let val_steps = |r: &Path| -> Vec<u64> {
@@ -225,9 +266,9 @@ fn kill_and_resume(dir: &Dir, train_cmd: &TrainCmd<'_>, weights: Weights) {
         assert_eq!(val_steps(&a), val_steps(&b), "validation records");
         eprintln!("resume: train loss max |Δ| before the resume point {loss_diff_before:e}, after {loss_diff_after:e}");
         check_refuses_existing_run(dir, train_cmd, &a, steps);
-        return;
+        return Resumed { a, b, steps, killed_at };
     }
-    panic!("every attempt finished before SIGKILL could interrupt it (24, 120 and 600 steps)");
+    panic!("every attempt finished before SIGKILL could interrupt it ({:?} steps)", schedule.attempts);
 }
 
 /// `host train` into a directory that already holds a run, without --resume, is refused with a

@@ -551,11 +551,17 @@ pub fn interface<B: Backbone>(c: &TrainConfig, trains_text: bool) -> ModelInterf
         .output("timestep_weights", "the diffusion loss weight of each sample (min-SNR-γ; 1 without), [B] f32")
         .internal_loss(true)
         .encoding("latents", "target", InputKind::Image, B::LATENTS_KEYS);
-    // A backbone conditioned on images encodes caption and images together (not cacheable by
-    // one source).
+    // A backbone conditioned on images caches its condition encodings (each over its sources,
+    // `caption+control_*`), the others their text encodings; nothing of a text encoder that trains.
     if !trains_text && B::CONDITION_IMAGES.is_empty() {
         for e in B::TEXT_ENCODINGS {
             s = s.encoding(e.name, "caption", InputKind::Text, e.keys);
+        }
+    }
+    if !trains_text && !B::CONDITION_IMAGES.is_empty() {
+        for e in B::CONDITION_ENCODINGS {
+            let kind = if e.sources.first() == Some(&"caption") { InputKind::Text } else { InputKind::Image };
+            s = s.encoding(e.name, &e.sources.join("+"), kind, e.keys);
         }
     }
     // The denoiser's group always; the text encoders' while they train.

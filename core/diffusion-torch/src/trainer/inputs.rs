@@ -168,20 +168,66 @@ impl<B: Backbone> LoraModel<B> {
     }
 
     /// The conditioning through [`Backbone::condition`] when the backbone declares condition
-    /// images (their encodings are not cached: they read several inputs), else `None`.
+    /// images, else `None`. Each of the backbone's [`Backbone::CONDITION_ENCODINGS`] is computed
+    /// when the batch has an input it reads, else taken from its cached outputs (the engine
+    /// passes those in place of all of its sources).
     fn conditioned(&self, images: &Inputs<'_>, texts: &Texts<'_>, n: i64, grad: bool) -> Result<Option<Vec<Tensor>>> {
         if B::CONDITION_IMAGES.is_empty() {
             return Ok(None);
         }
         let controls = self.condition_images(images, n)?;
-        let caps = texts
-            .try_get("caption")
-            .ok_or_else(|| input(format!("needs text `caption` (got texts: {})", texts.names().join(", "))))?;
-        if caps.len() as i64 != n {
-            return Err(input(format!("{} captions for a batch of {n}", caps.len())));
+        let captions = || -> Result<Vec<&str>> {
+            let caps = texts.try_get("caption").ok_or_else(|| {
+                input(format!(
+                    "needs text `caption`{} (got texts: {}; images: {})",
+                    match B::CONDITION_ENCODINGS.iter().find(|e| e.reads_caption()) {
+                        Some(e) => format!(" or its encoding `{}`", e.outputs.join("`, `")),
+                        None => String::new(),
+                    },
+                    texts.names().join(", "),
+                    images.names().join(", ")
+                ))
+            })?;
+            if caps.len() as i64 != n {
+                return Err(input(format!("{} captions for a batch of {n}", caps.len())));
+            }
+            Ok(caps)
+        };
+        if B::CONDITION_ENCODINGS.is_empty() {
+            let cond = self.backbone.condition(&captions()?, &controls, grad)?;
+            return Ok(Some(self.compute_kind(cond)));
         }
-        let cond = self.backbone.condition(&caps, &controls, grad)?;
-        Ok(Some(cond.into_iter().map(|t| if t.is_floating_point() { t.to_kind(self.compute) } else { t }).collect()))
+        let mut parts: Vec<(String, Tensor)> = Vec::new();
+        for e in B::CONDITION_ENCODINGS {
+            let read: Vec<(String, Tensor)> = controls
+                .iter()
+                .filter(|(r, _)| e.reads_image(r))
+                .map(|(r, x)| (r.clone(), x.shallow_clone()))
+                .collect();
+            let caption_given = e.reads_caption() && texts.try_get("caption").is_some();
+            if caption_given || !read.is_empty() {
+                let caps = if e.reads_caption() { captions()? } else { Vec::new() };
+                parts.extend(tch::no_grad(|| self.backbone.encode_condition(e.name, &caps, &read))?);
+                continue;
+            }
+            if e.reads_caption() && !images.names().iter().any(|name| e.produces(name)) {
+                captions()?; // the error naming what is missing
+            }
+            for name in images.names().into_iter().filter(|name| e.produces(name)) {
+                let v = images.try_get(name).expect("listed by names()");
+                if shape_of(v).first() != Some(&n) {
+                    return Err(input(format!("`{name}` has shape {:?} for a batch of {n}", shape_of(v))));
+                }
+                parts.push((name.to_string(), owned(v, self.device, Kind::Float)?));
+            }
+        }
+        let cond = self.backbone.assemble_condition(&parts)?;
+        Ok(Some(self.compute_kind(cond)))
+    }
+
+    /// Floating tensors in the compute kind (masks and ids as they are).
+    fn compute_kind(&self, ts: Vec<Tensor>) -> Vec<Tensor> {
+        ts.into_iter().map(|t| if t.is_floating_point() { t.to_kind(self.compute) } else { t }).collect()
     }
 
     /// One cached text encoding `[n, …per]`.
@@ -218,6 +264,17 @@ impl<B: Backbone> LoraModel<B> {
             let x = owned(v, self.device, self.compute)?;
             return Ok(vec![("latents".into(), managed(&self.encode_images(&x)?)?)]);
         }
+        if let Some(e) = B::CONDITION_ENCODINGS.iter().find(|e| e.name == name && !self.trains_text()) {
+            let caps: Vec<&str> = if e.reads_caption() { texts.get("caption")? } else { Vec::new() };
+            let n = match (caps.len(), images.names().first()) {
+                (0, Some(r)) => shape_of(images.get(r)?)[0],
+                (c, _) => c as i64,
+            };
+            let read: Vec<(String, Tensor)> =
+                self.condition_images(&images, n)?.into_iter().filter(|(r, _)| e.reads_image(r)).collect();
+            let outs = tch::no_grad(|| self.backbone.encode_condition(name, &caps, &read))?;
+            return outs.iter().map(|(k, t)| Ok((k.clone(), managed(t)?))).collect();
+        }
         if text_names.contains(&name) && !self.trains_text() {
             let caps = texts.get("caption")?;
             // One call encodes every text encoding; the engine asks by name.
@@ -230,7 +287,13 @@ impl<B: Backbone> LoraModel<B> {
             if self.trains_text() {
                 "latents; texts are not cached while the text encoder trains".to_string()
             } else {
-                ["latents"].iter().chain(&text_names).copied().collect::<Vec<_>>().join(", ")
+                ["latents"]
+                    .iter()
+                    .chain(&text_names)
+                    .copied()
+                    .chain(B::CONDITION_ENCODINGS.iter().map(|e| e.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         )))
     }
@@ -297,8 +360,7 @@ impl<B: Backbone> LoraModel<B> {
                 if B::CONDITION_IMAGES.is_empty() {
                     return self.embed(texts, false);
                 }
-                let c = tch::no_grad(|| self.backbone.condition(texts, &controls, false))?;
-                Ok(c.into_iter().map(|t| if t.is_floating_point() { t.to_kind(self.compute) } else { t }).collect())
+                Ok(self.compute_kind(tch::no_grad(|| self.backbone.condition(texts, &controls, false))?))
             };
             let mut cond = encode(&prompts)?;
             let mut uncond = if guidance.needs_negative() { Some(encode(&uncond_texts)?) } else { None };

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use likeness_abi::{EncodingDecl, InputKind, IoDecl, MetricInterface, ModelInterface};
+use likeness_abi::{CpuTensor, EncodingDecl, InputKind, IoDecl, MetricInterface, ModelInterface};
 use likeness_diffusion::lora_meta::{iso_datetime, py_float};
 use serde_json::{json, Value};
 
@@ -79,6 +79,69 @@ pub struct ImageInput {
     pub roles: Vec<String>,
 }
 
+/// A cacheable encoding of the model and its sources: `decl.source` split at `+`, each with the
+/// kind the model declares it with (issue 17: Qwen2.5-VL encodes `caption+control_*`).
+#[derive(Debug, Clone)]
+pub struct PlannedEncoding {
+    pub decl: EncodingDecl,
+    /// (input name or role pattern, kind), in declaration order.
+    pub sources: Vec<(String, InputKind)>,
+}
+
+impl PlannedEncoding {
+    /// Whether the batch input `name` (an image role or a text) is one of the sources.
+    pub fn reads(&self, kind: InputKind, name: &str) -> bool {
+        self.sources.iter().any(|(s, k)| *k == kind && !roles::matching(s, [name]).is_empty())
+    }
+
+    /// One plain source (`target`, `caption`): the cache's first key format.
+    pub fn is_single_plain_source(&self) -> bool {
+        matches!(self.sources.as_slice(), [(s, _)] if roles::pattern_stem(s).is_none())
+    }
+
+    /// The batch's inputs this encoding reads, in source order: images under their roles (a
+    /// pattern as each of its roles the batch has) and texts.
+    #[allow(clippy::type_complexity)]
+    pub fn inputs_of<'b>(
+        &self,
+        batch: &'b Batch,
+    ) -> Result<(Vec<(&'b str, &'b CpuTensor<f32>)>, Vec<(&'b str, &'b [String])>)> {
+        let (mut images, mut texts) = (Vec::new(), Vec::new());
+        for (s, kind) in &self.sources {
+            match kind {
+                InputKind::Image => {
+                    for (role, img) in &batch.images {
+                        if !roles::matching(s, [role.as_str()]).is_empty() {
+                            images.push((role.as_str(), img));
+                        }
+                    }
+                    images.sort_by_key(|(r, _)| {
+                        self.sources.iter().position(|(s, _)| !roles::matching(s, [*r]).is_empty())
+                    });
+                }
+                InputKind::Text => {
+                    let (name, t) = batch.texts.iter().find(|(n, _)| n == s).ok_or_else(|| {
+                        EngineError::Other(format!(
+                            "batch of {} has no text `{s}`, which encoding `{}` reads",
+                            batch.ids.join(", "),
+                            self.decl.name
+                        ))
+                    })?;
+                    texts.push((name.as_str(), t.as_slice()));
+                }
+            }
+        }
+        Ok((images, texts))
+    }
+
+    /// Whether the batch has any input this encoding reads (an optional source it lacks has
+    /// nothing to encode).
+    pub fn reads_any_of(&self, batch: &Batch) -> bool {
+        batch.images.iter().any(|(r, _)| self.reads(InputKind::Image, r))
+            || batch.texts.iter().any(|(n, _)| self.reads(InputKind::Text, n))
+    }
+}
+
 /// The plan of a run (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -100,8 +163,8 @@ pub struct Plan {
     pub image_inputs: Vec<ImageInput>,
     /// Text roles passed to the model (its text *inputs*; not the text-alignment term).
     pub text_inputs: Vec<String>,
-    /// Encodings computed once and cached, passed in place of their source.
-    pub encodings: Vec<EncodingDecl>,
+    /// Encodings computed once and cached, passed in place of their sources.
+    pub encodings: Vec<PlannedEncoding>,
     pub param_groups: Vec<String>,
     pub adapter_formats: Vec<String>,
     pub can_sample: bool,
@@ -198,6 +261,40 @@ impl Checks<'_> {
     /// `model.conditioning`: each entry must be an image input the model declares, and its
     /// source image a role of the data; a required input the model declares is either data or
     /// conditioning (checked by [`Self::inputs`]).
+    /// The encodings to cache: each source declared as an input of the model, every text source
+    /// and at least one source provided by the data (an optional image a batch lacks is not
+    /// part of that batch's entries).
+    fn encodings(&mut self, image_inputs: &[ImageInput], text_inputs: &[String]) -> Vec<PlannedEncoding> {
+        let mut out = Vec::new();
+        for e in self.i.encodings.iter() {
+            let mut sources = Vec::new();
+            for s in e.source.split('+') {
+                if self.i.texts.iter().any(|d| d.name == s) {
+                    sources.push((s.to_string(), InputKind::Text));
+                } else if self.i.images.iter().any(|d| d.name == s) {
+                    sources.push((s.to_string(), InputKind::Image));
+                } else {
+                    self.notes.push(format!(
+                        "encoding `{}` of `{}` is not cached: `{s}` is not an input the model declares",
+                        e.name, e.source
+                    ));
+                    sources.clear();
+                    break;
+                }
+            }
+            // Texts are all-or-nothing per run (every example has them); images may be optional.
+            let has = |s: &String, kind: &InputKind| match kind {
+                InputKind::Image => image_inputs.iter().any(|i| i.name == *s && !i.roles.is_empty()),
+                InputKind::Text => text_inputs.iter().any(|r| r == s),
+            };
+            let texts_provided = sources.iter().filter(|(_, k)| *k == InputKind::Text).all(|(s, k)| has(s, k));
+            if texts_provided && sources.iter().any(|(s, k)| has(s, k)) {
+                out.push(PlannedEncoding { decl: e.clone(), sources });
+            }
+        }
+        out
+    }
+
     fn conditioning(&mut self) -> Vec<(String, String)> {
         let (cfg, model_id) = (self.cfg, self.model_id);
         let mut out = Vec::new();
@@ -433,24 +530,7 @@ impl Plan {
         }
         let param_groups = c.param_groups();
         let adapter_formats = c.adapter_formats();
-        // Encodings whose source the model reads.
-        let encodings: Vec<EncodingDecl> = i
-            .encodings
-            .iter()
-            .filter(|e| match e.source_kind {
-                InputKind::Image => image_inputs.iter().any(|i| i.roles.iter().any(|r| r == e.source.as_str())),
-                InputKind::Text => text_inputs.iter().any(|r| r == e.source.as_str()),
-            })
-            .cloned()
-            .collect();
-        for e in i.encodings.iter().filter(|e| roles::pattern_stem(e.source.as_str()).is_some()) {
-            // The cache stores one encoding per role and the model names its outputs; which
-            // output name a pattern's n-th role gets is not defined, so its images go in raw.
-            c.notes.push(format!(
-                "encoding `{}` of `{}` is not cached: an encoding's source is one role (declare one per role, e.g. of `control` and `control_1`); the images are passed as they are",
-                e.name, e.source
-            ));
-        }
+        let encodings = c.encodings(&image_inputs, &text_inputs);
         if cfg.eval.every > 0 && cfg.metric.is_none() {
             c.problems.push("eval.every > 0 evaluates the samples' face consistency, which needs a [metric] (e.g. --metric arcface)".into());
         }

@@ -164,8 +164,50 @@ fn find_resume(cfg: &Config, opts: &TrainOptions, dirs: &RunDirs) -> Result<Resu
                 cfg.model.plugin
             )));
         }
+        warn_on_changed_config(cfg, &dirs.out.join("config.toml"));
     }
     Ok(resume)
+}
+
+/// A resumed run continues bit-identically only with the configuration it was started with
+/// (seed, data, schedule). Changing one is allowed, as sd-scripts and musubi-tuner allow it
+/// (a lower learning rate after a resume is common), but is said: each changed key, old → new.
+fn warn_on_changed_config(cfg: &Config, previous: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(previous) else { return };
+    let (Ok(old), Ok(new)) = (toml::from_str::<toml::Value>(&text), toml::Value::try_from(cfg)) else { return };
+    let changed = config_changes(&old, &new);
+    if !changed.is_empty() {
+        warn!(
+            "--resume with a configuration other than the run's ({}): {}; the result will differ from an uninterrupted run",
+            previous.display(),
+            changed.join(", ")
+        );
+    }
+}
+
+/// The dotted keys whose values differ between two configurations, `key: old → new`.
+fn config_changes(old: &toml::Value, new: &toml::Value) -> Vec<String> {
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    flatten(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let (mut a, mut b) = (Default::default(), Default::default());
+    flatten("", old, &mut a);
+    flatten("", new, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let none = "(unset)".to_string();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} → {}", a.get(k).unwrap_or(&none), b.get(k).unwrap_or(&none)))
+        .collect()
 }
 
 /// The output folders, the resolved `config.toml` and `split.json`.
@@ -321,4 +363,23 @@ fn resume_from(dirs: &RunDirs, model: &mut Model, dir: PathBuf, st: CheckpointSt
 /// Now as Unix milliseconds (0 on a clock set before 1970, which only affects metadata).
 fn unix_ms_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resume with another seed was silently accepted (found in issue 17's resume test): the
+    /// changed keys are named, unchanged ones are not.
+    #[test]
+    fn issue_17_a_resume_names_the_changed_config_keys() {
+        let old: toml::Value = toml::from_str("[run]\nseed = 42\noutput = \"runs/a\"\n[train]\nlr = 1e-4\n").unwrap();
+        let new: toml::Value =
+            toml::from_str("[run]\nseed = 7\noutput = \"runs/a\"\n[train]\nlr = 1e-4\nsteps = 10\n").unwrap();
+        assert_eq!(
+            config_changes(&old, &new),
+            vec!["run.seed: 42 → 7".to_string(), "train.steps: (unset) → 10".to_string()]
+        );
+        assert!(config_changes(&old, &old).is_empty());
+    }
 }

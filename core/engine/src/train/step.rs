@@ -149,12 +149,15 @@ impl Trainer<'_> {
     pub(crate) fn model_inputs(&mut self, examples: &[Example]) -> Result<ModelInputs> {
         let refs: Vec<&Example> = examples.iter().collect();
         let batch = data::make_batch(&refs, &mut self.images)?;
-        let replaced: Vec<&str> = self.plan.encodings.iter().map(|e| e.source.as_str()).collect();
+        // While encodings are cached, no source of one goes in raw (an input two encodings
+        // read, as Qwen's control images, is encoded by both).
+        let cached = self.cache.enabled();
+        let encoded = |kind: InputKind, name: &str| cached && self.plan.encodings.iter().any(|e| e.reads(kind, name));
         let mut tensors: Vec<(String, CpuTensor<f32>)> = Vec::new();
         // The roles this batch has: an optional one (or a pattern's) that the batch lacks is
         // skipped rather than an error (issue 17: one control here, two in the next batch).
         for role in self.plan.batch_image_roles(&batch)? {
-            if self.cache.enabled() && replaced.contains(&role.as_str()) {
+            if encoded(InputKind::Image, &role) {
                 continue;
             }
             tensors.push((role.clone(), batch_image(&batch, &role)?.clone()));
@@ -165,19 +168,19 @@ impl Trainer<'_> {
         }
         let mut texts = Vec::new();
         for role in &self.plan.text_inputs {
-            if self.cache.enabled() && replaced.contains(&role.as_str()) {
+            if encoded(InputKind::Text, role) {
                 continue;
             }
             texts.push((role.clone(), batch_texts(&batch, role)?.to_vec()));
         }
-        if self.cache.enabled() {
-            for decl in self.plan.encodings.clone() {
+        if cached {
+            for enc in &self.plan.encodings {
                 // An optional source this batch has no image of: nothing to encode (a required
                 // one was refused by batch_image_roles above).
-                if decl.source_kind == InputKind::Image && batch.image(decl.source.as_str()).is_none() {
+                if !enc.reads_any_of(&batch) {
                     continue;
                 }
-                tensors.extend(self.cache.encodings(&mut self.parts.model, &decl, examples, &batch)?);
+                tensors.extend(self.cache.encodings(&mut self.parts.model, enc, examples, &batch)?);
             }
         }
         Ok(ModelInputs { batch, tensors, texts })
