@@ -232,6 +232,11 @@ impl ConditionEncoding {
     pub fn reads_image(&self, role: &str) -> bool {
         self.sources.iter().any(|s| *s != "caption" && role_matches(s, role))
     }
+
+    /// The condition images among `images` that it reads, in their order.
+    pub fn images_read(&self, images: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        images.iter().filter(|(r, _)| self.reads_image(r)).map(|(r, x)| (r.clone(), x.shallow_clone())).collect()
+    }
 }
 
 /// One cacheable text encoding: its name (an input and an `encode` output) and the config keys
@@ -415,11 +420,7 @@ pub trait Backbone: Send + Sized + 'static {
             let mut parts = Vec::new();
             for e in Self::CONDITION_ENCODINGS {
                 let texts: &[&str] = if e.reads_caption() { texts } else { &[] };
-                let read: Vec<(String, Tensor)> = images
-                    .iter()
-                    .filter(|(r, _)| e.reads_image(r))
-                    .map(|(r, x)| (r.clone(), x.shallow_clone()))
-                    .collect();
+                let read = e.images_read(images);
                 if texts.is_empty() && read.is_empty() {
                     continue;
                 }

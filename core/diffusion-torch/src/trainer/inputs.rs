@@ -199,11 +199,7 @@ impl<B: Backbone> LoraModel<B> {
         }
         let mut parts: Vec<(String, Tensor)> = Vec::new();
         for e in B::CONDITION_ENCODINGS {
-            let read: Vec<(String, Tensor)> = controls
-                .iter()
-                .filter(|(r, _)| e.reads_image(r))
-                .map(|(r, x)| (r.clone(), x.shallow_clone()))
-                .collect();
+            let read = e.images_read(&controls);
             let caption_given = e.reads_caption() && texts.try_get("caption").is_some();
             if caption_given || !read.is_empty() {
                 let caps = if e.reads_caption() { captions()? } else { Vec::new() };
@@ -270,8 +266,7 @@ impl<B: Backbone> LoraModel<B> {
                 (0, Some(r)) => shape_of(images.get(r)?)[0],
                 (c, _) => c as i64,
             };
-            let read: Vec<(String, Tensor)> =
-                self.condition_images(&images, n)?.into_iter().filter(|(r, _)| e.reads_image(r)).collect();
+            let read = e.images_read(&self.condition_images(&images, n)?);
             let outs = tch::no_grad(|| self.backbone.encode_condition(name, &caps, &read))?;
             return outs.iter().map(|(k, t)| Ok((k.clone(), managed(t)?))).collect();
         }

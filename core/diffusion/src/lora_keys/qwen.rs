@@ -48,16 +48,7 @@ pub const MUSUBI_TARGETS: &[&str] = &[
 ];
 
 /// Both streams' attention projections (the first 8 of [`MUSUBI_TARGETS`]).
-pub const ATTN: &[&str] = &[
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_out.0",
-    "attn.to_add_out",
-];
+pub const ATTN: &[&str] = MUSUBI_TARGETS.split_at(8).0;
 
 /// The Linears outside the blocks (full paths): no LoRA from musubi, targetable by other tools.
 pub const TOP_LEVEL: &[&str] = &[
